@@ -1,0 +1,100 @@
+//! The model: services, rules, instances and hosts, with the one set of checks that every
+//! input path (CLI, API, store, Docker) goes through.
+
+mod addr;
+mod error;
+mod host;
+mod instance;
+mod rule;
+mod service;
+pub mod validate;
+
+pub use error::InvalidInput;
+pub use host::{Host, NetworkMode};
+pub use instance::{ContainerInfo, Instance, Origin};
+pub use rule::{Rule, Selector};
+pub use service::{Balance, Protocol, Service};
+
+/// A value that can check its own invariants after deserialising.
+pub trait Validate {
+    fn validate(&self) -> Result<(), InvalidInput>;
+}
+
+/// Largest JSON document flux accepts for one record; etcd refuses requests over 1.5 MiB, and
+/// no valid record comes near this.
+pub const MAX_RECORD_BYTES: usize = 256 * 1024;
+
+/// Decodes and validates one record, naming the field at fault on any error. Used for API
+/// bodies, CLI input and every record read back from the store.
+pub fn decode<T>(bytes: &[u8]) -> Result<T, InvalidInput>
+where
+    T: serde::de::DeserializeOwned + Validate,
+{
+    if bytes.len() > MAX_RECORD_BYTES {
+        return Err(InvalidInput::new(
+            "body",
+            format!("larger than {MAX_RECORD_BYTES} bytes"),
+        )
+        .value(format!("{} bytes", bytes.len())));
+    }
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    let value: T = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." || path.is_empty() {
+            "body".to_string()
+        } else {
+            path
+        };
+        InvalidInput::new(field, strip_position(&e.into_inner().to_string()))
+    })?;
+    value.validate()?;
+    Ok(value)
+}
+
+/// serde_json appends " at line L column C"; the field name already says where.
+fn strip_position(msg: &str) -> String {
+    match msg.rfind(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg.to_string(),
+    }
+}
+
+/// Serialises a record for the store. Model types contain only strings, numbers and maps, so
+/// this cannot fail.
+pub fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("model types always serialise")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_names_the_field() {
+        let e = decode::<Service>(br#"{"name":"web","address":"10.0.0.1:99999"}"#).unwrap_err();
+        assert_eq!(e.field, "address");
+        let e = decode::<Service>(br#"{"name":"Web","address":"10.0.0.1:80"}"#).unwrap_err();
+        assert_eq!(e.field, "name");
+        let e = decode::<Service>(br#"{"name":"web","address":"10.0.0.1:80","protocol":"udp"}"#)
+            .unwrap_err();
+        assert_eq!(e.field, "protocol");
+        let e = decode::<Service>(
+            br#"{"name":"web","address":"10.0.0.1:80","instance_port":70000}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "instance_port");
+        let e = decode::<Service>(br#"{"name":"web","address":"10.0.0.1:80","x":1}"#).unwrap_err();
+        assert!(e.reason.contains("unknown field"), "{e}");
+        let e = decode::<Service>(b"not json").unwrap_err();
+        assert_eq!(e.field, "body");
+    }
+
+    #[test]
+    fn round_trip() {
+        let s: Service =
+            decode(br#"{"name":"web","address":"10.128.0.1:80","protocol":"http"}"#).unwrap();
+        assert_eq!(s.protocol, Protocol::Http);
+        let again: Service = decode(&encode(&s)).unwrap();
+        assert_eq!(s, again);
+    }
+}

@@ -1,0 +1,80 @@
+//! A selection rule: which containers become instances of a service.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::{validate, InvalidInput, Validate};
+
+/// What a container must have to match. Every given field must match; at least one is given,
+/// because an empty selector would enrol every container on every host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Selector {
+    /// Image repository without tag (`nginx`, `registry:5000/team/app`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Image tag; a container whose image has none has tag `latest`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// Container labels that must be present with these values.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Container environment variables that must be set to these values.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+}
+
+impl Selector {
+    pub fn is_empty(&self) -> bool {
+        self.image.is_none() && self.tag.is_none() && self.labels.is_empty() && self.env.is_empty()
+    }
+}
+
+impl Validate for Selector {
+    fn validate(&self) -> Result<(), InvalidInput> {
+        if self.is_empty() {
+            return Err(InvalidInput::new(
+                "selector",
+                "give at least one of image, tag, labels, env",
+            ));
+        }
+        if let Some(i) = &self.image {
+            validate::image("image", i)?;
+        }
+        if let Some(t) = &self.tag {
+            validate::tag("tag", t)?;
+        }
+        validate::pairs("labels", &self.labels)?;
+        validate::pairs("env", &self.env)?;
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// The service this rule enrols containers into; it must exist.
+    pub service: String,
+    /// Unique within the service.
+    pub name: String,
+    pub selector: Selector,
+    /// Overrides the service's instance port for containers this rule matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_port: Option<u16>,
+}
+
+impl Validate for Rule {
+    fn validate(&self) -> Result<(), InvalidInput> {
+        validate::name("service", &self.service)?;
+        validate::name("rule", &self.name).map_err(|mut e| {
+            e.field = "name".into();
+            e
+        })?;
+        self.selector.validate()?;
+        if let Some(p) = self.instance_port {
+            validate::port("instance_port", p)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,85 @@
+//! A service: a VIP that belongs to no interface, and how to reach its instances.
+
+use std::net::SocketAddrV4;
+
+use serde::{Deserialize, Serialize};
+
+use super::{validate, InvalidInput, Validate};
+
+/// What flux understands of the bytes a service carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Opaque bytes, forwarded with splice(2).
+    #[default]
+    Tcp,
+    /// HTTP/1.1, balanced per request with per-request metrics.
+    Http,
+}
+
+/// How the proxy picks an instance for a new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balance {
+    /// Each live instance in turn: even spread, no shared state beyond a counter.
+    #[default]
+    RoundRobin,
+    /// Uniformly random live instance.
+    Random,
+    /// Two random live instances, the one with fewer active connections wins.
+    LeastConn,
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Http => "http",
+        })
+    }
+}
+
+impl std::fmt::Display for Balance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Balance::RoundRobin => "round-robin",
+            Balance::Random => "random",
+            Balance::LeastConn => "least-conn",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    /// Unique name, `[a-z0-9][a-z0-9-]{0,62}`.
+    pub name: String,
+    /// The VIP clients connect to; the same on every host.
+    #[serde(with = "super::addr")]
+    pub address: SocketAddrV4,
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Container port to connect to; the VIP's port when absent. A rule may override it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_port: Option<u16>,
+    #[serde(default)]
+    pub balance: Balance,
+}
+
+impl Service {
+    /// The port instances listen on, before any rule's override.
+    pub fn default_instance_port(&self) -> u16 {
+        self.instance_port.unwrap_or(self.address.port())
+    }
+}
+
+impl Validate for Service {
+    fn validate(&self) -> Result<(), InvalidInput> {
+        validate::name("name", &self.name)?;
+        validate::vip("address", &self.address)?;
+        if let Some(p) = self.instance_port {
+            validate::port("instance_port", p)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,1 @@
+//! etcd store backend (to be written).
