@@ -3,5 +3,13 @@
 //! The modules read as the data flow: sources (`store`, later `docker`) feed the `model`;
 //! the `catalog` is the typed view of the store; the `api` serves it; `cli` is fluxctl.
 
+pub mod api;
+pub mod catalog;
+pub mod cli;
+pub mod config;
+pub mod controller;
+pub mod daemon;
+pub mod debug;
 pub mod model;
+pub mod proxy;
 pub mod store;

@@ -1,1 +1,103 @@
-fn main(){}
+//! fluxd: the per-host daemon.
+
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use flux::config::{Config, LogFormat, RunArgs};
+
+#[derive(Parser)]
+#[command(
+    name = "fluxd",
+    version,
+    about = "flux: service routing for Docker hosts (the per-host daemon)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon: store, rules, proxy and local API.
+    Run(Box<RunArgs>),
+    /// Show the installed rules (annotated), drift, the listener and instance health.
+    Debug(DebugArgs),
+    /// Remove flux's iptables rules (after a stop with --keep-rules, or on uninstall).
+    Cleanup,
+}
+
+#[derive(Args)]
+struct DebugArgs {
+    /// fluxd's API: unix:///PATH or http://HOST:PORT.
+    #[arg(long, env = "FLUX_API", default_value = "unix:///run/fluxd/fluxd.sock")]
+    api: String,
+    /// Print one JSON document.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("fluxd: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match cli.command {
+        Command::Run(args) => {
+            let config = match Config::load(&args) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("fluxd: {e:#}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_logging(config.log_format);
+            match rt.block_on(flux::daemon::run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("fluxd: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Debug(a) => rt.block_on(flux::debug::main(&a.api, a.json)),
+        Command::Cleanup => {
+            match netfilter::Netfilter::new(netfilter::CommandRunner::new()).remove() {
+                Ok(()) => {
+                    println!("removed flux's rules");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("fluxd: cleanup: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLUXD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

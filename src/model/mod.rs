@@ -31,21 +31,26 @@ where
     T: serde::de::DeserializeOwned + Validate,
 {
     if bytes.len() > MAX_RECORD_BYTES {
-        return Err(InvalidInput::new(
-            "body",
-            format!("larger than {MAX_RECORD_BYTES} bytes"),
-        )
-        .value(format!("{} bytes", bytes.len())));
+        return Err(
+            InvalidInput::new("body", format!("larger than {MAX_RECORD_BYTES} bytes"))
+                .value(format!("{} bytes", bytes.len())),
+        );
     }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     let value: T = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
-        let field = if path == "." || path.is_empty() {
-            "body".to_string()
-        } else {
-            path
+        let reason = strip_position(&e.into_inner().to_string());
+        // A missing field is reported on its parent; name the field itself.
+        let missing = reason
+            .strip_prefix("missing field `")
+            .and_then(|r| r.strip_suffix('`'));
+        let field = match (path.as_str(), missing) {
+            ("." | "", Some(m)) => m.to_string(),
+            (p, Some(m)) => format!("{p}.{m}"),
+            ("." | "", None) => "body".to_string(),
+            (p, None) => p.to_string(),
         };
-        InvalidInput::new(field, strip_position(&e.into_inner().to_string()))
+        InvalidInput::new(field, reason)
     })?;
     value.validate()?;
     Ok(value)
@@ -78,12 +83,12 @@ mod tests {
         let e = decode::<Service>(br#"{"name":"web","address":"10.0.0.1:80","protocol":"udp"}"#)
             .unwrap_err();
         assert_eq!(e.field, "protocol");
-        let e = decode::<Service>(
-            br#"{"name":"web","address":"10.0.0.1:80","instance_port":70000}"#,
-        )
-        .unwrap_err();
+        let e =
+            decode::<Service>(br#"{"name":"web","address":"10.0.0.1:80","instance_port":70000}"#)
+                .unwrap_err();
         assert_eq!(e.field, "instance_port");
         let e = decode::<Service>(br#"{"name":"web","address":"10.0.0.1:80","x":1}"#).unwrap_err();
+        assert_eq!(e.field, "x");
         assert!(e.reason.contains("unknown field"), "{e}");
         let e = decode::<Service>(b"not json").unwrap_err();
         assert_eq!(e.field, "body");

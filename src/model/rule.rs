@@ -67,10 +67,7 @@ pub struct Rule {
 impl Validate for Rule {
     fn validate(&self) -> Result<(), InvalidInput> {
         validate::name("service", &self.service)?;
-        validate::name("rule", &self.name).map_err(|mut e| {
-            e.field = "name".into();
-            e
-        })?;
+        validate::name("rule", &self.name)?;
         self.selector.validate()?;
         if let Some(p) = self.instance_port {
             validate::port("instance_port", p)?;

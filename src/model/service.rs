@@ -49,6 +49,31 @@ impl std::fmt::Display for Balance {
     }
 }
 
+impl std::str::FromStr for Protocol {
+    type Err = InvalidInput;
+    fn from_str(s: &str) -> Result<Self, InvalidInput> {
+        match s {
+            "tcp" => Ok(Protocol::Tcp),
+            "http" => Ok(Protocol::Http),
+            _ => Err(InvalidInput::new("protocol", "must be tcp or http").value(s)),
+        }
+    }
+}
+
+impl std::str::FromStr for Balance {
+    type Err = InvalidInput;
+    fn from_str(s: &str) -> Result<Self, InvalidInput> {
+        match s {
+            "round-robin" => Ok(Balance::RoundRobin),
+            "random" => Ok(Balance::Random),
+            "least-conn" => Ok(Balance::LeastConn),
+            _ => Err(
+                InvalidInput::new("balance", "must be round-robin, random or least-conn").value(s),
+            ),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Service {

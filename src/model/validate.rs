@@ -82,9 +82,7 @@ pub fn vip(field: &str, addr: &SocketAddrV4) -> Result<(), InvalidInput> {
 pub fn backend(field: &str, addr: &SocketAddrV4) -> Result<(), InvalidInput> {
     let ip = addr.ip();
     if ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast() {
-        return Err(
-            InvalidInput::new(field, "must be a unicast address").value(addr.to_string())
-        );
+        return Err(InvalidInput::new(field, "must be a unicast address").value(addr.to_string()));
     }
     port(field, addr.port())
 }
@@ -107,6 +105,14 @@ pub fn parse_socket_addr(field: &str, s: &str) -> Result<SocketAddrV4, InvalidIn
         return Err(InvalidInput::new(field, "port must be 1-65535").value(s));
     }
     Ok(SocketAddrV4::new(ip, port as u16))
+}
+
+/// Parses a port given as text (a CLI flag), naming the field on error.
+pub fn parse_port(field: &str, s: &str) -> Result<u16, InvalidInput> {
+    match s.parse::<u32>() {
+        Ok(p) if (1..=65535).contains(&p) => Ok(p as u16),
+        _ => Err(InvalidInput::new(field, "port must be 1-65535").value(s)),
+    }
 }
 
 /// Image repository as Docker spells it: optional `registry[:port]/`, then lowercase path
@@ -180,11 +186,10 @@ pub fn tag(field: &str, s: &str) -> Result<(), InvalidInput> {
 /// characters, within the length limits above.
 pub fn pairs(field: &str, map: &BTreeMap<String, String>) -> Result<(), InvalidInput> {
     if map.len() > MAX_PAIRS {
-        return Err(InvalidInput::new(
-            field,
-            format!("at most {MAX_PAIRS} entries"),
-        )
-        .value(map.len().to_string()));
+        return Err(
+            InvalidInput::new(field, format!("at most {MAX_PAIRS} entries"))
+                .value(map.len().to_string()),
+        );
     }
     for (k, v) in map {
         let key_ok = !k.is_empty()
@@ -201,7 +206,9 @@ pub fn pairs(field: &str, map: &BTreeMap<String, String>) -> Result<(), InvalidI
         if v.len() > MAX_VALUE_LEN || v.chars().any(char::is_control) {
             return Err(InvalidInput::new(
                 field,
-                format!("value of {k} must be at most {MAX_VALUE_LEN} bytes without control characters"),
+                format!(
+                    "value of {k} must be at most {MAX_VALUE_LEN} bytes without control characters"
+                ),
             )
             .value(v));
         }
@@ -260,7 +267,14 @@ mod tests {
     #[test]
     fn socket_addrs() {
         assert!(parse_socket_addr("a", "10.0.0.1:80").is_ok());
-        for bad in ["10.0.0.1", "10.0.0.1:", "10.0.0.1:70000", "x:80", "[::1]:80", ":80"] {
+        for bad in [
+            "10.0.0.1",
+            "10.0.0.1:",
+            "10.0.0.1:70000",
+            "x:80",
+            "[::1]:80",
+            ":80",
+        ] {
             let e = parse_socket_addr("address", bad).unwrap_err();
             assert_eq!(e.field, "address");
         }
@@ -277,7 +291,15 @@ mod tests {
         ] {
             assert!(image("image", ok).is_ok(), "{ok}");
         }
-        for bad in ["", "Nginx", "nginx:1.25", "nginx@sha256:abc", "a//b", "-a", "reg:0/x"] {
+        for bad in [
+            "",
+            "Nginx",
+            "nginx:1.25",
+            "nginx@sha256:abc",
+            "a//b",
+            "-a",
+            "reg:0/x",
+        ] {
             assert!(image("image", bad).is_err(), "{bad}");
         }
     }

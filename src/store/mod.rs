@@ -86,7 +86,10 @@ pub struct TxnOutcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WatchEvent {
     Put(KeyValue),
-    Delete { key: String, revision: Revision },
+    Delete {
+        key: String,
+        revision: Revision,
+    },
     /// The requested history is gone: replace everything known under the prefix with this.
     Reset(Listing),
 }
@@ -117,8 +120,11 @@ pub trait Store: Send + Sync {
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome>;
 
     /// Changes under `prefix` from `from_revision` on (see the module docs).
-    async fn watch(&self, prefix: &str, from_revision: Revision)
-        -> Result<mpsc::Receiver<WatchEvent>>;
+    async fn watch(
+        &self,
+        prefix: &str,
+        from_revision: Revision,
+    ) -> Result<mpsc::Receiver<WatchEvent>>;
 
     /// Opens this handle's host session with the given TTL and keeps renewing it in the
     /// background until `close`. Bound puts before this fail with `Invalid`.

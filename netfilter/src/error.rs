@@ -1,0 +1,46 @@
+//! What can go wrong talking to iptables, with enough context for an operator to act on.
+
+use std::io;
+
+/// Failures of the iptables commands flux runs. Each one names the command, because the daemon
+/// logs it far from where it was run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The command could not be started or fed (not installed, not in `PATH`, no namespace).
+    #[error("cannot run `{command}`: {source}")]
+    Spawn {
+        /// The command line, for the log.
+        command: String,
+        /// What the operating system said.
+        #[source]
+        source: io::Error,
+    },
+    /// The command ran and failed.
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Failed {
+        /// The command line, for the log.
+        command: String,
+        /// Exit code or signal.
+        status: String,
+        /// What the command printed on stderr, trimmed.
+        stderr: String,
+    },
+    /// `iptables-restore` refused one line of the input; the whole transaction was discarded,
+    /// so the kernel is unchanged.
+    #[error("iptables-restore rejected line {line} ({text:?}), nothing was changed: {stderr}")]
+    Restore {
+        /// 1-based line number in the input.
+        line: usize,
+        /// That line, so the bad rule is visible without re-rendering.
+        text: String,
+        /// What iptables-restore printed on stderr, trimmed.
+        stderr: String,
+    },
+    /// The command printed something that is not UTF-8, which `iptables-save` never does; the
+    /// output cannot be trusted as a description of the rules.
+    #[error("`{command}` printed output that is not UTF-8")]
+    NotUtf8 {
+        /// The command line, for the log.
+        command: String,
+    },
+}

@@ -1,0 +1,66 @@
+//! Which parts of the desired state are safe to turn into rule text.
+//!
+//! Everything rendered is pasted into `iptables-restore` input, so a stray quote or newline in
+//! a name could inject rules of its own; and anything iptables would rewrite on the way back
+//! through `iptables-save` would show as permanent drift.
+
+use crate::desired::Redirect;
+
+/// Why `redirect` cannot be rendered, if it cannot; `taken_by` is the service already holding
+/// its VIP.
+pub(crate) fn redirect_problem(
+    redirect: &Redirect,
+    proxy_port: u16,
+    taken_by: Option<&str>,
+) -> Option<String> {
+    if let Some(reason) = service_name_problem(&redirect.service) {
+        return Some(reason.to_string());
+    }
+    if proxy_port == 0 {
+        return Some("no proxy port to redirect to".to_string());
+    }
+    if redirect.vip.port() == 0 {
+        return Some("port 0 matches no connection".to_string());
+    }
+    taken_by.map(|first| {
+        format!(
+            "{} is already redirected for service {first:?}",
+            redirect.vip
+        )
+    })
+}
+
+/// Only characters that need no quoting or escaping, so the name cannot break out of the
+/// comment and reads back unchanged; the length leaves room in iptables' 255-byte comment.
+fn service_name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("empty service name")
+    } else if name.len() > 200 {
+        Some("service name longer than 200 bytes")
+    } else if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        Some("service name may hold only ASCII letters, digits, '-', '_' and '.'")
+    } else {
+        None
+    }
+}
+
+/// The same safe characters as service names, within the kernel's 15-byte limit. A bare `+`
+/// would match every interface, the LAN included, and let a VIP capture neighbours' traffic.
+pub(crate) fn interface_problem(name: &str) -> Option<&'static str> {
+    let stem = name.strip_suffix('+').unwrap_or(name);
+    if name.len() > 15 {
+        Some("interface names are at most 15 bytes")
+    } else if stem.is_empty() {
+        Some("a pattern matching every interface would redirect traffic from the LAN")
+    } else if !stem
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        Some("interface name may hold only ASCII letters, digits, '-', '_', '.' and a final '+'")
+    } else {
+        None
+    }
+}

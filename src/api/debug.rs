@@ -1,0 +1,164 @@
+//! `fluxd debug`'s view: what is installed in the kernel (each rule annotated with its
+//! service), whether it matches what flux wants (drift), the listener, and each instance's
+//! health as this host sees it.
+
+use serde::{Deserialize, Serialize};
+
+use super::routes::Api;
+use crate::proxy::health::HealthView;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DebugView {
+    pub host: String,
+    pub dataplane: bool,
+    /// Where redirected connections arrive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listener: Option<String>,
+    pub rules: Vec<RuleView>,
+    pub drift: DriftView,
+    /// Drift repairs since fluxd started.
+    pub repairs: u64,
+    pub services: Vec<ServiceHealth>,
+    /// Store records skipped because they do not validate.
+    pub skipped: Vec<String>,
+    /// Store revision the data plane was built from.
+    pub revision: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RuleView {
+    pub chain: String,
+    pub rule: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DriftView {
+    pub clean: bool,
+    /// One line per difference; empty when clean.
+    pub differences: Vec<String>,
+    /// Set when the installed rules could not be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceHealth {
+    pub service: String,
+    pub address: String,
+    pub instances: Vec<BackendHealth>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackendHealth {
+    pub instance: String,
+    pub address: String,
+    #[serde(flatten)]
+    pub health: HealthView,
+}
+
+impl DebugView {
+    pub async fn gather(api: &Api) -> DebugView {
+        let mut view = DebugView {
+            host: api.host_name.clone(),
+            dataplane: api.dataplane.is_some(),
+            listener: None,
+            rules: vec![],
+            drift: DriftView::default(),
+            repairs: 0,
+            services: vec![],
+            skipped: vec![],
+            revision: 0,
+        };
+        let Some(status) = api.dataplane.clone() else {
+            view.drift.clean = true;
+            return view;
+        };
+        view.repairs = status.repairs.load(std::sync::atomic::Ordering::Relaxed);
+        let state = status.state.load();
+        view.skipped = state.skipped.clone();
+        view.revision = state.revision;
+        let routes = status.routes.load();
+        for (vip, route) in routes.services.iter() {
+            view.services.push(ServiceHealth {
+                service: route.name.clone(),
+                address: vip.to_string(),
+                instances: route
+                    .backends
+                    .iter()
+                    .map(|b| BackendHealth {
+                        instance: b.instance.clone(),
+                        address: b.addr.to_string(),
+                        health: b.health.view(),
+                    })
+                    .collect(),
+            });
+        }
+        view.services.sort_by(|a, b| a.service.cmp(&b.service));
+        if let Some(rules) = &status.rules {
+            view.listener = Some(format!("0.0.0.0:{}", rules.proxy_port));
+        }
+        // Reading the kernel's rules runs iptables-save: off the async threads.
+        let kernel = tokio::task::spawn_blocking(move || {
+            let rules = status.rules.as_ref()?;
+            let installed = rules.netfilter.installed();
+            let applied = status.applied.lock().ok().and_then(|a| a.clone());
+            Some((installed, applied, rules)).map(|(installed, applied, rules)| {
+                let drift = match (&installed, &applied) {
+                    (Ok(_), Some(applied)) => Some(rules.netfilter.drift(applied)),
+                    _ => None,
+                };
+                (installed, drift)
+            })
+        })
+        .await
+        .ok()
+        .flatten();
+        match kernel {
+            Some((Ok(installed), drift)) => {
+                view.rules = netfilter::annotate(&installed)
+                    .into_iter()
+                    .map(|a| RuleView {
+                        chain: a.chain,
+                        rule: a.rule,
+                        service: a.service,
+                    })
+                    .collect();
+                match drift {
+                    Some(Ok(d)) => {
+                        view.drift.clean = d.is_clean();
+                        view.drift.differences = drift_lines(&d);
+                    }
+                    Some(Err(e)) => view.drift.error = Some(e.to_string()),
+                    None => view.drift.error = Some("no ruleset applied yet".into()),
+                }
+            }
+            Some((Err(e), _)) => view.drift.error = Some(e.to_string()),
+            None => view.drift.error = Some("rules are not managed".into()),
+        }
+        view
+    }
+}
+
+/// One line per difference, so an operator sees which rule is missing or foreign.
+fn drift_lines(d: &netfilter::Drift) -> Vec<String> {
+    let mut out = Vec::new();
+    if d.canary_missing {
+        out.push(format!(
+            "chain {} is missing (nat table wiped?)",
+            netfilter::CANARY_CHAIN
+        ));
+    }
+    if d.services_chain_missing {
+        out.push(format!("chain {} is missing", netfilter::SERVICES_CHAIN));
+    }
+    out.extend(d.missing_rules.iter().map(|r| format!("missing: {r}")));
+    out.extend(d.extra_rules.iter().map(|r| format!("extra:   {r}")));
+    if d.misordered {
+        out.push("rules are out of order".into());
+    }
+    out.extend(d.missing_hooks.iter().map(|r| format!("missing hook: {r}")));
+    out.extend(d.extra_hooks.iter().map(|r| format!("extra hook:   {r}")));
+    out
+}

@@ -1,0 +1,270 @@
+//! The local API's routes: JSON in, JSON out, one handler per operation. Every body goes
+//! through `model::decode`, so the API refuses exactly what the CLI refuses, with the same
+//! messages.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Serialize;
+
+use super::views::{ErrorBody, InstanceQuery, InstanceView, ServiceInfo};
+use crate::catalog::{Catalog, CatalogError};
+use crate::controller::Status;
+use crate::model::{self, Instance, InvalidInput, Origin, Rule, Service};
+use crate::proxy::health::HealthView;
+use crate::store::StoreError;
+
+pub type Body = Full<Bytes>;
+
+/// What the handlers share: the catalog, this host's name, and the data plane's status
+/// (absent with `--no-dataplane`).
+pub struct Api {
+    pub catalog: Catalog,
+    pub host_name: String,
+    pub dataplane: Option<Arc<Status>>,
+}
+
+impl Api {
+    /// This host's view of one instance's health, if the data plane routes to it.
+    fn health(&self, i: &Instance) -> Option<HealthView> {
+        let status = self.dataplane.as_ref()?;
+        let routes = status.routes.load();
+        let route = routes.by_name.get(&i.service)?;
+        route
+            .backends
+            .iter()
+            .find(|b| b.instance == i.name && Some(b.addr) == i.address)
+            .map(|b| b.health.view())
+    }
+}
+
+/// An answer that is not a success, with the status it maps to.
+struct Failure(StatusCode, ErrorBody);
+
+impl From<CatalogError> for Failure {
+    fn from(e: CatalogError) -> Self {
+        let (status, input) = match e {
+            CatalogError::Invalid(i) => (StatusCode::BAD_REQUEST, i),
+            CatalogError::NotFound(i) => (StatusCode::NOT_FOUND, i),
+            CatalogError::Conflict(i) => (StatusCode::CONFLICT, i),
+            CatalogError::Store(s) => return s.into(),
+        };
+        Failure(
+            status,
+            ErrorBody {
+                error: input.to_string(),
+                field: Some(input.field),
+            },
+        )
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        Failure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorBody {
+                error: e.to_string(),
+                field: None,
+            },
+        )
+    }
+}
+
+impl From<InvalidInput> for Failure {
+    fn from(e: InvalidInput) -> Self {
+        CatalogError::Invalid(e).into()
+    }
+}
+
+type Answer = Result<Response<Body>, Failure>;
+
+pub async fn handle(api: Arc<Api>, req: Request<Incoming>) -> Response<Body> {
+    match route(&api, req).await {
+        Ok(r) => r,
+        Err(Failure(status, body)) => json(status, &body),
+    }
+}
+
+async fn route(api: &Api, req: Request<Incoming>) -> Answer {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (&method, segs.as_slice()) {
+        (&Method::GET, ["healthz"]) => Ok(text(StatusCode::OK, "ok\n")),
+        (&Method::GET, ["readyz"]) => {
+            api.catalog.store().get("readyz").await?;
+            Ok(text(StatusCode::OK, "ready\n"))
+        }
+        (&Method::GET, ["v1", "services"]) => list_services(api).await,
+        (&Method::POST, ["v1", "services"]) => add_service(api, req).await,
+        (&Method::GET, ["v1", "services", name]) => service_info(api, name).await,
+        (&Method::DELETE, ["v1", "services", name]) => {
+            api.catalog.remove_service(name).await?;
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({ "removed": name }),
+            ))
+        }
+        (&Method::PUT, ["v1", "services", svc, "rules", rule]) => {
+            let (svc, rule) = (svc.to_string(), rule.to_string());
+            put_rule(api, req, &svc, &rule).await
+        }
+        (&Method::DELETE, ["v1", "services", svc, "rules", rule]) => {
+            api.catalog.remove_rule(svc, rule).await?;
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({ "removed": rule }),
+            ))
+        }
+        (&Method::POST, ["v1", "services", svc, "instances"]) => {
+            let svc = svc.to_string();
+            add_instance(api, req, &svc).await
+        }
+        (&Method::DELETE, ["v1", "services", svc, "instances", name]) => {
+            api.catalog.remove_static_instance(svc, name).await?;
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({ "removed": name }),
+            ))
+        }
+        (&Method::GET, ["v1", "instances"]) => query_instances(api, &query).await,
+        (&Method::GET, ["v1", "hosts"]) => {
+            let state = api.catalog.load().await?;
+            Ok(json(
+                StatusCode::OK,
+                &state.hosts.values().collect::<Vec<_>>(),
+            ))
+        }
+        (&Method::GET, ["v1", "store"]) => {
+            // The revision tells an operator (and the tests) whether anything was written.
+            let listing = api.catalog.store().list("").await?;
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({ "revision": listing.revision, "keys": listing.kvs.len() }),
+            ))
+        }
+        (&Method::GET, ["v1", "debug"]) => {
+            let view = super::debug::DebugView::gather(api).await;
+            Ok(json(StatusCode::OK, &view))
+        }
+        (&Method::GET, ["v1", "host"]) => Ok(json(
+            StatusCode::OK,
+            &serde_json::json!({ "name": api.host_name }),
+        )),
+        _ => Err(Failure(
+            StatusCode::NOT_FOUND,
+            ErrorBody {
+                error: format!("no route for {method} {path}"),
+                field: None,
+            },
+        )),
+    }
+}
+
+async fn list_services(api: &Api) -> Answer {
+    let state = api.catalog.load().await?;
+    let infos: Vec<ServiceInfo> = state
+        .services
+        .values()
+        .map(|s| ServiceInfo::from_state(&state, s, |i| api.health(i)))
+        .collect();
+    Ok(json(StatusCode::OK, &infos))
+}
+
+async fn service_info(api: &Api, name: &str) -> Answer {
+    let state = api.catalog.load().await?;
+    let service = state.services.get(name).ok_or_else(|| {
+        Failure::from(CatalogError::NotFound(
+            InvalidInput::new("service", "no service of this name").value(name),
+        ))
+    })?;
+    Ok(json(
+        StatusCode::OK,
+        &ServiceInfo::from_state(&state, service, |i| api.health(i)),
+    ))
+}
+
+async fn add_service(api: &Api, req: Request<Incoming>) -> Answer {
+    let service: Service = model::decode(&body(req).await?)?;
+    api.catalog.add_service(&service).await?;
+    let state = api.catalog.load().await?;
+    Ok(json(
+        StatusCode::CREATED,
+        &ServiceInfo::from_state(&state, &service, |i| api.health(i)),
+    ))
+}
+
+async fn put_rule(api: &Api, req: Request<Incoming>, svc: &str, name: &str) -> Answer {
+    let rule: Rule = model::decode(&body(req).await?)?;
+    if rule.service != svc {
+        return Err(InvalidInput::new("service", "does not match the URL").value(&rule.service))?;
+    }
+    if rule.name != name {
+        return Err(InvalidInput::new("name", "does not match the URL").value(&rule.name))?;
+    }
+    api.catalog.put_rule(&rule).await?;
+    Ok(json(StatusCode::OK, &rule))
+}
+
+async fn add_instance(api: &Api, req: Request<Incoming>, svc: &str) -> Answer {
+    let instance: Instance = model::decode(&body(req).await?)?;
+    if instance.service != svc {
+        return Err(
+            InvalidInput::new("service", "does not match the URL").value(&instance.service)
+        )?;
+    }
+    if instance.origin != Origin::Static {
+        return Err(InvalidInput::new(
+            "origin",
+            "only static instances can be added by hand",
+        ))?;
+    }
+    api.catalog.add_static_instance(&instance).await?;
+    Ok(json(StatusCode::CREATED, &InstanceView::new(&instance)))
+}
+
+async fn query_instances(api: &Api, query: &str) -> Answer {
+    let q = InstanceQuery::parse(query)?;
+    let state = api.catalog.load().await?;
+    let views: Vec<InstanceView> = state
+        .instances
+        .values()
+        .map(|i| InstanceView::with_health(i, api.health(i)))
+        .filter(|v| q.matches(v))
+        .collect();
+    Ok(json(StatusCode::OK, &views))
+}
+
+/// Reads a request body, refusing anything larger than a record can be.
+async fn body(req: Request<Incoming>) -> Result<Bytes, Failure> {
+    match Limited::new(req.into_body(), model::MAX_RECORD_BYTES)
+        .collect()
+        .await
+    {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) => Err(InvalidInput::new("body", format!("could not be read: {e}")).into()),
+    }
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    let mut bytes = serde_json::to_vec_pretty(value).unwrap_or_default();
+    bytes.push(b'\n');
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(bytes)))
+        .expect("static headers are valid")
+}
+
+fn text(status: StatusCode, s: &'static str) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/plain")
+        .body(Full::new(Bytes::from_static(s.as_bytes())))
+        .expect("static headers are valid")
+}

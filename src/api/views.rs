@@ -1,0 +1,202 @@
+//! What the API returns: the records of the model plus what this host knows about them.
+//! fluxctl and the web UI read these shapes; scripts read them through `--json`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::State;
+use crate::model::{Instance, InvalidInput, Rule, Selector, Service};
+use crate::proxy::health::HealthView;
+
+/// How an instance looks from this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InstanceState {
+    /// Has an address and has not failed since its last success (or was never tried).
+    #[serde(rename = "live")]
+    Live,
+    /// The last connect failed; retried after a backoff.
+    #[serde(rename = "failed")]
+    Failed,
+    /// Matches a rule but has no usable address, so gets no traffic.
+    #[serde(rename = "no address")]
+    NoAddress,
+}
+
+impl InstanceState {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            InstanceState::Live => "live",
+            InstanceState::Failed => "failed",
+            InstanceState::NoAddress => "no address",
+        }
+    }
+
+    /// Accepts the spelling scripts are likely to use for `no address`.
+    pub fn parse(s: &str) -> Result<Self, InvalidInput> {
+        match s {
+            "live" => Ok(InstanceState::Live),
+            "failed" => Ok(InstanceState::Failed),
+            "no address" | "no-address" | "noaddress" => Ok(InstanceState::NoAddress),
+            _ => Err(InvalidInput::new("state", "must be live, failed or no-address").value(s)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceView {
+    #[serde(flatten)]
+    pub instance: Instance,
+    pub state: InstanceState,
+    /// This host's record of connecting to it; absent without a data plane.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthView>,
+}
+
+impl InstanceView {
+    /// Without health: an addressable instance counts as live until a connect to it fails.
+    pub fn new(instance: &Instance) -> Self {
+        Self::with_health(instance, None)
+    }
+
+    pub fn with_health(instance: &Instance, health: Option<HealthView>) -> Self {
+        let state = match (&instance.address, &health) {
+            (None, _) => InstanceState::NoAddress,
+            (Some(_), Some(h)) if !h.live => InstanceState::Failed,
+            (Some(_), _) => InstanceState::Live,
+        };
+        InstanceView {
+            instance: instance.clone(),
+            state,
+            health,
+        }
+    }
+}
+
+/// A service with its rules and instances, for `list` and `info`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceInfo {
+    #[serde(flatten)]
+    pub service: Service,
+    pub rules: Vec<Rule>,
+    pub instances: Vec<InstanceView>,
+}
+
+impl ServiceInfo {
+    pub fn from_state(
+        state: &State,
+        service: &Service,
+        health: impl Fn(&Instance) -> Option<HealthView>,
+    ) -> Self {
+        ServiceInfo {
+            service: service.clone(),
+            rules: state.rules_of(&service.name).cloned().collect(),
+            instances: state
+                .instances_of(&service.name)
+                .map(|i| InstanceView::with_health(i, health(i)))
+                .collect(),
+        }
+    }
+}
+
+/// The body of every error answer; `field` is absent for errors that are not about input.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+/// `fluxctl query` filters, sent as URL query parameters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InstanceQuery {
+    pub service: Option<String>,
+    pub host: Option<String>,
+    pub rule: Option<String>,
+    pub state: Option<InstanceState>,
+    /// Matched against the container the instance came from.
+    pub selector: Selector,
+}
+
+impl InstanceQuery {
+    pub fn to_query_string(&self) -> String {
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        let mut add = |k: &str, v: &Option<String>| {
+            if let Some(v) = v {
+                q.append_pair(k, v);
+            }
+        };
+        add("service", &self.service);
+        add("host", &self.host);
+        add("rule", &self.rule);
+        add("state", &self.state.map(|s| s.as_str().to_string()));
+        add("image", &self.selector.image);
+        add("tag", &self.selector.tag);
+        for (k, v) in &self.selector.labels {
+            q.append_pair("label", &format!("{k}={v}"));
+        }
+        for (k, v) in &self.selector.env {
+            q.append_pair("env", &format!("{k}={v}"));
+        }
+        q.finish()
+    }
+
+    pub fn parse(query: &str) -> Result<Self, InvalidInput> {
+        let mut out = InstanceQuery::default();
+        for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+            let v = v.into_owned();
+            match k.as_ref() {
+                "service" => out.service = Some(v),
+                "host" => out.host = Some(v),
+                "rule" => out.rule = Some(v),
+                "state" => out.state = Some(InstanceState::parse(&v)?),
+                "image" => out.selector.image = Some(v),
+                "tag" => out.selector.tag = Some(v),
+                "label" | "env" => {
+                    let (a, b) = v.split_once('=').ok_or_else(|| {
+                        InvalidInput::new(k.to_string(), "expected key=value").value(&v)
+                    })?;
+                    let map: &mut BTreeMap<String, String> = if k == "label" {
+                        &mut out.selector.labels
+                    } else {
+                        &mut out.selector.env
+                    };
+                    map.insert(a.to_string(), b.to_string());
+                }
+                other => {
+                    return Err(InvalidInput::new(
+                        other.to_string(),
+                        "unknown query parameter",
+                    ))
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn matches(&self, view: &InstanceView) -> bool {
+        let i = &view.instance;
+        let eq = |want: &Option<String>, have: Option<&String>| {
+            want.as_ref().is_none_or(|w| Some(w) == have)
+        };
+        let c = i.container.as_ref();
+        let image_ok = eq(&self.selector.image, c.map(|c| &c.image));
+        let tag_ok = eq(&self.selector.tag, c.map(|c| &c.tag));
+        let labels_ok = self
+            .selector
+            .labels
+            .iter()
+            .all(|(k, v)| c.and_then(|c| c.labels.get(k)) == Some(v));
+        // Env is not part of the published record (it may hold secrets), so an env filter
+        // can only match static instances' absence of it: refuse nothing, match nothing.
+        let env_ok = self.selector.env.is_empty();
+        eq(&self.service, Some(&i.service))
+            && eq(&self.host, i.host.as_ref())
+            && eq(&self.rule, i.rule.as_ref())
+            && self.state.is_none_or(|s| s == view.state)
+            && image_ok
+            && tag_ok
+            && labels_ok
+            && env_ok
+    }
+}

@@ -1,0 +1,216 @@
+//! The typed picture of everything in the store, rebuilt from a listing. Records that do not
+//! validate, or contradict their key, are skipped with a reason instead of poisoning the rest:
+//! the store may hold what an older or foreign writer put there.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddrV4;
+
+use serde::Serialize;
+
+use super::keys;
+use crate::model::{self, Host, Instance, Rule, Service, Validate};
+use crate::store::{KeyValue, Listing, Revision};
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct State {
+    pub services: BTreeMap<String, Service>,
+    /// Keyed by (service, rule name).
+    #[serde(skip)]
+    pub rules: BTreeMap<(String, String), Rule>,
+    /// Keyed by (service, instance name).
+    #[serde(skip)]
+    pub instances: BTreeMap<(String, String), Instance>,
+    pub hosts: BTreeMap<String, Host>,
+    /// Store revision this picture was taken at.
+    pub revision: Revision,
+    /// Records skipped, as `key: reason`, for `fluxd debug` and the logs.
+    pub skipped: Vec<String>,
+}
+
+impl State {
+    pub fn from_listing(listing: &Listing) -> State {
+        Self::from_kvs(listing.kvs.iter(), listing.revision)
+    }
+
+    pub fn from_kvs<'a>(kvs: impl Iterator<Item = &'a KeyValue>, revision: Revision) -> State {
+        let mut state = State {
+            revision,
+            ..State::default()
+        };
+        // Services first, in creation order, so that a VIP clash written by a foreign writer is
+        // resolved in favour of the older service on every host alike.
+        let mut kvs: Vec<&KeyValue> = kvs.collect();
+        kvs.sort_by_key(|kv| (rank(&kv.key), kv.create_revision));
+        let mut vips = BTreeMap::new();
+        for kv in kvs {
+            if let Err(why) = state.add(kv, &mut vips) {
+                state.skipped.push(format!("{}: {why}", kv.key));
+            }
+        }
+        state
+    }
+
+    fn add(
+        &mut self,
+        kv: &KeyValue,
+        vips: &mut BTreeMap<SocketAddrV4, String>,
+    ) -> Result<(), String> {
+        let key = kv.key.as_str();
+        if let Some(name) = key.strip_prefix(keys::SERVICES) {
+            let s: Service = decode(kv)?;
+            expect(&s.name, name, "name")?;
+            if let Some(owner) = vips.get(&s.address) {
+                return Err(format!(
+                    "address {} is already used by service {owner}",
+                    s.address
+                ));
+            }
+            vips.insert(s.address, s.name.clone());
+            self.services.insert(s.name.clone(), s);
+        } else if let Some(rest) = key.strip_prefix(keys::RULES) {
+            let r: Rule = decode(kv)?;
+            expect(&format!("{}/{}", r.service, r.name), rest, "service/name")?;
+            if !self.services.contains_key(&r.service) {
+                return Err(format!("service {} does not exist", r.service));
+            }
+            self.rules.insert((r.service.clone(), r.name.clone()), r);
+        } else if let Some(rest) = key.strip_prefix(keys::INSTANCES) {
+            let i: Instance = decode(kv)?;
+            expect(&format!("{}/{}", i.service, i.name), rest, "service/name")?;
+            if !self.services.contains_key(&i.service) {
+                return Err(format!("service {} does not exist", i.service));
+            }
+            self.instances
+                .insert((i.service.clone(), i.name.clone()), i);
+        } else if let Some(name) = key.strip_prefix(keys::HOSTS) {
+            let h: Host = decode(kv)?;
+            expect(&h.name, name, "name")?;
+            self.hosts.insert(h.name.clone(), h);
+        }
+        // VIP claims and unknown keys carry nothing the picture needs.
+        Ok(())
+    }
+
+    pub fn rules_of<'a>(&'a self, service: &'a str) -> impl Iterator<Item = &'a Rule> + 'a {
+        self.rules
+            .range((service.to_string(), String::new())..)
+            .take_while(move |((s, _), _)| s == service)
+            .map(|(_, r)| r)
+    }
+
+    pub fn instances_of<'a>(&'a self, service: &'a str) -> impl Iterator<Item = &'a Instance> + 'a {
+        self.instances
+            .range((service.to_string(), String::new())..)
+            .take_while(move |((s, _), _)| s == service)
+            .map(|(_, i)| i)
+    }
+}
+
+/// Services must be known before the rules and instances that refer to them.
+fn rank(key: &str) -> u8 {
+    if key.starts_with(keys::SERVICES) {
+        0
+    } else {
+        1
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned + Validate>(kv: &KeyValue) -> Result<T, String> {
+    model::decode(&kv.value).map_err(|e| e.to_string())
+}
+
+fn expect(found: &str, key_part: &str, field: &str) -> Result<(), String> {
+    if found == key_part {
+        Ok(())
+    } else {
+        Err(format!("{field} \"{found}\" does not match its key"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(key: &str, value: &str, rev: i64) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: value.as_bytes().to_vec(),
+            create_revision: rev,
+            mod_revision: rev,
+        }
+    }
+
+    #[test]
+    fn skips_bad_records_and_keeps_the_rest() {
+        let kvs = [
+            kv(
+                "services/web",
+                r#"{"name":"web","address":"10.0.0.1:80"}"#,
+                1,
+            ),
+            kv(
+                "services/dup",
+                r#"{"name":"dup","address":"10.0.0.1:80"}"#,
+                2,
+            ),
+            kv(
+                "services/bad",
+                r#"{"name":"bad","address":"127.0.0.1:80"}"#,
+                3,
+            ),
+            kv(
+                "services/liar",
+                r#"{"name":"other","address":"10.0.0.2:80"}"#,
+                4,
+            ),
+            kv("services/junk", "\u{0}\u{1}not json", 5),
+            kv(
+                "rules/web/v1",
+                r#"{"service":"web","name":"v1","selector":{"image":"nginx"}}"#,
+                6,
+            ),
+            kv(
+                "rules/gone/v1",
+                r#"{"service":"gone","name":"v1","selector":{"image":"x"}}"#,
+                7,
+            ),
+        ];
+        let s = State::from_kvs(kvs.iter(), 7);
+        assert_eq!(s.services.keys().collect::<Vec<_>>(), ["web"]);
+        assert_eq!(s.rules.len(), 1);
+        assert_eq!(s.skipped.len(), 5, "{:?}", s.skipped);
+        assert!(s
+            .skipped
+            .iter()
+            .any(|m| m.contains("already used by service web")));
+    }
+
+    #[test]
+    fn rules_of_does_not_leak_into_prefix_siblings() {
+        let kvs = [
+            kv(
+                "services/web",
+                r#"{"name":"web","address":"10.0.0.1:80"}"#,
+                1,
+            ),
+            kv(
+                "services/web-2",
+                r#"{"name":"web-2","address":"10.0.0.2:80"}"#,
+                2,
+            ),
+            kv(
+                "rules/web/a",
+                r#"{"service":"web","name":"a","selector":{"image":"x"}}"#,
+                3,
+            ),
+            kv(
+                "rules/web-2/b",
+                r#"{"service":"web-2","name":"b","selector":{"image":"x"}}"#,
+                4,
+            ),
+        ];
+        let s = State::from_kvs(kvs.iter(), 4);
+        assert_eq!(s.rules_of("web").count(), 1);
+        assert_eq!(s.rules_of("web-2").count(), 1);
+    }
+}

@@ -1,0 +1,340 @@
+//! fluxd's configuration: flags, then `FLUXD_*` environment variables, then a TOML file, then
+//! defaults, in that order of precedence. Every setting is checked here, before anything starts.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serde::Deserialize;
+
+use crate::api::client::Endpoint;
+use crate::model::{validate, NetworkMode};
+
+/// `fluxd run` flags. Each is optional here so that an unset flag can fall through to the
+/// environment (clap reads `FLUXD_*`) and then to the config file.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RunArgs {
+    /// Read settings from this TOML file (keys as the flags, with underscores).
+    #[arg(long, env = "FLUXD_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// `embedded` (one host, default) or `etcd://HOST:PORT[,HOST:PORT...]`.
+    #[arg(long, env = "FLUXD_STORE")]
+    pub store: Option<String>,
+    /// Where the embedded store keeps its data [default: /var/lib/fluxd].
+    #[arg(long, env = "FLUXD_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Local API socket [default: unix:///run/fluxd/fluxd.sock].
+    #[arg(long, env = "FLUXD_API", value_name = "unix:///PATH")]
+    pub api: Option<String>,
+    /// Web UI and metrics address [default: 127.0.0.1:7070].
+    #[arg(long, env = "FLUXD_HTTP", value_name = "ADDR:PORT")]
+    pub http: Option<String>,
+    /// This host's name in the store [default: the hostname].
+    #[arg(long, env = "FLUXD_HOST_NAME")]
+    pub host_name: Option<String>,
+    /// This host's IP, published for `local` network mode [default: auto-detected].
+    #[arg(long, env = "FLUXD_HOST_IP")]
+    pub host_ip: Option<String>,
+    /// Docker endpoint [default: unix:///var/run/docker.sock].
+    #[arg(long, env = "FLUXD_DOCKER", value_name = "unix:///PATH")]
+    pub docker: Option<String>,
+    /// `local` (host IP + published port, default) or `global` (container IP).
+    #[arg(long, env = "FLUXD_NETWORK_MODE")]
+    pub network_mode: Option<String>,
+    /// Run without iptables rules and proxy (store and API only).
+    #[arg(long, env = "FLUXD_NO_DATAPLANE", num_args = 0..=1, default_missing_value = "true")]
+    pub no_dataplane: Option<bool>,
+    /// Key prefix in etcd [default: /flux/].
+    #[arg(long, env = "FLUXD_ETCD_PREFIX")]
+    pub etcd_prefix: Option<String>,
+    /// Seconds within which a dead host's records vanish [default: 15].
+    #[arg(long, env = "FLUXD_HOST_TTL", value_name = "SECONDS")]
+    pub host_ttl: Option<u64>,
+    /// Log format: `text` or `json` [default: text].
+    #[arg(long, env = "FLUXD_LOG_FORMAT")]
+    pub log_format: Option<String>,
+    /// Port of the proxy listener that VIP connections are redirected to [default: 7171].
+    #[arg(long, env = "FLUXD_PROXY_PORT")]
+    pub proxy_port: Option<u16>,
+    /// Leave flux's iptables rules installed on a clean stop (for restarts and upgrades).
+    #[arg(long, env = "FLUXD_KEEP_RULES", num_args = 0..=1, default_missing_value = "true")]
+    pub keep_rules: Option<bool>,
+    /// Interfaces whose incoming traffic to VIPs is redirected, comma-separated; `+` is a
+    /// wildcard [default: docker0,br-+].
+    #[arg(long, env = "FLUXD_BRIDGE_INTERFACES", value_name = "IFACES")]
+    pub bridge_interfaces: Option<String>,
+    /// Per-attempt connect timeout to an instance, in milliseconds [default: 1000].
+    #[arg(long, env = "FLUXD_CONNECT_TIMEOUT_MS", value_name = "MS")]
+    pub connect_timeout_ms: Option<u64>,
+    /// Most concurrent proxied connections [default: 8000].
+    #[arg(long, env = "FLUXD_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+}
+
+/// The same settings as read from a config file; unknown keys are refused so that a typo is
+/// not silently ignored.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    store: Option<String>,
+    state_dir: Option<PathBuf>,
+    api: Option<String>,
+    http: Option<String>,
+    host_name: Option<String>,
+    host_ip: Option<String>,
+    docker: Option<String>,
+    network_mode: Option<String>,
+    no_dataplane: Option<bool>,
+    etcd_prefix: Option<String>,
+    host_ttl: Option<u64>,
+    log_format: Option<String>,
+    proxy_port: Option<u16>,
+    keep_rules: Option<bool>,
+    bridge_interfaces: Option<String>,
+    connect_timeout_ms: Option<u64>,
+    max_connections: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreSpec {
+    Embedded,
+    Etcd { endpoints: Vec<String> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The checked configuration the daemon runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub store: StoreSpec,
+    pub state_dir: PathBuf,
+    pub api: PathBuf,
+    pub http: SocketAddr,
+    pub host_name: String,
+    pub host_ip: Ipv4Addr,
+    pub docker: String,
+    pub network_mode: NetworkMode,
+    pub dataplane: bool,
+    pub etcd_prefix: String,
+    pub host_ttl: Duration,
+    pub log_format: LogFormat,
+    pub proxy_port: u16,
+    pub keep_rules: bool,
+    pub bridge_interfaces: Vec<String>,
+    pub connect_timeout: Duration,
+    pub max_connections: usize,
+}
+
+impl Config {
+    pub fn load(args: &RunArgs) -> anyhow::Result<Config> {
+        let file = match &args.config {
+            Some(p) => read_file(p)?,
+            None => FileConfig::default(),
+        };
+        macro_rules! pick {
+            ($f:ident) => {
+                args.$f.clone().or(file.$f.clone())
+            };
+        }
+        let store = parse_store(&pick!(store).unwrap_or_else(|| "embedded".into()))?;
+        let api = match Endpoint::parse(
+            &pick!(api).unwrap_or_else(|| "unix:///run/fluxd/fluxd.sock".into()),
+        )? {
+            Endpoint::Unix(p) => p,
+            Endpoint::Tcp(_) => bail!("api: fluxd serves its local API on a unix:// socket only"),
+        };
+        let http_s = pick!(http).unwrap_or_else(|| "127.0.0.1:7070".into());
+        let http: SocketAddr = http_s
+            .parse()
+            .map_err(|_| anyhow::anyhow!("http: expected ADDR:PORT (got \"{http_s}\")"))?;
+        let host_name = match pick!(host_name) {
+            Some(h) => h,
+            None => nix::unistd::gethostname()
+                .context("host_name: cannot read the hostname; set --host-name")?
+                .to_string_lossy()
+                .into_owned(),
+        };
+        validate::host_name("host_name", &host_name)?;
+        let host_ip = match pick!(host_ip) {
+            Some(s) => s
+                .parse()
+                .map_err(|_| anyhow::anyhow!("host_ip: expected an IPv4 address (got \"{s}\")"))?,
+            None => detect_host_ip(),
+        };
+        let network_mode = match pick!(network_mode).as_deref() {
+            None | Some("local") => NetworkMode::Local,
+            Some("global") => NetworkMode::Global,
+            Some(other) => bail!("network_mode: must be local or global (got \"{other}\")"),
+        };
+        let etcd_prefix = pick!(etcd_prefix).unwrap_or_else(|| "/flux/".into());
+        if !etcd_prefix.starts_with('/') || !etcd_prefix.ends_with('/') {
+            bail!("etcd_prefix: must start and end with '/' (got \"{etcd_prefix}\")");
+        }
+        let ttl = pick!(host_ttl).unwrap_or(15);
+        if !(2..=300).contains(&ttl) {
+            bail!("host_ttl: must be 2-300 seconds (got {ttl})");
+        }
+        let log_format = match pick!(log_format).as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => bail!("log_format: must be text or json (got \"{other}\")"),
+        };
+        let proxy_port = pick!(proxy_port).unwrap_or(7171);
+        if proxy_port == 0 {
+            bail!("proxy_port: must be 1-65535 (got 0)");
+        }
+        let bridge_interfaces: Vec<String> = pick!(bridge_interfaces)
+            .unwrap_or_else(|| "docker0,br-+".into())
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect();
+        for i in &bridge_interfaces {
+            let ok = i.len() <= 15
+                && i.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'+'));
+            if !ok {
+                bail!("bridge_interfaces: not an interface name (got \"{i}\")");
+            }
+        }
+        let connect_timeout_ms = pick!(connect_timeout_ms).unwrap_or(1000);
+        if !(10..=60_000).contains(&connect_timeout_ms) {
+            bail!("connect_timeout_ms: must be 10-60000 (got {connect_timeout_ms})");
+        }
+        let max_connections = pick!(max_connections).unwrap_or(8000);
+        if max_connections == 0 {
+            bail!("max_connections: must be at least 1");
+        }
+        Ok(Config {
+            proxy_port,
+            keep_rules: pick!(keep_rules).unwrap_or(false),
+            bridge_interfaces,
+            connect_timeout: Duration::from_millis(connect_timeout_ms),
+            max_connections,
+            store,
+            state_dir: pick!(state_dir).unwrap_or_else(|| "/var/lib/fluxd".into()),
+            api,
+            http,
+            host_name,
+            host_ip,
+            docker: pick!(docker).unwrap_or_else(|| "unix:///var/run/docker.sock".into()),
+            network_mode,
+            dataplane: !pick!(no_dataplane).unwrap_or(false),
+            etcd_prefix,
+            host_ttl: Duration::from_secs(ttl),
+            log_format,
+        })
+    }
+}
+
+fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("config: cannot read {}", path.display()))?;
+    toml::from_str(&text).map_err(|e| {
+        let msg = e.message().to_string();
+        anyhow::anyhow!("config: {}: {msg}", path.display())
+    })
+}
+
+/// `embedded` or `etcd://h1:2379,h2:2379`.
+pub fn parse_store(s: &str) -> anyhow::Result<StoreSpec> {
+    if s == "embedded" {
+        return Ok(StoreSpec::Embedded);
+    }
+    let Some(rest) = s.strip_prefix("etcd://") else {
+        bail!("store: must be embedded or etcd://HOST:PORT[,HOST:PORT...] (got \"{s}\")");
+    };
+    let endpoints: Vec<String> = rest
+        .split(',')
+        .map(|e| e.trim_end_matches('/').to_string())
+        .collect();
+    for e in &endpoints {
+        let ok = e
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+        if !ok {
+            bail!("store: etcd endpoint must be HOST:PORT (got \"{e}\")");
+        }
+    }
+    Ok(StoreSpec::Etcd {
+        endpoints: endpoints.iter().map(|e| format!("http://{e}")).collect(),
+    })
+}
+
+/// The source address the kernel would use for outside traffic; if there is no default route
+/// (an isolated namespace), the first global IPv4 address of an interface that is up.
+/// `connect` on a UDP socket sends nothing; it only asks the routing table.
+fn detect_host_ip() -> Ipv4Addr {
+    let routed = std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| s.connect("192.0.2.1:9").map(|_| s))
+        .and_then(|s| s.local_addr())
+        .ok()
+        .and_then(|a| match a.ip() {
+            std::net::IpAddr::V4(ip) if !ip.is_unspecified() => Some(ip),
+            _ => None,
+        });
+    if let Some(ip) = routed {
+        return ip;
+    }
+    let from_ifaces = nix::ifaddrs::getifaddrs().ok().and_then(|addrs| {
+        addrs
+            .filter(|a| a.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP))
+            .filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
+            .find(|ip| !ip.is_loopback() && !ip.is_link_local())
+    });
+    from_ifaces.unwrap_or(Ipv4Addr::LOCALHOST)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_specs() {
+        assert_eq!(parse_store("embedded").unwrap(), StoreSpec::Embedded);
+        assert_eq!(
+            parse_store("etcd://a:2379,b:2379").unwrap(),
+            StoreSpec::Etcd {
+                endpoints: vec!["http://a:2379".into(), "http://b:2379".into()]
+            }
+        );
+        for bad in [
+            "",
+            "etcd",
+            "etcd://",
+            "etcd://a",
+            "etcd://a:0",
+            "consul://a:1",
+        ] {
+            assert!(parse_store(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn flags_beat_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("fluxd.toml");
+        std::fs::write(
+            &f,
+            "host_name = \"from-file\"\nhost_ttl = 9\nhost_ip = \"10.0.0.9\"\n",
+        )
+        .unwrap();
+        let args = RunArgs {
+            config: Some(f.clone()),
+            host_name: Some("from-flag".into()),
+            ..RunArgs::default()
+        };
+        let c = Config::load(&args).unwrap();
+        assert_eq!(c.host_name, "from-flag");
+        assert_eq!(c.host_ttl, Duration::from_secs(9));
+        std::fs::write(&f, "hostname = \"typo\"\n").unwrap();
+        let e = Config::load(&args).unwrap_err().to_string();
+        assert!(e.contains("hostname"), "{e}");
+    }
+}

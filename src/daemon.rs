@@ -1,0 +1,192 @@
+//! `fluxd run`: opens the store, publishes this host, serves the local API, and on SIGTERM or
+//! SIGINT stops in the reverse order so that nothing is left half-done.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+
+use crate::api::{routes::Api, server};
+use crate::catalog::Catalog;
+use crate::config::{Config, StoreSpec};
+use crate::controller::{Controller, Rules, Status};
+use crate::model::Host;
+use crate::proxy::routes::RouteTable;
+use crate::proxy::{Proxy, ProxyConfig};
+use crate::store::{embedded::EmbeddedStore, etcd::EtcdStore, Store};
+use arc_swap::ArcSwap;
+use netfilter::{CommandRunner, Netfilter};
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let store = open_store(&config).await?;
+    // The lease is a second shorter than the promised TTL: etcd revokes expired leases on a
+    // 500 ms scan, and `--host-ttl` is the bound operators rely on, not the lease length.
+    let lease_ttl = config
+        .host_ttl
+        .saturating_sub(std::time::Duration::from_secs(1))
+        .max(std::time::Duration::from_secs(1));
+    store
+        .start_session(lease_ttl)
+        .await
+        .context("store: cannot open this host's session")?;
+    let catalog = Catalog::new(store.clone());
+    let host = Host {
+        name: config.host_name.clone(),
+        ip: config.host_ip,
+        network_mode: config.network_mode,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        started_at: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    };
+    catalog
+        .register_host(&host)
+        .await
+        .context("store: cannot publish this host")?;
+
+    let listener = server::bind_unix(&config.api)?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let dataplane = if config.dataplane {
+        Some(start_dataplane(&config, store.clone(), stop_rx.clone()).await?)
+    } else {
+        None
+    };
+    let api = Arc::new(Api {
+        catalog: catalog.clone(),
+        host_name: config.host_name.clone(),
+        dataplane: dataplane.as_ref().map(|d| d.status.clone()),
+    });
+    let api_task = tokio::spawn(server::serve_unix(
+        listener,
+        config.api.clone(),
+        api,
+        stop_rx,
+    ));
+    tracing::info!(
+        host = %config.host_name,
+        ip = %config.host_ip,
+        api = %config.api.display(),
+        "fluxd ready"
+    );
+
+    wait_for_stop_signal().await?;
+    tracing::info!("stopping");
+    let _ = stop_tx.send(true);
+    let _ = api_task.await;
+    if let Some(d) = dataplane {
+        d.stop(config.keep_rules).await;
+    }
+    // A clean stop withdraws this host and its instances at once instead of after the TTL.
+    store
+        .close(true)
+        .await
+        .context("store: could not withdraw this host")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The running data plane: proxy and controller tasks, and what they share with the API.
+struct Dataplane {
+    status: Arc<Status>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Dataplane {
+    /// Waits for the tasks (they watch the same stop signal), then removes the rules unless
+    /// told to keep them so that a restart leaves no VIP unrouted.
+    async fn stop(self, keep_rules: bool) {
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        if keep_rules {
+            tracing::info!("keeping flux's rules installed (--keep-rules)");
+            return;
+        }
+        let status = self.status.clone();
+        let removed = tokio::task::spawn_blocking(move || match &status.rules {
+            Some(r) => r.netfilter.remove(),
+            None => Ok(()),
+        })
+        .await;
+        match removed {
+            Ok(Ok(())) => tracing::info!("removed flux's rules"),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "could not remove flux's rules; run fluxd cleanup")
+            }
+            Err(e) => tracing::error!(error = %e, "rule removal task failed"),
+        }
+    }
+}
+
+/// Binds the proxy, installs the rules for the current store state, then follows the store.
+/// The listener is bound before any rule points at it, so no redirected connection is refused.
+async fn start_dataplane(
+    config: &Config,
+    store: Arc<dyn Store>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<Dataplane> {
+    let routes = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
+    let proxy = Proxy::bind(
+        ProxyConfig {
+            listen: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, config.proxy_port),
+            connect_timeout: config.connect_timeout,
+            max_connections: config.max_connections,
+        },
+        routes.clone(),
+    )
+    .with_context(|| format!("proxy_port: cannot listen on port {}", config.proxy_port))?;
+    let rules = Rules {
+        netfilter: Netfilter::new(CommandRunner::new()),
+        proxy_port: config.proxy_port,
+        bridge_interfaces: config.bridge_interfaces.clone(),
+    };
+    let status = Status::new(routes, Some(rules));
+    let mut controller = Controller::new(store, status.clone());
+    controller
+        .initial_sync()
+        .await
+        .context("store: cannot read services")?;
+    let tasks = vec![
+        tokio::spawn(proxy.run(stop.clone())),
+        tokio::spawn(controller.run(stop)),
+    ];
+    Ok(Dataplane { status, tasks })
+}
+
+async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match &config.store {
+        StoreSpec::Embedded => {
+            std::fs::create_dir_all(&config.state_dir).with_context(|| {
+                format!("state_dir: cannot create {}", config.state_dir.display())
+            })?;
+            Arc::new(
+                EmbeddedStore::open(&config.state_dir)
+                    .await
+                    .with_context(|| {
+                        format!("store: cannot open {}", config.state_dir.display())
+                    })?,
+            )
+        }
+        StoreSpec::Etcd { endpoints } => Arc::new(
+            EtcdStore::connect(endpoints, &config.etcd_prefix)
+                .await
+                .with_context(|| {
+                    format!("store: cannot connect to etcd at {}", endpoints.join(","))
+                })?,
+        ),
+    })
+}
+
+async fn wait_for_stop_signal() -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,156 @@
+//! The proxy's listener: accepts redirected connections, finds the service from the original
+//! destination, connects to an instance (trying the next on failure) and splices the bytes.
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use nix::sys::socket::{getsockopt, sockopt::OriginalDst};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+
+use super::routes::{Backend, RouteTable};
+use super::splice;
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Where redirected connections arrive. 0.0.0.0 so that both host processes (redirected to
+    /// 127.0.0.1) and containers (redirected to their bridge's address) reach it.
+    pub listen: SocketAddrV4,
+    /// Per-attempt connect timeout; a dead instance on a live host refuses at once, a dead
+    /// host only times out.
+    pub connect_timeout: Duration,
+    /// Concurrent proxied connections; each costs two fds, plus two pipes while bytes move.
+    pub max_connections: usize,
+}
+
+pub struct Proxy {
+    pub config: ProxyConfig,
+    pub routes: Arc<ArcSwap<RouteTable>>,
+    listener: TcpListener,
+}
+
+impl Proxy {
+    pub fn bind(config: ProxyConfig, routes: Arc<ArcSwap<RouteTable>>) -> io::Result<Proxy> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&SocketAddr::V4(config.listen).into())?;
+        socket.listen(4096)?;
+        let listener = TcpListener::from_std(socket.into())?;
+        Ok(Proxy {
+            config,
+            routes,
+            listener,
+        })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts until `stop` turns true. Established connections are not cut by a stop; they
+    /// end with the process.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let limit = Arc::new(Semaphore::new(self.config.max_connections));
+        loop {
+            let permit = tokio::select! {
+                p = limit.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+                _ = stop.changed() => return,
+            };
+            let accepted = tokio::select! {
+                a = self.listener.accept() => a,
+                _ = stop.changed() => return,
+            };
+            match accepted {
+                Ok((client, _)) => {
+                    let routes = self.routes.clone();
+                    let timeout = self.config.connect_timeout;
+                    tokio::spawn(async move {
+                        handle(client, &routes, timeout).await;
+                        drop(permit);
+                    });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning on a full fd table.
+                    tracing::warn!(error = %e, "proxy accept failed; backing off");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn handle(client: TcpStream, routes: &ArcSwap<RouteTable>, timeout: Duration) {
+    let Some(vip) = original_dst(&client) else {
+        return reset(client);
+    };
+    let table = routes.load();
+    let Some(service) = table.services.get(&vip).cloned() else {
+        tracing::debug!(%vip, "connection to an address that is no service; reset");
+        return reset(client);
+    };
+    drop(table);
+    let Some((backend, stream)) = connect_any(&service.connect_order(), timeout).await else {
+        tracing::debug!(service = %service.name, "no instance reachable; reset");
+        return reset(client);
+    };
+    let _ = client.set_nodelay(true);
+    let _ = stream.set_nodelay(true);
+    backend.health.active.fetch_add(1, Ordering::Relaxed);
+    let result = splice::bidirectional(&client, &stream).await;
+    backend.health.active.fetch_sub(1, Ordering::Relaxed);
+    if let Err(e) = result {
+        tracing::trace!(service = %service.name, instance = %backend.instance, error = %e, "connection ended with an error");
+    }
+}
+
+/// Tries instances in order until one accepts; each failure is recorded so that the next
+/// connections avoid that instance until its retry is due.
+async fn connect_any(
+    order: &[Arc<Backend>],
+    timeout: Duration,
+) -> Option<(Arc<Backend>, TcpStream)> {
+    for backend in order {
+        match tokio::time::timeout(timeout, TcpStream::connect(backend.addr)).await {
+            Ok(Ok(stream)) => {
+                backend.health.succeeded();
+                return Some((backend.clone(), stream));
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(instance = %backend.instance, addr = %backend.addr, error = %e, "connect failed; trying the next instance");
+                backend.health.failed();
+            }
+            Err(_) => {
+                tracing::debug!(instance = %backend.instance, addr = %backend.addr, "connect timed out; trying the next instance");
+                backend.health.failed();
+            }
+        }
+    }
+    None
+}
+
+/// The VIP:port the client connected to, before the nat redirect.
+fn original_dst(client: &TcpStream) -> Option<SocketAddrV4> {
+    let sin = getsockopt(client, OriginalDst).ok()?;
+    Some(SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+        u16::from_be(sin.sin_port),
+    ))
+}
+
+/// Closes with RST, so the client learns at once that nothing serves it (no FIN, no hang).
+fn reset(client: TcpStream) {
+    let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+    drop(client);
+}

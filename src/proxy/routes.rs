@@ -1,0 +1,146 @@
+//! The proxy's routing table: VIP -> service -> instances, built by the controller and swapped
+//! in whole, so connections read it without locks. Instance order per connection follows the
+//! service's balancing policy.
+
+use std::collections::HashMap;
+use std::net::SocketAddrV4;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use super::health::{now_ms, Health};
+use crate::model::Balance;
+
+/// One instance the proxy may connect to.
+#[derive(Debug)]
+pub struct Backend {
+    pub service: String,
+    pub instance: String,
+    pub addr: SocketAddrV4,
+    /// Shared with earlier tables, so health survives a table rebuild.
+    pub health: Arc<Health>,
+}
+
+#[derive(Debug)]
+pub struct ServiceRoute {
+    pub name: String,
+    pub balance: Balance,
+    pub backends: Vec<Arc<Backend>>,
+    /// Round-robin position.
+    next: AtomicUsize,
+}
+
+impl ServiceRoute {
+    pub fn new(name: String, balance: Balance, backends: Vec<Arc<Backend>>) -> Self {
+        ServiceRoute {
+            name,
+            balance,
+            backends,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// The order to try instances in for one new connection: the policy's pick first, then the
+    /// other available instances, then failed ones by when their retry is due, so that a
+    /// connection is only refused when every instance has been tried.
+    pub fn connect_order(&self) -> Vec<Arc<Backend>> {
+        let now = now_ms();
+        let (mut avail, mut failed): (Vec<_>, Vec<_>) = self
+            .backends
+            .iter()
+            .cloned()
+            .partition(|b| b.health.available(now));
+        if !avail.is_empty() {
+            let first = match self.balance {
+                Balance::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed) % avail.len(),
+                Balance::Random => rand::random::<usize>() % avail.len(),
+                Balance::LeastConn => least_of_two(&avail),
+            };
+            avail.rotate_left(first);
+        }
+        failed.sort_by_key(|b| b.health.retry_at_ms());
+        avail.extend(failed);
+        avail
+    }
+}
+
+/// Power of two choices: of two random instances, the one with fewer active connections.
+fn least_of_two(avail: &[Arc<Backend>]) -> usize {
+    let a = rand::random::<usize>() % avail.len();
+    let b = rand::random::<usize>() % avail.len();
+    let active = |i: usize| avail[i].health.active.load(Ordering::Relaxed);
+    if active(b) < active(a) {
+        b
+    } else {
+        a
+    }
+}
+
+/// Everything the proxy routes, by VIP.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    pub services: HashMap<SocketAddrV4, Arc<ServiceRoute>>,
+    /// The same routes by service name, for health lookups from the API.
+    pub by_name: HashMap<String, Arc<ServiceRoute>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(n: usize, balance: Balance) -> ServiceRoute {
+        let backends = (0..n)
+            .map(|i| {
+                Arc::new(Backend {
+                    service: "s".into(),
+                    instance: format!("i{i}"),
+                    addr: SocketAddrV4::new([192, 0, 2, i as u8].into(), 80),
+                    health: Arc::new(Health::default()),
+                })
+            })
+            .collect();
+        ServiceRoute::new("s".into(), balance, backends)
+    }
+
+    #[test]
+    fn round_robin_spreads_evenly_over_live() {
+        let r = route(3, Balance::RoundRobin);
+        r.backends[1].health.failed();
+        let mut counts = HashMap::new();
+        for _ in 0..100 {
+            let order = r.connect_order();
+            assert_eq!(order.len(), 3, "every instance stays a fallback");
+            assert_eq!(order[2].instance, "i1", "failed instance tried last");
+            *counts.entry(order[0].instance.clone()).or_insert(0) += 1;
+        }
+        assert_eq!(counts["i0"], 50);
+        assert_eq!(counts["i2"], 50);
+    }
+
+    #[test]
+    fn all_failed_tries_soonest_due_first() {
+        let r = route(3, Balance::RoundRobin);
+        r.backends[0].health.failed();
+        r.backends[0].health.failed(); // ~2 s
+        r.backends[1].health.failed(); // ~1 s
+        r.backends[2].health.failed();
+        r.backends[2].health.failed();
+        r.backends[2].health.failed(); // ~4 s
+        let order: Vec<_> = r
+            .connect_order()
+            .iter()
+            .map(|b| b.instance.clone())
+            .collect();
+        assert_eq!(order, ["i1", "i0", "i2"]);
+    }
+
+    #[test]
+    fn least_conn_prefers_idle() {
+        let r = route(2, Balance::LeastConn);
+        r.backends[0].health.active.store(100, Ordering::Relaxed);
+        let picks_idle = (0..200)
+            .filter(|_| r.connect_order()[0].instance == "i1")
+            .count();
+        // i1 wins whenever it is one of the two draws: 3 in 4 on average.
+        assert!(picks_idle > 120, "{picks_idle}");
+    }
+}

@@ -1,0 +1,236 @@
+//! Runs the real `fluxd` and `fluxctl` binaries for black-box tests: each daemon gets its own
+//! state directory and API socket, so tests run in parallel without touching the system's.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Fluxd {
+    child: Option<Child>,
+    /// Runs inside this network namespace (`ip netns exec`), with its data plane on.
+    netns: Option<String>,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub host_name: String,
+    args: Vec<String>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Fluxd {
+    /// Starts fluxd with the embedded store in a fresh directory.
+    pub fn embedded() -> Fluxd {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let mut f = Fluxd::new(dir, "h1", &[]);
+        f._tmp = Some(tmp);
+        f.start();
+        f
+    }
+
+    /// Starts fluxd on etcd with its own socket and host name.
+    pub fn etcd(endpoint: &str, host_name: &str, extra: &[&str]) -> Fluxd {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = format!("etcd://{}", endpoint.trim_start_matches("http://"));
+        let mut args = vec!["--store".to_string(), store];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut f = Fluxd::new(tmp.path().to_path_buf(), host_name, &[]);
+        f.args.extend(args);
+        f._tmp = Some(tmp);
+        f.start();
+        f
+    }
+
+    /// Starts fluxd with its data plane (rules and proxy) inside the namespace `ns`, on the
+    /// embedded store.
+    pub fn dataplane(ns: &str, extra: &[&str]) -> Fluxd {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut f = Fluxd::new(tmp.path().to_path_buf(), "h1", extra);
+        f.args.retain(|a| a != "--no-dataplane");
+        f.netns = Some(ns.to_string());
+        f._tmp = Some(tmp);
+        f.start();
+        f
+    }
+
+    /// A daemon that is not started yet, for tests that pass their own flags.
+    pub fn new(dir: PathBuf, host_name: &str, extra: &[&str]) -> Fluxd {
+        let socket = dir.join("fluxd.sock");
+        let mut args = vec![
+            "run".to_string(),
+            "--no-dataplane".into(),
+            "--state-dir".into(),
+            dir.join("state").display().to_string(),
+            "--api".into(),
+            format!("unix://{}", socket.display()),
+            "--host-name".into(),
+            host_name.into(),
+            "--host-ip".into(),
+            "127.0.0.1".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Fluxd {
+            child: None,
+            netns: None,
+            dir,
+            socket,
+            host_name: host_name.into(),
+            args,
+            _tmp: None,
+        }
+    }
+
+    pub fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("fluxd.log"))
+            .unwrap();
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_fluxd")]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_fluxd")),
+        };
+        let child = cmd
+            .args(&self.args)
+            .env_remove("FLUXD_STORE")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    panic!("fluxd exited with {status}: {}", self.log());
+                }
+            }
+            if self.ctl(&["list"]).status.success() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("fluxd not ready after 20 s: {}", self.log());
+    }
+
+    /// Runs fluxctl against this daemon.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        fluxctl(&self.socket, args)
+    }
+
+    /// Runs fluxctl, asserting success, and returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        assert!(
+            out.status.success(),
+            "fluxctl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Like `ok` with `--json`, parsed.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&a)).unwrap()
+    }
+
+    /// `fluxd debug --json` against this daemon.
+    pub fn debug(&self) -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_fluxd"))
+            .args(["debug", "--json", "--api"])
+            .arg(format!("unix://{}", self.socket.display()))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Open file descriptors of the daemon, from /proc.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGKILL: what a crash looks like.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Ok(Some(status)) = c.try_wait() {
+                    assert!(
+                        status.success(),
+                        "fluxd stopped with {status}: {}",
+                        self.log()
+                    );
+                    return;
+                }
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    panic!("fluxd did not stop within 10 s: {}", self.log());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("fluxd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Fluxd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn fluxctl(socket: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fluxctl"))
+        .arg("--api")
+        .arg(format!("unix://{}", socket.display()))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Polls `check` every 20 ms until it returns true or `limit` passes; returns the time it took.
+pub fn wait_until(limit: Duration, mut check: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if check() {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}

@@ -1,0 +1,7 @@
+//! Harness code shared by the black-box tests. Each test file uses the parts it needs.
+#![allow(dead_code)]
+
+pub mod backend;
+pub mod etcd;
+pub mod fluxd;
+pub mod netns;
