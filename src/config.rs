@@ -37,7 +37,7 @@ pub struct RunArgs {
     /// This host's IP, published for `local` network mode [default: auto-detected].
     #[arg(long, env = "FLUXD_HOST_IP")]
     pub host_ip: Option<String>,
-    /// Docker endpoint [default: unix:///var/run/docker.sock].
+    /// Docker endpoint, or `none` to enrol no containers [default: unix:///var/run/docker.sock].
     #[arg(long, env = "FLUXD_DOCKER", value_name = "unix:///PATH")]
     pub docker: Option<String>,
     /// `local` (host IP + published port, default) or `global` (container IP).
@@ -118,7 +118,8 @@ pub struct Config {
     pub http: SocketAddr,
     pub host_name: String,
     pub host_ip: Ipv4Addr,
-    pub docker: String,
+    /// Path of the Docker socket; None with `--docker none`.
+    pub docker: Option<PathBuf>,
     pub network_mode: NetworkMode,
     pub dataplane: bool,
     pub etcd_prefix: String,
@@ -223,7 +224,9 @@ impl Config {
             http,
             host_name,
             host_ip,
-            docker: pick!(docker).unwrap_or_else(|| "unix:///var/run/docker.sock".into()),
+            docker: parse_docker(
+                &pick!(docker).unwrap_or_else(|| "unix:///var/run/docker.sock".into()),
+            )?,
             network_mode,
             dataplane: !pick!(no_dataplane).unwrap_or(false),
             etcd_prefix,
@@ -240,6 +243,17 @@ fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
         let msg = e.message().to_string();
         anyhow::anyhow!("config: {}: {msg}", path.display())
     })
+}
+
+/// `unix:///PATH` or `none`.
+fn parse_docker(s: &str) -> anyhow::Result<Option<PathBuf>> {
+    if s == "none" {
+        return Ok(None);
+    }
+    match s.strip_prefix("unix://") {
+        Some(p) if p.starts_with('/') => Ok(Some(PathBuf::from(p))),
+        _ => bail!("docker: expected unix:///PATH or none (got \"{s}\")"),
+    }
 }
 
 /// `embedded` or `etcd://h1:2379,h2:2379`.

@@ -9,9 +9,11 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
 use crate::api::{routes::Api, server};
-use crate::catalog::Catalog;
+use crate::catalog::follow::Follower;
+use crate::catalog::{Catalog, State};
 use crate::config::{Config, StoreSpec};
 use crate::controller::{Controller, Rules, Status};
+use crate::docker::{Agent, AgentConfig};
 use crate::model::Host;
 use crate::proxy::routes::RouteTable;
 use crate::proxy::{Proxy, ProxyConfig};
@@ -50,8 +52,25 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let listener = server::bind_unix(&config.api)?;
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (follower, states) = Follower::start(store.clone())
+        .await
+        .context("store: cannot read services")?;
+    let follow_task = tokio::spawn(follower.run(stop_rx.clone()));
+    let agent_task = config.docker.as_ref().map(|socket| {
+        let agent = Agent::new(
+            AgentConfig {
+                socket: socket.display().to_string(),
+                host: config.host_name.clone(),
+                host_ip: config.host_ip,
+                mode: config.network_mode,
+            },
+            store.clone(),
+            states.clone(),
+        );
+        tokio::spawn(agent.run(stop_rx.clone()))
+    });
     let dataplane = if config.dataplane {
-        Some(start_dataplane(&config, store.clone(), stop_rx.clone()).await?)
+        Some(start_dataplane(&config, states.clone(), stop_rx.clone()).await?)
     } else {
         None
     };
@@ -80,6 +99,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(d) = dataplane {
         d.stop(config.keep_rules).await;
     }
+    if let Some(t) = agent_task {
+        let _ = t.await;
+    }
+    let _ = follow_task.await;
     // A clean stop withdraws this host and its instances at once instead of after the TTL.
     store
         .close(true)
@@ -126,7 +149,7 @@ impl Dataplane {
 /// The listener is bound before any rule points at it, so no redirected connection is refused.
 async fn start_dataplane(
     config: &Config,
-    store: Arc<dyn Store>,
+    states: watch::Receiver<Arc<State>>,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<Dataplane> {
     let routes = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
@@ -145,14 +168,12 @@ async fn start_dataplane(
         bridge_interfaces: config.bridge_interfaces.clone(),
     };
     let status = Status::new(routes, Some(rules));
-    let mut controller = Controller::new(store, status.clone());
-    controller
-        .initial_sync()
-        .await
-        .context("store: cannot read services")?;
+    let mut controller = Controller::new(status.clone());
+    let first = states.borrow().clone();
+    controller.initial_sync(first).await;
     let tasks = vec![
         tokio::spawn(proxy.run(stop.clone())),
-        tokio::spawn(controller.run(stop)),
+        tokio::spawn(controller.run(states, stop)),
     ];
     Ok(Dataplane { status, tasks })
 }

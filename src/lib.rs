@@ -10,6 +10,7 @@ pub mod config;
 pub mod controller;
 pub mod daemon;
 pub mod debug;
+pub mod docker;
 pub mod model;
 pub mod proxy;
 pub mod store;

@@ -86,9 +86,10 @@ fn killing_an_instance_fails_no_client_connection() {
     let failures = client.join().unwrap();
     assert!(
         failures.is_empty(),
-        "{} failed: {:?}",
+        "{} failed: {:?}\n{}",
         failures.len(),
-        &failures[..failures.len().min(5)]
+        &failures[..failures.len().min(5)],
+        s.fluxd.log()
     );
     let q = s.fluxd.json(&["query", "--service", "web"]);
     let b1 = q

@@ -1,31 +1,27 @@
-//! The controller: follows the store (list, then watch) and keeps the data plane level with it.
-//! On any change it recomputes everything from the current state (kube-rs style, so a missed
-//! event cannot cause drift), coalescing bursts of changes into one sync. A timer compares the
-//! installed rules with the desired ones and repairs drift.
+//! The controller: keeps the data plane level with the catalog. On every new catalog State it
+//! recomputes the routing table and the desired rules from scratch (kube-rs style, so a missed
+//! event cannot cause drift) and installs them; a timer compares the installed rules with the
+//! desired ones and repairs drift.
 
 pub mod routing;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
-use tokio::time::{sleep, Instant};
 
 use crate::catalog::State;
 use crate::proxy::health::Health;
 use crate::proxy::routes::RouteTable;
-use crate::store::{KeyValue, Store, WatchEvent};
 use routing::HealthKey;
 
-/// Changes that arrive within this window are applied together.
-const COALESCE: Duration = Duration::from_millis(10);
 /// How often installed rules are compared with the desired ones.
 pub const DRIFT_CHECK: Duration = Duration::from_secs(2);
 
-/// The rules side of the data plane, absent with `--no-dataplane`.
+/// The rules side of the data plane.
 pub struct Rules {
     pub netfilter: netfilter::Netfilter,
     pub proxy_port: u16,
@@ -57,99 +53,51 @@ impl Status {
 }
 
 pub struct Controller {
-    store: Arc<dyn Store>,
     status: Arc<Status>,
     health: HashMap<HealthKey, Arc<Health>>,
-    /// Every key under the store root, as last seen.
-    kvs: BTreeMap<String, KeyValue>,
-    revision: i64,
     /// Skipped records last reported, so each is logged once and not at every sync.
     reported: Vec<String>,
 }
 
 impl Controller {
-    pub fn new(store: Arc<dyn Store>, status: Arc<Status>) -> Self {
+    pub fn new(status: Arc<Status>) -> Self {
         Controller {
-            store,
             status,
             health: HashMap::new(),
-            kvs: BTreeMap::new(),
-            revision: 0,
             reported: Vec::new(),
         }
     }
 
-    /// Lists and syncs once, so the data plane is up before fluxd reports ready.
-    pub async fn initial_sync(&mut self) -> crate::store::Result<()> {
-        let listing = self.store.list("").await?;
-        self.replace(listing.kvs, listing.revision);
-        self.sync().await;
-        Ok(())
+    /// Builds the data plane for `state` once, so it is up before fluxd reports ready.
+    pub async fn initial_sync(&mut self, state: Arc<State>) {
+        self.sync(state).await;
     }
 
-    /// Follows the store until `stop`. A watch that ends is re-established from the last
-    /// revision seen (the backends resume or send a Reset themselves; this is the last resort).
-    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+    /// Follows catalog states until `stop`.
+    pub async fn run(
+        mut self,
+        mut states: watch::Receiver<Arc<State>>,
+        mut stop: watch::Receiver<bool>,
+    ) {
         let mut drift_timer = tokio::time::interval(DRIFT_CHECK);
         drift_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut retry = Duration::from_millis(100);
         loop {
-            let mut events = match self.store.watch("", self.revision + 1).await {
-                Ok(rx) => rx,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot watch the store; retrying");
-                    tokio::select! {
-                        _ = sleep(retry) => {}
-                        _ = stop.changed() => return,
+            tokio::select! {
+                changed = states.changed() => {
+                    if changed.is_err() {
+                        return;
                     }
-                    retry = (retry * 2).min(Duration::from_secs(5));
-                    continue;
+                    let state = states.borrow_and_update().clone();
+                    self.sync(state).await;
                 }
-            };
-            retry = Duration::from_millis(100);
-            let mut due: Option<Instant> = None;
-            loop {
-                tokio::select! {
-                    ev = events.recv() => match ev {
-                        Some(ev) => {
-                            self.apply_event(ev);
-                            due.get_or_insert(Instant::now() + COALESCE);
-                        }
-                        None => break,
-                    },
-                    _ = sleep_until_opt(due) => {
-                        due = None;
-                        self.sync().await;
-                    }
-                    _ = drift_timer.tick() => self.check_drift().await,
-                    _ = stop.changed() => return,
-                }
+                _ = drift_timer.tick() => self.check_drift().await,
+                _ = stop.changed() => return,
             }
         }
     }
 
-    fn replace(&mut self, kvs: Vec<KeyValue>, revision: i64) {
-        self.kvs = kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect();
-        self.revision = revision;
-    }
-
-    fn apply_event(&mut self, ev: WatchEvent) {
-        match ev {
-            WatchEvent::Put(kv) => {
-                self.revision = self.revision.max(kv.mod_revision);
-                self.kvs.insert(kv.key.clone(), kv);
-            }
-            WatchEvent::Delete { key, revision } => {
-                self.revision = self.revision.max(revision);
-                self.kvs.remove(&key);
-            }
-            WatchEvent::Reset(listing) => self.replace(listing.kvs, listing.revision),
-        }
-    }
-
-    /// Rebuilds routes and rules from the current keys and installs both.
-    async fn sync(&mut self) {
-        let state = State::from_kvs(self.kvs.values(), self.revision);
+    /// Rebuilds routes and rules from `state` and installs both.
+    async fn sync(&mut self, state: Arc<State>) {
         if state.skipped != self.reported {
             for s in state.skipped.iter().filter(|s| !self.reported.contains(s)) {
                 tracing::warn!(record = %s, "skipping a store record that does not validate");
@@ -164,9 +112,6 @@ impl Controller {
                 rules.proxy_port,
                 &rules.bridge_interfaces,
             ));
-            for r in desired.rejected() {
-                tracing::warn!(reason = %r, "not installing a redirect");
-            }
             let changed = self
                 .status
                 .applied
@@ -174,10 +119,13 @@ impl Controller {
                 .map(|a| a.as_ref() != Some(&desired))
                 .unwrap_or(true);
             if changed {
+                for r in desired.rejected() {
+                    tracing::warn!(reason = %r, "not installing a redirect");
+                }
                 self.install(desired).await;
             }
         }
-        self.status.state.store(Arc::new(state));
+        self.status.state.store(state);
     }
 
     async fn install(&self, desired: netfilter::Ruleset) {
@@ -195,14 +143,15 @@ impl Controller {
         .await;
         match result {
             Ok(Ok(())) => tracing::debug!("rules applied"),
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "applying rules failed; retrying at the next drift check")
-            }
+            Ok(Err(e)) => tracing::error!(
+                error = %e,
+                "applying rules failed; retrying at the next drift check"
+            ),
             Err(e) => tracing::error!(error = %e, "rules task failed"),
         }
     }
 
-    /// Compares the kernel's rules with the last desired set and re-applies on any difference.
+    /// Compares the kernel's rules with the last applied set and re-applies on any difference.
     async fn check_drift(&mut self) {
         let status = self.status.clone();
         let drifted = tokio::task::spawn_blocking(move || {
@@ -231,14 +180,8 @@ impl Controller {
                 *a = None;
             }
             self.status.repairs.fetch_add(1, Ordering::Relaxed);
-            self.sync().await;
+            let state = self.status.state.load_full();
+            self.sync(state).await;
         }
-    }
-}
-
-async fn sleep_until_opt(due: Option<Instant>) {
-    match due {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
     }
 }

@@ -101,7 +101,8 @@ async fn handle(client: TcpStream, routes: &ArcSwap<RouteTable>, timeout: Durati
         return reset(client);
     };
     drop(table);
-    let Some((backend, stream)) = connect_any(&service.connect_order(), timeout).await else {
+    let Some((backend, stream)) = connect_any(&client, &service.connect_order(), timeout).await
+    else {
         tracing::debug!(service = %service.name, "no instance reachable; reset");
         return reset(client);
     };
@@ -115,29 +116,50 @@ async fn handle(client: TcpStream, routes: &ArcSwap<RouteTable>, timeout: Durati
     }
 }
 
-/// Tries instances in order until one accepts; each failure is recorded so that the next
-/// connections avoid that instance until its retry is due.
+/// Tries instances in order until one accepts and is still there; each failure is recorded so
+/// that the next connections avoid that instance until its retry is due.
 async fn connect_any(
+    client: &TcpStream,
     order: &[Arc<Backend>],
     timeout: Duration,
 ) -> Option<(Arc<Backend>, TcpStream)> {
     for backend in order {
-        match tokio::time::timeout(timeout, TcpStream::connect(backend.addr)).await {
-            Ok(Ok(stream)) => {
-                backend.health.succeeded();
-                return Some((backend.clone(), stream));
-            }
-            Ok(Err(e)) => {
-                tracing::debug!(instance = %backend.instance, addr = %backend.addr, error = %e, "connect failed; trying the next instance");
-                backend.health.failed();
-            }
-            Err(_) => {
-                tracing::debug!(instance = %backend.instance, addr = %backend.addr, "connect timed out; trying the next instance");
-                backend.health.failed();
-            }
-        }
+        let why = match tokio::time::timeout(timeout, TcpStream::connect(backend.addr)).await {
+            Ok(Ok(stream)) => match first_ready(client, &stream).await {
+                Ok(()) => {
+                    backend.health.succeeded();
+                    return Some((backend.clone(), stream));
+                }
+                Err(e) => e.to_string(),
+            },
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "connect timed out".to_string(),
+        };
+        tracing::debug!(instance = %backend.instance, addr = %backend.addr, error = %why, "instance failed; trying the next");
+        backend.health.failed();
     }
     None
+}
+
+/// A process that dies just after the kernel accepted a connection for it resets that
+/// connection before anything is exchanged. Until the client has sent a byte, such a backend
+/// can be swapped for another without the client noticing: wait for whichever side speaks
+/// first, and if it is the backend hanging up, report it as a failed connect.
+async fn first_ready(client: &TcpStream, backend: &TcpStream) -> io::Result<()> {
+    // Peeks, not readiness: tokio reports a fresh accepted socket readable before any data.
+    let (mut a, mut b) = ([0u8; 1], [0u8; 1]);
+    tokio::select! {
+        biased;
+        _ = client.peek(&mut a) => Ok(()),
+        r = backend.peek(&mut b) => match r {
+            Ok(0) => Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "closed before the client spoke",
+            )),
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        },
+    }
 }
 
 /// The VIP:port the client connected to, before the nat redirect.

@@ -599,11 +599,15 @@ fn is_lease_gone(e: &etcd_client::Error) -> bool {
 /// not all hit it in the same instant.
 struct Backoff {
     next: Duration,
+    max: Duration,
 }
 
 impl Backoff {
     fn new() -> Self {
-        Backoff { next: BACKOFF_MIN }
+        Backoff {
+            next: BACKOFF_MIN,
+            max: BACKOFF_MAX,
+        }
     }
 
     fn reset(&mut self) {
@@ -612,7 +616,7 @@ impl Backoff {
 
     fn next_delay(&mut self) -> Duration {
         let delay = self.next;
-        self.next = (self.next * 2).min(BACKOFF_MAX);
+        self.next = (self.next * 2).min(self.max);
         delay.mul_f64(rand::thread_rng().gen_range(0.8..1.2))
     }
 }
@@ -805,6 +809,9 @@ async fn keep_session(core: Core, session: Arc<Mutex<Session>>, lease_lost: Arc<
             let s = session.lock().await;
             (s.lease, s.granted_ttl)
         };
+        // etcd 3.4 gives every lease a full TTL when it comes back from an outage; retrying
+        // slower than the normal renewal pace could miss that window and lose the lease anyway.
+        backoff.max = renew_period(granted_ttl).min(BACKOFF_MAX);
         let end = match lease {
             None => match regrant(&core, &session).await {
                 Ok(()) => continue,
@@ -843,8 +850,7 @@ async fn keep_session(core: Core, session: Arc<Mutex<Session>>, lease_lost: Arc<
     }
 }
 
-/// One keep-alive stream for lease `id`, renewing every third of its TTL so that two lost
-/// renewals in a row still leave the lease alive.
+/// One keep-alive stream for lease `id`, renewing at `renew_period`.
 async fn renew(
     core: &Core,
     session: &Mutex<Session>,
@@ -871,7 +877,7 @@ async fn renew(
         }
     }
     outage.recovered();
-    let period = Duration::from_millis((granted_ttl.max(1) as u64 * 1000 / 3).max(100));
+    let period = renew_period(granted_ttl);
     loop {
         tokio::select! {
             _ = tokio::time::sleep(period) => {}
@@ -891,6 +897,11 @@ async fn renew(
             Err(_) => return KeepEnd::Broken(timeout_error().to_string()),
         }
     }
+}
+
+/// A third of the TTL, so two lost renewals in a row still leave the lease alive.
+fn renew_period(granted_ttl: i64) -> Duration {
+    Duration::from_millis((granted_ttl.max(1) as u64 * 1000 / 3).max(100))
 }
 
 /// Replaces a lease etcd let expire (an outage longer than the TTL, or a revoke by someone

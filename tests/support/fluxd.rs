@@ -31,10 +31,9 @@ impl Fluxd {
     pub fn etcd(endpoint: &str, host_name: &str, extra: &[&str]) -> Fluxd {
         let tmp = tempfile::tempdir().unwrap();
         let store = format!("etcd://{}", endpoint.trim_start_matches("http://"));
-        let mut args = vec!["--store".to_string(), store];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let mut f = Fluxd::new(tmp.path().to_path_buf(), host_name, &[]);
-        f.args.extend(args);
+        let mut args = vec!["--store", store.as_str()];
+        args.extend_from_slice(extra);
+        let mut f = Fluxd::new(tmp.path().to_path_buf(), host_name, &args);
         f._tmp = Some(tmp);
         f.start();
         f
@@ -67,6 +66,10 @@ impl Fluxd {
             "--host-ip".into(),
             "127.0.0.1".into(),
         ];
+        // Tests that want Docker pass their own daemon's socket; none touches the host's.
+        if !extra.contains(&"--docker") {
+            args.extend(["--docker".to_string(), "none".to_string()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         Fluxd {
             child: None,

@@ -1,0 +1,118 @@
+//! Follows the store: one listing, then a watch from the revision after it, with every change
+//! folded into a fresh `State` that subscribers (the data plane controller, the Docker agent)
+//! receive through a watch channel. Bursts of changes are coalesced into one new State, and a
+//! subscriber that is busy only ever sees the latest one (level-triggered, nothing to replay).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::{sleep, Instant};
+
+use super::State;
+use crate::store::{KeyValue, Store, WatchEvent};
+
+/// Changes that arrive within this window become one new State.
+const COALESCE: Duration = Duration::from_millis(10);
+
+pub struct Follower {
+    store: Arc<dyn Store>,
+    /// Every key under the store root, as last seen.
+    kvs: BTreeMap<String, KeyValue>,
+    revision: i64,
+    tx: watch::Sender<Arc<State>>,
+}
+
+impl Follower {
+    /// Lists the store once, so the first State is complete before anyone acts on it.
+    pub async fn start(
+        store: Arc<dyn Store>,
+    ) -> crate::store::Result<(Follower, watch::Receiver<Arc<State>>)> {
+        let listing = store.list("").await?;
+        let state = State::from_listing(&listing);
+        let (tx, rx) = watch::channel(Arc::new(state));
+        let follower = Follower {
+            store,
+            kvs: listing
+                .kvs
+                .into_iter()
+                .map(|kv| (kv.key.clone(), kv))
+                .collect(),
+            revision: listing.revision,
+            tx,
+        };
+        Ok((follower, rx))
+    }
+
+    /// Watches until `stop`. A watch that ends is opened again from the last revision seen;
+    /// the backends resume and resync by themselves, so this is only the last resort.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let mut retry = Duration::from_millis(100);
+        loop {
+            let mut events = match self.store.watch("", self.revision + 1).await {
+                Ok(rx) => rx,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch the store; retrying");
+                    tokio::select! {
+                        _ = sleep(retry) => {}
+                        _ = stop.changed() => return,
+                    }
+                    retry = (retry * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            retry = Duration::from_millis(100);
+            let mut due: Option<Instant> = None;
+            loop {
+                tokio::select! {
+                    ev = events.recv() => match ev {
+                        Some(ev) => {
+                            self.apply(ev);
+                            due.get_or_insert(Instant::now() + COALESCE);
+                        }
+                        None => break,
+                    },
+                    _ = sleep_until_opt(due) => {
+                        due = None;
+                        self.publish();
+                    }
+                    _ = stop.changed() => return,
+                }
+            }
+        }
+    }
+
+    fn apply(&mut self, ev: WatchEvent) {
+        match ev {
+            WatchEvent::Put(kv) => {
+                self.revision = self.revision.max(kv.mod_revision);
+                self.kvs.insert(kv.key.clone(), kv);
+            }
+            WatchEvent::Delete { key, revision } => {
+                self.revision = self.revision.max(revision);
+                self.kvs.remove(&key);
+            }
+            WatchEvent::Reset(listing) => {
+                self.kvs = listing
+                    .kvs
+                    .into_iter()
+                    .map(|kv| (kv.key.clone(), kv))
+                    .collect();
+                self.revision = listing.revision;
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let state = State::from_kvs(self.kvs.values(), self.revision);
+        self.tx.send_replace(Arc::new(state));
+    }
+}
+
+async fn sleep_until_opt(due: Option<Instant>) {
+    match due {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,8 @@
+//! The Docker source: containers become instances of the services whose rules select them.
+
+pub mod agent;
+pub mod container;
+pub mod image;
+pub mod matching;
+
+pub use agent::{Agent, AgentConfig};

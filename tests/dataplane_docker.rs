@@ -1,0 +1,236 @@
+//! Issue 3 acceptance for container clients: a client in a container on the namespace's Docker
+//! bridge reaches a service through fluxd's PREROUTING hook. Also checks the Docker harness
+//! itself (published ports, container IPs, teardown), which the Docker agent tests build on.
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::SocketAddrV4;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::backend::{who_serves, Backend};
+use support::docker::{Dockerd, NAME_PORT};
+use support::fluxd::{wait_until, Fluxd};
+use support::netns::Netns;
+
+const VIP: &str = "198.18.0.10:80";
+const IMAGE: &str = "flux-test:1";
+
+/// Namespace, Docker, fluxd and `web` at the VIP with three static backends. Fields drop in
+/// order: fluxd and the backends first, then Docker, then the namespace they all live in.
+struct Setup {
+    fluxd: Fluxd,
+    backends: Vec<Backend>,
+    docker: Dockerd,
+    ns: Netns,
+}
+
+fn setup(tag: &str, fluxd_flags: &[&str]) -> Setup {
+    let ns = Netns::new(tag);
+    let docker = Dockerd::new(&ns);
+    docker.import_image(IMAGE);
+    let endpoint = docker.endpoint();
+    let mut flags = vec!["--docker", &endpoint];
+    flags.extend_from_slice(fluxd_flags);
+    let fluxd = Fluxd::dataplane(&ns.name, &flags);
+    fluxd.ok(&["service", "add", "web", "--address", VIP]);
+    let backends: Vec<Backend> = (0..3)
+        .map(|i| {
+            let b = Backend::start(&ns, &format!("b{i}"), 9000 + i);
+            let addr = b.addr.to_string();
+            fluxd.ok(&["instance", "add", "web", &b.name, "--address", &addr]);
+            b
+        })
+        .collect();
+    // From the namespace itself (OUTPUT path): the rules are in place once this answers.
+    let vip: SocketAddrV4 = VIP.parse().unwrap();
+    let ok = ns.run(move || wait_until(Duration::from_secs(5), || who_serves(vip).is_ok()));
+    assert!(ok.is_some(), "VIP never answered: {}", fluxd.log());
+    Setup {
+        fluxd,
+        backends,
+        docker,
+        ns,
+    }
+}
+
+/// Connects `n` times to the VIP from a fresh container on docker0 and returns the first line
+/// of every reply. busybox nc half-closes on end of stdin, so each backend echoes nothing and
+/// closes, and each nc exits.
+fn from_container(s: &Setup, n: usize, nc_flags: &str) -> (Vec<String>, String) {
+    let (ip, port) = VIP.split_once(':').unwrap();
+    let script =
+        format!("for i in $(seq {n}); do nc {nc_flags} {ip} {port} </dev/null; done; true");
+    let out = s
+        .docker
+        .docker(&["run", "--rm", IMAGE, "sh", "-c", &script]);
+    assert!(
+        out.status.success(),
+        "client container: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    (lines, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn container_on_the_bridge_reaches_the_service_through_prerouting() {
+    let s = setup("dk-pre", &[]);
+    let started = Instant::now();
+    let (replies, stderr) = from_container(&s, 60, "");
+    eprintln!("60 connections from a container in {:?}", started.elapsed());
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for r in &replies {
+        *counts.entry(r.as_str()).or_default() += 1;
+    }
+    assert_eq!(
+        replies.len(),
+        60,
+        "every connection answered: {counts:?}, stderr: {stderr}\nnat:\n{}\n{}",
+        s.ns.nat_table(),
+        s.fluxd.log()
+    );
+    for b in &s.backends {
+        assert!(
+            counts.contains_key(b.name.as_str()),
+            "{} never served: {counts:?}",
+            b.name
+        );
+    }
+    assert_eq!(counts.len(), 3, "only backend names: {counts:?}");
+}
+
+/// The control for the test above: with docker0 not hooked, the same container gets nothing,
+/// so the answers there came through the bridge hook and not some other path.
+#[test]
+fn container_on_an_unhooked_bridge_does_not_reach_the_service() {
+    let s = setup("dk-nohook", &["--bridge-interfaces", "br-+"]);
+    let (replies, _) = from_container(&s, 1, "-w 2");
+    assert!(replies.is_empty(), "reached the VIP: {replies:?}");
+}
+
+#[test]
+fn published_port_and_container_ip_reach_a_name_server() {
+    let ns = Netns::new("dk-pub");
+    let docker = Dockerd::new(&ns);
+    docker.import_image(IMAGE);
+    let id = docker.run_name_server(IMAGE, "pub1", &["-p", "18080:8080"]);
+    assert_eq!(docker.host_port(&id, NAME_PORT), Some(18080));
+    let ip = docker.container_ip(&id).expect("container IP");
+    assert_eq!(ip.octets()[..3], docker.bridge_ip.octets()[..3], "{ip}");
+
+    let targets = [
+        SocketAddrV4::new([127, 0, 0, 1].into(), 18080),
+        SocketAddrV4::new(docker.bridge_ip, 18080),
+        SocketAddrV4::new(ip, NAME_PORT),
+    ];
+    // Many back-to-back connections: the name server must never refuse one.
+    let answers = docker.in_ns(move || {
+        let mut answers = Vec::new();
+        for t in targets {
+            for _ in 0..50 {
+                answers.push(who_serves(t).map_err(|e| format!("{t}: {e}")));
+            }
+        }
+        answers
+    });
+    for a in answers {
+        assert_eq!(a.as_deref(), Ok("pub1"));
+    }
+
+    // Stopped, the port closes; started again, the same container answers again.
+    docker.stop(&id);
+    let published = targets[0];
+    assert!(docker.in_ns(move || who_serves(published).is_err()));
+    docker.start(&id);
+    let back = docker.in_ns(move || {
+        wait_until(Duration::from_secs(10), || {
+            who_serves(published).is_ok_and(|n| n == "pub1")
+        })
+    });
+    assert!(back.is_some(), "not answering after start");
+}
+
+#[test]
+fn dropping_the_daemon_leaves_nothing_behind() {
+    let ns = Netns::new("dk-drop");
+    let docker = Dockerd::new(&ns);
+    docker.import_image(IMAGE);
+    let id = docker.run_name_server(IMAGE, "gone", &["-p", "18081:8080"]);
+    assert!(!docker.leftovers().is_empty());
+    let dir = docker.dir.clone();
+    let started = Instant::now();
+    drop(docker);
+    eprintln!("teardown took {:?}", started.elapsed());
+    assert_nothing_left(&ns, &dir, &id);
+}
+
+/// A daemon that crashed left containerd, shims, containers, docker-proxy and mounts behind;
+/// the drop must still remove all of them.
+#[test]
+fn a_crashed_daemon_leaves_nothing_behind() {
+    let ns = Netns::new("dk-crash");
+    let mut docker = Dockerd::new(&ns);
+    docker.import_image(IMAGE);
+    let id = docker.run_name_server(IMAGE, "orphan", &["-p", "18082:8080"]);
+    docker.kill_daemon();
+    let survivors = docker.leftovers();
+    assert!(
+        survivors.len() >= 3,
+        "containerd, shim, container, proxy: {survivors:?}"
+    );
+    let dir = docker.dir.clone();
+    drop(docker);
+    assert_nothing_left(&ns, &dir, &id);
+}
+
+#[test]
+fn a_restarted_daemon_runs_containers_again() {
+    let ns = Netns::new("dk-restart");
+    let mut docker = Dockerd::new(&ns);
+    docker.import_image(IMAGE);
+    let id = docker.run_name_server(IMAGE, "again", &[]);
+    docker.kill_daemon();
+    docker.restart();
+    assert_eq!(docker.ok(&["ps", "-aq", "--no-trunc"]), id);
+    // Without live-restore the daemon does not keep containers of its previous life running.
+    if docker.inspect(&id)["State"]["Running"] != true {
+        docker.start(&id);
+    }
+    let addr = SocketAddrV4::new(docker.container_ip(&id).unwrap(), NAME_PORT);
+    let ok = docker.in_ns(move || {
+        wait_until(Duration::from_secs(10), || {
+            who_serves(addr).is_ok_and(|n| n == "again")
+        })
+    });
+    assert!(ok.is_some(), "not answering after the restart");
+}
+
+fn assert_nothing_left(ns: &Netns, dir: &Path, id: &str) {
+    let pgrep = Command::new("pgrep").arg("-af").arg(dir).output().unwrap();
+    assert!(
+        pgrep.stdout.is_empty(),
+        "still running: {}",
+        String::from_utf8_lossy(&pgrep.stdout)
+    );
+    let pids = Command::new("ip")
+        .args(["netns", "pids", &ns.name])
+        .output()
+        .unwrap();
+    assert!(
+        pids.stdout.is_empty(),
+        "processes in the namespace: {}",
+        String::from_utf8_lossy(&pids.stdout)
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let d = dir.display().to_string();
+    assert!(!mounts.contains(&d), "mounts left under {d}");
+    assert!(!dir.exists(), "{d} not removed");
+    let cgroup = Path::new("/sys/fs/cgroup/pids/docker").join(id);
+    assert!(!cgroup.exists(), "{} left", cgroup.display());
+}
