@@ -175,12 +175,24 @@ impl Dockerd {
         self.child.as_ref().map(|c| c.id())
     }
 
-    /// SIGKILL to dockerd alone: what a crash looks like. containerd, the shims and the
-    /// containers keep running, as they would on a real host.
+    /// SIGKILL to dockerd: what a crash looks like. The shims and the containers keep
+    /// running; the containerd that this dockerd started dies with it (parent-death signal).
+    /// Returns once that containerd is reaped: until then its pid still exists, and a
+    /// restarted dockerd would take it for a live containerd and wait for it in vain.
     pub fn kill_daemon(&mut self) {
+        let containerd = fs::read_to_string(self.dir.join("exec/containerd/containerd.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok());
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        if let Some(pid) = containerd {
+            let gone = Path::new("/proc").join(pid.to_string());
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while gone.exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
     }
 
@@ -257,12 +269,16 @@ impl Dockerd {
     /// reaps it), so back-to-back and concurrent connections never meet a closed port, unlike
     /// a shell loop around `nc -l`, which refuses connections between two iterations.
     ///
+    /// It runs under `--init` (docker-init as pid 1), so SIGTERM stops it at once: a busybox pid
+    /// 1 would ignore it, and every stop, and every restart of the daemon, would wait out the
+    /// stop timeout.
+    ///
     /// Returns once the server answers on the container's IP; a container without one (no
     /// network, host network) is returned as soon as it runs.
     pub fn run_name_server(&self, image: &str, name: &str, extra: &[&str]) -> String {
         let port = NAME_PORT.to_string();
         let handler = format!("echo {name}; exec cat");
-        let mut a = vec!["--name", name];
+        let mut a = vec!["--init", "--name", name];
         a.extend_from_slice(extra);
         a.extend_from_slice(&[image, "nc", "-ll", "-p", &port, "-e", "sh", "-c", &handler]);
         let id = self.run(&a);
@@ -288,8 +304,8 @@ impl Dockerd {
         id
     }
 
-    /// `docker stop` with a one second grace: busybox as pid 1 ignores SIGTERM, so a stop
-    /// always ends in SIGKILL and the default ten seconds would only slow tests down.
+    /// `docker stop` with a one second grace: a busybox shell as pid 1 ignores SIGTERM, so its
+    /// stop ends in SIGKILL, and the default ten seconds would only slow tests down.
     pub fn stop(&self, id: &str) {
         self.ok(&["stop", "-t", "1", id]);
     }

@@ -63,9 +63,10 @@ impl Fluxd {
             format!("unix://{}", socket.display()),
             "--host-name".into(),
             host_name.into(),
-            "--host-ip".into(),
-            "127.0.0.1".into(),
         ];
+        if !extra.contains(&"--host-ip") {
+            args.extend(["--host-ip".to_string(), "127.0.0.1".to_string()]);
+        }
         // Tests that want Docker pass their own daemon's socket; none touches the host's.
         if !extra.contains(&"--docker") {
             args.extend(["--docker".to_string(), "none".to_string()]);
