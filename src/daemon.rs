@@ -13,7 +13,7 @@ use crate::catalog::follow::Follower;
 use crate::catalog::{Catalog, State};
 use crate::config::{Config, StoreSpec};
 use crate::controller::{Controller, Rules, Status};
-use crate::docker::{Agent, AgentConfig};
+use crate::docker::{Agent, AgentConfig, LocalInstances};
 use crate::model::Host;
 use crate::proxy::routes::RouteTable;
 use crate::proxy::{Proxy, ProxyConfig};
@@ -56,8 +56,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .context("store: cannot read services")?;
     let follow_task = tokio::spawn(follower.run(stop_rx.clone()));
+    let mut local = None;
     let agent_task = config.docker.as_ref().map(|socket| {
-        let agent = Agent::new(
+        let (agent, local_rx) = Agent::new(
             AgentConfig {
                 socket: socket.display().to_string(),
                 host: config.host_name.clone(),
@@ -67,10 +68,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             store.clone(),
             states.clone(),
         );
+        local = Some(local_rx);
         tokio::spawn(agent.run(stop_rx.clone()))
     });
     let dataplane = if config.dataplane {
-        Some(start_dataplane(&config, states.clone(), stop_rx.clone()).await?)
+        Some(start_dataplane(&config, states.clone(), local, stop_rx.clone()).await?)
     } else {
         None
     };
@@ -78,6 +80,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         catalog: catalog.clone(),
         host_name: config.host_name.clone(),
         dataplane: dataplane.as_ref().map(|d| d.status.clone()),
+        followed: states.clone(),
     });
     let api_task = tokio::spawn(server::serve_unix(
         listener,
@@ -150,6 +153,7 @@ impl Dataplane {
 async fn start_dataplane(
     config: &Config,
     states: watch::Receiver<Arc<State>>,
+    local: Option<watch::Receiver<Option<Arc<LocalInstances>>>>,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<Dataplane> {
     let routes = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
@@ -168,7 +172,7 @@ async fn start_dataplane(
         bridge_interfaces: config.bridge_interfaces.clone(),
     };
     let status = Status::new(routes, Some(rules));
-    let mut controller = Controller::new(status.clone());
+    let mut controller = Controller::new(status.clone(), config.host_name.clone(), local);
     let first = states.borrow().clone();
     controller.initial_sync(first).await;
     let tasks = vec![

@@ -44,10 +44,26 @@ fn setup(tag: &str, fluxd_flags: &[&str]) -> Setup {
             b
         })
         .collect();
-    // From the namespace itself (OUTPUT path): the rules are in place once this answers.
+    // Probing before the redirect is installed would cost the whole connect timeout: that SYN
+    // is dropped, and its conntrack entry, made without NAT, keeps its retransmissions from
+    // ever being redirected. Installing can take seconds while parallel tests' dockerds hold
+    // the xtables lock, so wait for the rule first.
+    let installed = wait_until(Duration::from_secs(20), || {
+        ns.nat_table().contains("flux:web")
+    });
+    assert!(installed.is_some(), "rule never installed: {}", fluxd.log());
+    // From the namespace itself (OUTPUT path): the proxy has the instances once this answers.
     let vip: SocketAddrV4 = VIP.parse().unwrap();
-    let ok = ns.run(move || wait_until(Duration::from_secs(5), || who_serves(vip).is_ok()));
-    assert!(ok.is_some(), "VIP never answered: {}", fluxd.log());
+    let ok = ns.run(move || wait_until(Duration::from_secs(10), || who_serves(vip).is_ok()));
+    if ok.is_none() {
+        let last = ns.run(move || who_serves(vip));
+        panic!(
+            "VIP never answered: last {last:?}\nnat:\n{}\nfilter:\n{}\n{}",
+            ns.nat_table(),
+            String::from_utf8_lossy(&ns.exec(&["iptables-save", "-t", "filter"]).stdout),
+            fluxd.log()
+        );
+    }
     Setup {
         fluxd,
         backends,

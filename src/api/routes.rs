@@ -11,11 +11,12 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 
 use super::views::{ErrorBody, InstanceQuery, InstanceView, ServiceInfo};
-use crate::catalog::{Catalog, CatalogError};
+use crate::catalog::{Catalog, CatalogError, State};
 use crate::controller::Status;
 use crate::model::{self, Instance, InvalidInput, Origin, Rule, Service};
 use crate::proxy::health::HealthView;
 use crate::store::StoreError;
+use tokio::sync::watch;
 
 pub type Body = Full<Bytes>;
 
@@ -25,9 +26,25 @@ pub struct Api {
     pub catalog: Catalog,
     pub host_name: String,
     pub dataplane: Option<Arc<Status>>,
+    /// The catalog as this fluxd last followed it, answered from while the store is down.
+    pub followed: watch::Receiver<Arc<State>>,
 }
 
 impl Api {
+    /// The catalog, read from the store so that a write is visible to the next read; while the
+    /// store is unreachable, the last state followed, so that operators still see what this
+    /// host routes by.
+    async fn state(&self) -> Result<Arc<State>, CatalogError> {
+        match self.catalog.load().await {
+            Ok(s) => Ok(Arc::new(s)),
+            Err(CatalogError::Store(StoreError::Unavailable(why))) => {
+                tracing::debug!(%why, "store unavailable; answering from the last followed state");
+                Ok(self.followed.borrow().clone())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// This host's view of one instance's health, if the data plane routes to it.
     fn health(&self, i: &Instance) -> Option<HealthView> {
         let status = self.dataplane.as_ref()?;
@@ -134,7 +151,7 @@ async fn route(api: &Api, req: Request<Incoming>) -> Answer {
         }
         (&Method::GET, ["v1", "instances"]) => query_instances(api, &query).await,
         (&Method::GET, ["v1", "hosts"]) => {
-            let state = api.catalog.load().await?;
+            let state = api.state().await?;
             Ok(json(
                 StatusCode::OK,
                 &state.hosts.values().collect::<Vec<_>>(),
@@ -167,7 +184,7 @@ async fn route(api: &Api, req: Request<Incoming>) -> Answer {
 }
 
 async fn list_services(api: &Api) -> Answer {
-    let state = api.catalog.load().await?;
+    let state = api.state().await?;
     let infos: Vec<ServiceInfo> = state
         .services
         .values()
@@ -177,7 +194,7 @@ async fn list_services(api: &Api) -> Answer {
 }
 
 async fn service_info(api: &Api, name: &str) -> Answer {
-    let state = api.catalog.load().await?;
+    let state = api.state().await?;
     let service = state.services.get(name).ok_or_else(|| {
         Failure::from(CatalogError::NotFound(
             InvalidInput::new("service", "no service of this name").value(name),
@@ -192,7 +209,7 @@ async fn service_info(api: &Api, name: &str) -> Answer {
 async fn add_service(api: &Api, req: Request<Incoming>) -> Answer {
     let service: Service = model::decode(&body(req).await?)?;
     api.catalog.add_service(&service).await?;
-    let state = api.catalog.load().await?;
+    let state = api.state().await?;
     Ok(json(
         StatusCode::CREATED,
         &ServiceInfo::from_state(&state, &service, |i| api.health(i)),
@@ -230,7 +247,7 @@ async fn add_instance(api: &Api, req: Request<Incoming>, svc: &str) -> Answer {
 
 async fn query_instances(api: &Api, query: &str) -> Answer {
     let q = InstanceQuery::parse(query)?;
-    let state = api.catalog.load().await?;
+    let state = api.state().await?;
     let views: Vec<InstanceView> = state
         .instances
         .values()

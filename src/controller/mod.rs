@@ -14,6 +14,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use crate::catalog::State;
+use crate::docker::LocalInstances;
 use crate::proxy::health::Health;
 use crate::proxy::routes::RouteTable;
 use routing::HealthKey;
@@ -54,15 +55,28 @@ impl Status {
 
 pub struct Controller {
     status: Arc<Status>,
+    /// This host's name, to tell its own container instances apart.
+    host: String,
+    /// This host's instances from the Docker agent, if it runs.
+    local: Option<watch::Receiver<Option<Arc<LocalInstances>>>>,
+    /// The catalog state last received.
+    catalog: Arc<State>,
     health: HashMap<HealthKey, Arc<Health>>,
     /// Skipped records last reported, so each is logged once and not at every sync.
     reported: Vec<String>,
 }
 
 impl Controller {
-    pub fn new(status: Arc<Status>) -> Self {
+    pub fn new(
+        status: Arc<Status>,
+        host: String,
+        local: Option<watch::Receiver<Option<Arc<LocalInstances>>>>,
+    ) -> Self {
         Controller {
             status,
+            host,
+            local,
+            catalog: Arc::new(State::default()),
             health: HashMap::new(),
             reported: Vec::new(),
         }
@@ -70,7 +84,8 @@ impl Controller {
 
     /// Builds the data plane for `state` once, so it is up before fluxd reports ready.
     pub async fn initial_sync(&mut self, state: Arc<State>) {
-        self.sync(state).await;
+        self.catalog = state;
+        self.sync().await;
     }
 
     /// Follows catalog states until `stop`.
@@ -87,8 +102,14 @@ impl Controller {
                     if changed.is_err() {
                         return;
                     }
-                    let state = states.borrow_and_update().clone();
-                    self.sync(state).await;
+                    self.catalog = states.borrow_and_update().clone();
+                    self.sync().await;
+                }
+                changed = local_changed(&mut self.local) => {
+                    if changed.is_err() {
+                        self.local = None;
+                    }
+                    self.sync().await;
                 }
                 _ = drift_timer.tick() => self.check_drift().await,
                 _ = stop.changed() => return,
@@ -96,8 +117,14 @@ impl Controller {
         }
     }
 
-    /// Rebuilds routes and rules from `state` and installs both.
-    async fn sync(&mut self, state: Arc<State>) {
+    /// Rebuilds routes and rules from the catalog and the local instances, and installs both.
+    async fn sync(&mut self) {
+        let local = self.local.as_ref().and_then(|l| l.borrow().clone());
+        let state = Arc::new(routing::with_local(
+            &self.catalog,
+            &self.host,
+            local.as_deref(),
+        ));
         if state.skipped != self.reported {
             for s in state.skipped.iter().filter(|s| !self.reported.contains(s)) {
                 tracing::warn!(record = %s, "skipping a store record that does not validate");
@@ -180,8 +207,17 @@ impl Controller {
                 *a = None;
             }
             self.status.repairs.fetch_add(1, Ordering::Relaxed);
-            let state = self.status.state.load_full();
-            self.sync(state).await;
+            self.sync().await;
         }
+    }
+}
+
+/// Waits for the agent's next publication; pends forever without an agent.
+async fn local_changed(
+    local: &mut Option<watch::Receiver<Option<Arc<LocalInstances>>>>,
+) -> Result<(), watch::error::RecvError> {
+    match local {
+        Some(rx) => rx.changed().await,
+        None => std::future::pending().await,
     }
 }

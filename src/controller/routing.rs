@@ -6,6 +6,8 @@ use std::net::SocketAddrV4;
 use std::sync::Arc;
 
 use crate::catalog::State;
+use crate::docker::LocalInstances;
+use crate::model::Origin;
 use crate::proxy::health::Health;
 use crate::proxy::routes::{Backend, RouteTable, ServiceRoute};
 
@@ -61,4 +63,26 @@ pub fn desired_rules(
         proxy_port,
         bridge_interfaces: bridge_interfaces.to_vec(),
     }
+}
+
+/// The catalog state with this host's container instances as the Docker agent sees them rather
+/// than as the store last said: a local container is routable the moment the agent knows it,
+/// even while the store is unreachable. Until the agent has listed Docker once, the store's
+/// record stands.
+pub fn with_local(state: &State, host: &str, local: Option<&LocalInstances>) -> State {
+    let mut merged = state.clone();
+    let Some(local) = local else {
+        return merged;
+    };
+    merged
+        .instances
+        .retain(|_, i| !(i.origin == Origin::Container && i.host.as_deref() == Some(host)));
+    for i in local.values() {
+        if merged.services.contains_key(&i.service) {
+            merged
+                .instances
+                .insert((i.service.clone(), i.name.clone()), i.clone());
+        }
+    }
+    merged
 }

@@ -52,22 +52,36 @@ pub struct Agent {
     /// What this agent last wrote per key, so unchanged instances are not written again while
     /// the catalog state lags behind our own writes. Cleared at every full resync.
     written: HashMap<String, Option<Instance>>,
+    /// This host's instances as the agent sees them, for the local data plane: routing to a
+    /// local container must not wait for (or depend on) the store.
+    local: watch::Sender<Option<Arc<LocalInstances>>>,
+    /// When a failed store write is tried again; None when everything is written.
+    retry_at: Option<Instant>,
 }
 
+/// This host's container instances by key, as last computed from Docker and the rules.
+pub type LocalInstances = BTreeMap<String, Instance>;
+
 impl Agent {
+    /// Also returns the channel on which the agent publishes this host's instances; it holds
+    /// None until Docker has been listed once.
     pub fn new(
         config: AgentConfig,
         store: Arc<dyn Store>,
         states: watch::Receiver<Arc<State>>,
-    ) -> Agent {
-        Agent {
+    ) -> (Agent, watch::Receiver<Option<Arc<LocalInstances>>>) {
+        let (local, local_rx) = watch::channel(None);
+        let agent = Agent {
             config,
             store,
             states,
             containers: HashMap::new(),
             stopping: HashMap::new(),
             written: HashMap::new(),
-        }
+            local,
+            retry_at: None,
+        };
+        (agent, local_rx)
     }
 
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
@@ -129,6 +143,7 @@ impl Agent {
                             break;
                         }
                     }
+                    _ = sleep_until_opt(self.retry_at) => self.reconcile().await,
                     _ = stop.changed() => return,
                 }
             }
@@ -149,6 +164,7 @@ impl Agent {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(until) => return false,
+                _ = sleep_until_opt(self.retry_at) => self.reconcile().await,
                 changed = self.states.changed() => {
                     if changed.is_err() {
                         return true;
@@ -238,6 +254,10 @@ impl Agent {
         self.stopping
             .retain(|_, since| now.duration_since(*since) < STOPPING_GRACE);
         let desired = self.desired(&state);
+        if self.local.borrow().as_deref() != Some(&desired) {
+            self.local.send_replace(Some(Arc::new(desired.clone())));
+        }
+        self.retry_at = None;
         let mut actual: BTreeMap<String, &Instance> = BTreeMap::new();
         for i in state.instances.values() {
             if i.origin == Origin::Container && i.host.as_deref() == Some(&self.config.host) {
@@ -265,7 +285,10 @@ impl Agent {
                 Ok(_) => {
                     self.written.insert(key.clone(), Some(inst.clone()));
                 }
-                Err(e) => tracing::warn!(instance = %key, error = %e, "cannot publish instance"),
+                Err(e) => {
+                    tracing::debug!(instance = %key, error = %e, "cannot publish instance; will retry");
+                    self.retry_soon();
+                }
             }
         }
         let stale: Vec<String> = actual
@@ -287,9 +310,18 @@ impl Agent {
                 Ok(_) => {
                     self.written.insert(key, None);
                 }
-                Err(e) => tracing::warn!(instance = %key, error = %e, "cannot withdraw instance"),
+                Err(e) => {
+                    tracing::debug!(instance = %key, error = %e, "cannot withdraw instance; will retry");
+                    self.retry_soon();
+                }
             }
         }
+    }
+
+    /// A store write failed (the store logs the outage once): try the difference again soon.
+    fn retry_soon(&mut self) {
+        self.retry_at
+            .get_or_insert(Instant::now() + Duration::from_millis(500));
     }
 
     /// Every (service, container) pair that a rule selects, as the instance to publish.
@@ -329,6 +361,13 @@ impl Agent {
             }
         }
         out
+    }
+}
+
+async fn sleep_until_opt(due: Option<Instant>) {
+    match due {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -5,4 +5,4 @@ pub mod container;
 pub mod image;
 pub mod matching;
 
-pub use agent::{Agent, AgentConfig};
+pub use agent::{Agent, AgentConfig, LocalInstances};
