@@ -345,3 +345,54 @@ fn container_without_published_port_is_listed_as_no_address() {
     // It gets no traffic: the VIP has no live instance, so the client is reset.
     assert!(h.ns.run(|| who_serves(vip()).is_err()));
 }
+
+#[test]
+fn global_mode_uses_container_ips_and_one_container_serves_two_services() {
+    let ns = Netns::new("ag-global");
+    let docker = Dockerd::new(&ns);
+    docker.import_image("webimg:latest");
+    let endpoint = docker.endpoint();
+    let ip = docker.bridge_ip.to_string();
+    let fluxd = Fluxd::dataplane(
+        &ns.name,
+        &[
+            "--docker",
+            &endpoint,
+            "--host-ip",
+            &ip,
+            "--network-mode",
+            "global",
+        ],
+    );
+    // No published port: only the container IP reaches it.
+    let id = docker.run_name_server("webimg", "solo", &["-l", "team=a"]);
+    let cip = docker.container_ip(&id).unwrap();
+    for (svc, vip) in [("one", "198.18.0.21:80"), ("two", "198.18.0.22:80")] {
+        fluxd.ok(&[
+            "service",
+            "add",
+            svc,
+            "--address",
+            vip,
+            "--instance-port",
+            "8080",
+        ]);
+    }
+    fluxd.ok(&["select", "one", "by-image", "--image", "webimg"]);
+    fluxd.ok(&["select", "two", "by-label", "--labels", "team=a"]);
+    for svc in ["one", "two"] {
+        assert!(
+            wait_instances(&fluxd, svc, &[short(&id)]).is_some(),
+            "{svc}"
+        );
+        let q = fluxd.json(&["query", "--service", svc]);
+        assert_eq!(q[0]["address"], format!("{cip}:8080"), "{q}");
+    }
+    for vip in ["198.18.0.21:80", "198.18.0.22:80"] {
+        let addr: SocketAddrV4 = vip.parse().unwrap();
+        let who = ns.run(move || who_serves(addr));
+        assert_eq!(who.unwrap(), "solo", "{vip}");
+    }
+    drop(fluxd);
+    drop(docker);
+}
