@@ -43,7 +43,10 @@ fn setup(tag: &str, backends: usize) -> Setup {
             b
         })
         .collect();
-    // The controller applies changes within milliseconds; wait until the VIP answers.
+    // Probe only once the redirect is installed: a SYN sent before it would be tracked without
+    // the redirect, and its retries would never reach the proxy.
+    let installed = wait_until(Duration::from_secs(5), || ns.nat_table().contains("flux:web"));
+    assert!(installed.is_some(), "rule never installed: {}", fluxd.log());
     let ok = ns.run(|| wait_until(Duration::from_secs(5), || who_serves(vip()).is_ok()));
     assert!(ok.is_some(), "VIP never answered: {}", fluxd.log());
     Setup {
