@@ -12,7 +12,7 @@ use nix::sys::socket::{getsockopt, sockopt::OriginalDst};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
-use super::routes::{Backend, RouteTable};
+use super::routes::{Backend, RouteTable, ServiceRoute};
 use super::splice;
 
 #[derive(Debug, Clone)]
@@ -30,62 +30,98 @@ pub struct ProxyConfig {
 pub struct Proxy {
     pub config: ProxyConfig,
     pub routes: Arc<ArcSwap<RouteTable>>,
-    listener: TcpListener,
+    /// One listening socket per core, all bound to the same port with SO_REUSEPORT: the kernel
+    /// spreads new connections over them, so no single accept loop is the bottleneck. The same
+    /// option lets a new fluxd bind the port before the old one lets go (upgrades).
+    listeners: Vec<TcpListener>,
 }
 
 impl Proxy {
     pub fn bind(config: ProxyConfig, routes: Arc<ArcSwap<RouteTable>>) -> io::Result<Proxy> {
-        let socket = socket2::Socket::new(
-            socket2::Domain::IPV4,
-            socket2::Type::STREAM,
-            Some(socket2::Protocol::TCP),
-        )?;
-        socket.set_reuse_address(true)?;
-        socket.set_nonblocking(true)?;
-        socket.bind(&SocketAddr::V4(config.listen).into())?;
-        socket.listen(4096)?;
-        let listener = TcpListener::from_std(socket.into())?;
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let listeners = (0..n)
+            .map(|_| listen(config.listen))
+            .collect::<io::Result<Vec<_>>>()?;
         Ok(Proxy {
             config,
             routes,
-            listener,
+            listeners,
         })
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
+        self.listeners[0].local_addr()
     }
 
     /// Accepts until `stop` turns true. Established connections are not cut by a stop; they
     /// end with the process.
-    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+    pub async fn run(self, stop: watch::Receiver<bool>) {
+        // One limit over all listeners: it bounds fds, which are per process.
         let limit = Arc::new(Semaphore::new(self.config.max_connections));
-        loop {
-            let permit = tokio::select! {
-                p = limit.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => return,
-                },
-                _ = stop.changed() => return,
-            };
-            let accepted = tokio::select! {
-                a = self.listener.accept() => a,
-                _ = stop.changed() => return,
-            };
-            match accepted {
-                Ok((client, _)) => {
-                    let routes = self.routes.clone();
-                    let timeout = self.config.connect_timeout;
-                    tokio::spawn(async move {
-                        handle(client, &routes, timeout).await;
-                        drop(permit);
-                    });
-                }
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning on a full fd table.
-                    tracing::warn!(error = %e, "proxy accept failed; backing off");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+        let loops: Vec<_> = self
+            .listeners
+            .into_iter()
+            .map(|l| {
+                tokio::spawn(accept_loop(
+                    l,
+                    self.routes.clone(),
+                    self.config.connect_timeout,
+                    limit.clone(),
+                    stop.clone(),
+                ))
+            })
+            .collect();
+        for l in loops {
+            let _ = l.await;
+        }
+    }
+}
+
+fn listen(addr: SocketAddrV4) -> io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&SocketAddr::V4(addr).into())?;
+    socket.listen(4096)?;
+    TcpListener::from_std(socket.into())
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    routes: Arc<ArcSwap<RouteTable>>,
+    timeout: Duration,
+    limit: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = stop.changed() => return,
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.changed() => return,
+        };
+        match accepted {
+            Ok((client, _)) => {
+                let routes = routes.clone();
+                tokio::spawn(async move {
+                    handle(client, &routes, timeout).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning on a full fd table.
+                tracing::warn!(error = %e, "proxy accept failed; backing off");
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
@@ -101,8 +137,7 @@ async fn handle(client: TcpStream, routes: &ArcSwap<RouteTable>, timeout: Durati
         return reset(client);
     };
     drop(table);
-    let Some((backend, stream)) = connect_any(&client, &service.connect_order(), timeout).await
-    else {
+    let Some((backend, stream)) = connect_any(&client, &service, timeout).await else {
         tracing::debug!(service = %service.name, "no instance reachable; reset");
         return reset(client);
     };
@@ -116,28 +151,45 @@ async fn handle(client: TcpStream, routes: &ArcSwap<RouteTable>, timeout: Durati
     }
 }
 
-/// Tries instances in order until one accepts and is still there; each failure is recorded so
-/// that the next connections avoid that instance until its retry is due.
+/// Tries the policy's pick, then every other instance, until one accepts and is still there;
+/// each failure is recorded so that the next connections avoid that instance until its retry
+/// is due. The full order is only computed when the first choice fails.
 async fn connect_any(
     client: &TcpStream,
-    order: &[Arc<Backend>],
+    service: &ServiceRoute,
     timeout: Duration,
 ) -> Option<(Arc<Backend>, TcpStream)> {
-    for backend in order {
-        let why = match tokio::time::timeout(timeout, TcpStream::connect(backend.addr)).await {
-            Ok(Ok(stream)) => match first_ready(client, &stream).await {
-                Ok(()) => {
-                    backend.health.succeeded();
-                    return Some((backend.clone(), stream));
-                }
-                Err(e) => e.to_string(),
-            },
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => "connect timed out".to_string(),
-        };
-        tracing::debug!(instance = %backend.instance, addr = %backend.addr, error = %why, "instance failed; trying the next");
-        backend.health.failed();
+    let first = service.first_choice().cloned();
+    if let Some(b) = &first {
+        if let Some(stream) = try_backend(client, b, timeout).await {
+            return Some((b.clone(), stream));
+        }
     }
+    for b in service.connect_order() {
+        if first.as_ref().is_some_and(|f| Arc::ptr_eq(f, &b)) {
+            continue;
+        }
+        if let Some(stream) = try_backend(client, &b, timeout).await {
+            return Some((b, stream));
+        }
+    }
+    None
+}
+
+async fn try_backend(client: &TcpStream, backend: &Backend, timeout: Duration) -> Option<TcpStream> {
+    let why = match tokio::time::timeout(timeout, TcpStream::connect(backend.addr)).await {
+        Ok(Ok(stream)) => match first_ready(client, &stream).await {
+            Ok(()) => {
+                backend.health.succeeded();
+                return Some(stream);
+            }
+            Err(e) => e.to_string(),
+        },
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "connect timed out".to_string(),
+    };
+    tracing::debug!(instance = %backend.instance, addr = %backend.addr, error = %why, "instance failed; trying the next");
+    backend.health.failed();
     None
 }
 

@@ -39,6 +39,29 @@ impl ServiceRoute {
         }
     }
 
+    /// The policy's pick among available instances, without allocating: what almost every
+    /// connection needs. None when no instance is available (all failed and not yet due).
+    pub fn first_choice(&self) -> Option<&Arc<Backend>> {
+        let now = now_ms();
+        let available = || self.backends.iter().filter(|b| b.health.available(now));
+        let n = available().count();
+        if n == 0 {
+            return None;
+        }
+        match self.balance {
+            Balance::RoundRobin => {
+                available().nth(self.next.fetch_add(1, Ordering::Relaxed) % n)
+            }
+            Balance::Random => available().nth(rand::random::<usize>() % n),
+            Balance::LeastConn => {
+                let a = available().nth(rand::random::<usize>() % n)?;
+                let b = available().nth(rand::random::<usize>() % n)?;
+                let active = |x: &Backend| x.health.active.load(Ordering::Relaxed);
+                Some(if active(b) < active(a) { b } else { a })
+            }
+        }
+    }
+
     /// The order to try instances in for one new connection: the policy's pick first, then the
     /// other available instances, then failed ones by when their retry is due, so that a
     /// connection is only refused when every instance has been tried.
@@ -131,6 +154,19 @@ mod tests {
             .map(|b| b.instance.clone())
             .collect();
         assert_eq!(order, ["i1", "i0", "i2"]);
+    }
+
+    #[test]
+    fn first_choice_agrees_with_round_robin_spread() {
+        let r = route(3, Balance::RoundRobin);
+        r.backends[2].health.failed();
+        let picks: Vec<String> = (0..4)
+            .map(|_| r.first_choice().unwrap().instance.clone())
+            .collect();
+        assert_eq!(picks, ["i0", "i1", "i0", "i1"]);
+        r.backends[0].health.failed();
+        r.backends[1].health.failed();
+        assert!(r.first_choice().is_none());
     }
 
     #[test]

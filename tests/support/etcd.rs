@@ -1,16 +1,30 @@
-//! A real etcd (Debian's etcd-server) started for one test on loopback ports of its own, in a
-//! temporary data directory, and killed when dropped.
+//! A real etcd (Debian's etcd-server) started for one test, in a temporary data directory, and
+//! killed when dropped: either on loopback ports of its own in the machine's namespace
+//! (`start`), or inside a network namespace the test created, on an address of that namespace
+//! (`start_in`, and `cluster_in` for a three-member cluster), where every simulated host of a
+//! cluster test reaches it.
 
-use std::net::TcpListener;
+use std::net::{Ipv4Addr, TcpListener};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Fixed ports are safe inside a namespace of the test's own: nothing else listens there.
+pub const CLIENT_PORT: u16 = 2379;
+pub const PEER_PORT: u16 = 2380;
+
 pub struct Etcd {
     child: Option<Child>,
-    /// `http://127.0.0.1:PORT`, for the etcd-client crate and for `--store etcd://`.
+    /// `http://IP:PORT`, for the etcd-client crate and for `--store etcd://`.
     pub endpoint: String,
     pub client_port: u16,
     pub peer_port: u16,
+    /// The member's name in its cluster.
+    pub name: String,
+    /// Runs inside this network namespace (and so does `ctl`), by name.
+    pub netns: Option<String>,
+    ip: String,
+    /// `--initial-cluster`: `name=http://IP:PEER,...`.
+    initial_cluster: String,
     dir: tempfile::TempDir,
 }
 
@@ -28,15 +42,9 @@ impl Etcd {
     /// Starts etcd and waits until it answers; panics with its log after 20 s.
     pub fn start() -> Etcd {
         for _ in 0..3 {
-            let dir = tempfile::tempdir().unwrap();
             let (client_port, peer_port) = (free_port(), free_port());
-            let mut etcd = Etcd {
-                child: None,
-                endpoint: format!("http://127.0.0.1:{client_port}"),
-                client_port,
-                peer_port,
-                dir,
-            };
+            let mut etcd = Etcd::member(None, "test", "127.0.0.1", client_port, peer_port);
+            etcd.initial_cluster = format!("test=http://127.0.0.1:{peer_port}");
             etcd.spawn();
             if etcd.wait_ready(Duration::from_secs(20)) {
                 return etcd;
@@ -45,11 +53,88 @@ impl Etcd {
         panic!("etcd did not start three times; is etcd-server installed?");
     }
 
+    /// Starts a single-member etcd inside the namespace `ns` listening on `ip` (an address of
+    /// that namespace) and waits until it answers.
+    pub fn start_in(ns: &str, ip: Ipv4Addr) -> Etcd {
+        let mut v = Etcd::cluster_in(ns, &[ip]);
+        v.pop().unwrap()
+    }
+
+    /// Starts one member per address, all inside `ns`, as one cluster, and waits until each
+    /// answers (a member is healthy only once the cluster has a leader).
+    pub fn cluster_in(ns: &str, ips: &[Ipv4Addr]) -> Vec<Etcd> {
+        let names: Vec<String> = (0..ips.len()).map(|i| format!("m{i}")).collect();
+        let initial = ips
+            .iter()
+            .zip(&names)
+            .map(|(ip, n)| format!("{n}=http://{ip}:{PEER_PORT}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members: Vec<Etcd> = ips
+            .iter()
+            .zip(&names)
+            .map(|(ip, n)| {
+                let mut m =
+                    Etcd::member(Some(ns), n, &ip.to_string(), CLIENT_PORT, PEER_PORT);
+                m.initial_cluster = initial.clone();
+                m
+            })
+            .collect();
+        for m in members.iter_mut() {
+            m.spawn();
+        }
+        for m in members.iter_mut() {
+            assert!(
+                m.wait_ready(Duration::from_secs(30)),
+                "etcd member {} in {ns} not ready: {}",
+                m.name,
+                m.log()
+            );
+        }
+        members
+    }
+
+    fn member(ns: Option<&str>, name: &str, ip: &str, client_port: u16, peer_port: u16) -> Etcd {
+        Etcd {
+            child: None,
+            endpoint: format!("http://{ip}:{client_port}"),
+            client_port,
+            peer_port,
+            name: name.to_string(),
+            netns: ns.map(str::to_string),
+            ip: ip.to_string(),
+            initial_cluster: String::new(),
+            dir: tempfile::Builder::new()
+                .prefix("flux-etcd-")
+                .tempdir()
+                .unwrap(),
+        }
+    }
+
+    /// A command that runs in the member's namespace, if it has one. `nsenter --net` changes
+    /// only the network namespace and execs in place, so the child is the program itself.
+    fn command(&self, program: &str) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/var/run/netns/{ns}")).arg(program);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+
     fn spawn(&mut self) {
-        let log = std::fs::File::create(self.dir.path().join("etcd.log")).unwrap();
-        let child = Command::new("etcd")
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("etcd.log"))
+            .unwrap();
+        let peer = format!("http://{}:{}", self.ip, self.peer_port);
+        let child = self
+            .command("etcd")
             .arg("--name")
-            .arg("test")
+            .arg(&self.name)
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
             .arg("--listen-client-urls")
@@ -57,11 +142,11 @@ impl Etcd {
             .arg("--advertise-client-urls")
             .arg(&self.endpoint)
             .arg("--listen-peer-urls")
-            .arg(format!("http://127.0.0.1:{}", self.peer_port))
+            .arg(&peer)
             .arg("--initial-advertise-peer-urls")
-            .arg(format!("http://127.0.0.1:{}", self.peer_port))
+            .arg(&peer)
             .arg("--initial-cluster")
-            .arg(format!("test=http://127.0.0.1:{}", self.peer_port))
+            .arg(&self.initial_cluster)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -76,20 +161,36 @@ impl Etcd {
             if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
                 return false;
             }
-            let ok = Command::new("etcdctl")
-                .env("ETCDCTL_API", "3")
-                .args(["--endpoints", &self.endpoint, "endpoint", "health"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-            if ok {
+            if self.healthy() {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(200));
         }
         false
+    }
+
+    /// `etcdctl endpoint health` against this member: it answers a quorum read.
+    pub fn healthy(&self) -> bool {
+        self.command("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args([
+                "--endpoints",
+                &self.endpoint,
+                "--command-timeout",
+                "2s",
+                "endpoint",
+                "health",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+
+    /// Whether the process runs (it may still be joining its cluster).
+    pub fn running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// Stops etcd (SIGKILL) but keeps its data, to simulate an outage.
@@ -100,7 +201,7 @@ impl Etcd {
         }
     }
 
-    /// Starts etcd again on the same ports and data.
+    /// Starts etcd again on the same ports and data (a member rejoins its cluster).
     pub fn restart(&mut self) {
         self.stop();
         self.spawn();
@@ -109,7 +210,8 @@ impl Etcd {
 
     /// `etcdctl` against this etcd, returning stdout; for compaction and raw checks.
     pub fn ctl(&self, args: &[&str]) -> String {
-        let out = Command::new("etcdctl")
+        let out = self
+            .command("etcdctl")
             .env("ETCDCTL_API", "3")
             .arg("--endpoints")
             .arg(&self.endpoint)

@@ -42,8 +42,15 @@ impl Fluxd {
     /// Starts fluxd with its data plane (rules and proxy) inside the namespace `ns`, on the
     /// embedded store.
     pub fn dataplane(ns: &str, extra: &[&str]) -> Fluxd {
+        Fluxd::in_netns(ns, "h1", extra)
+    }
+
+    /// Starts fluxd with its data plane inside the namespace `ns` as host `host_name`; `extra`
+    /// picks the store (`--store etcd://...`), `--host-ip`, `--docker`, `--host-ttl` and so on.
+    /// One such daemon per namespace is one simulated host of a cluster.
+    pub fn in_netns(ns: &str, host_name: &str, extra: &[&str]) -> Fluxd {
         let tmp = tempfile::tempdir().unwrap();
-        let mut f = Fluxd::new(tmp.path().to_path_buf(), "h1", extra);
+        let mut f = Fluxd::new(tmp.path().to_path_buf(), host_name, extra);
         f.args.retain(|a| a != "--no-dataplane");
         f.netns = Some(ns.to_string());
         f._tmp = Some(tmp);
@@ -172,6 +179,12 @@ impl Fluxd {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
+    }
+
+    /// Whether the daemon was started and has not been stopped or killed since (it may have
+    /// exited by itself: see `log`).
+    pub fn running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// SIGKILL: what a crash looks like.
