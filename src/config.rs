@@ -71,6 +71,16 @@ pub struct RunArgs {
     /// Most concurrent proxied connections [default: 8000].
     #[arg(long, env = "FLUXD_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Address range reserved for VIPs, CIDR (repeatable, or comma-separated in the
+    /// environment). New services must have their VIP inside; each range is one nat rule, so
+    /// matching costs the same for any number of services [default: none, one rule per VIP].
+    #[arg(
+        long = "vip-range",
+        env = "FLUXD_VIP_RANGE",
+        value_delimiter = ',',
+        value_name = "CIDR"
+    )]
+    pub vip_range: Option<Vec<String>>,
 }
 
 /// The same settings as read from a config file; unknown keys are refused so that a typo is
@@ -95,6 +105,7 @@ struct FileConfig {
     bridge_interfaces: Option<String>,
     connect_timeout_ms: Option<u64>,
     max_connections: Option<usize>,
+    vip_range: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,6 +141,7 @@ pub struct Config {
     pub bridge_interfaces: Vec<String>,
     pub connect_timeout: Duration,
     pub max_connections: usize,
+    pub vip_ranges: Vec<ipnet::Ipv4Net>,
 }
 
 impl Config {
@@ -212,7 +224,24 @@ impl Config {
         if max_connections == 0 {
             bail!("max_connections: must be at least 1");
         }
+        let mut vip_ranges = Vec::new();
+        for r in pick!(vip_range).unwrap_or_default() {
+            let net: ipnet::Ipv4Net = r.parse().map_err(|_| {
+                anyhow::anyhow!("vip_range: expected an IPv4 CIDR like 198.18.0.0/16 (got \"{r}\")")
+            })?;
+            let ip = net.network();
+            if ip.is_loopback()
+                || ip.is_unspecified()
+                || ip.is_multicast()
+                || ip.is_link_local()
+                || net.prefix_len() < 8
+            {
+                bail!("vip_range: {r} would capture real traffic (loopback, multicast, link-local or wider than /8)");
+            }
+            vip_ranges.push(net.trunc());
+        }
         Ok(Config {
+            vip_ranges,
             proxy_port,
             keep_rules: pick!(keep_rules).unwrap_or(false),
             bridge_interfaces,

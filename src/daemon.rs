@@ -81,6 +81,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         host_name: config.host_name.clone(),
         dataplane: dataplane.as_ref().map(|d| d.status.clone()),
         followed: states.clone(),
+        vip_ranges: config.vip_ranges.clone(),
     });
     let api_task = tokio::spawn(server::serve_unix(
         listener,
@@ -170,6 +171,7 @@ async fn start_dataplane(
         netfilter: Netfilter::new(CommandRunner::new()),
         proxy_port: config.proxy_port,
         bridge_interfaces: config.bridge_interfaces.clone(),
+        vip_ranges: config.vip_ranges.clone(),
     };
     let status = Status::new(routes, Some(rules));
     let mut controller = Controller::new(status.clone(), config.host_name.clone(), local);

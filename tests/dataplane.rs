@@ -45,7 +45,9 @@ fn setup(tag: &str, backends: usize) -> Setup {
         .collect();
     // Probe only once the redirect is installed: a SYN sent before it would be tracked without
     // the redirect, and its retries would never reach the proxy.
-    let installed = wait_until(Duration::from_secs(5), || ns.nat_table().contains("flux:web"));
+    let installed = wait_until(Duration::from_secs(5), || {
+        ns.nat_table().contains("flux:web")
+    });
     assert!(installed.is_some(), "rule never installed: {}", fluxd.log());
     let ok = ns.run(|| wait_until(Duration::from_secs(5), || who_serves(vip()).is_ok()));
     assert!(ok.is_some(), "VIP never answered: {}", fluxd.log());
@@ -272,4 +274,49 @@ fn unknown_destination_is_reset() {
     // A direct connection to the proxy port is no VIP: reset, not served.
     let result = s.ns.run(|| who_serves("127.0.0.1:7171".parse().unwrap()));
     assert!(result.is_err(), "{result:?}");
+}
+
+#[test]
+fn vip_range_is_one_rule_whatever_the_number_of_services() {
+    let ns = Netns::new("range");
+    let fluxd = Fluxd::dataplane(&ns.name, &["--vip-range", "198.18.0.0/16"]);
+    let b = Backend::start(&ns, "b0", 9000);
+    fluxd.ok(&["service", "add", "web", "--address", VIP]);
+    fluxd.ok(&[
+        "instance",
+        "add",
+        "web",
+        "b0",
+        "--address",
+        &b.addr.to_string(),
+    ]);
+    let installed = wait_until(Duration::from_secs(5), || {
+        ns.nat_table().contains("flux vip range")
+    });
+    assert!(installed.is_some(), "{}", ns.nat_table());
+    let ok = ns.run(|| {
+        wait_until(Duration::from_secs(5), || {
+            who_serves(vip()).is_ok_and(|n| n == "b0")
+        })
+    });
+    assert!(ok.is_some(), "{}", fluxd.log());
+    let before = ns.nat_table();
+    for i in 0..50 {
+        fluxd.ok(&[
+            "service",
+            "add",
+            &format!("s{i}"),
+            "--address",
+            &format!("198.18.1.{i}:80"),
+        ]);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(before, ns.nat_table(), "adding services changed the rules");
+    // Outside the range: refused, naming the field.
+    let out = fluxd.ctl(&["service", "add", "out", "--address", "10.128.0.1:80"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("address: outside the VIP ranges"));
+    // A VIP in the range with no service is reset, not hung.
+    assert!(ns.run(|| who_serves("198.18.9.9:80".parse().unwrap()).is_err()));
+    assert_eq!(fluxd.debug()["drift"]["clean"], true);
 }

@@ -81,6 +81,7 @@ mod tests {
             }],
             proxy_port: 7100,
             bridge_interfaces: bridges.iter().map(|s| s.to_string()).collect(),
+            vip_ranges: vec![],
         })
     }
 

@@ -1,7 +1,7 @@
 //! What the controller asks for, in its own terms (services and VIPs), before it becomes rule
 //! text.
 
-use std::net::SocketAddrV4;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 /// One service address whose connections flux's proxy must receive.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -27,4 +27,35 @@ pub struct Desired {
     /// traffic arriving from the LAN never is, so a VIP cannot be used to capture
     /// neighbours' connections.
     pub bridge_interfaces: Vec<String>,
+    /// Address ranges reserved for VIPs. Each becomes one rule sending every TCP connection to
+    /// the range to the proxy, which finds the service from the original destination itself:
+    /// matching then costs the same at 10,000 services as at 10, and adding or removing a
+    /// service changes no rule. VIPs outside every range keep a rule of their own.
+    pub vip_ranges: Vec<VipRange>,
+}
+
+/// An IPv4 network, `addr/prefix_len`, with `addr` the network address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VipRange {
+    pub addr: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+impl VipRange {
+    fn mask(&self) -> u32 {
+        match self.prefix_len {
+            0 => 0,
+            n => u32::MAX << (32 - u32::from(n.min(32))),
+        }
+    }
+
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & self.mask() == u32::from(self.addr) & self.mask()
+    }
+}
+
+impl std::fmt::Display for VipRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
 }

@@ -132,6 +132,7 @@ mod tests {
             ],
             proxy_port: 7100,
             bridge_interfaces: vec!["docker0".into()],
+            vip_ranges: vec![],
         })
     }
 

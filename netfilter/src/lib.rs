@@ -21,6 +21,7 @@
 //!     redirects: vec![Redirect { service: "web".into(), vip: "198.18.0.10:80".parse()? }],
 //!     proxy_port: 7100,
 //!     bridge_interfaces: vec!["docker0".into(), "br-+".into()],
+//!     vip_ranges: vec![],
 //! };
 //! let ruleset = render(&desired);
 //! for rejected in ruleset.rejected() {
@@ -51,7 +52,7 @@ mod runner;
 mod validate;
 
 pub use annotate::{annotate, AnnotatedRule};
-pub use desired::{Desired, Redirect};
+pub use desired::{Desired, Redirect, VipRange};
 pub use drift::Drift;
 pub use error::Error;
 pub use installed::Installed;

@@ -124,6 +124,13 @@ fn render_services(desired: &Desired, rejected: &mut Vec<Rejected>) -> Vec<Strin
     let mut owner: BTreeMap<SocketAddrV4, &str> = BTreeMap::new();
     let mut rules = Vec::with_capacity(redirects.len());
     for redirect in redirects {
+        if desired
+            .vip_ranges
+            .iter()
+            .any(|r| r.contains(*redirect.vip.ip()))
+        {
+            continue; // the range rule below covers it
+        }
         let taken_by = owner.get(&redirect.vip).copied();
         let reason = redirect_problem(redirect, desired.proxy_port, taken_by);
         match reason {
@@ -141,6 +148,15 @@ fn render_services(desired: &Desired, rejected: &mut Vec<Rejected>) -> Vec<Strin
             }
         }
     }
+    let mut ranges = desired.vip_ranges.clone();
+    ranges.sort();
+    ranges.dedup();
+    // After the per-VIP rules, so a VIP outside every range is matched by its own rule first.
+    rules.extend(
+        ranges
+            .iter()
+            .map(|r| rule::range_rule(r, desired.proxy_port)),
+    );
     rules
 }
 
@@ -177,7 +193,31 @@ mod tests {
             redirects,
             proxy_port: 7100,
             bridge_interfaces: bridges.iter().map(|s| s.to_string()).collect(),
+            vip_ranges: vec![],
         }
+    }
+
+    #[test]
+    fn vip_ranges_replace_per_service_rules_inside_them() {
+        let mut d = desired(
+            vec![
+                redirect("web", "198.18.0.10:80"),
+                redirect("old", "10.128.0.1:80"),
+            ],
+            &[],
+        );
+        d.vip_ranges = vec![crate::VipRange {
+            addr: "198.18.0.0".parse().unwrap(),
+            prefix_len: 15,
+        }];
+        let rs = render(&d);
+        assert_eq!(
+            rs.service_rules(),
+            [
+                r#"-A FLUX-SERVICES -d 10.128.0.1/32 -p tcp -m tcp --dport 80 -m comment --comment "flux:old" -j REDIRECT --to-ports 7100"#,
+                r#"-A FLUX-SERVICES -d 198.18.0.0/15 -p tcp -m comment --comment "flux vip range" -j REDIRECT --to-ports 7100"#,
+            ]
+        );
     }
 
     #[test]

@@ -20,6 +20,17 @@ pub(crate) fn service_rule(service: &str, vip: SocketAddrV4, proxy_port: u16) ->
     )
 }
 
+/// The comment on VIP range rules; no service name, so `annotate` names no service.
+pub(crate) const RANGE_COMMENT: &str = "flux vip range";
+
+/// The rule that sends every TCP connection to a VIP range to the proxy.
+pub(crate) fn range_rule(range: &crate::VipRange, proxy_port: u16) -> String {
+    format!(
+        "-A {SERVICES_CHAIN} -d {range} -p tcp -m comment --comment \"{RANGE_COMMENT}\" \
+         -j REDIRECT --to-ports {proxy_port}"
+    )
+}
+
 /// The hook for connections opened by the host's own processes.
 pub(crate) fn output_hook() -> String {
     format!("-A OUTPUT -m comment --comment \"{HOOK_COMMENT}\" -j {SERVICES_CHAIN}")

@@ -43,6 +43,7 @@ fn desired(redirects: Vec<Redirect>, bridges: &[&str]) -> Desired {
         redirects,
         proxy_port: PROXY_PORT,
         bridge_interfaces: bridges.iter().map(|s| s.to_string()).collect(),
+        vip_ranges: vec![],
     }
 }
 

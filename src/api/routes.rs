@@ -28,6 +28,8 @@ pub struct Api {
     pub dataplane: Option<Arc<Status>>,
     /// The catalog as this fluxd last followed it, answered from while the store is down.
     pub followed: watch::Receiver<Arc<State>>,
+    /// With ranges configured, new services must have their VIP inside one.
+    pub vip_ranges: Vec<ipnet::Ipv4Net>,
 }
 
 impl Api {
@@ -208,6 +210,22 @@ async fn service_info(api: &Api, name: &str) -> Answer {
 
 async fn add_service(api: &Api, req: Request<Incoming>) -> Answer {
     let service: Service = model::decode(&body(req).await?)?;
+    if !api.vip_ranges.is_empty()
+        && !api
+            .vip_ranges
+            .iter()
+            .any(|r| r.contains(service.address.ip()))
+    {
+        let ranges: Vec<String> = api.vip_ranges.iter().map(|r| r.to_string()).collect();
+        return Err(InvalidInput::new(
+            "address",
+            format!(
+                "outside the VIP ranges of this host ({})",
+                ranges.join(", ")
+            ),
+        )
+        .value(service.address.to_string()))?;
+    }
     api.catalog.add_service(&service).await?;
     let state = api.state().await?;
     Ok(json(

@@ -27,6 +27,7 @@ pub struct Rules {
     pub netfilter: netfilter::Netfilter,
     pub proxy_port: u16,
     pub bridge_interfaces: Vec<String>,
+    pub vip_ranges: Vec<ipnet::Ipv4Net>,
 }
 
 /// What the controller has done, for the API (`fluxd debug`, `fluxctl query`).
@@ -138,6 +139,7 @@ impl Controller {
                 &state,
                 rules.proxy_port,
                 &rules.bridge_interfaces,
+                &rules.vip_ranges,
             ));
             let changed = self
                 .status

@@ -50,6 +50,7 @@ pub fn desired_rules(
     state: &State,
     proxy_port: u16,
     bridge_interfaces: &[String],
+    vip_ranges: &[ipnet::Ipv4Net],
 ) -> netfilter::Desired {
     netfilter::Desired {
         redirects: state
@@ -62,6 +63,13 @@ pub fn desired_rules(
             .collect(),
         proxy_port,
         bridge_interfaces: bridge_interfaces.to_vec(),
+        vip_ranges: vip_ranges
+            .iter()
+            .map(|n| netfilter::VipRange {
+                addr: n.network(),
+                prefix_len: n.prefix_len(),
+            })
+            .collect(),
     }
 }
 

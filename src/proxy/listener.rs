@@ -176,7 +176,11 @@ async fn connect_any(
     None
 }
 
-async fn try_backend(client: &TcpStream, backend: &Backend, timeout: Duration) -> Option<TcpStream> {
+async fn try_backend(
+    client: &TcpStream,
+    backend: &Backend,
+    timeout: Duration,
+) -> Option<TcpStream> {
     let why = match tokio::time::timeout(timeout, TcpStream::connect(backend.addr)).await {
         Ok(Ok(stream)) => match first_ready(client, &stream).await {
             Ok(()) => {

@@ -49,9 +49,7 @@ impl ServiceRoute {
             return None;
         }
         match self.balance {
-            Balance::RoundRobin => {
-                available().nth(self.next.fetch_add(1, Ordering::Relaxed) % n)
-            }
+            Balance::RoundRobin => available().nth(self.next.fetch_add(1, Ordering::Relaxed) % n),
             Balance::Random => available().nth(rand::random::<usize>() % n),
             Balance::LeastConn => {
                 let a = available().nth(rand::random::<usize>() % n)?;

@@ -74,8 +74,7 @@ impl Etcd {
             .iter()
             .zip(&names)
             .map(|(ip, n)| {
-                let mut m =
-                    Etcd::member(Some(ns), n, &ip.to_string(), CLIENT_PORT, PEER_PORT);
+                let mut m = Etcd::member(Some(ns), n, &ip.to_string(), CLIENT_PORT, PEER_PORT);
                 m.initial_cluster = initial.clone();
                 m
             })
