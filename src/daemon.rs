@@ -169,6 +169,11 @@ async fn start_dataplane(
     .with_context(|| format!("proxy_port: cannot listen on port {}", config.proxy_port))?;
     let rules = Rules {
         netfilter: Netfilter::new(CommandRunner::new()),
+        reader: Netfilter::new(CommandRunner::with_prefix(vec![
+            "nice".into(),
+            "-n".into(),
+            "19".into(),
+        ])),
         proxy_port: config.proxy_port,
         bridge_interfaces: config.bridge_interfaces.clone(),
         vip_ranges: config.vip_ranges.clone(),

@@ -31,9 +31,11 @@ pub struct Proxy {
     pub config: ProxyConfig,
     pub routes: Arc<ArcSwap<RouteTable>>,
     /// One listening socket per core, all bound to the same port with SO_REUSEPORT: the kernel
-    /// spreads new connections over them, so no single accept loop is the bottleneck. The same
-    /// option lets a new fluxd bind the port before the old one lets go (upgrades).
-    listeners: Vec<TcpListener>,
+    /// spreads new connections over them, and each is served by its own thread with its own
+    /// single-threaded runtime, so a connection lives on one thread from accept to close (no
+    /// cross-thread wakeups; per-thread pipe pools stay warm). The same option lets a new fluxd
+    /// bind the port before the old one lets go (upgrades).
+    listeners: Vec<std::net::TcpListener>,
 }
 
 impl Proxy {
@@ -58,26 +60,56 @@ impl Proxy {
     pub async fn run(self, stop: watch::Receiver<bool>) {
         // One limit over all listeners: it bounds fds, which are per process.
         let limit = Arc::new(Semaphore::new(self.config.max_connections));
-        let loops: Vec<_> = self
+        let threads: Vec<_> = self
             .listeners
             .into_iter()
-            .map(|l| {
-                tokio::spawn(accept_loop(
-                    l,
-                    self.routes.clone(),
-                    self.config.connect_timeout,
-                    limit.clone(),
-                    stop.clone(),
-                ))
+            .enumerate()
+            .map(|(i, l)| {
+                let (routes, limit, stop) = (self.routes.clone(), limit.clone(), stop.clone());
+                let timeout = self.config.connect_timeout;
+                std::thread::Builder::new()
+                    .name(format!("flux-proxy-{i}"))
+                    .spawn(move || serve_thread(l, routes, timeout, limit, stop))
             })
             .collect();
-        for l in loops {
-            let _ = l.await;
-        }
+        // Waiting on OS threads blocks: do it off the async threads.
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads.into_iter().flatten() {
+                let _ = t.join();
+            }
+        })
+        .await;
     }
 }
 
-fn listen(addr: SocketAddrV4) -> io::Result<TcpListener> {
+/// One proxy thread: a single-threaded runtime accepting on its own listener until `stop`.
+/// Connections still open then end with the runtime, which is when fluxd exits anyway.
+fn serve_thread(
+    listener: std::net::TcpListener,
+    routes: Arc<ArcSwap<RouteTable>>,
+    timeout: Duration,
+    limit: Arc<Semaphore>,
+    stop: watch::Receiver<bool>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start a proxy thread");
+            return;
+        }
+    };
+    rt.block_on(async move {
+        match TcpListener::from_std(listener) {
+            Ok(l) => accept_loop(l, routes, timeout, limit, stop).await,
+            Err(e) => tracing::error!(error = %e, "cannot register the proxy listener"),
+        }
+    });
+}
+
+fn listen(addr: SocketAddrV4) -> io::Result<std::net::TcpListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::IPV4,
         socket2::Type::STREAM,
@@ -86,9 +118,11 @@ fn listen(addr: SocketAddrV4) -> io::Result<TcpListener> {
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
+    // Accepted sockets inherit TCP_NODELAY: one setsockopt per listener, not per connection.
+    socket.set_nodelay(true)?;
     socket.bind(&SocketAddr::V4(addr).into())?;
     socket.listen(4096)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
 async fn accept_loop(
@@ -141,7 +175,7 @@ async fn handle(client: TcpStream, routes: &ArcSwap<RouteTable>, timeout: Durati
         tracing::debug!(service = %service.name, "no instance reachable; reset");
         return reset(client);
     };
-    let _ = client.set_nodelay(true);
+    // The client side has TCP_NODELAY from the listener.
     let _ = stream.set_nodelay(true);
     backend.health.active.fetch_add(1, Ordering::Relaxed);
     let result = splice::bidirectional(&client, &stream).await;
