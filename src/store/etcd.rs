@@ -42,7 +42,10 @@ const REPUT_BATCH_OPS: usize = 100;
 const REPUT_BATCH_BYTES: usize = 1 << 20;
 const WATCH_CHANNEL: usize = 1024;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Short on purpose: after an outage, hosts must see each other's changes within seconds of
+/// etcd returning (a 5 s cap let a watch notice 6 s late); one attempt per second per stream
+/// costs etcd nothing.
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// A watch stream carries no traffic of its own while a prefix is quiet; HTTP/2 pings are what
 /// notice a peer that vanished without closing the connection. etcd refuses pings more often
 /// than every 5 s (`--grpc-keepalive-min-time`), and pings with no stream open at all.
