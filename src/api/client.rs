@@ -127,24 +127,15 @@ impl Client {
         };
         let (mut sender, host) = match &self.endpoint {
             Endpoint::Unix(p) => {
-                let s = tokio::net::UnixStream::connect(p)
-                    .await
-                    .map_err(|e| unreachable(e.to_string()))?;
-                let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
-                    .await
-                    .map_err(|e| unreachable(e.to_string()))?;
-                tokio::spawn(conn);
-                (sender, "localhost".to_string())
+                let s = tokio::net::UnixStream::connect(p).await;
+                (
+                    handshake(s).await.map_err(unreachable)?,
+                    "localhost".to_string(),
+                )
             }
             Endpoint::Tcp(a) => {
-                let s = tokio::net::TcpStream::connect(a)
-                    .await
-                    .map_err(|e| unreachable(e.to_string()))?;
-                let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
-                    .await
-                    .map_err(|e| unreachable(e.to_string()))?;
-                tokio::spawn(conn);
-                (sender, a.clone())
+                let s = tokio::net::TcpStream::connect(a).await;
+                (handshake(s).await.map_err(unreachable)?, a.clone())
             }
         };
         let req = Request::builder()
@@ -167,4 +158,20 @@ impl Client {
             .to_bytes();
         Ok((status, bytes))
     }
+}
+
+/// HTTP/1.1 over an already connected stream of either kind; the connection is driven by its
+/// own task.
+async fn handshake<S>(
+    stream: std::io::Result<S>,
+) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let stream = stream.map_err(|e| e.to_string())?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    Ok(sender)
 }
