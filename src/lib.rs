@@ -12,5 +12,6 @@ pub mod daemon;
 pub mod debug;
 pub mod docker;
 pub mod model;
+pub mod metrics;
 pub mod proxy;
 pub mod store;

@@ -1,0 +1,253 @@
+//! A short in-memory history of each instance's metrics, so that the web UI can draw live
+//! charts of the last 15 minutes without a Prometheus server. A sampler records, every
+//! interval, what each instance did during that interval; queries sum instances into groups
+//! (by instance, image, tag, host or any label) and turn bucket counts into percentiles.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use super::histogram::Snapshot;
+use super::{InstanceLabels, InstanceMetrics};
+
+/// Sampling interval.
+pub const INTERVAL_MS: u64 = 2000;
+/// 15 minutes of samples.
+pub const CAPACITY: usize = 450;
+
+/// What one instance did during one interval.
+#[derive(Debug, Clone)]
+struct Sample {
+    /// Unix ms at the end of the interval.
+    t: u64,
+    connections: u64,
+    failures: u64,
+    bytes_to_instance: u64,
+    bytes_to_client: u64,
+    active: i64,
+    /// Connect latency bucket counts observed in the interval.
+    connect: Snapshot,
+}
+
+/// Running totals last seen, to turn counters into per-interval amounts.
+#[derive(Debug, Clone, Default)]
+struct Totals {
+    connections: u64,
+    failures: u64,
+    bytes_to_instance: u64,
+    bytes_to_client: u64,
+    connect: Snapshot,
+}
+
+struct Track {
+    labels: InstanceLabels,
+    /// Container labels, for grouping by any label.
+    extra: BTreeMap<String, String>,
+    last: Totals,
+    samples: VecDeque<Sample>,
+    /// Sampled in the latest round; tracks not seen for a whole history are dropped.
+    last_seen: u64,
+}
+
+#[derive(Default)]
+pub struct History {
+    tracks: Mutex<HashMap<InstanceLabels, Track>>,
+}
+
+/// How to group instances into chart lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupBy {
+    Instance,
+    Image,
+    Tag,
+    Host,
+    Label(String),
+}
+
+impl GroupBy {
+    pub fn parse(s: &str) -> Option<GroupBy> {
+        Some(match s {
+            "instance" => GroupBy::Instance,
+            "image" => GroupBy::Image,
+            "tag" => GroupBy::Tag,
+            "host" => GroupBy::Host,
+            _ => GroupBy::Label(s.strip_prefix("label:")?.to_string()),
+        })
+    }
+}
+
+/// One chart line: a group's values per interval, aligned on `t`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Series {
+    pub key: String,
+    pub t: Vec<u64>,
+    pub connections_per_s: Vec<f64>,
+    pub bytes_per_s: Vec<f64>,
+    pub errors_per_s: Vec<f64>,
+    pub active: Vec<i64>,
+    /// Connect latency percentiles in ms; null where no connection was made.
+    pub connect_p50_ms: Vec<Option<f64>>,
+    pub connect_p99_ms: Vec<Option<f64>>,
+}
+
+impl History {
+    /// Records one interval for every instance currently routed.
+    pub fn sample<'a>(
+        &self,
+        instances: impl Iterator<Item = (&'a InstanceMetrics, &'a InstanceLabels, &'a BTreeMap<String, String>)>,
+    ) {
+        let t = unix_ms();
+        let Ok(mut tracks) = self.tracks.lock() else {
+            return;
+        };
+        for (m, labels, extra) in instances {
+            let now = Totals {
+                connections: m.connections.get(),
+                failures: m.connect_failures.get(),
+                bytes_to_instance: m.bytes_to_instance.get(),
+                bytes_to_client: m.bytes_to_client.get(),
+                connect: m.connect_seconds.snapshot(),
+            };
+            let track = tracks.entry(labels.clone()).or_insert_with(|| Track {
+                labels: labels.clone(),
+                extra: extra.clone(),
+                last: now.clone(),
+                samples: VecDeque::with_capacity(CAPACITY),
+                last_seen: t,
+            });
+            let s = Sample {
+                t,
+                connections: now.connections.saturating_sub(track.last.connections),
+                failures: now.failures.saturating_sub(track.last.failures),
+                bytes_to_instance: now.bytes_to_instance.saturating_sub(track.last.bytes_to_instance),
+                bytes_to_client: now.bytes_to_client.saturating_sub(track.last.bytes_to_client),
+                active: m.active.get(),
+                connect: now.connect.since(&track.last.connect),
+            };
+            if track.samples.len() == CAPACITY {
+                track.samples.pop_front();
+            }
+            track.samples.push_back(s);
+            track.last = now;
+            track.last_seen = t;
+        }
+        let horizon = t.saturating_sub(INTERVAL_MS * CAPACITY as u64);
+        tracks.retain(|_, tr| tr.last_seen >= horizon);
+    }
+
+    /// The lines of one service's charts, grouped, oldest first.
+    pub fn series(&self, service: &str, group: &GroupBy) -> Vec<Series> {
+        let Ok(tracks) = self.tracks.lock() else {
+            return vec![];
+        };
+        // Per group, per timestamp: summed amounts and merged latency buckets.
+        let mut groups: BTreeMap<String, BTreeMap<u64, Sample>> = BTreeMap::new();
+        for tr in tracks.values().filter(|t| t.labels.service == service) {
+            let key = match group {
+                GroupBy::Instance => tr.labels.instance.clone(),
+                GroupBy::Image => tr.labels.image.clone(),
+                GroupBy::Tag => tr.labels.tag.clone(),
+                GroupBy::Host => tr.labels.host.clone(),
+                GroupBy::Label(l) => tr.extra.get(l).cloned().unwrap_or_default(),
+            };
+            let key = if key.is_empty() { "(none)".to_string() } else { key };
+            let by_t = groups.entry(key).or_default();
+            for s in &tr.samples {
+                // Samples of one round share a timestamp to the ms; round to the interval so
+                // that instances sampled a few ms apart still line up.
+                let slot = s.t / INTERVAL_MS * INTERVAL_MS;
+                by_t.entry(slot)
+                    .and_modify(|acc| add(acc, s))
+                    .or_insert_with(|| s.clone());
+            }
+        }
+        let secs = INTERVAL_MS as f64 / 1000.0;
+        groups
+            .into_iter()
+            .map(|(key, by_t)| {
+                let mut out = Series {
+                    key,
+                    t: vec![],
+                    connections_per_s: vec![],
+                    bytes_per_s: vec![],
+                    errors_per_s: vec![],
+                    active: vec![],
+                    connect_p50_ms: vec![],
+                    connect_p99_ms: vec![],
+                };
+                for (t, s) in by_t {
+                    out.t.push(t);
+                    out.connections_per_s.push(s.connections as f64 / secs);
+                    out.bytes_per_s
+                        .push((s.bytes_to_instance + s.bytes_to_client) as f64 / secs);
+                    out.errors_per_s.push(s.failures as f64 / secs);
+                    out.active.push(s.active);
+                    out.connect_p50_ms.push(s.connect.quantile(0.5).map(|v| v * 1000.0));
+                    out.connect_p99_ms.push(s.connect.quantile(0.99).map(|v| v * 1000.0));
+                }
+                out
+            })
+            .collect()
+    }
+}
+
+fn add(acc: &mut Sample, s: &Sample) {
+    acc.connections += s.connections;
+    acc.failures += s.failures;
+    acc.bytes_to_instance += s.bytes_to_instance;
+    acc.bytes_to_client += s.bytes_to_client;
+    acc.active += s.active;
+    for (a, b) in acc.connect.cumulative.iter_mut().zip(&s.connect.cumulative) {
+        *a += b;
+    }
+    acc.connect.sum_seconds += s.connect.sum_seconds;
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    fn labels(instance: &str, tag: &str) -> InstanceLabels {
+        InstanceLabels {
+            service: "web".into(),
+            instance: instance.into(),
+            host: "h1".into(),
+            image: "img".into(),
+            tag: tag.into(),
+        }
+    }
+
+    #[test]
+    fn groups_versions_into_lines() {
+        let m = Metrics::new();
+        let h = History::default();
+        let ls = [labels("a", "v1"), labels("b", "v1"), labels("c", "v2")];
+        let ms: Vec<_> = ls.iter().map(|l| m.instance(l)).collect();
+        let extra = BTreeMap::new();
+        h.sample(ms.iter().zip(&ls).map(|(m, l)| (m, l, &extra)));
+        for (i, m) in ms.iter().enumerate() {
+            m.connections.inc_by(10 * (i as u64 + 1));
+            m.connect_seconds.observe(0.001);
+        }
+        h.sample(ms.iter().zip(&ls).map(|(m, l)| (m, l, &extra)));
+        let by_tag = h.series("web", &GroupBy::Tag);
+        assert_eq!(by_tag.len(), 2);
+        assert_eq!(by_tag[0].key, "v1");
+        let last = |s: &Series| *s.connections_per_s.last().unwrap();
+        assert_eq!(last(&by_tag[0]), 30.0 / (INTERVAL_MS as f64 / 1000.0));
+        assert_eq!(last(&by_tag[1]), 30.0 / (INTERVAL_MS as f64 / 1000.0));
+        assert!(by_tag[0].connect_p50_ms.last().unwrap().is_some());
+        assert_eq!(h.series("web", &GroupBy::Instance).len(), 3);
+        assert_eq!(GroupBy::parse("label:team"), Some(GroupBy::Label("team".into())));
+    }
+}

@@ -1,0 +1,203 @@
+//! Metrics, collected where the connection is made (the client's host): per service and
+//! instance, connections, connect failures and retries, bytes each way, connect latency and
+//! connection duration. The proxy holds direct handles (shared atomics), so counting costs an
+//! atomic add and no lookup; `/metrics` renders the registry in the Prometheus exposition
+//! format (OpenMetrics text).
+
+pub mod histogram;
+pub mod history;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::{Family, MetricConstructor};
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use histogram::{AtomicHistogram, CONNECT_BUCKETS, DURATION_BUCKETS};
+
+/// Who a series is about. `host` is the host the instance runs on (empty for static
+/// instances); image and tag let dashboards compare versions of a service.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct InstanceLabels {
+    pub service: String,
+    pub instance: String,
+    pub host: String,
+    pub image: String,
+    pub tag: String,
+}
+
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelValue)]
+pub enum Direction {
+    /// From the client to the instance.
+    ToInstance,
+    /// From the instance to the client.
+    ToClient,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+struct BytesLabels {
+    #[prometheus(flatten)]
+    instance: InstanceLabels,
+    direction: Direction,
+}
+
+#[derive(Clone)]
+struct Buckets(&'static [f64]);
+
+impl MetricConstructor<AtomicHistogram> for Buckets {
+    fn new_metric(&self) -> AtomicHistogram {
+        AtomicHistogram::new(self.0)
+    }
+}
+
+/// The handles of one instance's series; clones share the same counts.
+#[derive(Debug, Clone)]
+pub struct InstanceMetrics {
+    pub connections: Counter,
+    pub active: Gauge,
+    pub connect_failures: Counter,
+    /// Connections that reached this instance after another one failed.
+    pub retries: Counter,
+    pub bytes_to_instance: Counter,
+    pub bytes_to_client: Counter,
+    pub connect_seconds: AtomicHistogram,
+    pub duration_seconds: AtomicHistogram,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    connections: Family<InstanceLabels, Counter>,
+    active: Family<InstanceLabels, Gauge>,
+    connect_failures: Family<InstanceLabels, Counter>,
+    retries: Family<InstanceLabels, Counter>,
+    bytes: Family<BytesLabels, Counter>,
+    connect_seconds: Family<InstanceLabels, AtomicHistogram, Buckets>,
+    duration_seconds: Family<InstanceLabels, AtomicHistogram, Buckets>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("flux");
+        let m = Metrics {
+            connections: Family::default(),
+            active: Family::default(),
+            connect_failures: Family::default(),
+            retries: Family::default(),
+            bytes: Family::default(),
+            connect_seconds: Family::new_with_constructor(Buckets(CONNECT_BUCKETS)),
+            duration_seconds: Family::new_with_constructor(Buckets(DURATION_BUCKETS)),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "connections",
+            "Connections proxied to an instance",
+            m.connections.clone(),
+        );
+        registry.register(
+            "connections_active",
+            "Connections open to an instance now",
+            m.active.clone(),
+        );
+        registry.register(
+            "connect_failures",
+            "Connect attempts to an instance that failed (the next instance was tried)",
+            m.connect_failures.clone(),
+        );
+        registry.register(
+            "connect_retries",
+            "Connections that reached an instance after another instance failed",
+            m.retries.clone(),
+        );
+        registry.register(
+            "transferred_bytes",
+            "Bytes moved between clients and an instance",
+            m.bytes.clone(),
+        );
+        registry.register(
+            "connect_duration_seconds",
+            "Time to connect to an instance",
+            m.connect_seconds.clone(),
+        );
+        registry.register(
+            "connection_duration_seconds",
+            "Lifetime of proxied connections",
+            m.duration_seconds.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The handles for one instance, creating its series.
+    pub fn instance(&self, labels: &InstanceLabels) -> InstanceMetrics {
+        let bytes = |direction| BytesLabels {
+            instance: labels.clone(),
+            direction,
+        };
+        InstanceMetrics {
+            connections: self.connections.get_or_create(labels).clone(),
+            active: self.active.get_or_create(labels).clone(),
+            connect_failures: self.connect_failures.get_or_create(labels).clone(),
+            retries: self.retries.get_or_create(labels).clone(),
+            bytes_to_instance: self.bytes.get_or_create(&bytes(Direction::ToInstance)).clone(),
+            bytes_to_client: self.bytes.get_or_create(&bytes(Direction::ToClient)).clone(),
+            connect_seconds: self.connect_seconds.get_or_create(labels).clone(),
+            duration_seconds: self.duration_seconds.get_or_create(labels).clone(),
+        }
+    }
+
+    /// Drops the series of an instance that is gone, so that /metrics does not grow forever.
+    pub fn forget(&self, labels: &InstanceLabels) {
+        self.connections.remove(labels);
+        self.active.remove(labels);
+        self.connect_failures.remove(labels);
+        self.retries.remove(labels);
+        for direction in [Direction::ToInstance, Direction::ToClient] {
+            self.bytes.remove(&BytesLabels {
+                instance: labels.clone(),
+                direction,
+            });
+        }
+        self.connect_seconds.remove(labels);
+        self.duration_seconds.remove(labels);
+    }
+
+    /// The exposition text for `/metrics`.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_follow_instances() {
+        let m = Metrics::new();
+        let l = InstanceLabels {
+            service: "web".into(),
+            instance: "b0".into(),
+            host: "h1".into(),
+            image: "docker.io/library/web".into(),
+            tag: "v1".into(),
+        };
+        let h = m.instance(&l);
+        h.connections.inc();
+        h.bytes_to_client.inc_by(64);
+        h.connect_seconds.observe(0.001);
+        let text = m.encode();
+        assert!(text.contains(r#"flux_connections_total{service="web",instance="b0",host="h1",image="docker.io/library/web",tag="v1"} 1"#), "{text}");
+        assert!(text.contains(r#"direction="to_client"} 64"#), "{text}");
+        assert!(text.contains("flux_connect_duration_seconds_bucket"), "{text}");
+        m.forget(&l);
+        assert!(!m.encode().contains("b0"));
+    }
+}
