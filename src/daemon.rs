@@ -83,6 +83,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         followed: states.clone(),
         vip_ranges: config.vip_ranges.clone(),
     });
+    let http = tokio::net::TcpListener::bind(config.http)
+        .await
+        .with_context(|| format!("http: cannot listen on {}", config.http))?;
+    let http_task = tokio::spawn(server::serve_http(http, api.clone(), stop_rx.clone()));
     let api_task = tokio::spawn(server::serve_unix(
         listener,
         config.api.clone(),
@@ -100,6 +104,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!("stopping");
     let _ = stop_tx.send(true);
     let _ = api_task.await;
+    let _ = http_task.await;
     if let Some(d) = dataplane {
         d.stop(config.keep_rules).await;
     }
@@ -184,9 +189,23 @@ async fn start_dataplane(
     controller.initial_sync(first).await;
     let tasks = vec![
         tokio::spawn(proxy.run(stop.clone())),
-        tokio::spawn(controller.run(states, stop)),
+        tokio::spawn(controller.run(states, stop.clone())),
+        tokio::spawn(sample_history(status.clone(), stop)),
     ];
     Ok(Dataplane { status, tasks })
+}
+
+/// Feeds the UI's history every interval until stop.
+async fn sample_history(status: Arc<Status>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(
+        crate::metrics::history::INTERVAL_MS,
+    ));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => status.sample(),
+            _ = stop.changed() => return,
+        }
+    }
 }
 
 async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {

@@ -90,7 +90,7 @@ impl DebugView {
                     .map(|b| BackendHealth {
                         instance: b.instance.clone(),
                         address: b.addr.to_string(),
-                        health: b.health.view(),
+                        health: b.view(),
                     })
                     .collect(),
             });

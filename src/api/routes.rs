@@ -13,6 +13,7 @@ use serde::Serialize;
 use super::views::{ErrorBody, InstanceQuery, InstanceView, ServiceInfo};
 use crate::catalog::{Catalog, CatalogError, State};
 use crate::controller::Status;
+use crate::metrics::history::GroupBy;
 use crate::model::{self, Instance, InvalidInput, Origin, Rule, Service};
 use crate::proxy::health::HealthView;
 use crate::store::StoreError;
@@ -56,7 +57,7 @@ impl Api {
             .backends
             .iter()
             .find(|b| b.instance == i.name && Some(b.addr) == i.address)
-            .map(|b| b.health.view())
+            .map(|b| b.view())
     }
 }
 
@@ -167,6 +168,8 @@ async fn route(api: &Api, req: Request<Incoming>) -> Answer {
                 &serde_json::json!({ "revision": listing.revision, "keys": listing.kvs.len() }),
             ))
         }
+        (&Method::GET, ["metrics"]) => Ok(metrics(api)),
+        (&Method::GET, ["v1", "series"]) => series(api, &query),
         (&Method::GET, ["v1", "debug"]) => {
             let view = super::debug::DebugView::gather(api).await;
             Ok(json(StatusCode::OK, &view))
@@ -273,6 +276,61 @@ async fn query_instances(api: &Api, query: &str) -> Answer {
         .filter(|v| q.matches(v))
         .collect();
     Ok(json(StatusCode::OK, &views))
+}
+
+/// Prometheus exposition (OpenMetrics text) of every routed instance's series.
+fn metrics(api: &Api) -> Response<Body> {
+    let text = api
+        .dataplane
+        .as_ref()
+        .map(|d| d.metrics.encode())
+        .unwrap_or_else(|| "# EOF\n".to_string());
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )
+        .body(Full::new(Bytes::from(text)))
+        .expect("static headers are valid")
+}
+
+/// Chart lines for one service from this host's history: `?service=web&group=tag`.
+fn series(api: &Api, query: &str) -> Answer {
+    let mut service = None;
+    let mut group = GroupBy::Instance;
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        match k.as_ref() {
+            "service" => service = Some(v.into_owned()),
+            "group" => {
+                group = GroupBy::parse(&v).ok_or_else(|| {
+                    InvalidInput::new("group", "must be instance, image, tag, host or label:NAME")
+                        .value(v.as_ref())
+                })?
+            }
+            other => {
+                return Err(InvalidInput::new(
+                    other.to_string(),
+                    "unknown query parameter",
+                ))?
+            }
+        }
+    }
+    let service = service.ok_or_else(|| InvalidInput::new("service", "required"))?;
+    let lines = api
+        .dataplane
+        .as_ref()
+        .map(|d| d.history.series(&service, &group))
+        .unwrap_or_default();
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "host": api.host_name,
+            "service": service,
+            "interval_ms": crate::metrics::history::INTERVAL_MS,
+            "series": lines,
+        }),
+    ))
 }
 
 /// Reads a request body, refusing anything larger than a record can be.

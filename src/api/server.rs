@@ -77,3 +77,64 @@ pub async fn serve_unix(
     }
     let _ = std::fs::remove_file(&path);
 }
+
+/// Serves the web UI, `/metrics` and the read-only part of the API over TCP (`--http`) until
+/// `shutdown`. Only GET and HEAD are answered: this socket has no access control, so nothing
+/// that changes state is reachable through it.
+pub async fn serve_http(
+    listener: tokio::net::TcpListener,
+    api: Arc<Api>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let api = api.clone();
+                    tokio::spawn(async move {
+                        let svc = service_fn(move |req| {
+                            let api = api.clone();
+                            async move { Ok::<_, std::convert::Infallible>(read_only(api, req).await) }
+                        });
+                        if let Err(e) = http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .await
+                        {
+                            tracing::debug!(error = %e, "http connection ended with an error");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "http accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            },
+            _ = shutdown.changed() => break,
+        }
+    }
+}
+
+async fn read_only(
+    api: Arc<Api>,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> hyper::Response<super::routes::Body> {
+    use hyper::{Method, Response, StatusCode};
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Response::builder()
+            .status(StatusCode::METHOD_NOT_ALLOWED)
+            .header("allow", "GET, HEAD")
+            .body(super::routes::Body::from(
+                "read-only: use fluxctl on the host\n",
+            ))
+            .expect("static headers are valid");
+    }
+    if let Some((content_type, bytes)) = crate::ui::asset(req.uri().path()) {
+        return Response::builder()
+            .status(StatusCode::OK)
+            .header("content-type", content_type)
+            .header("cache-control", "no-cache")
+            .body(super::routes::Body::from(bytes))
+            .expect("static headers are valid");
+    }
+    handle(api, req).await
+}

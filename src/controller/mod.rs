@@ -15,7 +15,8 @@ use tokio::sync::watch;
 
 use crate::catalog::State;
 use crate::docker::LocalInstances;
-use crate::proxy::health::Health;
+use crate::metrics::history::History;
+use crate::metrics::Metrics;
 use crate::proxy::routes::RouteTable;
 use routing::HealthKey;
 
@@ -44,9 +45,25 @@ pub struct Status {
     pub state: ArcSwap<State>,
     /// Drift repairs since start.
     pub repairs: AtomicU64,
+    /// Every instance's series, for `/metrics` and the UI's history.
+    pub metrics: Arc<Metrics>,
+    /// The last 15 minutes of every instance's series, for the UI's charts.
+    pub history: Arc<History>,
 }
 
 impl Status {
+    /// Records one interval of every routed instance into the history.
+    pub fn sample(&self) {
+        let routes = self.routes.load();
+        self.history.sample(
+            routes
+                .services
+                .values()
+                .flat_map(|r| r.backends.iter())
+                .map(|b| (&b.metrics, &b.labels, &b.extra)),
+        );
+    }
+
     pub fn new(routes: Arc<ArcSwap<RouteTable>>, rules: Option<Rules>) -> Arc<Status> {
         Arc::new(Status {
             routes,
@@ -54,6 +71,8 @@ impl Status {
             applied: Mutex::new(None),
             state: ArcSwap::from_pointee(State::default()),
             repairs: AtomicU64::new(0),
+            metrics: Arc::new(Metrics::new()),
+            history: Arc::new(History::default()),
         })
     }
 }
@@ -66,7 +85,7 @@ pub struct Controller {
     local: Option<watch::Receiver<Option<Arc<LocalInstances>>>>,
     /// The catalog state last received.
     catalog: Arc<State>,
-    health: HashMap<HealthKey, Arc<Health>>,
+    kept: HashMap<HealthKey, routing::Kept>,
     /// Skipped records last reported, so each is logged once and not at every sync.
     reported: Vec<String>,
 }
@@ -82,7 +101,7 @@ impl Controller {
             host,
             local,
             catalog: Arc::new(State::default()),
-            health: HashMap::new(),
+            kept: HashMap::new(),
             reported: Vec::new(),
         }
     }
@@ -136,7 +155,7 @@ impl Controller {
             }
             self.reported = state.skipped.clone();
         }
-        let table = routing::route_table(&state, &mut self.health);
+        let table = routing::route_table(&state, &mut self.kept, &self.status.metrics);
         self.status.routes.store(Arc::new(table));
         if let Some(rules) = &self.status.rules {
             let desired = netfilter::render(&routing::desired_rules(

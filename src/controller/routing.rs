@@ -7,6 +7,8 @@ use std::sync::Arc;
 
 use crate::catalog::State;
 use crate::docker::LocalInstances;
+use crate::metrics::{InstanceLabels, InstanceMetrics, Metrics};
+use crate::model::Instance;
 use crate::model::Origin;
 use crate::proxy::health::Health;
 use crate::proxy::routes::{Backend, RouteTable, ServiceRoute};
@@ -15,7 +17,20 @@ use crate::proxy::routes::{Backend, RouteTable, ServiceRoute};
 /// address is a new backend and starts live.
 pub type HealthKey = (String, String, SocketAddrV4);
 
-pub fn route_table(state: &State, health: &mut HashMap<HealthKey, Arc<Health>>) -> RouteTable {
+/// What survives a rebuild of the routing table for one instance: its health and its series.
+#[derive(Clone)]
+pub struct Kept {
+    pub health: Arc<Health>,
+    pub metrics: InstanceMetrics,
+    pub labels: InstanceLabels,
+}
+
+/// Builds the table; instances that are gone have their series dropped from `metrics`.
+pub fn route_table(
+    state: &State,
+    kept: &mut HashMap<HealthKey, Kept>,
+    metrics: &Metrics,
+) -> RouteTable {
     let mut table = RouteTable::default();
     let mut seen = HashMap::new();
     for service in state.services.values() {
@@ -24,13 +39,28 @@ pub fn route_table(state: &State, health: &mut HashMap<HealthKey, Arc<Health>>) 
             .filter_map(|i| {
                 let addr = i.address?;
                 let key = (i.service.clone(), i.name.clone(), addr);
-                let h = health.get(&key).cloned().unwrap_or_default();
-                seen.insert(key, h.clone());
+                let labels = labels_of(i);
+                let k = match kept.get(&key) {
+                    Some(k) if k.labels == labels => k.clone(),
+                    _ => Kept {
+                        health: Arc::default(),
+                        metrics: metrics.instance(&labels),
+                        labels,
+                    },
+                };
+                seen.insert(key, k.clone());
                 Some(Arc::new(Backend {
                     service: i.service.clone(),
                     instance: i.name.clone(),
                     addr,
-                    health: h,
+                    health: k.health,
+                    metrics: k.metrics,
+                    labels: k.labels,
+                    extra: i
+                        .container
+                        .as_ref()
+                        .map(|c| c.labels.clone())
+                        .unwrap_or_default(),
                 }))
             })
             .collect();
@@ -42,8 +72,24 @@ pub fn route_table(state: &State, health: &mut HashMap<HealthKey, Arc<Health>>) 
         table.by_name.insert(service.name.clone(), route.clone());
         table.services.insert(service.address, route);
     }
-    *health = seen;
+    for (key, k) in kept.iter() {
+        if seen.get(key).is_none_or(|s| s.labels != k.labels) {
+            metrics.forget(&k.labels);
+        }
+    }
+    *kept = seen;
     table
+}
+
+fn labels_of(i: &Instance) -> InstanceLabels {
+    let c = i.container.as_ref();
+    InstanceLabels {
+        service: i.service.clone(),
+        instance: i.name.clone(),
+        host: i.host.clone().unwrap_or_default(),
+        image: c.map(|c| c.image.clone()).unwrap_or_default(),
+        tag: c.map(|c| c.tag.clone()).unwrap_or_default(),
+    }
 }
 
 pub fn desired_rules(

@@ -142,12 +142,18 @@ impl TypedMetric for AtomicHistogram {
 impl EncodeMetric for AtomicHistogram {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
         let s = self.snapshot();
+        // The encoder accumulates bucket counts itself: hand it each bucket's own count.
+        let mut below = 0;
         let buckets: Vec<(f64, u64)> = s
             .bounds
             .iter()
             .copied()
             .chain(std::iter::once(f64::INFINITY))
-            .zip(s.cumulative.iter().copied())
+            .zip(s.cumulative.iter().map(|&c| {
+                let own = c - below;
+                below = c;
+                own
+            }))
             .collect();
         encoder.encode_histogram::<NoLabelSet>(s.sum_seconds, s.count(), &buckets, None)
     }

@@ -96,7 +96,13 @@ impl History {
     /// Records one interval for every instance currently routed.
     pub fn sample<'a>(
         &self,
-        instances: impl Iterator<Item = (&'a InstanceMetrics, &'a InstanceLabels, &'a BTreeMap<String, String>)>,
+        instances: impl Iterator<
+            Item = (
+                &'a InstanceMetrics,
+                &'a InstanceLabels,
+                &'a BTreeMap<String, String>,
+            ),
+        >,
     ) {
         let t = unix_ms();
         let Ok(mut tracks) = self.tracks.lock() else {
@@ -121,8 +127,12 @@ impl History {
                 t,
                 connections: now.connections.saturating_sub(track.last.connections),
                 failures: now.failures.saturating_sub(track.last.failures),
-                bytes_to_instance: now.bytes_to_instance.saturating_sub(track.last.bytes_to_instance),
-                bytes_to_client: now.bytes_to_client.saturating_sub(track.last.bytes_to_client),
+                bytes_to_instance: now
+                    .bytes_to_instance
+                    .saturating_sub(track.last.bytes_to_instance),
+                bytes_to_client: now
+                    .bytes_to_client
+                    .saturating_sub(track.last.bytes_to_client),
                 active: m.active.get(),
                 connect: now.connect.since(&track.last.connect),
             };
@@ -152,7 +162,11 @@ impl History {
                 GroupBy::Host => tr.labels.host.clone(),
                 GroupBy::Label(l) => tr.extra.get(l).cloned().unwrap_or_default(),
             };
-            let key = if key.is_empty() { "(none)".to_string() } else { key };
+            let key = if key.is_empty() {
+                "(none)".to_string()
+            } else {
+                key
+            };
             let by_t = groups.entry(key).or_default();
             for s in &tr.samples {
                 // Samples of one round share a timestamp to the ms; round to the interval so
@@ -184,8 +198,10 @@ impl History {
                         .push((s.bytes_to_instance + s.bytes_to_client) as f64 / secs);
                     out.errors_per_s.push(s.failures as f64 / secs);
                     out.active.push(s.active);
-                    out.connect_p50_ms.push(s.connect.quantile(0.5).map(|v| v * 1000.0));
-                    out.connect_p99_ms.push(s.connect.quantile(0.99).map(|v| v * 1000.0));
+                    out.connect_p50_ms
+                        .push(s.connect.quantile(0.5).map(|v| v * 1000.0));
+                    out.connect_p99_ms
+                        .push(s.connect.quantile(0.99).map(|v| v * 1000.0));
                 }
                 out
             })
@@ -248,6 +264,9 @@ mod tests {
         assert_eq!(last(&by_tag[1]), 30.0 / (INTERVAL_MS as f64 / 1000.0));
         assert!(by_tag[0].connect_p50_ms.last().unwrap().is_some());
         assert_eq!(h.series("web", &GroupBy::Instance).len(), 3);
-        assert_eq!(GroupBy::parse("label:team"), Some(GroupBy::Label("team".into())));
+        assert_eq!(
+            GroupBy::parse("label:team"),
+            Some(GroupBy::Label("team".into()))
+        );
     }
 }

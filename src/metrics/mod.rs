@@ -26,12 +26,14 @@ pub struct InstanceLabels {
     pub tag: String,
 }
 
+/// Variant names are the label values, hence snake case.
+#[allow(non_camel_case_types)]
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelValue)]
 pub enum Direction {
     /// From the client to the instance.
-    ToInstance,
+    to_instance,
     /// From the instance to the client.
-    ToClient,
+    to_client,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
@@ -138,15 +140,31 @@ impl Metrics {
             instance: labels.clone(),
             direction,
         };
+        // One statement per lookup: get_or_create returns a read guard, and a second lookup
+        // in the same family while the first guard lives would deadlock on the write lock.
+        let bytes_to_instance = self
+            .bytes
+            .get_or_create(&bytes(Direction::to_instance))
+            .clone();
+        let bytes_to_client = self
+            .bytes
+            .get_or_create(&bytes(Direction::to_client))
+            .clone();
+        let connections = self.connections.get_or_create(labels).clone();
+        let active = self.active.get_or_create(labels).clone();
+        let connect_failures = self.connect_failures.get_or_create(labels).clone();
+        let retries = self.retries.get_or_create(labels).clone();
+        let connect_seconds = self.connect_seconds.get_or_create(labels).clone();
+        let duration_seconds = self.duration_seconds.get_or_create(labels).clone();
         InstanceMetrics {
-            connections: self.connections.get_or_create(labels).clone(),
-            active: self.active.get_or_create(labels).clone(),
-            connect_failures: self.connect_failures.get_or_create(labels).clone(),
-            retries: self.retries.get_or_create(labels).clone(),
-            bytes_to_instance: self.bytes.get_or_create(&bytes(Direction::ToInstance)).clone(),
-            bytes_to_client: self.bytes.get_or_create(&bytes(Direction::ToClient)).clone(),
-            connect_seconds: self.connect_seconds.get_or_create(labels).clone(),
-            duration_seconds: self.duration_seconds.get_or_create(labels).clone(),
+            connections,
+            active,
+            connect_failures,
+            retries,
+            bytes_to_instance,
+            bytes_to_client,
+            connect_seconds,
+            duration_seconds,
         }
     }
 
@@ -156,7 +174,7 @@ impl Metrics {
         self.active.remove(labels);
         self.connect_failures.remove(labels);
         self.retries.remove(labels);
-        for direction in [Direction::ToInstance, Direction::ToClient] {
+        for direction in [Direction::to_instance, Direction::to_client] {
             self.bytes.remove(&BytesLabels {
                 instance: labels.clone(),
                 direction,
@@ -196,7 +214,10 @@ mod tests {
         let text = m.encode();
         assert!(text.contains(r#"flux_connections_total{service="web",instance="b0",host="h1",image="docker.io/library/web",tag="v1"} 1"#), "{text}");
         assert!(text.contains(r#"direction="to_client"} 64"#), "{text}");
-        assert!(text.contains("flux_connect_duration_seconds_bucket"), "{text}");
+        assert!(
+            text.contains("flux_connect_duration_seconds_bucket"),
+            "{text}"
+        );
         m.forget(&l);
         assert!(!m.encode().contains("b0"));
     }

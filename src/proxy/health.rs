@@ -3,6 +3,8 @@
 //! atomics because every connection reads it and no lock belongs on that path.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use crate::metrics::InstanceMetrics;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -21,12 +23,6 @@ pub struct Health {
     retry_at_ms: AtomicU64,
     /// Unix ms of the last successful connect; 0 if none yet.
     last_success_unix_ms: AtomicU64,
-    /// Connections open to this instance right now.
-    pub active: AtomicU32,
-    /// Connections made to this instance since fluxd started.
-    pub connections: AtomicU64,
-    /// Failed connect attempts since fluxd started.
-    pub connect_failures: AtomicU64,
 }
 
 impl Health {
@@ -48,18 +44,17 @@ impl Health {
         self.retry_at_ms.store(0, Ordering::Relaxed);
         self.last_success_unix_ms
             .store(unix_ms(), Ordering::Relaxed);
-        self.connections.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn failed(&self) {
         let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        self.connect_failures.fetch_add(1, Ordering::Relaxed);
         let delay = backoff(n, rand::random::<f64>());
         self.retry_at_ms
             .store(now_ms() + delay.as_millis() as u64, Ordering::Relaxed);
     }
 
-    pub fn view(&self) -> HealthView {
+    /// What `fluxctl query` and `fluxd debug` show; the counts come from the instance's metrics.
+    pub fn view(&self, metrics: &InstanceMetrics) -> HealthView {
         let retry_at = self.retry_at_ms.load(Ordering::Relaxed);
         let now = now_ms();
         HealthView {
@@ -70,9 +65,9 @@ impl Health {
                 0 => None,
                 t => Some(t),
             },
-            active: self.active.load(Ordering::Relaxed),
-            connections: self.connections.load(Ordering::Relaxed),
-            connect_failures: self.connect_failures.load(Ordering::Relaxed),
+            active: metrics.active.get().max(0) as u32,
+            connections: metrics.connections.get(),
+            connect_failures: metrics.connect_failures.get(),
         }
     }
 }

@@ -3,9 +3,8 @@
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use nix::sys::socket::{getsockopt, sockopt::OriginalDst};
@@ -177,9 +176,13 @@ async fn handle(client: TcpStream, routes: &ArcSwap<RouteTable>, timeout: Durati
     };
     // The client side has TCP_NODELAY from the listener.
     let _ = stream.set_nodelay(true);
-    backend.health.active.fetch_add(1, Ordering::Relaxed);
-    let result = splice::bidirectional(&client, &stream).await;
-    backend.health.active.fetch_sub(1, Ordering::Relaxed);
+    let m = &backend.metrics;
+    m.connections.inc();
+    m.active.inc();
+    let started = Instant::now();
+    let result = splice::bidirectional(&client, &stream, m).await;
+    m.duration_seconds.observe(started.elapsed().as_secs_f64());
+    m.active.dec();
     if let Err(e) = result {
         tracing::trace!(service = %service.name, instance = %backend.instance, error = %e, "connection ended with an error");
     }
@@ -204,6 +207,8 @@ async fn connect_any(
             continue;
         }
         if let Some(stream) = try_backend(client, &b, timeout).await {
+            // Reached only after another instance failed this connection.
+            b.metrics.retries.inc();
             return Some((b, stream));
         }
     }
@@ -215,19 +220,28 @@ async fn try_backend(
     backend: &Backend,
     timeout: Duration,
 ) -> Option<TcpStream> {
+    let started = Instant::now();
     let why = match tokio::time::timeout(timeout, TcpStream::connect(backend.addr)).await {
-        Ok(Ok(stream)) => match first_ready(client, &stream).await {
-            Ok(()) => {
-                backend.health.succeeded();
-                return Some(stream);
+        Ok(Ok(stream)) => {
+            // Connect time only: first_ready waits for whoever speaks first.
+            backend
+                .metrics
+                .connect_seconds
+                .observe(started.elapsed().as_secs_f64());
+            match first_ready(client, &stream).await {
+                Ok(()) => {
+                    backend.health.succeeded();
+                    return Some(stream);
+                }
+                Err(e) => e.to_string(),
             }
-            Err(e) => e.to_string(),
-        },
+        }
         Ok(Err(e)) => e.to_string(),
         Err(_) => "connect timed out".to_string(),
     };
     tracing::debug!(instance = %backend.instance, addr = %backend.addr, error = %why, "instance failed; trying the next");
     backend.health.failed();
+    backend.metrics.connect_failures.inc();
     None
 }
 

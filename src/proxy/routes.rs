@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::health::{now_ms, Health};
+use crate::metrics::{InstanceLabels, InstanceMetrics};
 use crate::model::Balance;
 
 /// One instance the proxy may connect to.
@@ -18,6 +19,17 @@ pub struct Backend {
     pub addr: SocketAddrV4,
     /// Shared with earlier tables, so health survives a table rebuild.
     pub health: Arc<Health>,
+    /// This instance's series; shared with earlier tables like `health`.
+    pub metrics: InstanceMetrics,
+    pub labels: InstanceLabels,
+    /// Container labels, for grouping chart lines by any label.
+    pub extra: std::collections::BTreeMap<String, String>,
+}
+
+impl Backend {
+    pub fn view(&self) -> super::health::HealthView {
+        self.health.view(&self.metrics)
+    }
 }
 
 #[derive(Debug)]
@@ -54,7 +66,7 @@ impl ServiceRoute {
             Balance::LeastConn => {
                 let a = available().nth(rand::random::<usize>() % n)?;
                 let b = available().nth(rand::random::<usize>() % n)?;
-                let active = |x: &Backend| x.health.active.load(Ordering::Relaxed);
+                let active = |x: &Backend| x.metrics.active.get();
                 Some(if active(b) < active(a) { b } else { a })
             }
         }
@@ -88,7 +100,7 @@ impl ServiceRoute {
 fn least_of_two(avail: &[Arc<Backend>]) -> usize {
     let a = rand::random::<usize>() % avail.len();
     let b = rand::random::<usize>() % avail.len();
-    let active = |i: usize| avail[i].health.active.load(Ordering::Relaxed);
+    let active = |i: usize| avail[i].metrics.active.get();
     if active(b) < active(a) {
         b
     } else {
@@ -111,11 +123,21 @@ mod tests {
     fn route(n: usize, balance: Balance) -> ServiceRoute {
         let backends = (0..n)
             .map(|i| {
+                let labels = InstanceLabels {
+                    service: "s".into(),
+                    instance: format!("i{i}"),
+                    host: String::new(),
+                    image: String::new(),
+                    tag: String::new(),
+                };
                 Arc::new(Backend {
                     service: "s".into(),
                     instance: format!("i{i}"),
                     addr: SocketAddrV4::new([192, 0, 2, i as u8].into(), 80),
                     health: Arc::new(Health::default()),
+                    metrics: crate::metrics::Metrics::new().instance(&labels),
+                    labels,
+                    extra: Default::default(),
                 })
             })
             .collect();
@@ -170,7 +192,7 @@ mod tests {
     #[test]
     fn least_conn_prefers_idle() {
         let r = route(2, Balance::LeastConn);
-        r.backends[0].health.active.store(100, Ordering::Relaxed);
+        r.backends[0].metrics.active.set(100);
         let picks_idle = (0..200)
             .filter(|_| r.connect_order()[0].instance == "i1")
             .count();

@@ -10,7 +10,10 @@ use nix::fcntl::{splice, SpliceFFlags};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use prometheus_client::metrics::counter::Counter;
+
 use super::pipe::{self, PIPE_SIZE};
+use crate::metrics::InstanceMetrics;
 
 /// Bytes moved each way, for the metrics.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -21,8 +24,15 @@ pub struct Transferred {
 
 /// Forwards until both directions have seen end-of-stream, or either fails. The caller drops
 /// both sockets afterwards, which closes them.
-pub async fn bidirectional(client: &TcpStream, backend: &TcpStream) -> io::Result<Transferred> {
-    let (up, down) = tokio::try_join!(one_way(client, backend), one_way(backend, client))?;
+pub async fn bidirectional(
+    client: &TcpStream,
+    backend: &TcpStream,
+    metrics: &InstanceMetrics,
+) -> io::Result<Transferred> {
+    let (up, down) = tokio::try_join!(
+        one_way(client, backend, &metrics.bytes_to_instance),
+        one_way(backend, client, &metrics.bytes_to_client)
+    )?;
     Ok(Transferred {
         client_to_backend: up,
         backend_to_client: down,
@@ -31,7 +41,8 @@ pub async fn bidirectional(client: &TcpStream, backend: &TcpStream) -> io::Resul
 
 /// One direction: fill the pipe from `src` when it is empty, then drain it into `dst`. The pipe
 /// is held only between those two steps and goes back to the pool once empty.
-async fn one_way(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
+/// `moved` counts bytes as they leave the pipe, so live charts see long transfers progress.
+async fn one_way(src: &TcpStream, dst: &TcpStream, moved: &Counter) -> io::Result<u64> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     let mut total = 0u64;
     loop {
@@ -76,7 +87,10 @@ async fn one_way(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
                 splice(pipe.read.as_fd(), None, dst.as_fd(), None, in_pipe, flags)
                     .map_err(io::Error::from)
             }) {
-                Ok(n) => in_pipe -= n,
+                Ok(n) => {
+                    in_pipe -= n;
+                    moved.inc_by(n as u64);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
             }

@@ -71,6 +71,10 @@ impl Fluxd {
             "--host-name".into(),
             host_name.into(),
         ];
+        // Many daemons run at once: each UI listener takes a free port unless a test asks.
+        if !extra.contains(&"--http") {
+            args.extend(["--http".to_string(), "127.0.0.1:0".to_string()]);
+        }
         if !extra.contains(&"--host-ip") {
             args.extend(["--host-ip".to_string(), "127.0.0.1".to_string()]);
         }

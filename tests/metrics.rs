@@ -1,0 +1,133 @@
+//! Issue 7 acceptance for metrics: `/metrics` is scraped while a bounded load runs; the output
+//! must parse with the reference parser (Python's prometheus_client, OpenMetrics), and each
+//! instance's connection counter must rise by exactly the connections it served.
+
+mod support;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddrV4, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::backend::{who_serves, Backend};
+use support::fluxd::{wait_until, Fluxd};
+use support::netns::Netns;
+
+const VIP: &str = "198.18.0.10:80";
+const HTTP: &str = "127.0.0.1:7070";
+
+/// GET /metrics from inside the namespace.
+fn scrape(ns: &Netns) -> String {
+    ns.run(|| {
+        let mut s = TcpStream::connect(HTTP).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let (head, body) = out.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(head.contains("application/openmetrics-text"), "{head}");
+        body.to_string()
+    })
+}
+
+/// Parses with the reference parser and returns connections_total per instance.
+fn parse(text: &str) -> HashMap<String, f64> {
+    let script = r#"
+import sys, json
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+out = {}
+for fam in text_string_to_metric_families(sys.stdin.read()):
+    for s in fam.samples:
+        if s.name == "flux_connections_total":
+            out[s.labels["instance"]] = s.value
+print(json.dumps(out))
+"#;
+    // Debian's python3 with python3-prometheus-client (scripts/deps --test).
+    let mut child = Command::new("/usr/bin/python3")
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the reference parser refused the output: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn counters_rise_by_the_connections_made_per_instance() {
+    let ns = Netns::new("metrics");
+    let fluxd = Fluxd::dataplane(&ns.name, &["--http", HTTP]);
+    fluxd.ok(&["service", "add", "web", "--address", VIP]);
+    let backends: Vec<Backend> = (0..2)
+        .map(|i| Backend::start(&ns, &format!("b{i}"), 9000 + i))
+        .collect();
+    for b in &backends {
+        fluxd.ok(&[
+            "instance",
+            "add",
+            "web",
+            &b.name,
+            "--address",
+            &b.addr.to_string(),
+        ]);
+    }
+    let vip: SocketAddrV4 = VIP.parse().unwrap();
+    let ready = wait_until(Duration::from_secs(5), || {
+        ns.nat_table().contains("flux:web")
+    });
+    assert!(ready.is_some());
+    // Warm up, so both instances have series, then take the baseline.
+    let warm = ns.run(move || wait_until(Duration::from_secs(5), || who_serves(vip).is_ok()));
+    assert!(warm.is_some());
+    let before = parse(&scrape(&ns));
+
+    // A bounded load: 300 connections, scraped once in the middle.
+    let load = ns.spawn(move || {
+        let mut served: HashMap<String, f64> = HashMap::new();
+        for _ in 0..300 {
+            *served.entry(who_serves(vip).unwrap()).or_default() += 1.0;
+        }
+        served
+    });
+    let during = scrape(&ns);
+    parse(&during);
+    let served = load.join().unwrap();
+    let after = parse(&scrape(&ns));
+    for b in &backends {
+        let rise = after.get(&b.name).copied().unwrap_or(0.0)
+            - before.get(&b.name).copied().unwrap_or(0.0);
+        assert_eq!(
+            rise,
+            served.get(&b.name).copied().unwrap_or(0.0),
+            "{}: counter rose by {rise}, served {served:?}",
+            b.name
+        );
+    }
+    let text = scrape(&ns);
+    for name in [
+        "flux_connections_active",
+        "flux_connect_failures_total",
+        "flux_transferred_bytes_total",
+        "flux_connect_duration_seconds_bucket",
+        "flux_connection_duration_seconds_count",
+    ] {
+        assert!(text.contains(name), "{name} missing:\n{text}");
+    }
+    assert!(text.contains(r#"direction="to_client""#));
+    drop(fluxd);
+}
