@@ -1,1 +1,552 @@
-// flux UI
+// flux web UI: plain JavaScript, no framework, nothing fetched but fluxd's read-only API.
+//
+// Routes (in the hash, so the server only ever serves one page):
+//   #/                              the services
+//   #/service/NAME?group=G          one service: its instances and live charts, G one of
+//                                   instance, image, tag, host, label:KEY
+//
+// Every view polls every 2 s. When a fetch fails (fluxd stopped, or its store is down and an
+// answer is refused), the last data stays on screen and #stale says since when it is old.
+//
+// Hooks for tests and scripts (stable ids, classes and data attributes):
+//   body[data-page]                 "list" or "service"
+//   body[data-last-ok]              unix ms of the last successful update
+//   #stale[data-last-ok]            shown while the latest fetch failed
+//   #services tr[data-service]      one row per service, with data-total and data-live
+//   #instances tr[data-instance]    one row per instance, with data-state
+//   #group                          the group-by <select>
+//   #legend li[data-series-key=K]   one per chart line, data-last-value = latest connections/s
+//                                   (also data-last-bytes, -errors, -p50, -p99, -active, data-points)
+//   .chart[data-metric=M] path.line[data-series-key=K]
+"use strict";
+
+(function () {
+  const POLL_MS = 2000;
+  const FETCH_TIMEOUT_MS = 5000;
+  const PALETTE = [
+    "#1f6feb", "#d9480f", "#2b8a3e", "#ae3ec9", "#e8590c", "#0c8599",
+    "#c2255c", "#5c940d", "#364fc7", "#868e96", "#f08c00", "#087f5b",
+  ];
+  const GROUPS = ["instance", "image", "tag", "host"];
+  const CHARTS = [
+    { metric: "connections_per_s", title: "Connections", unit: "/s", fmt: fmtRate },
+    { metric: "bytes_per_s", title: "Bytes", unit: "/s", fmt: fmtBytes },
+    { metric: "errors_per_s", title: "Connect errors", unit: "/s", fmt: fmtRate },
+    { metric: "latency", title: "Connect latency", unit: "p50 solid, p99 dashed", fmt: fmtMs },
+  ];
+
+  // What the current view shows; `gen` ignores answers to polls of a previous view.
+  const view = { gen: 0, timer: null, route: null, lastOk: 0, services: null, info: null, series: null };
+
+  // ---------- small DOM helpers (textContent only: names and labels come from containers) ----
+
+  function h(tag, attrs, ...children) {
+    const e = document.createElement(tag);
+    setAttrs(e, attrs);
+    append(e, children);
+    return e;
+  }
+
+  const SVG_NS = "http://www.w3.org/2000/svg";
+  function s(tag, attrs, ...children) {
+    const e = document.createElementNS(SVG_NS, tag);
+    setAttrs(e, attrs);
+    append(e, children);
+    return e;
+  }
+
+  function setAttrs(e, attrs) {
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (v === undefined || v === null || v === false) continue;
+      if (k === "text") e.textContent = String(v);
+      else if (k === "onchange" || k === "onclick") e.addEventListener(k.slice(2), v);
+      else e.setAttribute(k, v === true ? "" : String(v));
+    }
+  }
+
+  function append(e, children) {
+    for (const c of children.flat()) {
+      if (c === undefined || c === null || c === false) continue;
+      e.appendChild(typeof c === "string" || typeof c === "number" ? document.createTextNode(String(c)) : c);
+    }
+  }
+
+  function replace(id, ...children) {
+    const e = document.getElementById(id);
+    e.replaceChildren();
+    append(e, children);
+    return e;
+  }
+
+  // ---------- formatting ----------
+
+  function fmtRate(v) {
+    if (v === null || v === undefined || !isFinite(v)) return "–";
+    if (v === 0) return "0";
+    if (Math.abs(v) >= 100) return v.toFixed(0);
+    if (Math.abs(v) >= 10) return v.toFixed(1).replace(/\.0$/, "");
+    return v.toFixed(2).replace(/\.?0+$/, "");
+  }
+
+  function fmtBytes(v) {
+    if (v === null || v === undefined || !isFinite(v)) return "–";
+    const units = ["B", "kB", "MB", "GB", "TB"];
+    let i = 0;
+    while (Math.abs(v) >= 1000 && i < units.length - 1) { v /= 1000; i++; }
+    return fmtRate(v) + " " + units[i];
+  }
+
+  function fmtMs(v) {
+    if (v === null || v === undefined || !isFinite(v)) return "–";
+    if (v === 0) return "0";
+    return (v >= 10 ? v.toFixed(0) : v >= 1 ? v.toFixed(1) : v.toFixed(2)) + " ms";
+  }
+
+  function fmtTime(ms) {
+    if (!ms) return "–";
+    const d = new Date(ms);
+    const p = (n) => String(n).padStart(2, "0");
+    return p(d.getHours()) + ":" + p(d.getMinutes()) + ":" + p(d.getSeconds());
+  }
+
+  function fmtAgo(ms) {
+    if (!ms) return "never";
+    const s = Math.max(0, Math.round((Date.now() - ms) / 1000));
+    const ago = s < 90 ? s + " s ago" : s < 5400 ? Math.round(s / 60) + " min ago" : Math.round(s / 3600) + " h ago";
+    return fmtTime(ms) + " (" + ago + ")";
+  }
+
+  // ---------- routing ----------
+
+  function parseRoute() {
+    const raw = location.hash.replace(/^#/, "") || "/";
+    const q = raw.indexOf("?");
+    const path = q < 0 ? raw : raw.slice(0, q);
+    const params = new URLSearchParams(q < 0 ? "" : raw.slice(q + 1));
+    const segs = path.split("/").filter(Boolean).map(decodeURIComponent);
+    if (segs[0] === "service" && segs[1]) {
+      return { page: "service", service: segs[1], group: params.get("group") || "instance" };
+    }
+    return { page: "list" };
+  }
+
+  function serviceHref(name, group) {
+    return "#/service/" + encodeURIComponent(name) + (group && group !== "instance" ? "?group=" + encodeURIComponent(group) : "");
+  }
+
+  function start() {
+    clearTimeout(view.timer);
+    view.gen++;
+    view.route = parseRoute();
+    const r = view.route;
+    // Keep the data of the same service when only the grouping changes.
+    if (!(r.page === "service" && view.info && view.info.name === r.service)) {
+      view.info = null;
+    }
+    view.series = null;
+    document.body.dataset.page = r.page;
+    if (r.page === "service") {
+      replace("crumbs", h("a", { href: "#/", text: "services" }), " / ", h("span", { text: r.service }));
+      document.title = r.service + " · flux";
+    } else {
+      replace("crumbs", h("a", { href: "#/", text: "services" }));
+      document.title = "flux";
+    }
+    render();
+    poll(view.gen);
+  }
+
+  // ---------- fetching ----------
+
+  async function getJSON(url) {
+    const ctl = new AbortController();
+    const t = setTimeout(() => ctl.abort(), FETCH_TIMEOUT_MS);
+    try {
+      const resp = await fetch(url, { cache: "no-store", signal: ctl.signal });
+      if (!resp.ok) {
+        let msg = "HTTP " + resp.status;
+        try { msg += ": " + (await resp.json()).error; } catch (_) { /* not JSON */ }
+        const err = new Error(msg);
+        err.status = resp.status;
+        throw err;
+      }
+      return await resp.json();
+    } finally {
+      clearTimeout(t);
+    }
+  }
+
+  async function poll(gen) {
+    const r = view.route;
+    try {
+      if (r.page === "service") {
+        const q = "service=" + encodeURIComponent(r.service) + "&group=" + encodeURIComponent(r.group);
+        const [info, series] = await Promise.all([
+          getJSON("/v1/services/" + encodeURIComponent(r.service)),
+          getJSON("/v1/series?" + q),
+        ]);
+        if (gen !== view.gen) return;
+        view.info = info;
+        view.series = series;
+      } else {
+        const services = await getJSON("/v1/services");
+        if (gen !== view.gen) return;
+        view.services = services;
+      }
+      view.lastOk = Date.now();
+      setStale(null);
+      render();
+    } catch (e) {
+      if (gen !== view.gen) return;
+      setStale(e);
+      if (!hasData()) render();
+    } finally {
+      if (gen === view.gen) view.timer = setTimeout(() => poll(gen), POLL_MS);
+    }
+  }
+
+  function hasData() {
+    return view.route.page === "service" ? !!view.info : !!view.services;
+  }
+
+  function setStale(err) {
+    const st = document.getElementById("stale");
+    const up = document.getElementById("updated");
+    if (view.lastOk) {
+      document.body.dataset.lastOk = String(view.lastOk);
+      up.textContent = "updated " + fmtTime(view.lastOk);
+    }
+    if (!err) {
+      st.hidden = true;
+      document.body.classList.remove("is-stale");
+      return;
+    }
+    const why = err.status ? String(err.message)
+      : err.name === "AbortError" ? "fluxd did not answer in time" : "fluxd unreachable";
+    st.hidden = false;
+    st.dataset.lastOk = String(view.lastOk || 0);
+    st.dataset.error = why;
+    st.textContent = view.lastOk
+      ? "stale: " + why + "; showing data from " + fmtTime(view.lastOk)
+      : why + "; no data yet";
+    st.title = why;
+    document.body.classList.add("is-stale");
+  }
+
+  // ---------- views ----------
+
+  function render() {
+    if (view.route.page === "service") renderService();
+    else renderList();
+  }
+
+  function instanceCounts(instances) {
+    const total = instances.length;
+    const live = instances.filter((i) => i.state === "live").length;
+    return { total, live };
+  }
+
+  function healthOf(svc) {
+    const { total, live } = instanceCounts(svc.instances || []);
+    if (total === 0) return ["idle", "no instances"];
+    if (live === total) return ["healthy", "healthy"];
+    if (live === 0) return ["down", "down"];
+    return ["degraded", "degraded (" + (total - live) + " not live)"];
+  }
+
+  function renderList() {
+    const services = view.services;
+    if (!services) {
+      replace("app", h("p", { class: "muted", text: "Waiting for fluxd…" }));
+      return;
+    }
+    if (services.length === 0) {
+      replace("app", h("h1", { text: "Services" }),
+        h("p", { class: "empty", text: "No services yet: add one with fluxctl service add." }));
+      return;
+    }
+    const rows = services
+      .slice()
+      .sort((a, b) => a.name.localeCompare(b.name))
+      .map((svc) => {
+        const insts = svc.instances || [];
+        const { total, live } = instanceCounts(insts);
+        const [cls, text] = healthOf(svc);
+        let active = 0, conns = 0, fails = 0;
+        for (const i of insts) {
+          if (!i.health) continue;
+          active += i.health.active || 0;
+          conns += i.health.connections || 0;
+          fails += i.health.connect_failures || 0;
+        }
+        return h("tr", { "data-service": svc.name, "data-total": total, "data-live": live, "data-health": cls },
+          h("td", {}, h("a", { href: serviceHref(svc.name), text: svc.name })),
+          h("td", { class: "mono", text: svc.address }),
+          h("td", { text: svc.protocol || "tcp" }),
+          h("td", { class: "num instances", text: total + " / " + live + " live" }),
+          h("td", {}, h("span", { class: "badge " + cls, text: text })),
+          h("td", { class: "num", text: String(active) }),
+          h("td", { class: "num", text: String(conns) }),
+          h("td", { class: "num", text: String(fails) }),
+          h("td", { text: String((svc.rules || []).length) }));
+      });
+    replace("app",
+      h("h1", { text: "Services" }),
+      h("div", { class: "sub", text: services.length + " service" + (services.length === 1 ? "" : "s") + "; instance health as seen from this host" }),
+      h("table", { id: "services" },
+        h("thead", {}, h("tr", {},
+          h("th", { text: "service" }), h("th", { text: "address" }), h("th", { text: "protocol" }),
+          h("th", { class: "num", text: "instances (total / live)" }), h("th", { text: "health" }),
+          h("th", { class: "num", text: "active" }), h("th", { class: "num", text: "connections" }),
+          h("th", { class: "num", text: "connect failures" }), h("th", { text: "rules" }))),
+        h("tbody", {}, rows)));
+  }
+
+  function selectorText(sel) {
+    if (!sel) return "all containers";
+    const parts = [];
+    if (sel.image) parts.push("image=" + sel.image);
+    if (sel.tag) parts.push("tag=" + sel.tag);
+    for (const [k, v] of Object.entries(sel.labels || {})) parts.push("label " + k + "=" + v);
+    for (const [k, v] of Object.entries(sel.env || {})) parts.push("env " + k + "=" + v);
+    return parts.length ? parts.join(", ") : "all containers";
+  }
+
+  function labelKeys(instances) {
+    const keys = new Set();
+    for (const i of instances) {
+      for (const k of Object.keys((i.container && i.container.labels) || {})) keys.add(k);
+    }
+    return [...keys].sort();
+  }
+
+  function renderService() {
+    const r = view.route;
+    const info = view.info;
+    if (!info) {
+      const st = document.getElementById("stale");
+      const msg = !st.hidden && /^HTTP 404/.test(st.dataset.error || "")
+        ? "No service named " + r.service + "." : "Waiting for fluxd…";
+      replace("app", h("h1", { text: r.service }), h("p", { class: "muted", text: msg }));
+      return;
+    }
+    const insts = (info.instances || []).slice().sort((a, b) => a.name.localeCompare(b.name));
+    const { total, live } = instanceCounts(insts);
+    const [cls, text] = healthOf(info);
+
+    // Header.
+    const header = [
+      h("h1", { id: "service-name", text: info.name }),
+      h("div", { class: "sub" },
+        h("span", { class: "mono", text: info.address }),
+        h("span", { text: info.protocol || "tcp" }),
+        info.instance_port ? h("span", { text: "instance port " + info.instance_port }) : null,
+        info.balance ? h("span", { text: String(info.balance) }) : null,
+        h("span", { id: "instance-count", "data-total": total, "data-live": live, text: total + " instances, " + live + " live" }),
+        h("span", {}, h("span", { class: "badge " + cls, text: text }))),
+    ];
+    const rules = (info.rules || []).length
+      ? h("ul", { class: "rules", id: "rules" }, info.rules.map((rule) =>
+          h("li", {}, h("b", { text: rule.name }), ": ", selectorText(rule.selector),
+            rule.instance_port ? " → port " + rule.instance_port : "")))
+      : h("p", { class: "muted", id: "rules", text: "No rules: only static instances." });
+
+    // Instances.
+    const rows = insts.map((i) => {
+      const c = i.container || {};
+      const hl = i.health || {};
+      return h("tr", { "data-instance": i.name, "data-state": i.state },
+        h("td", { class: "mono", text: i.name }),
+        h("td", { text: i.host || "–" }),
+        h("td", { text: c.name || "–" }),
+        h("td", { class: "mono", text: c.image || "–" }),
+        h("td", { class: "tag", text: c.tag || "–" }),
+        h("td", { class: "mono", text: i.address || "–" }),
+        h("td", {}, h("span", { class: "badge " + String(i.state).replace(/\s+/g, "-"), text: i.state })),
+        h("td", { text: fmtAgo(hl.last_success_unix_ms) }),
+        h("td", { class: "num", text: hl.active === undefined ? "–" : String(hl.active) }),
+        h("td", { class: "num", text: hl.connections === undefined ? "–" : String(hl.connections) }),
+        h("td", { class: "num", text: hl.connect_failures === undefined ? "–" : String(hl.connect_failures) }));
+    });
+    const table = insts.length
+      ? h("table", { id: "instances" },
+          h("thead", {}, h("tr", {},
+            ["instance", "host", "container", "image", "tag", "address", "state", "last success"].map((t) => h("th", { text: t })),
+            ["active", "connections", "connect failures"].map((t) => h("th", { class: "num", text: t })))),
+          h("tbody", {}, rows))
+      : h("p", { class: "empty", id: "instances", text: "No instances." });
+
+    // Group-by selector: fixed groups plus every container label key seen.
+    const groups = GROUPS.concat(labelKeys(insts).map((k) => "label:" + k));
+    if (!groups.includes(r.group)) groups.push(r.group);
+    const series = view.series ? view.series.series || [] : [];
+    const keys = series.map((x) => x.key);
+    const color = (k) => PALETTE[Math.max(0, keys.indexOf(k)) % PALETTE.length];
+
+    // The skeleton is built once per service and group; polls refill its parts, so that the
+    // group selector is not rebuilt (and closed) under the user's pointer every 2 s.
+    let root = document.getElementById("service-view");
+    if (!root || root.dataset.service !== r.service || root.dataset.group !== r.group) {
+      root = h("div", { id: "service-view", "data-service": r.service, "data-group": r.group },
+        h("div", { id: "service-header" }),
+        h("h2", { text: "Rules" }), h("div", { id: "rules-box" }),
+        h("h2", { text: "Instances" }), h("div", { id: "instances-box" }),
+        h("div", { class: "controls" },
+          h("h2", { id: "traffic-title", style: "margin:0", text: "Traffic" }),
+          h("label", { for: "group", class: "muted", text: "group by" }),
+          h("select", {
+            id: "group",
+            onchange: (e) => { location.hash = serviceHref(r.service, e.target.value); },
+          }),
+          h("span", { id: "interval", class: "muted" })),
+        h("div", { id: "legend-box" }),
+        h("div", { id: "charts", "data-group": r.group }));
+      replace("app", root);
+    }
+    replace("service-header", header);
+    replace("rules-box", rules);
+    replace("instances-box", table);
+
+    const select = document.getElementById("group");
+    const have = [...select.options].map((o) => o.value).join("\n");
+    if (have !== groups.join("\n")) {
+      select.replaceChildren(...groups.map((g) => h("option", { value: g, text: g })));
+    }
+    select.value = r.group;
+
+    document.getElementById("traffic-title").textContent =
+      "Traffic on " + (view.series ? view.series.host : "this host");
+    document.getElementById("interval").textContent =
+      "every " + ((view.series && view.series.interval_ms) || POLL_MS) / 1000 + " s, last 15 min";
+    replace("legend-box", legend(series, color));
+    const charts = document.getElementById("charts");
+    charts.dataset.seriesCount = String(series.length);
+    charts.replaceChildren(...CHARTS.map((c) => chart(c, series, color)));
+  }
+
+  function last(arr) {
+    if (!arr) return null;
+    for (let i = arr.length - 1; i >= 0; i--) if (arr[i] !== null && arr[i] !== undefined) return arr[i];
+    return null;
+  }
+
+  function legend(series, color) {
+    if (!series.length) {
+      return h("p", { id: "legend", class: "muted", "data-series-count": 0, text: "No traffic recorded on this host yet." });
+    }
+    return h("ul", { id: "legend", "data-series-count": series.length }, series.map((x) => {
+      const n = x.connections_per_s || [];
+      const conn = n.length ? n[n.length - 1] : 0;
+      const bytes = last(x.bytes_per_s);
+      const errs = last(x.errors_per_s);
+      const p50 = last(x.connect_p50_ms);
+      const p99 = last(x.connect_p99_ms);
+      return h("li", {
+        class: "series",
+        "data-series-key": x.key,
+        "data-last-value": conn,
+        "data-last-bytes": bytes === null ? "" : bytes,
+        "data-last-errors": errs === null ? "" : errs,
+        "data-last-p50": p50 === null ? "" : p50,
+        "data-last-p99": p99 === null ? "" : p99,
+        "data-last-active": last(x.active) === null ? "" : last(x.active),
+        "data-points": n.length,
+      },
+        h("span", { class: "swatch", style: "background:" + color(x.key) }),
+        h("span", { class: "key", text: x.key }),
+        h("span", { class: "vals", text:
+          fmtRate(conn) + " conn/s · " + fmtBytes(bytes) + "/s · " + fmtRate(errs) + " err/s · p50 " + fmtMs(p50) + " / p99 " + fmtMs(p99) }));
+    }));
+  }
+
+  // ---------- charts (inline SVG) ----------
+
+  const W = 560, H = 190, PAD_L = 52, PAD_R = 10, PAD_T = 8, PAD_B = 22;
+
+  // A round step giving 2 to 4 gridlines above zero, and the top of the axis.
+  function axis(v) {
+    if (!(v > 0)) return { step: 0.25, top: 1 };
+    const raw = v / 4;
+    const p = Math.pow(10, Math.floor(Math.log10(raw)));
+    let step = 10 * p;
+    for (const m of [1, 2, 2.5, 5]) if (m * p >= raw) { step = m * p; break; }
+    return { step, top: Math.ceil(v / step - 1e-9) * step };
+  }
+
+  function chart(c, series, color) {
+    // Lines: one per key, or two (p50, p99) per key for latency.
+    const lines = [];
+    for (const x of series) {
+      if (c.metric === "latency") {
+        lines.push({ key: x.key, t: x.t, v: x.connect_p50_ms || [], cls: "p50" });
+        lines.push({ key: x.key, t: x.t, v: x.connect_p99_ms || [], cls: "p99" });
+      } else {
+        lines.push({ key: x.key, t: x.t, v: x[c.metric] || [], cls: "" });
+      }
+    }
+    let t0 = Infinity, t1 = -Infinity, vmax = 0;
+    for (const l of lines) {
+      for (let i = 0; i < l.t.length; i++) {
+        t0 = Math.min(t0, l.t[i]);
+        t1 = Math.max(t1, l.t[i]);
+        if (l.v[i] !== null && l.v[i] !== undefined) vmax = Math.max(vmax, l.v[i]);
+      }
+    }
+    const { step, top } = axis(vmax);
+    const plotW = W - PAD_L - PAD_R, plotH = H - PAD_T - PAD_B;
+    const span = t1 > t0 ? t1 - t0 : 1;
+    const x = (t) => PAD_L + ((t - t0) / span) * plotW;
+    const y = (v) => PAD_T + plotH - (v / top) * plotH;
+
+    const svg = s("svg", { viewBox: "0 0 " + W + " " + H, role: "img", "aria-label": c.title });
+    for (let i = 0; i * step <= top + 1e-9; i++) {
+      const v = i * step;
+      svg.appendChild(s("line", { class: "grid", x1: PAD_L, x2: W - PAD_R, y1: y(v), y2: y(v) }));
+      svg.appendChild(s("text", { class: "axis", x: PAD_L - 6, y: y(v) + 3, "text-anchor": "end", text: c.fmt(v) }));
+    }
+    if (!isFinite(t0)) {
+      svg.appendChild(s("text", { class: "nodata", x: PAD_L + plotW / 2, y: PAD_T + plotH / 2, "text-anchor": "middle", text: "no data yet" }));
+    } else {
+      // Time labels: both ends, and between them as many as fit.
+      const n = t1 - t0 >= 8000 ? 4 : 1;
+      for (let i = 0; i <= n; i++) {
+        const t = t0 + ((t1 - t0) * i) / n;
+        const anchor = i === 0 ? "start" : i === n ? "end" : "middle";
+        svg.appendChild(s("text", { class: "axis", x: x(t), y: H - 6, "text-anchor": anchor, text: fmtTime(t) }));
+      }
+      for (const l of lines) {
+        // Gaps (null latency: no connection in that interval) lift the pen.
+        let d = "", pen = false, points = 0, px = 0, py = 0;
+        for (let i = 0; i < l.t.length; i++) {
+          const v = l.v[i];
+          if (v === null || v === undefined) { pen = false; continue; }
+          px = x(l.t[i]); py = y(v);
+          d += (pen ? "L" : "M") + px.toFixed(1) + " " + py.toFixed(1);
+          pen = true;
+          points++;
+        }
+        if (!points) continue;
+        // A single point still shows, as a dot.
+        if (points === 1) {
+          svg.appendChild(s("circle", { class: "dot", cx: px.toFixed(1), cy: py.toFixed(1), r: 2.5, fill: color(l.key), "data-series-key": l.key }));
+        }
+        svg.appendChild(s("path", {
+          class: "line" + (l.cls ? " " + l.cls : ""),
+          d: d,
+          stroke: color(l.key),
+          "data-series-key": l.key,
+          "data-last-value": last(l.v) === null ? "" : last(l.v),
+        }));
+      }
+    }
+    return h("div", { class: "chart", id: "chart-" + c.metric, "data-metric": c.metric, "data-max": vmax },
+      h("h3", {}, c.title, " ", h("span", { class: "muted", text: c.unit })),
+      svg);
+  }
+
+  // Relative times in the instance table age between polls, but they are redrawn on every
+  // poll anyway; nothing else needs a clock.
+  window.addEventListener("hashchange", start);
+  getJSON("/v1/host").then((x) => { document.getElementById("host").textContent = "host " + x.name; }, () => {});
+  start();
+})();

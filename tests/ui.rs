@@ -1,0 +1,399 @@
+//! The web UI in a real headless Chromium, against a real fluxd with its data plane and a real
+//! dockerd, all inside a namespace the test creates. The page is loaded with a virtual time
+//! budget (its 2 s polls run as fast as fluxd answers) and its DOM is dumped; the page marks
+//! what it shows with ids and data attributes (`support::browser` finds them again).
+//!
+//! Screenshots and DOM dumps go to `<target dir>/ui-test/` (e.g. /work/target-ui/ui-test/).
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use support::backend::{who_serves, Backend};
+use support::browser::{self, http_get, GateProxy, Load, Page};
+use support::docker::{Dockerd, NAME_PORT};
+use support::fluxd::{wait_until, Fluxd};
+use support::netns::Netns;
+
+const VIP: &str = "198.18.0.10:80";
+const HTTP: &str = "127.0.0.1:7070";
+
+fn http_addr() -> SocketAddr {
+    HTTP.parse().unwrap()
+}
+
+/// Where screenshots and DOM dumps are kept after the test.
+fn out_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .unwrap()
+        .join("ui-test");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn save(page: &Page, name: &str) {
+    std::fs::write(out_dir().join(name), &page.dom.0).unwrap();
+}
+
+/// Connects to the VIP from a thread in the namespace until `stop` or `limit`, counting who
+/// answered; bounded in time whatever happens to the test.
+fn client_loop(
+    ns: &Netns,
+    stop: Arc<AtomicBool>,
+    limit: Duration,
+) -> JoinHandle<HashMap<String, usize>> {
+    let vip = VIP.parse().unwrap();
+    ns.spawn(move || {
+        let start = Instant::now();
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        while !stop.load(Ordering::Relaxed) && start.elapsed() < limit {
+            let who = who_serves(vip).unwrap_or_else(|e| format!("error: {e}"));
+            *counts.entry(who).or_default() += 1;
+            // About 200 connections per second at most: enough for every instance to show in
+            // every 2 s interval, without loading the machine.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        counts
+    })
+}
+
+/// `/v1/series` of `web` grouped by `group`: key -> (points, latest connections/s).
+fn api_series(ns: &Netns, group: &str) -> BTreeMap<String, (usize, f64)> {
+    let path = format!("/v1/series?service=web&group={group}");
+    let Ok((200, body)) = http_get(ns, http_addr(), &path) else {
+        return BTreeMap::new();
+    };
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let points = s["connections_per_s"].as_array().unwrap();
+            let last = points.last().and_then(|x| x.as_f64()).unwrap_or(0.0);
+            (s["key"].as_str().unwrap().to_string(), (points.len(), last))
+        })
+        .collect()
+}
+
+/// The legend's lines: key -> latest connections/s as the page shows it.
+fn legend(page: &Page) -> BTreeMap<String, f64> {
+    page.dom
+        .with_attr("li", "data-series-key")
+        .into_iter()
+        .map(|e| {
+            let v = e.num("data-last-value").unwrap_or(-1.0);
+            (e.attr("data-series-key").unwrap().to_string(), v)
+        })
+        .collect()
+}
+
+/// How many lines each of the four charts draws, by metric.
+fn chart_lines(page: &Page) -> BTreeMap<String, BTreeSet<String>> {
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut metric = String::new();
+    for e in page.dom.elements() {
+        if e.tag == "div" && e.attr("class") == Some("chart") {
+            metric = e.attr("data-metric").unwrap_or("").to_string();
+            out.entry(metric.clone()).or_default();
+        }
+        if e.tag == "path" && e.attrs.contains_key("data-series-key") && !metric.is_empty() {
+            out.get_mut(&metric)
+                .unwrap()
+                .insert(e.attr("data-series-key").unwrap().to_string());
+        }
+    }
+    out
+}
+
+fn url(fragment: &str) -> String {
+    format!("http://{HTTP}/{fragment}")
+}
+
+fn short(id: &str) -> String {
+    id[..12].to_string()
+}
+
+#[test]
+fn service_page_charts_versions_side_by_side() {
+    let t0 = Instant::now();
+    let ns = Netns::new("ui");
+    let docker = Dockerd::new(&ns);
+    for image in ["webimg:v1", "webimg:v2"] {
+        docker.import_image(image);
+    }
+    let endpoint = docker.endpoint();
+    let bridge = docker.bridge_ip.to_string();
+    let fluxd = Fluxd::dataplane(
+        &ns.name,
+        &["--docker", &endpoint, "--host-ip", &bridge, "--http", HTTP],
+    );
+    fluxd.ok(&[
+        "service",
+        "add",
+        "web",
+        "--address",
+        VIP,
+        "--instance-port",
+        &NAME_PORT.to_string(),
+    ]);
+    fluxd.ok(&["select", "web", "all", "--image", "webimg"]);
+    let mut ids = BTreeMap::new();
+    for (name, image, lane) in [
+        ("web-v1-a", "webimg:v1", "lane=blue"),
+        ("web-v1-b", "webimg:v1", "lane=blue"),
+        ("web-v2-a", "webimg:v2", "lane=green"),
+        ("web-v2-b", "webimg:v2", "lane=green"),
+    ] {
+        let id = docker.run_name_server(image, name, &["-p", "8080", "-l", lane]);
+        ids.insert(short(&id), name.to_string());
+    }
+    let want: Vec<String> = ids.keys().cloned().collect();
+    let enrolled = wait_until(Duration::from_secs(10), || {
+        let mut have: Vec<String> = fluxd
+            .ok(&["query", "--service", "web", "--quiet"])
+            .lines()
+            .map(str::to_string)
+            .collect();
+        have.sort();
+        have == want
+    });
+    assert!(enrolled.is_some(), "instances: {}", fluxd.ok(&["query"]));
+    eprintln!("setup done in {:?}", t0.elapsed());
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = client_loop(&ns, stop.clone(), Duration::from_secs(30));
+    // The history samples every 2 s: wait until every instance has a few intervals, the latest
+    // not empty, so that the page has lines to draw.
+    let ready = wait_until(Duration::from_secs(20), || {
+        let s = api_series(&ns, "instance");
+        s.len() == 4 && s.values().all(|(n, v)| *n >= 4 && *v > 0.0)
+    });
+    assert!(
+        ready.is_some(),
+        "series never filled: {:?}\n{}",
+        api_series(&ns, "instance"),
+        fluxd.log()
+    );
+
+    // Grouped by tag: two lines, v1 and v2, in every chart.
+    let page = browser::load(
+        &ns,
+        &Load::new(url("#/service/web?group=tag")).screenshot(out_dir().join("web-by-tag.png")),
+    );
+    save(&page, "web-by-tag.html");
+    eprintln!("chromium (group=tag) took {:?}", page.took);
+    let lines = legend(&page);
+    assert_eq!(
+        lines.keys().collect::<Vec<_>>(),
+        ["v1", "v2"],
+        "legend by tag: {lines:?}"
+    );
+    assert!(lines.values().all(|v| *v > 0.0), "legend by tag: {lines:?}");
+    let charts = chart_lines(&page);
+    assert_eq!(
+        charts.keys().collect::<Vec<_>>(),
+        [
+            "bytes_per_s",
+            "connections_per_s",
+            "errors_per_s",
+            "latency"
+        ],
+        "{charts:?}"
+    );
+    for metric in ["connections_per_s", "bytes_per_s", "latency"] {
+        let keys: Vec<&String> = charts[metric].iter().collect();
+        assert_eq!(keys, ["v1", "v2"], "chart {metric}: {charts:?}");
+    }
+    let bytes: Vec<f64> = page
+        .dom
+        .with_attr("li", "data-series-key")
+        .iter()
+        .map(|e| e.num("data-last-bytes").unwrap_or(0.0))
+        .collect();
+    assert!(bytes.iter().all(|b| *b > 0.0), "bytes/s {bytes:?}");
+    // The instance table: four live rows with their tags, and a group-by option per label.
+    let rows = page.dom.with_attr("tr", "data-instance");
+    let mut row_ids: Vec<String> = rows
+        .iter()
+        .map(|r| r.attr("data-instance").unwrap().to_string())
+        .collect();
+    row_ids.sort();
+    assert_eq!(row_ids, want, "instance rows");
+    assert!(
+        rows.iter().all(|r| r.attr("data-state") == Some("live")),
+        "{rows:?}"
+    );
+    let tags: Vec<String> = page
+        .dom
+        .with_attr("td", "class")
+        .iter()
+        .filter(|e| e.attr("class") == Some("tag"))
+        .map(|e| page.dom.text_after(e))
+        .collect();
+    assert_eq!(
+        tags.iter().filter(|t| *t == "v1").count(),
+        2,
+        "tags {tags:?}"
+    );
+    let options: Vec<String> = page
+        .dom
+        .with_attr("option", "value")
+        .iter()
+        .map(|o| o.attr("value").unwrap().to_string())
+        .collect();
+    assert_eq!(
+        options,
+        ["instance", "image", "tag", "host", "label:lane"],
+        "group options"
+    );
+    let stale = page.dom.by_id("stale").expect("#stale");
+    assert!(stale.attrs.contains_key("hidden"), "stale shown: {stale:?}");
+
+    // Grouped by instance (the selector's other value): four lines, one per container.
+    let page = browser::load(
+        &ns,
+        &Load::new(url("#/service/web?group=instance"))
+            .screenshot(out_dir().join("web-by-instance.png")),
+    );
+    save(&page, "web-by-instance.html");
+    let lines = legend(&page);
+    assert_eq!(
+        lines.keys().cloned().collect::<Vec<_>>(),
+        want,
+        "legend by instance: {lines:?} (containers {ids:?})"
+    );
+    assert!(
+        lines.values().all(|v| *v > 0.0),
+        "legend by instance: {lines:?}"
+    );
+    assert_eq!(
+        chart_lines(&page)["connections_per_s"].len(),
+        4,
+        "{:?}",
+        chart_lines(&page)
+    );
+
+    // By label: the two lanes.
+    let page = browser::load(&ns, &Load::new(url("#/service/web?group=label:lane")));
+    let lines = legend(&page);
+    assert_eq!(
+        lines.keys().collect::<Vec<_>>(),
+        ["blue", "green"],
+        "legend by label:lane: {lines:?}"
+    );
+
+    // The service list: web with four instances, all live.
+    let page = browser::load(
+        &ns,
+        &Load::new(url("#/")).screenshot(out_dir().join("services.png")),
+    );
+    save(&page, "services.html");
+    let rows = page.dom.with_attr("tr", "data-service");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].attr("data-service"), Some("web"));
+    assert_eq!(rows[0].attr("data-total"), Some("4"));
+    assert_eq!(rows[0].attr("data-live"), Some("4"));
+    assert_eq!(rows[0].attr("data-health"), Some("healthy"));
+
+    stop.store(true, Ordering::Relaxed);
+    let counts = client.join().unwrap();
+    let errors: usize = counts
+        .iter()
+        .filter(|(k, _)| k.starts_with("error"))
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(errors, 0, "client errors: {counts:?}");
+    eprintln!(
+        "client: {counts:?}; screenshots in {}; total {:?}",
+        out_dir().display(),
+        t0.elapsed()
+    );
+    drop(fluxd);
+    drop(docker);
+}
+
+/// fluxd stops in the middle of a page load: the page keeps its data on screen and says since
+/// when it is stale. A proxy in front of fluxd lets the page's first polls through, holds the
+/// next one while the test kills fluxd, then lets it fail.
+#[test]
+fn page_keeps_last_data_and_shows_stale_when_fluxd_is_gone() {
+    let ns = Netns::new("ui-stale");
+    let mut fluxd = Fluxd::dataplane(&ns.name, &["--http", HTTP]);
+    fluxd.ok(&["service", "add", "web", "--address", VIP]);
+    let backends: Vec<Backend> = (0..2)
+        .map(|i| {
+            let b = Backend::start(&ns, &format!("b{i}"), 9000 + i as u16);
+            fluxd.ok(&[
+                "instance",
+                "add",
+                "web",
+                &b.name,
+                "--address",
+                &b.addr.to_string(),
+            ]);
+            b
+        })
+        .collect();
+    let installed = wait_until(Duration::from_secs(5), || {
+        ns.nat_table().contains("flux:web")
+    });
+    assert!(installed.is_some(), "rule never installed: {}", fluxd.log());
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = client_loop(&ns, stop.clone(), Duration::from_secs(20));
+    let ready = wait_until(Duration::from_secs(15), || {
+        let s = api_series(&ns, "instance");
+        s.len() == 2 && s.values().all(|(_, v)| *v > 0.0)
+    });
+    assert!(ready.is_some(), "series never filled: {}", fluxd.log());
+
+    // Two polls of the page get answers; the third finds fluxd gone, and so do the later ones.
+    let proxy = GateProxy::start(
+        &ns,
+        "127.0.0.1:7071".parse().unwrap(),
+        http_addr(),
+        "/v1/series",
+        2,
+    );
+    let running = browser::spawn(
+        &ns,
+        &Load::new("http://127.0.0.1:7071/#/service/web?group=instance")
+            .budget(12_000)
+            .screenshot(out_dir().join("web-stale.png")),
+    );
+    let reached = proxy.reached.recv_timeout(Duration::from_secs(60));
+    assert!(reached.is_ok(), "the page never polled a third time");
+    fluxd.kill();
+    proxy.resume.send(()).unwrap();
+    let page = running.wait();
+    save(&page, "web-stale.html");
+    stop.store(true, Ordering::Relaxed);
+    client.join().unwrap();
+
+    let lines = legend(&page);
+    assert_eq!(
+        lines.keys().collect::<Vec<_>>(),
+        ["b0", "b1"],
+        "the last data is still shown: {lines:?}"
+    );
+    assert!(lines.values().all(|v| *v > 0.0), "{lines:?}");
+    assert_eq!(page.dom.with_attr("tr", "data-instance").len(), 2);
+    let stale = page.dom.by_id("stale").expect("#stale");
+    assert!(
+        !stale.attrs.contains_key("hidden"),
+        "#stale hidden after fluxd was killed: {stale:?}"
+    );
+    let last_ok = stale.num("data-last-ok").unwrap_or(0.0);
+    assert!(last_ok > 0.0, "{stale:?}");
+    let text = page.dom.text_after(&stale);
+    assert!(text.starts_with("stale:"), "stale text {text:?}");
+    drop(backends);
+    drop(proxy);
+}
