@@ -1,12 +1,18 @@
 //! loadgen: the backends and load generators of flux's benchmark suite (`scripts/bench`).
 //!
 //! `server` runs a backend; `bulk`, `cps` and `latency` drive load at an address and print one
-//! JSON line of results on stdout. Every load run is bounded in time (and in bytes or requests),
-//! and a run that stalls is cut off and reported as an error rather than left hanging.
+//! JSON line of results on stdout; `hold` keeps idle connections open. For the control plane,
+//! `seed` fills fluxd's embedded store, `ready` waits for fluxd to route what it holds and
+//! `probe` waits for an address to answer. Every run is bounded in time (and in bytes or
+//! requests), and a run that stalls is cut off and reported as an error rather than left hanging.
 
 mod bulk;
 mod cps;
+mod hold;
 mod latency;
+mod probe;
+mod ready;
+mod seed;
 mod server;
 
 use std::process::ExitCode;
@@ -37,6 +43,14 @@ enum Command {
     Cps(cps::Args),
     /// Request-reply latency on persistent connections, in microseconds.
     Latency(latency::Args),
+    /// Open idle connections and hold them (memory and descriptors per connection).
+    Hold(hold::Args),
+    /// Wait until a request-reply through an address succeeds; print when.
+    Probe(probe::Args),
+    /// Wait until fluxd routes N services (rules installed, drift clean); print how long.
+    Ready(ready::Args),
+    /// Add services with static instances to fluxd's embedded store (fluxd stopped).
+    Seed(seed::Args),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +78,10 @@ fn main() -> ExitCode {
             Command::Bulk(a) => bulk::run(a).await,
             Command::Cps(a) => cps::run(a).await,
             Command::Latency(a) => latency::run(a).await,
+            Command::Hold(a) => hold::run(a).await,
+            Command::Probe(a) => probe::run(a).await,
+            Command::Ready(a) => ready::run(a).await,
+            Command::Seed(a) => seed::run(a).await,
         }
     });
     match result {

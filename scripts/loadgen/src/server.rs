@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpSocket, TcpStream};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -24,12 +24,26 @@ enum Mode {
     Source,
     /// Answer each 64-byte request with 64 bytes; close when the peer closes.
     Reply64,
+    /// Hold the connection open, sending nothing; close when the peer closes. Small per
+    /// connection (no large buffer), for thousands of idle connections.
+    Idle,
 }
 
 const CHUNK: usize = 256 << 10;
+/// Listen backlog (the kernel caps it at net.core.somaxconn).
+const BACKLOG: u32 = 4096;
 
 pub async fn run(a: Args) -> std::io::Result<()> {
-    let listener = TcpListener::bind(a.listen).await?;
+    // A deep accept queue: a proxy may open thousands of upstream connections at once (the idle
+    // connections run), and a SYN dropped by a full queue costs a 1 s retransmit or a failure.
+    let socket = if a.listen.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(a.listen)?;
+    let listener = socket.listen(BACKLOG)?;
     // The script waits for this line before it sends traffic.
     println!(
         "{}",
@@ -79,6 +93,10 @@ async fn serve(mode: Mode, mut conn: TcpStream) -> std::io::Result<()> {
                     Err(e) => return Err(e),
                 }
             }
+        }
+        Mode::Idle => {
+            let mut buf = [0u8; 64];
+            while conn.read(&mut buf).await? > 0 {}
         }
     }
     Ok(())
