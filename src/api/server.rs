@@ -51,26 +51,8 @@ pub async fn serve_unix(
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let api = api.clone();
-                    tokio::spawn(async move {
-                        let svc = service_fn(move |req| {
-                            let api = api.clone();
-                            async move { Ok::<_, std::convert::Infallible>(handle(api, req).await) }
-                        });
-                        if let Err(e) = http1::Builder::new()
-                            .serve_connection(TokioIo::new(stream), svc)
-                            .await
-                        {
-                            tracing::debug!(error = %e, "api connection ended with an error");
-                        }
-                    });
-                }
-                Err(e) => {
-                    // Out of fds or similar: back off instead of spinning on the error.
-                    tracing::warn!(error = %e, "api accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
+                Ok((stream, _)) => spawn_conn(stream, api.clone(), Access::Full),
+                Err(e) => accept_failed(e).await,
             },
             _ = shutdown.changed() => break,
         }
@@ -89,29 +71,51 @@ pub async fn serve_http(
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let api = api.clone();
-                    tokio::spawn(async move {
-                        let svc = service_fn(move |req| {
-                            let api = api.clone();
-                            async move { Ok::<_, std::convert::Infallible>(read_only(api, req).await) }
-                        });
-                        if let Err(e) = http1::Builder::new()
-                            .serve_connection(TokioIo::new(stream), svc)
-                            .await
-                        {
-                            tracing::debug!(error = %e, "http connection ended with an error");
-                        }
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "http accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
+                Ok((stream, _)) => spawn_conn(stream, api.clone(), Access::ReadOnly),
+                Err(e) => accept_failed(e).await,
             },
             _ = shutdown.changed() => break,
         }
     }
+}
+
+/// What a listener lets its clients do.
+#[derive(Clone, Copy)]
+enum Access {
+    /// The unix socket: file permissions are the access control.
+    Full,
+    /// TCP: GET and HEAD, and the UI's files.
+    ReadOnly,
+}
+
+/// Serves HTTP/1.1 on one accepted connection in its own task.
+fn spawn_conn<S>(stream: S, api: Arc<Api>, access: Access)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let svc = service_fn(move |req| {
+            let api = api.clone();
+            async move {
+                Ok::<_, std::convert::Infallible>(match access {
+                    Access::Full => handle(api, req).await,
+                    Access::ReadOnly => read_only(api, req).await,
+                })
+            }
+        });
+        if let Err(e) = http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), svc)
+            .await
+        {
+            tracing::debug!(error = %e, "api connection ended with an error");
+        }
+    });
+}
+
+/// Out of fds or similar: back off instead of spinning on the error.
+async fn accept_failed(e: std::io::Error) {
+    tracing::warn!(error = %e, "api accept failed");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
 }
 
 async fn read_only(
