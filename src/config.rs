@@ -65,7 +65,9 @@ pub struct RunArgs {
     /// wildcard [default: docker0,br-+].
     #[arg(long, env = "FLUXD_BRIDGE_INTERFACES", value_name = "IFACES")]
     pub bridge_interfaces: Option<String>,
-    /// Per-attempt connect timeout to an instance, in milliseconds [default: 1000].
+    /// Per-attempt connect timeout to an instance, in milliseconds [default: 2500]. Longer
+    /// than the kernel's first SYN retransmit (1 s), so a SYN dropped by a full accept queue
+    /// is retried by the kernel instead of failing the instance.
     #[arg(long, env = "FLUXD_CONNECT_TIMEOUT_MS", value_name = "MS")]
     pub connect_timeout_ms: Option<u64>,
     /// Most concurrent proxied connections [default: 8000].
@@ -216,7 +218,7 @@ impl Config {
                 bail!("bridge_interfaces: not an interface name (got \"{i}\")");
             }
         }
-        let connect_timeout_ms = pick!(connect_timeout_ms).unwrap_or(1000);
+        let connect_timeout_ms = pick!(connect_timeout_ms).unwrap_or(2500);
         if !(10..=60_000).contains(&connect_timeout_ms) {
             bail!("connect_timeout_ms: must be 10-60000 (got {connect_timeout_ms})");
         }

@@ -136,10 +136,20 @@ impl History {
                 active: m.active.get(),
                 connect: now.connect.since(&track.last.connect),
             };
-            if track.samples.len() == CAPACITY {
-                track.samples.pop_front();
+            // An idle interval is not stored: charts read a missing point as nothing happened,
+            // and idle instances (most of them, with many services) then cost no memory.
+            let idle = s.connections == 0
+                && s.failures == 0
+                && s.bytes_to_instance == 0
+                && s.bytes_to_client == 0
+                && s.active == 0
+                && s.connect.count() == 0;
+            if !idle {
+                if track.samples.len() == CAPACITY {
+                    track.samples.pop_front();
+                }
+                track.samples.push_back(s);
             }
-            track.samples.push_back(s);
             track.last = now;
             track.last_seen = t;
         }
