@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use support::backend::{who_serves, Backend};
 use support::browser::{self, http_get, GateProxy, Load, Page};
 use support::docker::{Dockerd, NAME_PORT};
+use support::etcd::Etcd;
 use support::fluxd::{wait_until, Fluxd};
 use support::netns::Netns;
 
@@ -396,4 +397,100 @@ fn page_keeps_last_data_and_shows_stale_when_fluxd_is_gone() {
     assert!(text.starts_with("stale:"), "stale text {text:?}");
     drop(backends);
     drop(proxy);
+}
+
+/// Whether fluxd says its store is reachable (`GET /v1/host`).
+fn store_reachable(ns: &Netns) -> Option<bool> {
+    let (status, body) = http_get(ns, http_addr(), "/v1/host").ok()?;
+    if status != 200 {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    v["store"]["reachable"].as_bool()
+}
+
+/// etcd stops while traffic flows: fluxd answers from the catalog as it last followed it, so
+/// the page shows the service, its instances and live charts with a "store unreachable" marker
+/// rather than an error; once etcd is back, fluxd says so again.
+#[test]
+fn page_marks_the_store_down_while_etcd_is_stopped() {
+    let ns = Netns::new("ui-etcd");
+    let mut etcd = Etcd::start_in(&ns.name, "127.0.0.1".parse().unwrap());
+    let store = format!("etcd://{}", etcd.endpoint.trim_start_matches("http://"));
+    let fluxd = Fluxd::in_netns(&ns.name, "h1", &["--http", HTTP, "--store", &store]);
+    fluxd.ok(&["service", "add", "web", "--address", VIP]);
+    let backends: Vec<Backend> = (0..2)
+        .map(|i| {
+            let b = Backend::start(&ns, &format!("b{i}"), 9000 + i as u16);
+            fluxd.ok(&[
+                "instance",
+                "add",
+                "web",
+                &b.name,
+                "--address",
+                &b.addr.to_string(),
+            ]);
+            b
+        })
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = client_loop(&ns, stop.clone(), Duration::from_secs(40));
+    let ready = wait_until(Duration::from_secs(15), || {
+        let s = api_series(&ns, "instance");
+        s.len() == 2 && s.values().all(|(_, v)| *v > 0.0)
+    });
+    assert!(ready.is_some(), "series never filled: {}", fluxd.log());
+    assert_eq!(store_reachable(&ns), Some(true));
+
+    etcd.stop();
+    let noticed = wait_until(Duration::from_secs(15), || {
+        store_reachable(&ns) == Some(false)
+    });
+    assert!(
+        noticed.is_some(),
+        "fluxd never said etcd was down: {}",
+        fluxd.log()
+    );
+    let page = browser::load(
+        &ns,
+        &Load::new(url("#/service/web?group=instance"))
+            .budget(8_000)
+            .screenshot(out_dir().join("web-store-down.png")),
+    );
+    save(&page, "web-store-down.html");
+
+    let lines = legend(&page);
+    assert_eq!(lines.keys().collect::<Vec<_>>(), ["b0", "b1"], "{lines:?}");
+    assert!(
+        lines.values().all(|v| *v > 0.0),
+        "charts are live: {lines:?}"
+    );
+    assert_eq!(page.dom.with_attr("tr", "data-instance").len(), 2);
+    let stale = page.dom.by_id("stale").expect("#stale");
+    assert!(
+        stale.attrs.contains_key("hidden"),
+        "fluxd answers, so no error is shown: {stale:?}"
+    );
+    let marker = page.dom.by_id("store-stale").expect("#store-stale");
+    assert!(!marker.attrs.contains_key("hidden"), "{marker:?}");
+    assert!(marker.num("data-since").unwrap_or(0.0) > 0.0, "{marker:?}");
+    let text = page.dom.text_after(&marker);
+    assert!(text.starts_with("store unreachable since"), "{text:?}");
+
+    etcd.restart();
+    let back = wait_until(Duration::from_secs(30), || {
+        store_reachable(&ns) == Some(true)
+    });
+    stop.store(true, Ordering::Relaxed);
+    let counts = client.join().unwrap();
+    assert!(
+        back.is_some(),
+        "fluxd never saw etcd again: {}",
+        fluxd.log()
+    );
+    assert!(
+        counts.keys().all(|k| !k.starts_with("error")),
+        "connections failed while etcd was down: {counts:?}"
+    );
+    drop(backends);
 }

@@ -38,6 +38,10 @@ impl Api {
     /// store is unreachable, the last state followed, so that operators still see what this
     /// host routes by.
     async fn state(&self) -> Result<Arc<State>, CatalogError> {
+        // Known down: answer now rather than after a request's timeout.
+        if self.catalog.store().unreachable_since().is_some() {
+            return Ok(self.followed.borrow().clone());
+        }
         match self.catalog.load().await {
             Ok(s) => Ok(Arc::new(s)),
             Err(CatalogError::Store(StoreError::Unavailable(why))) => {
@@ -174,10 +178,7 @@ async fn route(api: &Api, req: Request<Incoming>) -> Answer {
             let view = super::debug::DebugView::gather(api).await;
             Ok(json(StatusCode::OK, &view))
         }
-        (&Method::GET, ["v1", "host"]) => Ok(json(
-            StatusCode::OK,
-            &serde_json::json!({ "name": api.host_name }),
-        )),
+        (&Method::GET, ["v1", "host"]) => Ok(json(StatusCode::OK, &host_view(api))),
         _ => Err(Failure(
             StatusCode::NOT_FOUND,
             ErrorBody {
@@ -186,6 +187,25 @@ async fn route(api: &Api, req: Request<Incoming>) -> Answer {
             },
         )),
     }
+}
+
+/// This host's name and whether its picture of the catalog is current: while the store's watch
+/// fails, everything this fluxd answers about services and instances is as last seen.
+fn host_view(api: &Api) -> serde_json::Value {
+    let since_ms = api
+        .catalog
+        .store()
+        .unreachable_since()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as u64);
+    serde_json::json!({
+        "name": api.host_name,
+        "store": {
+            "reachable": since_ms.is_none(),
+            "unreachable_since_ms": since_ms,
+            "followed_revision": api.followed.borrow().revision,
+        },
+    })
 }
 
 async fn list_services(api: &Api) -> Answer {

@@ -1,6 +1,7 @@
 //! Follows the store: one listing, then a watch from the revision after it, with every change
 //! folded into a fresh `State` that subscribers (the data plane controller, the Docker agent)
-//! receive through a watch channel. Bursts of changes are coalesced into one new State, and a
+//! receive through a watch channel. Bursts of changes are coalesced into one new State (at most
+//! one per `COALESCE`, the first of a burst without delay), and a
 //! subscriber that is busy only ever sees the latest one (level-triggered, nothing to replay).
 
 use std::collections::BTreeMap;
@@ -10,10 +11,13 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::{sleep, Instant};
 
+use super::state::Decoded;
 use super::State;
 use crate::store::{KeyValue, Store, WatchEvent};
 
 /// Changes that arrive within this window become one new State.
+/// A change after a quiet spell is published at once; changes that follow it within this window
+/// are folded into the next State.
 const COALESCE: Duration = Duration::from_millis(10);
 
 pub struct Follower {
@@ -21,7 +25,12 @@ pub struct Follower {
     /// Every key under the store root, as last seen.
     kvs: BTreeMap<String, KeyValue>,
     revision: i64,
+    /// Records as decoded for the last State, so a change re-decodes only what it touched.
+    decoded: Decoded,
     tx: watch::Sender<Arc<State>>,
+    /// When the last State went out: a change after a quiet spell is published at once, and
+    /// only changes that follow it within COALESCE wait to be folded together.
+    published: Instant,
 }
 
 impl Follower {
@@ -30,7 +39,8 @@ impl Follower {
         store: Arc<dyn Store>,
     ) -> crate::store::Result<(Follower, watch::Receiver<Arc<State>>)> {
         let listing = store.list("").await?;
-        let state = State::from_listing(&listing);
+        let mut decoded = Decoded::default();
+        let state = State::from_kvs(listing.kvs.iter(), listing.revision, &mut decoded);
         let (tx, rx) = watch::channel(Arc::new(state));
         let follower = Follower {
             store,
@@ -40,7 +50,9 @@ impl Follower {
                 .map(|kv| (kv.key.clone(), kv))
                 .collect(),
             revision: listing.revision,
+            decoded,
             tx,
+            published: Instant::now(),
         };
         Ok((follower, rx))
     }
@@ -69,7 +81,11 @@ impl Follower {
                     ev = events.recv() => match ev {
                         Some(ev) => {
                             self.apply(ev);
-                            due.get_or_insert(Instant::now() + COALESCE);
+                            // Whatever else has already arrived goes into the same State.
+                            while let Ok(ev) = events.try_recv() {
+                                self.apply(ev);
+                            }
+                            due.get_or_insert(self.published + COALESCE);
                         }
                         None => break,
                     },
@@ -104,9 +120,10 @@ impl Follower {
         }
     }
 
-    fn publish(&self) {
-        let state = State::from_kvs(self.kvs.values(), self.revision);
+    fn publish(&mut self) {
+        let state = State::from_kvs(self.kvs.values(), self.revision, &mut self.decoded);
         self.tx.send_replace(Arc::new(state));
+        self.published = Instant::now();
     }
 }
 

@@ -9,7 +9,7 @@ mod state;
 
 use std::sync::Arc;
 
-pub use state::State;
+pub use state::{Decoded, State};
 
 use crate::model::{self, Host, Instance, InvalidInput, Origin, Rule, Service};
 use crate::store::{Cond, Op, Store, StoreError, Txn};

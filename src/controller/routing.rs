@@ -135,7 +135,7 @@ pub fn with_local(state: &State, host: &str, local: Option<&LocalInstances>) -> 
         if merged.services.contains_key(&i.service) {
             merged
                 .instances
-                .insert((i.service.clone(), i.name.clone()), i.clone());
+                .insert((i.service.clone(), i.name.clone()), Arc::new(i.clone()));
         }
     }
     merged

@@ -12,7 +12,7 @@ use std::fmt::Display;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use etcd_client::{
@@ -86,6 +86,9 @@ pub struct EtcdStore {
 struct Core {
     client: Client,
     prefix: String,
+    /// Since when the watches have been failing, `None` while they work: readers of the
+    /// followed catalog (the UI, `fluxctl`) say their picture may be stale.
+    watch_down_since: Arc<std::sync::Mutex<Option<SystemTime>>>,
 }
 
 /// The host session. One lock covers the lease and the bound-record map, and every writing
@@ -139,6 +142,7 @@ impl EtcdStore {
         let core = Core {
             client,
             prefix: prefix.to_string(),
+            watch_down_since: Arc::default(),
         };
         core.current_revision().await?;
         Ok(EtcdStore {
@@ -395,6 +399,10 @@ impl Store for EtcdStore {
         Ok(())
     }
 
+    fn unreachable_since(&self) -> Option<SystemTime> {
+        self.core.watch_down_since.lock().ok().and_then(|s| *s)
+    }
+
     async fn close(&self, release_session: bool) -> Result<()> {
         // A second close has nothing left to do; failing it would only make shutdown paths
         // fragile.
@@ -629,11 +637,17 @@ impl Backoff {
 struct Outage {
     what: String,
     down: bool,
+    /// Set to the outage's start while it lasts, for those who report staleness.
+    since: Option<Arc<std::sync::Mutex<Option<SystemTime>>>>,
 }
 
 impl Outage {
     fn new(what: String) -> Self {
-        Outage { what, down: false }
+        Outage {
+            what,
+            down: false,
+            since: None,
+        }
     }
 
     fn failed(&mut self, err: &dyn Display) {
@@ -642,6 +656,9 @@ impl Outage {
         } else {
             self.down = true;
             tracing::warn!(what = %self.what, error = %err, "etcd failing; retrying with backoff");
+            if let Some(Ok(mut since)) = self.since.as_ref().map(|s| s.lock()) {
+                since.get_or_insert_with(SystemTime::now);
+            }
         }
     }
 
@@ -649,6 +666,9 @@ impl Outage {
         if self.down {
             self.down = false;
             tracing::info!(what = %self.what, "etcd reachable again");
+            if let Some(Ok(mut since)) = self.since.as_ref().map(|s| s.lock()) {
+                *since = None;
+            }
         }
     }
 }
@@ -663,6 +683,7 @@ enum WatchEnd {
 async fn watch_loop(core: Core, prefix: String, mut next: Revision, tx: mpsc::Sender<WatchEvent>) {
     let mut backoff = Backoff::new();
     let mut outage = Outage::new(format!("watch {}{prefix}", core.prefix));
+    outage.since = Some(core.watch_down_since.clone());
     loop {
         let end = tokio::select! {
             _ = tx.closed() => return,

@@ -130,6 +130,12 @@ pub trait Store: Send + Sync {
     /// background until `close`. Bound puts before this fail with `Invalid`.
     async fn start_session(&self, ttl: Duration) -> Result<()>;
 
+    /// Since when this store's watches have been failing (the followed picture may be stale),
+    /// or `None` while they work. A local store is never unreachable.
+    fn unreachable_since(&self) -> Option<std::time::SystemTime> {
+        None
+    }
+
     /// Stops renewing. With `release_session`, bound records are removed now (clean stop);
     /// without, they stay until the TTL runs out (what a crash looks like to other hosts).
     async fn close(&self, release_session: bool) -> Result<()>;

@@ -5,13 +5,15 @@
 //   #/service/NAME?group=G          one service: its instances and live charts, G one of
 //                                   instance, image, tag, host, label:KEY
 //
-// Every view polls every 2 s. When a fetch fails (fluxd stopped, or its store is down and an
-// answer is refused), the last data stays on screen and #stale says since when it is old.
+// Every view polls every 2 s. When a fetch fails (fluxd stopped), the last data stays on screen
+// and #stale says since when it is old. While fluxd's store is down, fluxd still answers from the
+// catalog as last followed, and #store-stale says since when.
 //
 // Hooks for tests and scripts (stable ids, classes and data attributes):
 //   body[data-page]                 "list" or "service"
 //   body[data-last-ok]              unix ms of the last successful update
 //   #stale[data-last-ok]            shown while the latest fetch failed
+//   #store-stale[data-since]        shown while fluxd's store is unreachable (unix ms)
 //   #services tr[data-service]      one row per service, with data-total and data-live
 //   #instances tr[data-instance]    one row per instance, with data-state
 //   #group                          the group-by <select>
@@ -181,17 +183,20 @@
     try {
       if (r.page === "service") {
         const q = "service=" + encodeURIComponent(r.service) + "&group=" + encodeURIComponent(r.group);
-        const [info, series] = await Promise.all([
+        const [info, series, host] = await Promise.all([
           getJSON("/v1/services/" + encodeURIComponent(r.service)),
           getJSON("/v1/series?" + q),
+          getJSON("/v1/host"),
         ]);
         if (gen !== view.gen) return;
         view.info = info;
         view.series = series;
+        setStoreStale(host.store);
       } else {
-        const services = await getJSON("/v1/services");
+        const [services, host] = await Promise.all([getJSON("/v1/services"), getJSON("/v1/host")]);
         if (gen !== view.gen) return;
         view.services = services;
+        setStoreStale(host.store);
       }
       view.lastOk = Date.now();
       setStale(null);
@@ -231,6 +236,20 @@
       : why + "; no data yet";
     st.title = why;
     document.body.classList.add("is-stale");
+  }
+
+  // fluxd answers, but its store does not: metrics are live, the service and instance lists
+  // are as fluxd last saw them. Said once, in the header, rather than as an error.
+  function setStoreStale(store) {
+    const st = document.getElementById("store-stale");
+    if (!store || store.reachable) {
+      st.hidden = true;
+      return;
+    }
+    st.hidden = false;
+    st.dataset.since = String(store.unreachable_since_ms || 0);
+    st.textContent = "store unreachable since " + fmtTime(store.unreachable_since_ms) +
+      "; services and instances as last seen";
   }
 
   // ---------- views ----------
