@@ -14,7 +14,8 @@ mod cluster;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use cluster::{median, set, tail, web_vip, Cluster, ClusterConfig, Load, LoadReport};
+use cluster::{median, set, tail, web_vip, Cluster, ClusterConfig, Load, LoadReport, HTTP_PORT};
+use support::browser::{self, http_get};
 
 /// Bounds of every client loop: far more than a scenario needs, so the loop ends when told.
 const LOAD_CONNS: usize = 100_000;
@@ -495,6 +496,125 @@ fn s6_rolling_fluxd_restarts_under_load() {
         assert!(converged.is_some(), "{}", c.dump("web"));
     }
     assert_eq!(c.instance_keys("web").len(), 3);
+}
+
+/// Issue 7, the cluster view: each fluxd charts the connections its own clients made; the UI
+/// on host A, asked for every host's view, gathers host B's series from B's advertised HTTP
+/// API and shows both as separate lines, and names a host that does not answer.
+#[test]
+fn s7_ui_gathers_every_hosts_series() {
+    let mut c = Cluster::new(ClusterConfig::default());
+    two_by_two(&c);
+    for h in &c.hosts {
+        let r = h.load(web_vip(), 300, LOAD_TIME).wait();
+        assert_no_failures(&h.name, &r, || c.dump("web"));
+    }
+    let a = c.host('a');
+    let a_http = std::net::SocketAddr::from((a.ip, HTTP_PORT));
+    let path = "/v1/series?service=web&group=host&scope=cluster";
+    // Each host samples its series every 2 s; wait until both hosts' latest samples show.
+    let mut view = serde_json::Value::Null;
+    let filled = cluster_wait(Duration::from_secs(10), || {
+        let Ok((200, body)) = http_get(&a.ns, a_http, path) else {
+            return false;
+        };
+        view = serde_json::from_str(&body).unwrap_or_default();
+        let from: BTreeSet<&str> = view["series"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|l| {
+                l["connections_per_s"]
+                    .as_array()
+                    .is_some_and(|v| v.iter().any(|x| x.as_f64() > Some(0.0)))
+            })
+            .filter_map(|l| l["from_host"].as_str())
+            .collect();
+        from == BTreeSet::from(["host-a", "host-b"])
+    });
+    assert!(filled.is_some(), "cluster view: {view:#}");
+    let keys: BTreeSet<&str> = view["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l["key"].as_str())
+        .collect();
+    // Grouped by the instance's host, as seen from each client host: 2 x 2 lines.
+    assert_eq!(
+        keys,
+        BTreeSet::from([
+            "host-a · host-a",
+            "host-a · host-b",
+            "host-b · host-a",
+            "host-b · host-b"
+        ]),
+        "{view:#}"
+    );
+
+    let out = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .unwrap()
+        .join("ui-test");
+    std::fs::create_dir_all(&out).unwrap();
+    let page = browser::load(
+        &a.ns,
+        &browser::Load::new(format!(
+            "http://{a_http}/#/service/web?group=host&scope=cluster"
+        ))
+        .budget(6_000)
+        .screenshot(out.join("web-cluster.png")),
+    );
+    std::fs::write(out.join("web-cluster.html"), &page.dom.0).unwrap();
+    let legend: BTreeSet<String> = page
+        .dom
+        .with_attr("li", "data-series-key")
+        .iter()
+        .filter_map(|e| e.attr("data-series-key").map(str::to_string))
+        .collect();
+    assert_eq!(legend.len(), 4, "legend {legend:?}");
+    assert!(
+        legend.iter().any(|k| k.starts_with("host-b · ")),
+        "{legend:?}"
+    );
+    let ok: Vec<(String, String)> = page
+        .dom
+        .with_attr("span", "data-host")
+        .iter()
+        .map(|e| {
+            (
+                e.attr("data-host").unwrap_or("").to_string(),
+                e.attr("data-ok").unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ok,
+        [
+            ("host-a".into(), "true".into()),
+            ("host-b".into(), "true".into())
+        ]
+    );
+
+    // Host B's fluxd gone (its host record outlives it for the TTL): named, not waited for.
+    c.host_mut('b').fluxd.kill();
+    let a = c.host('a');
+    let (status, body) = http_get(&a.ns, a_http, path).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let view: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let b = view["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == "host-b")
+        .cloned();
+    if let Some(b) = b {
+        assert_eq!(b["ok"], false, "{view:#}");
+    }
+    assert!(view["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|l| l["from_host"] == "host-a"));
 }
 
 /// Figures for BENCHMARKS.md (run by `integration/run --bench`): time from `docker start` on

@@ -35,6 +35,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .context("store: cannot open this host's session")?;
     let catalog = Catalog::new(store.clone());
+    // Bound before the host is published, so the record carries the port actually bound.
+    let http = tokio::net::TcpListener::bind(config.http)
+        .await
+        .with_context(|| format!("http: cannot listen on {}", config.http))?;
     let host = Host {
         name: config.host_name.clone(),
         ip: config.host_ip,
@@ -44,6 +48,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
+        http: advertised_http(http.local_addr()?, config.host_ip),
     };
     catalog
         .register_host(&host)
@@ -83,9 +88,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         followed: states.clone(),
         vip_ranges: config.vip_ranges.clone(),
     });
-    let http = tokio::net::TcpListener::bind(config.http)
-        .await
-        .with_context(|| format!("http: cannot listen on {}", config.http))?;
     let http_task = tokio::spawn(server::serve_http(http, api.clone(), stop_rx.clone()));
     let api_task = tokio::spawn(server::serve_unix(
         listener,
@@ -119,6 +121,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .context("store: could not withdraw this host")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The address other hosts can reach the HTTP API on: the host IP for a wildcard listener, the
+/// listener's own address for a specific one, none for loopback.
+fn advertised_http(bound: std::net::SocketAddr, host_ip: Ipv4Addr) -> Option<SocketAddrV4> {
+    match bound {
+        std::net::SocketAddr::V4(a) if a.ip().is_loopback() => None,
+        std::net::SocketAddr::V4(a) if a.ip().is_unspecified() => {
+            Some(SocketAddrV4::new(host_ip, a.port()))
+        }
+        std::net::SocketAddr::V4(a) => Some(a),
+        std::net::SocketAddr::V6(a) if a.ip().is_unspecified() => {
+            Some(SocketAddrV4::new(host_ip, a.port()))
+        }
+        std::net::SocketAddr::V6(_) => None,
+    }
 }
 
 /// The running data plane: proxy and controller tasks, and what they share with the API.

@@ -39,6 +39,9 @@ pub fn web_vip() -> SocketAddrV4 {
     WEB_VIP.parse().unwrap()
 }
 
+/// Every host's fluxd serves its read-only HTTP API (UI, series) on its own IP at this port.
+pub const HTTP_PORT: u16 = 7070;
+
 pub struct ClusterConfig {
     /// Number of hosts, 1-3.
     pub hosts: usize,
@@ -150,6 +153,8 @@ impl Cluster {
         let endpoint = docker.endpoint();
         let ip_s = ip.to_string();
         let ttl_s = ttl.to_string();
+        // On the host's own address, so the other hosts' UIs can gather its series.
+        let http_s = format!("{ip}:{HTTP_PORT}");
         let fluxd = Fluxd::in_netns(
             &ns.name,
             &name,
@@ -162,6 +167,8 @@ impl Cluster {
                 &endpoint,
                 "--host-ttl",
                 &ttl_s,
+                "--http",
+                &http_s,
             ],
         );
         Host {

@@ -9,6 +9,7 @@
 //! - `GET /v1/hosts`, `GET /v1/host`, `GET /healthz`, `GET /readyz`
 
 pub mod client;
+mod cluster;
 pub mod debug;
 pub mod routes;
 pub mod server;

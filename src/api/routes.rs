@@ -173,7 +173,7 @@ async fn route(api: &Api, req: Request<Incoming>) -> Answer {
             ))
         }
         (&Method::GET, ["metrics"]) => Ok(metrics(api)),
-        (&Method::GET, ["v1", "series"]) => series(api, &query),
+        (&Method::GET, ["v1", "series"]) => series(api, &query).await,
         (&Method::GET, ["v1", "debug"]) => {
             let view = super::debug::DebugView::gather(api).await;
             Ok(json(StatusCode::OK, &view))
@@ -321,9 +321,11 @@ fn metrics(api: &Api) -> Response<Body> {
 }
 
 /// Chart lines for one service from this host's history: `?service=web&group=tag`.
-fn series(api: &Api, query: &str) -> Answer {
+async fn series(api: &Api, query: &str) -> Answer {
     let mut service = None;
     let mut group = GroupBy::Instance;
+    let mut group_text = "instance".to_string();
+    let mut cluster = false;
     for (k, v) in form_urlencoded::parse(query.as_bytes()) {
         match k.as_ref() {
             "service" => service = Some(v.into_owned()),
@@ -331,7 +333,19 @@ fn series(api: &Api, query: &str) -> Answer {
                 group = GroupBy::parse(&v).ok_or_else(|| {
                     InvalidInput::new("group", "must be instance, image, tag, host or label:NAME")
                         .value(v.as_ref())
-                })?
+                })?;
+                group_text = v.into_owned();
+            }
+            "scope" => {
+                cluster = match v.as_ref() {
+                    "host" => false,
+                    "cluster" => true,
+                    _ => {
+                        return Err(
+                            InvalidInput::new("scope", "must be host or cluster").value(v.as_ref())
+                        )?
+                    }
+                }
             }
             other => {
                 return Err(InvalidInput::new(
@@ -347,15 +361,21 @@ fn series(api: &Api, query: &str) -> Answer {
         .as_ref()
         .map(|d| d.history.series(&service, &group))
         .unwrap_or_default();
-    Ok(json(
-        StatusCode::OK,
-        &serde_json::json!({
-            "host": api.host_name,
-            "service": service,
-            "interval_ms": crate::metrics::history::INTERVAL_MS,
-            "series": lines,
-        }),
-    ))
+    let own = serde_json::json!({
+        "host": api.host_name,
+        "service": service,
+        "interval_ms": crate::metrics::history::INTERVAL_MS,
+        "series": lines,
+    });
+    if !cluster {
+        return Ok(json(StatusCode::OK, &own));
+    }
+    let state = api.state().await?;
+    let hosts: Vec<&model::Host> = state.hosts.values().map(|h| &**h).collect();
+    let mut view = super::cluster::gather(&api.host_name, own, &hosts, &service, &group_text).await;
+    view["host"] = serde_json::Value::String(api.host_name.clone());
+    view["service"] = serde_json::Value::String(service);
+    Ok(json(StatusCode::OK, &view))
 }
 
 /// Reads a request body, refusing anything larger than a record can be.

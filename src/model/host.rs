@@ -1,6 +1,6 @@
 //! A host: a machine running fluxd, present in the store while its fluxd is alive.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +27,10 @@ pub struct Host {
     pub version: String,
     /// Unix time the daemon started; tells restarts apart.
     pub started_at: u64,
+    /// Where other hosts reach this fluxd's read-only HTTP API (the UI gathers every host's
+    /// series from there); absent when it listens on loopback only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<SocketAddrV4>,
 }
 
 impl Validate for Host {

@@ -2,7 +2,7 @@
 //
 // Routes (in the hash, so the server only ever serves one page):
 //   #/                              the services
-//   #/service/NAME?group=G          one service: its instances and live charts, G one of
+//   #/service/NAME?group=G&scope=S  one service: its instances and live charts, G one of
 //                                   instance, image, tag, host, label:KEY
 //
 // Every view polls every 2 s. When a fetch fails (fluxd stopped), the last data stays on screen
@@ -17,6 +17,8 @@
 //   #services tr[data-service]      one row per service, with data-total and data-live
 //   #instances tr[data-instance]    one row per instance, with data-state
 //   #group                          the group-by <select>
+//   #scope                          "host" (this fluxd's clients) or "cluster" (every host's)
+//   #hosts-status span[data-host]   in the cluster view, one per host, data-ok true/false
 //   #legend li[data-series-key=K]   one per chart line, data-last-value = latest connections/s
 //                                   (also data-last-bytes, -errors, -p50, -p99, -active, data-points)
 //   .chart[data-metric=M] path.line[data-series-key=K]
@@ -127,13 +129,22 @@
     const params = new URLSearchParams(q < 0 ? "" : raw.slice(q + 1));
     const segs = path.split("/").filter(Boolean).map(decodeURIComponent);
     if (segs[0] === "service" && segs[1]) {
-      return { page: "service", service: segs[1], group: params.get("group") || "instance" };
+      return {
+        page: "service",
+        service: segs[1],
+        group: params.get("group") || "instance",
+        scope: params.get("scope") === "cluster" ? "cluster" : "host",
+      };
     }
     return { page: "list" };
   }
 
-  function serviceHref(name, group) {
-    return "#/service/" + encodeURIComponent(name) + (group && group !== "instance" ? "?group=" + encodeURIComponent(group) : "");
+  function serviceHref(name, group, scope) {
+    const q = new URLSearchParams();
+    if (group && group !== "instance") q.set("group", group);
+    if (scope === "cluster") q.set("scope", "cluster");
+    const qs = q.toString();
+    return "#/service/" + encodeURIComponent(name) + (qs ? "?" + qs : "");
   }
 
   function start() {
@@ -182,7 +193,8 @@
     const r = view.route;
     try {
       if (r.page === "service") {
-        const q = "service=" + encodeURIComponent(r.service) + "&group=" + encodeURIComponent(r.group);
+        const q = "service=" + encodeURIComponent(r.service) + "&group=" + encodeURIComponent(r.group) +
+          (r.scope === "cluster" ? "&scope=cluster" : "");
         const [info, series, host] = await Promise.all([
           getJSON("/v1/services/" + encodeURIComponent(r.service)),
           getJSON("/v1/series?" + q),
@@ -253,6 +265,16 @@
   }
 
   // ---------- views ----------
+
+  // In the cluster view, which hosts answered: each line's key starts with the host that saw
+  // the traffic, and a host that did not answer is named with the reason.
+  function hostsStatus(series) {
+    const hosts = (series && series.hosts) || [];
+    return h("span", {}, ...hosts.map((x) => h("span", {
+      class: "host-status", "data-host": x.name, "data-ok": String(!!x.ok),
+      title: x.error || "", text: x.ok ? x.name + " ✓ " : x.name + " ✗ (" + x.error + ") ",
+    })));
+  }
 
   function render() {
     if (view.route.page === "service") renderService();
@@ -405,8 +427,9 @@
     // The skeleton is built once per service and group; polls refill its parts, so that the
     // group selector is not rebuilt (and closed) under the user's pointer every 2 s.
     let root = document.getElementById("service-view");
-    if (!root || root.dataset.service !== r.service || root.dataset.group !== r.group) {
-      root = h("div", { id: "service-view", "data-service": r.service, "data-group": r.group },
+    if (!root || root.dataset.service !== r.service || root.dataset.group !== r.group ||
+        root.dataset.scope !== r.scope) {
+      root = h("div", { id: "service-view", "data-service": r.service, "data-group": r.group, "data-scope": r.scope },
         h("div", { id: "service-header" }),
         h("h2", { text: "Rules" }), h("div", { id: "rules-box" }),
         h("h2", { text: "Instances" }), h("div", { id: "instances-box" }),
@@ -415,9 +438,15 @@
           h("label", { for: "group", class: "muted", text: "group by" }),
           h("select", {
             id: "group",
-            onchange: (e) => { location.hash = serviceHref(r.service, e.target.value); },
+            onchange: (e) => { location.hash = serviceHref(r.service, e.target.value, r.scope); },
           }),
+          h("label", { for: "scope", class: "muted", text: "seen from" }),
+          h("select", {
+            id: "scope",
+            onchange: (e) => { location.hash = serviceHref(r.service, r.group, e.target.value); },
+          }, h("option", { value: "host", text: "this host" }), h("option", { value: "cluster", text: "every host" })),
           h("span", { id: "interval", class: "muted" })),
+        h("div", { id: "hosts-status", class: "muted" }),
         h("div", { id: "legend-box" }),
         h("div", { id: "charts", "data-group": r.group }));
       replace("app", root);
@@ -432,9 +461,12 @@
       select.replaceChildren(...groups.map((g) => h("option", { value: g, text: g })));
     }
     select.value = r.group;
+    document.getElementById("scope").value = r.scope;
 
-    document.getElementById("traffic-title").textContent =
-      "Traffic on " + (view.series ? view.series.host : "this host");
+    document.getElementById("traffic-title").textContent = r.scope === "cluster"
+      ? "Traffic from every host"
+      : "Traffic on " + (view.series ? view.series.host : "this host");
+    replace("hosts-status", hostsStatus(view.series));
     document.getElementById("interval").textContent =
       "every " + ((view.series && view.series.interval_ms) || POLL_MS) / 1000 + " s, last 15 min";
     replace("legend-box", legend(series, color));
