@@ -494,3 +494,161 @@ fn page_marks_the_store_down_while_etcd_is_stopped() {
     );
     drop(backends);
 }
+
+/// An `http` service's page: besides the connection charts, requests/s, responses by status
+/// class and request latency, one line per group (instance here), and the same group control.
+#[test]
+fn http_service_page_charts_requests_status_and_latency() {
+    use support::http_backend::{Client, HttpBackend};
+    let ns = Netns::new("ui-http");
+    let fluxd = Fluxd::dataplane(&ns.name, &["--http", HTTP]);
+    fluxd.ok(&[
+        "service",
+        "add",
+        "web",
+        "--address",
+        VIP,
+        "--protocol",
+        "http",
+    ]);
+    let backends = [
+        HttpBackend::start(&ns, "good", 9000, 200),
+        HttpBackend::start(&ns, "bad", 9001, 500),
+    ];
+    for b in &backends {
+        fluxd.ok(&[
+            "instance",
+            "add",
+            "web",
+            &b.name,
+            "--address",
+            &b.addr.to_string(),
+        ]);
+    }
+    let installed = wait_until(Duration::from_secs(5), || {
+        ns.nat_table().contains("flux:web")
+    });
+    assert!(installed.is_some(), "rule never installed: {}", fluxd.log());
+    // Requests on kept-alive connections until stopped, bounded in time.
+    let stop = Arc::new(AtomicBool::new(false));
+    let vip = VIP.parse().unwrap();
+    let client = {
+        let stop = stop.clone();
+        ns.spawn(move || {
+            let start = Instant::now();
+            let mut c = None;
+            let mut n = 0usize;
+            while !stop.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(30) {
+                if c.is_none() {
+                    c = Client::connect(vip).ok();
+                }
+                if let Some(cl) = c.as_mut() {
+                    if cl.get("web").is_err() {
+                        c = None;
+                    } else {
+                        n += 1;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            n
+        })
+    };
+    let requests = |key: &str, s: &serde_json::Value| -> usize {
+        s["series"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["key"] == key)
+            .map(|x| x["requests_per_s"].as_array().unwrap().len())
+            .sum()
+    };
+    let ready = wait_until(Duration::from_secs(20), || {
+        let Ok((200, body)) = http_get(&ns, http_addr(), "/v1/series?service=web&group=instance")
+        else {
+            return false;
+        };
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        requests("good", &v) >= 3 && requests("bad", &v) >= 3
+    });
+    assert!(ready.is_some(), "series never filled: {}", fluxd.log());
+
+    let page = browser::load(
+        &ns,
+        &Load::new(url("#/service/web?group=instance"))
+            .screenshot(out_dir().join("http-by-instance.png")),
+    );
+    save(&page, "http-by-instance.html");
+    let charts = chart_lines(&page);
+    for metric in [
+        "requests_per_s",
+        "status",
+        "request_latency",
+        "connections_per_s",
+    ] {
+        let keys: Vec<&String> = charts
+            .get(metric)
+            .unwrap_or_else(|| panic!("no chart {metric}: {charts:?}"))
+            .iter()
+            .collect();
+        assert_eq!(keys, ["bad", "good"], "chart {metric}: {charts:?}");
+    }
+    // The status chart: the good instance's 2xx line and the bad one's 5xx line.
+    let status_lines: BTreeSet<(String, String)> = page
+        .dom
+        .with_attr("path", "data-class")
+        .iter()
+        .filter(|e| e.num("data-last-value").unwrap_or(0.0) > 0.0)
+        .map(|e| {
+            (
+                e.attr("data-series-key").unwrap().to_string(),
+                e.attr("data-class").unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        status_lines.contains(&("good".into(), "2xx".into()))
+            && status_lines.contains(&("bad".into(), "5xx".into()))
+            && !status_lines.contains(&("good".into(), "5xx".into())),
+        "{status_lines:?}"
+    );
+    let legend: BTreeMap<String, (f64, f64)> = page
+        .dom
+        .with_attr("li", "data-series-key")
+        .iter()
+        .map(|e| {
+            (
+                e.attr("data-series-key").unwrap().to_string(),
+                (
+                    e.num("data-last-requests").unwrap_or(-1.0),
+                    e.num("data-last-5xx").unwrap_or(-1.0),
+                ),
+            )
+        })
+        .collect();
+    assert!(
+        legend["good"].0 > 0.0 && legend["good"].1 == 0.0,
+        "{legend:?}"
+    );
+    assert!(legend["bad"].1 > 0.0, "{legend:?}");
+    let options: Vec<String> = page
+        .dom
+        .with_attr("option", "value")
+        .iter()
+        .map(|o| o.attr("value").unwrap().to_string())
+        .collect();
+    assert_eq!(
+        options,
+        ["instance", "image", "tag", "host"],
+        "group options"
+    );
+
+    // Grouped by host: one line, both instances summed.
+    let page = browser::load(&ns, &Load::new(url("#/service/web?group=host")));
+    let charts = chart_lines(&page);
+    assert_eq!(charts["requests_per_s"].len(), 1, "{charts:?}");
+    stop.store(true, Ordering::Relaxed);
+    let n = client.join().unwrap();
+    assert!(n > 0);
+    drop(backends);
+}

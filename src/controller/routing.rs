@@ -9,8 +9,9 @@ use crate::catalog::State;
 use crate::docker::LocalInstances;
 use crate::metrics::{InstanceLabels, InstanceMetrics, Metrics};
 use crate::model::Instance;
-use crate::model::Origin;
+use crate::model::{Origin, Protocol};
 use crate::proxy::health::Health;
+use crate::proxy::http::Pool;
 use crate::proxy::routes::{Backend, RouteTable, ServiceRoute};
 
 /// Health survives rebuilds of the table as long as the instance keeps its address; a new
@@ -23,6 +24,8 @@ pub struct Kept {
     pub health: Arc<Health>,
     pub metrics: InstanceMetrics,
     pub labels: InstanceLabels,
+    /// Kept-alive connections of `http` services.
+    pub pool: Arc<Pool>,
 }
 
 /// Builds the table; instances that are gone have their series dropped from `metrics`.
@@ -34,6 +37,7 @@ pub fn route_table(
     let mut table = RouteTable::default();
     let mut seen = HashMap::new();
     for service in state.services.values() {
+        let http = service.protocol == Protocol::Http;
         let backends: Vec<Arc<Backend>> = state
             .instances_of(&service.name)
             .filter_map(|i| {
@@ -41,11 +45,12 @@ pub fn route_table(
                 let key = (i.service.clone(), i.name.clone(), addr);
                 let labels = labels_of(i);
                 let k = match kept.get(&key) {
-                    Some(k) if k.labels == labels => k.clone(),
+                    Some(k) if k.labels == labels && k.metrics.http.is_some() == http => k.clone(),
                     _ => Kept {
                         health: Arc::default(),
-                        metrics: metrics.instance(&labels),
+                        metrics: metrics.instance(&labels, http),
                         labels,
+                        pool: Arc::default(),
                     },
                 };
                 seen.insert(key, k.clone());
@@ -61,11 +66,13 @@ pub fn route_table(
                         .as_ref()
                         .map(|c| c.labels.clone())
                         .unwrap_or_default(),
+                    pool: k.pool,
                 }))
             })
             .collect();
         let route = Arc::new(ServiceRoute::new(
             service.name.clone(),
+            service.protocol,
             service.balance,
             backends,
         ));
@@ -73,6 +80,8 @@ pub fn route_table(
         table.services.insert(service.address, route);
     }
     for (key, k) in kept.iter() {
+        // Same labels with another protocol share the series (an http -> tcp change leaves the
+        // per-request series until the instance goes).
         if seen.get(key).is_none_or(|s| s.labels != k.labels) {
             metrics.forget(&k.labels);
         }

@@ -20,6 +20,12 @@ pub const DURATION_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 3600.0,
 ];
 
+/// HTTP request duration, 500 µs to a minute.
+pub const REQUEST_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
 #[derive(Debug, Clone)]
 pub struct AtomicHistogram {
     inner: Arc<Inner>,

@@ -29,6 +29,10 @@ struct Sample {
     active: i64,
     /// Connect latency bucket counts observed in the interval.
     connect: Snapshot,
+    /// `http` services: responses by status class, and request latency buckets (empty for
+    /// `tcp` services).
+    responses: [u64; 4],
+    request: Snapshot,
 }
 
 /// Running totals last seen, to turn counters into per-interval amounts.
@@ -39,6 +43,8 @@ struct Totals {
     bytes_to_instance: u64,
     bytes_to_client: u64,
     connect: Snapshot,
+    responses: [u64; 4],
+    request: Snapshot,
 }
 
 struct Track {
@@ -90,6 +96,15 @@ pub struct Series {
     /// Connect latency percentiles in ms; null where no connection was made.
     pub connect_p50_ms: Vec<Option<f64>>,
     pub connect_p99_ms: Vec<Option<f64>>,
+    /// `http` services (zero or null for `tcp` ones): requests answered per second, the same
+    /// by status class, and request latency percentiles in ms.
+    pub requests_per_s: Vec<f64>,
+    pub http_2xx_per_s: Vec<f64>,
+    pub http_3xx_per_s: Vec<f64>,
+    pub http_4xx_per_s: Vec<f64>,
+    pub http_5xx_per_s: Vec<f64>,
+    pub request_p50_ms: Vec<Option<f64>>,
+    pub request_p99_ms: Vec<Option<f64>>,
 }
 
 impl History {
@@ -115,11 +130,21 @@ impl History {
                 bytes_to_instance: m.bytes_to_instance.get(),
                 bytes_to_client: m.bytes_to_client.get(),
                 connect: m.connect_seconds.snapshot(),
+                responses: m
+                    .http
+                    .as_ref()
+                    .map_or([0; 4], |h| h.responses.each_ref().map(|c| c.get())),
+                request: m
+                    .http
+                    .as_ref()
+                    .map_or_else(Snapshot::default, |h| h.request_seconds.snapshot()),
             };
+            // A new track starts from zero: what the instance did before its first round
+            // (it is routed at most one interval before) belongs to this interval.
             let track = tracks.entry(labels.clone()).or_insert_with(|| Track {
                 labels: labels.clone(),
                 extra: extra.clone(),
-                last: now.clone(),
+                last: Totals::default(),
                 samples: VecDeque::with_capacity(CAPACITY),
                 last_seen: t,
             });
@@ -135,6 +160,10 @@ impl History {
                     .saturating_sub(track.last.bytes_to_client),
                 active: m.active.get(),
                 connect: now.connect.since(&track.last.connect),
+                responses: std::array::from_fn(|i| {
+                    now.responses[i].saturating_sub(track.last.responses[i])
+                }),
+                request: now.request.since(&track.last.request),
             };
             // An idle interval is not stored: charts read a missing point as nothing happened,
             // and idle instances (most of them, with many services) then cost no memory.
@@ -143,7 +172,9 @@ impl History {
                 && s.bytes_to_instance == 0
                 && s.bytes_to_client == 0
                 && s.active == 0
-                && s.connect.count() == 0;
+                && s.connect.count() == 0
+                && s.responses == [0; 4]
+                && s.request.count() == 0;
             if !idle {
                 if track.samples.len() == CAPACITY {
                     track.samples.pop_front();
@@ -200,6 +231,13 @@ impl History {
                     active: vec![],
                     connect_p50_ms: vec![],
                     connect_p99_ms: vec![],
+                    requests_per_s: vec![],
+                    http_2xx_per_s: vec![],
+                    http_3xx_per_s: vec![],
+                    http_4xx_per_s: vec![],
+                    http_5xx_per_s: vec![],
+                    request_p50_ms: vec![],
+                    request_p99_ms: vec![],
                 };
                 for (t, s) in by_t {
                     out.t.push(t);
@@ -212,6 +250,16 @@ impl History {
                         .push(s.connect.quantile(0.5).map(|v| v * 1000.0));
                     out.connect_p99_ms
                         .push(s.connect.quantile(0.99).map(|v| v * 1000.0));
+                    let rate = |n: u64| n as f64 / secs;
+                    out.requests_per_s.push(rate(s.responses.iter().sum()));
+                    out.http_2xx_per_s.push(rate(s.responses[0]));
+                    out.http_3xx_per_s.push(rate(s.responses[1]));
+                    out.http_4xx_per_s.push(rate(s.responses[2]));
+                    out.http_5xx_per_s.push(rate(s.responses[3]));
+                    out.request_p50_ms
+                        .push(s.request.quantile(0.5).map(|v| v * 1000.0));
+                    out.request_p99_ms
+                        .push(s.request.quantile(0.99).map(|v| v * 1000.0));
                 }
                 out
             })
@@ -229,6 +277,17 @@ fn add(acc: &mut Sample, s: &Sample) {
         *a += b;
     }
     acc.connect.sum_seconds += s.connect.sum_seconds;
+    for (a, b) in acc.responses.iter_mut().zip(&s.responses) {
+        *a += b;
+    }
+    if acc.request.cumulative.is_empty() {
+        acc.request = s.request.clone();
+    } else {
+        for (a, b) in acc.request.cumulative.iter_mut().zip(&s.request.cumulative) {
+            *a += b;
+        }
+        acc.request.sum_seconds += s.request.sum_seconds;
+    }
 }
 
 fn unix_ms() -> u64 {
@@ -258,12 +317,16 @@ mod tests {
         let m = Metrics::new();
         let h = History::default();
         let ls = [labels("a", "v1"), labels("b", "v1"), labels("c", "v2")];
-        let ms: Vec<_> = ls.iter().map(|l| m.instance(l)).collect();
+        let ms: Vec<_> = ls.iter().map(|l| m.instance(l, true)).collect();
         let extra = BTreeMap::new();
         h.sample(ms.iter().zip(&ls).map(|(m, l)| (m, l, &extra)));
         for (i, m) in ms.iter().enumerate() {
             m.connections.inc_by(10 * (i as u64 + 1));
             m.connect_seconds.observe(0.001);
+            let http = m.http.as_ref().unwrap();
+            http.responses[0].inc_by(4);
+            http.responses[3].inc();
+            http.request_seconds.observe(0.02);
         }
         h.sample(ms.iter().zip(&ls).map(|(m, l)| (m, l, &extra)));
         let by_tag = h.series("web", &GroupBy::Tag);
@@ -273,6 +336,12 @@ mod tests {
         assert_eq!(last(&by_tag[0]), 30.0 / (INTERVAL_MS as f64 / 1000.0));
         assert_eq!(last(&by_tag[1]), 30.0 / (INTERVAL_MS as f64 / 1000.0));
         assert!(by_tag[0].connect_p50_ms.last().unwrap().is_some());
+        let per_s = |n: f64| n / (INTERVAL_MS as f64 / 1000.0);
+        assert_eq!(*by_tag[0].requests_per_s.last().unwrap(), per_s(10.0));
+        assert_eq!(*by_tag[0].http_2xx_per_s.last().unwrap(), per_s(8.0));
+        assert_eq!(*by_tag[0].http_5xx_per_s.last().unwrap(), per_s(2.0));
+        let p50 = by_tag[0].request_p50_ms.last().unwrap().unwrap();
+        assert!(p50 > 10.0 && p50 <= 25.0, "{p50}");
         assert_eq!(h.series("web", &GroupBy::Instance).len(), 3);
         assert_eq!(
             GroupBy::parse("label:team"),

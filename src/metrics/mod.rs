@@ -13,7 +13,7 @@ use prometheus_client::metrics::family::{Family, MetricConstructor};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use histogram::{AtomicHistogram, CONNECT_BUCKETS, DURATION_BUCKETS};
+use histogram::{AtomicHistogram, CONNECT_BUCKETS, DURATION_BUCKETS, REQUEST_BUCKETS};
 
 /// Who a series is about. `host` is the host the instance runs on (empty for static
 /// instances); image and tag let dashboards compare versions of a service.
@@ -43,6 +43,23 @@ struct BytesLabels {
     direction: Direction,
 }
 
+/// Status classes of `http` responses, in the order of `HttpMetrics::responses`.
+pub const CODE_CLASSES: [&str; 4] = ["2xx", "3xx", "4xx", "5xx"];
+
+/// The index in `CODE_CLASSES` of a status code. Informational codes never end a proxied
+/// exchange (upgrades are not supported); anything outside 200..=599 counts with its nearest
+/// class.
+pub fn code_class(status: u16) -> usize {
+    (status / 100).clamp(2, 5) as usize - 2
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+struct CodeLabels {
+    #[prometheus(flatten)]
+    instance: InstanceLabels,
+    code: &'static str,
+}
+
 #[derive(Clone)]
 struct Buckets(&'static [f64]);
 
@@ -64,6 +81,26 @@ pub struct InstanceMetrics {
     pub bytes_to_client: Counter,
     pub connect_seconds: AtomicHistogram,
     pub duration_seconds: AtomicHistogram,
+    /// Per-request series; only instances of `http` services have them.
+    pub http: Option<HttpMetrics>,
+}
+
+/// The per-request series of an instance of an `http` service.
+#[derive(Debug, Clone)]
+pub struct HttpMetrics {
+    /// Responses by status class, indexed like `CODE_CLASSES`.
+    pub responses: [Counter; 4],
+    /// Requests answered by this instance after an attempt on another one (or on a closed
+    /// pooled connection) failed.
+    pub retries: Counter,
+    /// From the request head received to the response's last byte handed to the client.
+    pub request_seconds: AtomicHistogram,
+}
+
+impl HttpMetrics {
+    pub fn requests(&self) -> u64 {
+        self.responses.iter().map(|c| c.get()).sum()
+    }
 }
 
 pub struct Metrics {
@@ -75,6 +112,9 @@ pub struct Metrics {
     bytes: Family<BytesLabels, Counter>,
     connect_seconds: Family<InstanceLabels, AtomicHistogram, Buckets>,
     duration_seconds: Family<InstanceLabels, AtomicHistogram, Buckets>,
+    http_requests: Family<CodeLabels, Counter>,
+    http_retries: Family<InstanceLabels, Counter>,
+    request_seconds: Family<InstanceLabels, AtomicHistogram, Buckets>,
 }
 
 impl Default for Metrics {
@@ -94,6 +134,9 @@ impl Metrics {
             bytes: Family::default(),
             connect_seconds: Family::new_with_constructor(Buckets(CONNECT_BUCKETS)),
             duration_seconds: Family::new_with_constructor(Buckets(DURATION_BUCKETS)),
+            http_requests: Family::default(),
+            http_retries: Family::default(),
+            request_seconds: Family::new_with_constructor(Buckets(REQUEST_BUCKETS)),
             registry: Registry::default(),
         };
         registry.register(
@@ -131,11 +174,26 @@ impl Metrics {
             "Lifetime of proxied connections",
             m.duration_seconds.clone(),
         );
+        registry.register(
+            "http_requests",
+            "Requests to an instance of an http service, by response status class (code)",
+            m.http_requests.clone(),
+        );
+        registry.register(
+            "http_retries",
+            "Requests answered by an instance after an attempt on another instance or a closed pooled connection failed",
+            m.http_retries.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "Time from a request's head to the last byte of its response, for http services",
+            m.request_seconds.clone(),
+        );
         Metrics { registry, ..m }
     }
 
-    /// The handles for one instance, creating its series.
-    pub fn instance(&self, labels: &InstanceLabels) -> InstanceMetrics {
+    /// The handles for one instance, creating its series; `http` adds the per-request ones.
+    pub fn instance(&self, labels: &InstanceLabels, http: bool) -> InstanceMetrics {
         let bytes = |direction| BytesLabels {
             instance: labels.clone(),
             direction,
@@ -156,6 +214,21 @@ impl Metrics {
         let retries = self.retries.get_or_create(labels).clone();
         let connect_seconds = self.connect_seconds.get_or_create(labels).clone();
         let duration_seconds = self.duration_seconds.get_or_create(labels).clone();
+        let http = http.then(|| {
+            let code = |code| CodeLabels {
+                instance: labels.clone(),
+                code,
+            };
+            let responses =
+                CODE_CLASSES.map(|c| self.http_requests.get_or_create(&code(c)).clone());
+            let retries = self.http_retries.get_or_create(labels).clone();
+            let request_seconds = self.request_seconds.get_or_create(labels).clone();
+            HttpMetrics {
+                responses,
+                retries,
+                request_seconds,
+            }
+        });
         InstanceMetrics {
             connections,
             active,
@@ -165,6 +238,7 @@ impl Metrics {
             bytes_to_client,
             connect_seconds,
             duration_seconds,
+            http,
         }
     }
 
@@ -182,6 +256,14 @@ impl Metrics {
         }
         self.connect_seconds.remove(labels);
         self.duration_seconds.remove(labels);
+        for code in CODE_CLASSES {
+            self.http_requests.remove(&CodeLabels {
+                instance: labels.clone(),
+                code,
+            });
+        }
+        self.http_retries.remove(labels);
+        self.request_seconds.remove(labels);
     }
 
     /// The exposition text for `/metrics`.
@@ -207,7 +289,7 @@ mod tests {
             image: "docker.io/library/web".into(),
             tag: "v1".into(),
         };
-        let h = m.instance(&l);
+        let h = m.instance(&l, false);
         h.connections.inc();
         h.bytes_to_client.inc_by(64);
         h.connect_seconds.observe(0.001);
@@ -216,6 +298,16 @@ mod tests {
         assert!(text.contains(r#"direction="to_client"} 64"#), "{text}");
         assert!(
             text.contains("flux_connect_duration_seconds_bucket"),
+            "{text}"
+        );
+        assert!(!text.contains("flux_http_requests"), "{text}");
+        let http = m.instance(&l, true).http.unwrap();
+        http.responses[code_class(503)].inc();
+        http.request_seconds.observe(0.01);
+        let text = m.encode();
+        assert!(text.contains(r#"flux_http_requests_total{service="web",instance="b0",host="h1",image="docker.io/library/web",tag="v1",code="5xx"} 1"#), "{text}");
+        assert!(
+            text.contains("flux_http_request_duration_seconds_bucket"),
             "{text}"
         );
         m.forget(&l);

@@ -1,5 +1,6 @@
 //! The proxy's listener: accepts redirected connections, finds the service from the original
-//! destination, connects to an instance (trying the next on failure) and splices the bytes.
+//! destination, connects to an instance (trying the next on failure) and splices the bytes;
+//! connections of `http` services go to the HTTP-aware path (`super::http`) instead.
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -13,6 +14,7 @@ use tokio::sync::{watch, Semaphore};
 
 use super::routes::{Backend, RouteTable, ServiceRoute};
 use super::splice;
+use crate::model::Protocol;
 
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -147,7 +149,7 @@ async fn accept_loop(
             Ok((client, _)) => {
                 let routes = routes.clone();
                 tokio::spawn(async move {
-                    handle(client, &routes, timeout).await;
+                    handle(client, routes, timeout).await;
                     drop(permit);
                 });
             }
@@ -160,7 +162,7 @@ async fn accept_loop(
     }
 }
 
-async fn handle(client: TcpStream, routes: &ArcSwap<RouteTable>, timeout: Duration) {
+async fn handle(client: TcpStream, routes: Arc<ArcSwap<RouteTable>>, timeout: Duration) {
     let Some(vip) = original_dst(&client) else {
         return reset(client);
     };
@@ -170,6 +172,9 @@ async fn handle(client: TcpStream, routes: &ArcSwap<RouteTable>, timeout: Durati
         return reset(client);
     };
     drop(table);
+    if service.protocol == Protocol::Http {
+        return super::http::serve(client, vip, routes, timeout).await;
+    }
     let Some((backend, stream)) = connect_any(&client, &service, timeout).await else {
         tracing::debug!(service = %service.name, "no instance reachable; reset");
         return reset(client);

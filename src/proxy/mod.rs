@@ -2,6 +2,7 @@
 //! the per-instance passive health, and zero-copy forwarding.
 
 pub mod health;
+pub mod http;
 mod listener;
 pub mod pipe;
 pub mod routes;

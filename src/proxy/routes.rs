@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use super::health::{now_ms, Health};
 use crate::metrics::{InstanceLabels, InstanceMetrics};
-use crate::model::Balance;
+use crate::model::{Balance, Protocol};
 
 /// One instance the proxy may connect to.
 #[derive(Debug)]
@@ -24,6 +24,9 @@ pub struct Backend {
     pub labels: InstanceLabels,
     /// Container labels, for grouping chart lines by any label.
     pub extra: std::collections::BTreeMap<String, String>,
+    /// Idle kept-alive HTTP connections to this instance (`http` services only); shared with
+    /// earlier tables like `health`.
+    pub pool: Arc<super::http::Pool>,
 }
 
 impl Backend {
@@ -35,6 +38,7 @@ impl Backend {
 #[derive(Debug)]
 pub struct ServiceRoute {
     pub name: String,
+    pub protocol: Protocol,
     pub balance: Balance,
     pub backends: Vec<Arc<Backend>>,
     /// Round-robin position.
@@ -42,9 +46,15 @@ pub struct ServiceRoute {
 }
 
 impl ServiceRoute {
-    pub fn new(name: String, balance: Balance, backends: Vec<Arc<Backend>>) -> Self {
+    pub fn new(
+        name: String,
+        protocol: Protocol,
+        balance: Balance,
+        backends: Vec<Arc<Backend>>,
+    ) -> Self {
         ServiceRoute {
             name,
+            protocol,
             balance,
             backends,
             next: AtomicUsize::new(0),
@@ -135,13 +145,14 @@ mod tests {
                     instance: format!("i{i}"),
                     addr: SocketAddrV4::new([192, 0, 2, i as u8].into(), 80),
                     health: Arc::new(Health::default()),
-                    metrics: crate::metrics::Metrics::new().instance(&labels),
+                    metrics: crate::metrics::Metrics::new().instance(&labels, false),
                     labels,
                     extra: Default::default(),
+                    pool: Default::default(),
                 })
             })
             .collect();
-        ServiceRoute::new("s".into(), balance, backends)
+        ServiceRoute::new("s".into(), Protocol::Tcp, balance, backends)
     }
 
     #[test]

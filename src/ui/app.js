@@ -20,8 +20,11 @@
 //   #scope                          "host" (this fluxd's clients) or "cluster" (every host's)
 //   #hosts-status span[data-host]   in the cluster view, one per host, data-ok true/false
 //   #legend li[data-series-key=K]   one per chart line, data-last-value = latest connections/s
-//                                   (also data-last-bytes, -errors, -p50, -p99, -active, data-points)
+//                                   (also data-last-bytes, -errors, -p50, -p99, -active, data-points;
+//                                   for http services -requests, -2xx .. -5xx, -req-p50, -req-p99)
 //   .chart[data-metric=M] path.line[data-series-key=K]
+//                                   http services add the charts requests_per_s, status (lines
+//                                   also carry data-class=2xx..5xx) and request_latency
 "use strict";
 
 (function () {
@@ -38,6 +41,13 @@
     { metric: "errors_per_s", title: "Connect errors", unit: "/s", fmt: fmtRate },
     { metric: "latency", title: "Connect latency", unit: "p50 solid, p99 dashed", fmt: fmtMs },
   ];
+  // `http` services: per-request charts first, then the connection charts (instance side).
+  const HTTP_CHARTS = [
+    { metric: "requests_per_s", title: "Requests", unit: "/s", fmt: fmtRate },
+    { metric: "status", title: "Responses by status class", unit: "/s; 2xx solid, 3xx dotted, 4xx dashed, 5xx dash-dot", fmt: fmtRate },
+    { metric: "request_latency", title: "Request latency", unit: "p50 solid, p99 dashed", fmt: fmtMs },
+  ];
+  const CLASSES = ["2xx", "3xx", "4xx", "5xx"];
 
   // What the current view shows; `gen` ignores answers to polls of a previous view.
   const view = { gen: 0, timer: null, route: null, lastOk: 0, services: null, info: null, series: null };
@@ -469,10 +479,12 @@
     replace("hosts-status", hostsStatus(view.series));
     document.getElementById("interval").textContent =
       "every " + ((view.series && view.series.interval_ms) || POLL_MS) / 1000 + " s, last 15 min";
-    replace("legend-box", legend(series, color));
+    const http = info.protocol === "http";
+    replace("legend-box", legend(series, color, http));
     const charts = document.getElementById("charts");
     charts.dataset.seriesCount = String(series.length);
-    charts.replaceChildren(...CHARTS.map((c) => chart(c, series, color)));
+    charts.dataset.protocol = http ? "http" : "tcp";
+    charts.replaceChildren(...(http ? HTTP_CHARTS.concat(CHARTS) : CHARTS).map((c) => chart(c, series, color)));
   }
 
   function last(arr) {
@@ -481,7 +493,7 @@
     return null;
   }
 
-  function legend(series, color) {
+  function legend(series, color, http) {
     if (!series.length) {
       return h("p", { id: "legend", class: "muted", "data-series-count": 0, text: "No traffic recorded on this host yet." });
     }
@@ -492,7 +504,19 @@
       const errs = last(x.errors_per_s);
       const p50 = last(x.connect_p50_ms);
       const p99 = last(x.connect_p99_ms);
-      return h("li", {
+      const reqs = x.requests_per_s || [];
+      const req = reqs.length ? reqs[reqs.length - 1] : 0;
+      const perClass = {};
+      for (const c of CLASSES) {
+        const v = x["http_" + c + "_per_s"] || [];
+        perClass["data-last-" + c] = http ? (v.length ? v[v.length - 1] : 0) : null;
+      }
+      const reqP50 = last(x.request_p50_ms);
+      const reqP99 = last(x.request_p99_ms);
+      const httpText = http
+        ? fmtRate(req) + " req/s · " + fmtRate(perClass["data-last-5xx"]) + " 5xx/s · req p50 " + fmtMs(reqP50) + " / p99 " + fmtMs(reqP99) + " · "
+        : "";
+      return h("li", Object.assign({
         class: "series",
         "data-series-key": x.key,
         "data-last-value": conn,
@@ -502,10 +526,13 @@
         "data-last-p99": p99 === null ? "" : p99,
         "data-last-active": last(x.active) === null ? "" : last(x.active),
         "data-points": n.length,
-      },
+        "data-last-requests": http ? req : null,
+        "data-last-req-p50": http ? (reqP50 === null ? "" : reqP50) : null,
+        "data-last-req-p99": http ? (reqP99 === null ? "" : reqP99) : null,
+      }, perClass),
         h("span", { class: "swatch", style: "background:" + color(x.key) }),
         h("span", { class: "key", text: x.key }),
-        h("span", { class: "vals", text:
+        h("span", { class: "vals", text: httpText +
           fmtRate(conn) + " conn/s · " + fmtBytes(bytes) + "/s · " + fmtRate(errs) + " err/s · p50 " + fmtMs(p50) + " / p99 " + fmtMs(p99) }));
     }));
   }
@@ -531,6 +558,15 @@
       if (c.metric === "latency") {
         lines.push({ key: x.key, t: x.t, v: x.connect_p50_ms || [], cls: "p50" });
         lines.push({ key: x.key, t: x.t, v: x.connect_p99_ms || [], cls: "p99" });
+      } else if (c.metric === "request_latency") {
+        lines.push({ key: x.key, t: x.t, v: x.request_p50_ms || [], cls: "p50" });
+        lines.push({ key: x.key, t: x.t, v: x.request_p99_ms || [], cls: "p99" });
+      } else if (c.metric === "status") {
+        // One line per status class the group answered with in the window (2xx if none).
+        const used = CLASSES.filter((cl) => (x["http_" + cl + "_per_s"] || []).some((n) => n > 0));
+        for (const cl of used.length ? used : ["2xx"]) {
+          lines.push({ key: x.key, t: x.t, v: x["http_" + cl + "_per_s"] || [], cls: "s" + cl, code: cl });
+        }
       } else {
         lines.push({ key: x.key, t: x.t, v: x[c.metric] || [], cls: "" });
       }
@@ -586,6 +622,7 @@
           d: d,
           stroke: color(l.key),
           "data-series-key": l.key,
+          "data-class": l.code,
           "data-last-value": last(l.v) === null ? "" : last(l.v),
         }));
       }

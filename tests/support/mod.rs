@@ -6,4 +6,5 @@ pub mod browser;
 pub mod docker;
 pub mod etcd;
 pub mod fluxd;
+pub mod http_backend;
 pub mod netns;

@@ -1,0 +1,570 @@
+//! The HTTP-aware path of `http` services: the client's connection is served as HTTP/1.1 and
+//! every request is balanced on its own. Per request: the service is looked up again (so a
+//! kept-alive client follows instance changes), an instance is picked by the service's policy
+//! and passive health, the request goes over a kept-alive connection from that instance's small
+//! pool, and the response streams back to the client.
+//!
+//! Retries: a failed connect marks the instance failed and the next instance is tried, as on
+//! the tcp path. A pooled connection that turns out closed before any response byte arrived is
+//! replaced by a fresh connection to the same instance (whose failure moves on to the next
+//! instance), but only while the request can be sent again: it was not sent at all, it has no
+//! body, or it is idempotent with a body small enough to have been buffered. Nothing is retried
+//! once response bytes have gone to the client. With no instance reachable the answer is 503.
+
+use std::convert::Infallible;
+use std::net::SocketAddrV4;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Either, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1 as client;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::request::Parts;
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::counter::Counter;
+use tokio::net::TcpStream;
+
+use super::routes::{Backend, RouteTable};
+use crate::metrics::code_class;
+
+/// Idle kept-alive connections kept per instance (by this fluxd, over all proxy threads).
+pub const MAX_IDLE_PER_INSTANCE: usize = 16;
+/// An idle pooled connection older than this is closed rather than reused: the instance may
+/// have timed it out already.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Idempotent requests with a body up to this size are buffered so that they can be retried.
+pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
+
+/// What is sent to an instance: the client's body streamed, or bytes that can be sent again.
+type ToInstance = Either<Counted, Full<Bytes>>;
+type Sender = client::SendRequest<ToInstance>;
+/// What goes back to the client: an instance's response, or flux's own short answer.
+pub type ToClient = Either<Tracked, Full<Bytes>>;
+
+/// An instance's idle kept-alive connections, most recently used last.
+#[derive(Default)]
+pub struct Pool {
+    idle: Mutex<Vec<(Sender, Instant)>>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.idle.lock().map(|i| i.len()).unwrap_or(0);
+        f.debug_struct("Pool").field("idle", &n).finish()
+    }
+}
+
+impl Pool {
+    /// The most recently used idle connection that is not known to be closed.
+    fn take(&self) -> Option<Sender> {
+        let mut idle = self.idle.lock().ok()?;
+        idle.retain(|(s, since)| !s.is_closed() && since.elapsed() < IDLE_TIMEOUT);
+        idle.pop().map(|(s, _)| s)
+    }
+
+    fn put(&self, s: Sender) {
+        if s.is_closed() {
+            return;
+        }
+        if let Ok(mut idle) = self.idle.lock() {
+            if idle.len() < MAX_IDLE_PER_INSTANCE {
+                idle.push((s, Instant::now()));
+            }
+        }
+    }
+
+    pub fn idle(&self) -> usize {
+        self.idle.lock().map(|i| i.len()).unwrap_or(0)
+    }
+}
+
+struct Ctx {
+    vip: SocketAddrV4,
+    routes: Arc<ArcSwap<RouteTable>>,
+    timeout: Duration,
+    /// The client's address, appended to `X-Forwarded-For`.
+    client_ip: Option<HeaderValue>,
+}
+
+/// Serves one client connection of an `http` service until the client closes it.
+pub async fn serve(
+    client: TcpStream,
+    vip: SocketAddrV4,
+    routes: Arc<ArcSwap<RouteTable>>,
+    timeout: Duration,
+) {
+    let client_ip = client
+        .peer_addr()
+        .ok()
+        .and_then(|a| HeaderValue::from_str(&a.ip().to_string()).ok());
+    let ctx = Arc::new(Ctx {
+        vip,
+        routes,
+        timeout,
+        client_ip,
+    });
+    let service = hyper::service::service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(ctx.handle(req).await) }
+    });
+    let result = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(client), service)
+        .await;
+    if let Err(e) = result {
+        tracing::trace!(%vip, error = %e, "http client connection ended with an error");
+    }
+}
+
+/// How one attempt on one instance ended.
+enum Attempt {
+    Answered(Response<Incoming>, Sender),
+    /// The instance could not be reached (marked failed); the request can go to another.
+    Failed,
+    /// The request was sent and the connection failed before an answer; it cannot be sent
+    /// again.
+    Lost,
+}
+
+impl Ctx {
+    async fn handle(&self, req: Request<Incoming>) -> Response<ToClient> {
+        let started = Instant::now();
+        let Some(service) = self.routes.load().services.get(&self.vip).cloned() else {
+            return plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no service at this address\n",
+            );
+        };
+        if req.method() == Method::CONNECT {
+            return plain(StatusCode::NOT_IMPLEMENTED, "CONNECT is not supported\n");
+        }
+        let (mut parts, body) = req.into_parts();
+        self.prepare(&mut parts);
+        let Ok(mut body) = ReqBody::new(&parts.method, body).await else {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                "the request body could not be read\n",
+            );
+        };
+        // The policy's pick, then every other instance in connect order (computed only when
+        // the first choice fails), as on the tcp path.
+        let first = service.first_choice().cloned();
+        let mut rest: Option<std::vec::IntoIter<Arc<Backend>>> = None;
+        let mut retried = false;
+        loop {
+            let backend = match (&first, rest.is_none()) {
+                (Some(f), true) if !retried => f.clone(),
+                _ => {
+                    let it = rest.get_or_insert_with(|| service.connect_order().into_iter());
+                    match it.find(|b| !first.as_ref().is_some_and(|f| Arc::ptr_eq(f, b))) {
+                        Some(b) => b,
+                        None => break,
+                    }
+                }
+            };
+            match self
+                .attempt(&backend, &parts, &mut body, &mut retried)
+                .await
+            {
+                Attempt::Answered(resp, sender) => {
+                    return answer(backend, resp, sender, started, retried)
+                }
+                Attempt::Failed => {
+                    retried = true;
+                    if rest.is_none() {
+                        rest = Some(service.connect_order().into_iter());
+                    }
+                }
+                Attempt::Lost => {
+                    if let Some(h) = &backend.metrics.http {
+                        h.responses[code_class(502)].inc();
+                        h.request_seconds.observe(started.elapsed().as_secs_f64());
+                    }
+                    return plain(
+                        StatusCode::BAD_GATEWAY,
+                        "the instance closed the connection before answering\n",
+                    );
+                }
+            }
+        }
+        tracing::debug!(service = %service.name, "no instance reachable; 503");
+        plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("no instance of service {} is reachable\n", service.name),
+        )
+    }
+
+    /// One instance: its pooled connections while they turn out closed before answering, then
+    /// one fresh connection.
+    async fn attempt(
+        &self,
+        backend: &Arc<Backend>,
+        parts: &Parts,
+        body: &mut ReqBody,
+        retried: &mut bool,
+    ) -> Attempt {
+        while let Some(mut s) = backend.pool.take() {
+            if !matches!(
+                tokio::time::timeout(self.timeout, s.ready()).await,
+                Ok(Ok(()))
+            ) {
+                continue; // closed while idle; nothing was sent
+            }
+            match self.send(backend, s, parts, body, false).await {
+                Ok((resp, s)) => return Attempt::Answered(resp, s),
+                // A stale pooled connection: a fresh one to the same instance next.
+                Err(true) => {
+                    *retried = true;
+                    break;
+                }
+                Err(false) => return Attempt::Lost,
+            }
+        }
+        let Some(s) = self.connect(backend).await else {
+            return Attempt::Failed;
+        };
+        match self.send(backend, s, parts, body, true).await {
+            Ok((resp, s)) => Attempt::Answered(resp, s),
+            Err(true) => {
+                *retried = true;
+                Attempt::Failed
+            }
+            Err(false) => Attempt::Lost,
+        }
+    }
+
+    /// Sends the request on one connection. On failure before any response byte: whether the
+    /// request may be sent again. A fresh connection that fails so marks the instance failed,
+    /// as an instance that accepted and hung up does on the tcp path.
+    async fn send(
+        &self,
+        backend: &Backend,
+        mut sender: Sender,
+        parts: &Parts,
+        body: &mut ReqBody,
+        fresh: bool,
+    ) -> Result<(Response<Incoming>, Sender), bool> {
+        let m = &backend.metrics;
+        let Some(b) = body.take(&m.bytes_to_instance) else {
+            return Err(false);
+        };
+        m.active.inc();
+        match sender.try_send_request(request(parts, b)).await {
+            Ok(resp) => {
+                if fresh || !backend.health.is_live() {
+                    backend.health.succeeded();
+                }
+                Ok((resp, sender))
+            }
+            Err(mut e) => {
+                m.active.dec();
+                let unsent = e.take_message();
+                let was_unsent = unsent.is_some();
+                if let Some(req) = unsent {
+                    body.give_back(req.into_body());
+                }
+                tracing::debug!(instance = %backend.instance, addr = %backend.addr, pooled = !fresh, error = %e.error(), "request failed before any response byte");
+                if fresh {
+                    backend.health.failed();
+                    m.connect_failures.inc();
+                }
+                Err(was_unsent || body.replayable())
+            }
+        }
+    }
+
+    /// A new connection to `backend`, with the HTTP/1.1 handshake; counted and timed like the
+    /// tcp path's connects; a failure marks the instance failed.
+    async fn connect(&self, backend: &Backend) -> Option<Sender> {
+        let m = &backend.metrics;
+        let started = Instant::now();
+        let why = match tokio::time::timeout(self.timeout, TcpStream::connect(backend.addr)).await {
+            Ok(Ok(stream)) => {
+                m.connect_seconds.observe(started.elapsed().as_secs_f64());
+                let _ = stream.set_nodelay(true);
+                match client::handshake(TokioIo::new(stream)).await {
+                    Ok((sender, conn)) => {
+                        m.connections.inc();
+                        tokio::spawn(async move {
+                            let _ = conn.await;
+                        });
+                        return Some(sender);
+                    }
+                    Err(e) => e.to_string(),
+                }
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "connect timed out".to_string(),
+        };
+        tracing::debug!(instance = %backend.instance, addr = %backend.addr, error = %why, "instance failed; trying the next");
+        backend.health.failed();
+        m.connect_failures.inc();
+        None
+    }
+
+    /// The request as the instance gets it: origin-form URI, HTTP/1.1, the client's Host (or
+    /// the VIP when it sent none), no hop-by-hop headers, the client's address appended to
+    /// `X-Forwarded-For`.
+    fn prepare(&self, parts: &mut Parts) {
+        strip_hop_by_hop(&mut parts.headers);
+        if !parts.headers.contains_key(header::HOST) {
+            let host = match parts.uri.authority() {
+                Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+                None => HeaderValue::from_str(&self.vip.to_string()).ok(),
+            };
+            if let Some(h) = host {
+                parts.headers.insert(header::HOST, h);
+            }
+        }
+        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+            parts.uri = parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .map_or_else(|| Uri::from_static("/"), Uri::from);
+        }
+        parts.version = Version::HTTP_11;
+        if let Some(ip) = &self.client_ip {
+            let xff = HeaderName::from_static("x-forwarded-for");
+            let mut all: Vec<&[u8]> = parts
+                .headers
+                .get_all(&xff)
+                .iter()
+                .map(|v| v.as_bytes())
+                .collect();
+            all.push(ip.as_bytes());
+            if let Ok(v) = HeaderValue::from_bytes(&all.join(&b", "[..])) {
+                parts.headers.insert(xff, v);
+            }
+        }
+    }
+}
+
+fn request(parts: &Parts, body: ToInstance) -> Request<ToInstance> {
+    let mut r = Request::new(body);
+    *r.method_mut() = parts.method.clone();
+    *r.uri_mut() = parts.uri.clone();
+    *r.version_mut() = parts.version;
+    *r.headers_mut() = parts.headers.clone();
+    r
+}
+
+/// Removes the headers that describe one hop (RFC 9110 7.6.1), including those the
+/// `Connection` header names. hyper sets framing and keep-alive for each side itself.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(n);
+    }
+}
+
+fn answer(
+    backend: Arc<Backend>,
+    resp: Response<Incoming>,
+    sender: Sender,
+    started: Instant,
+    retried: bool,
+) -> Response<ToClient> {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some(h) = &backend.metrics.http {
+        h.responses[code_class(parts.status.as_u16())].inc();
+        if retried {
+            h.retries.inc();
+        }
+    }
+    let body = Tracked {
+        inner: body,
+        done: Some(Done {
+            backend,
+            started,
+            sender,
+        }),
+    };
+    Response::from_parts(parts, Either::Left(body))
+}
+
+fn plain(status: StatusCode, text: &str) -> Response<ToClient> {
+    let mut r = Response::new(Either::Right(Full::new(Bytes::copy_from_slice(
+        text.as_bytes(),
+    ))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// The request body, kept so that it can be sent again where the retry rule allows.
+enum ReqBody {
+    /// No body, or an idempotent request's small body, read in full.
+    Replay(Bytes),
+    /// Streamed as it arrives; `None` once sent.
+    Once(Option<Counted>),
+}
+
+impl ReqBody {
+    async fn new(method: &Method, body: Incoming) -> Result<ReqBody, hyper::Error> {
+        if body.is_end_stream() {
+            return Ok(ReqBody::Replay(Bytes::new()));
+        }
+        let small = body
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n <= MAX_REPLAY_BODY);
+        if method.is_idempotent() && small {
+            return Ok(ReqBody::Replay(body.collect().await?.to_bytes()));
+        }
+        Ok(ReqBody::Once(Some(Counted {
+            inner: body,
+            counter: None,
+        })))
+    }
+
+    /// The body for one attempt; `sent` counts its bytes.
+    fn take(&mut self, sent: &Counter) -> Option<ToInstance> {
+        match self {
+            ReqBody::Replay(b) => {
+                sent.inc_by(b.len() as u64);
+                Some(Either::Right(Full::new(b.clone())))
+            }
+            ReqBody::Once(b) => b.take().map(|mut b| {
+                b.counter = Some(sent.clone());
+                Either::Left(b)
+            }),
+        }
+    }
+
+    fn give_back(&mut self, body: ToInstance) {
+        if let (ReqBody::Once(slot), Either::Left(b)) = (self, body) {
+            *slot = Some(b);
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        matches!(self, ReqBody::Replay(_))
+    }
+}
+
+/// A streamed request body: counts its bytes as they go, once it knows its instance.
+pub struct Counted {
+    inner: Incoming,
+    counter: Option<Counter>,
+}
+
+impl Body for Counted {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let (Poll::Ready(Some(Ok(f))), Some(c)) = (&r, &self.counter) {
+            if let Some(d) = f.data_ref() {
+                c.inc_by(d.len() as u64);
+            }
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+struct Done {
+    backend: Arc<Backend>,
+    started: Instant,
+    /// Goes back to the pool once the response has been read to its end.
+    sender: Sender,
+}
+
+/// An instance's response on its way to the client: counts bytes, and when it ends records the
+/// request's duration and returns the connection to the pool (only if the response was read
+/// to its end: otherwise hyper closes that connection).
+pub struct Tracked {
+    inner: Incoming,
+    done: Option<Done>,
+}
+
+impl Tracked {
+    fn finish(&mut self, complete: bool) {
+        let Some(d) = self.done.take() else { return };
+        let m = &d.backend.metrics;
+        m.active.dec();
+        if let Some(h) = &m.http {
+            h.request_seconds.observe(d.started.elapsed().as_secs_f64());
+        }
+        if complete {
+            d.backend.pool.put(d.sender);
+        }
+    }
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let (Some(d), Some(data)) = (&self.done, f.data_ref()) {
+                    d.backend.metrics.bytes_to_client.inc_by(data.len() as u64);
+                }
+            }
+            Poll::Ready(None) => self.finish(true),
+            Poll::Ready(Some(Err(_))) => self.finish(false),
+            Poll::Pending => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        // hyper does not poll a body it knows to be empty (HEAD, 204, Content-Length: 0).
+        let complete = self.inner.is_end_stream();
+        self.finish(complete);
+    }
+}
