@@ -7,8 +7,8 @@
 //!
 //! Prints the median of several runs of: apply of 10,000 services from scratch, apply of one
 //! added service with 10,000 present (and the same change by `apply_change`, the controller's
-//! path), and the connect latency to a VIP (through the redirect,
-//! to a listener on the proxy port) with 10 and with 10,000 services installed.
+//! path), and the median connect latency to a VIP (through the redirect, to a listener on the
+//! proxy port) with 10 and with 10,000 services installed, alternated.
 
 use std::fs::File;
 use std::net::{SocketAddrV4, TcpListener, TcpStream};
@@ -37,8 +37,8 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-/// Mean time of `rounds` connects to the VIP of the last of `n` services, from a thread inside
-/// the namespace, to a listener on the proxy port.
+/// Median time of `rounds` connects to the VIP of the last of `n` services, from a thread
+/// inside the namespace, to a listener on the proxy port.
 fn connect_latency(ns: &str, n: u32, rounds: u32) -> Duration {
     let last = desired(n).redirects.last().expect("n > 0").vip;
     let path = format!("/var/run/netns/{ns}");
@@ -57,7 +57,7 @@ fn connect_latency(ns: &str, n: u32, rounds: u32) -> Duration {
                 samples.push(elapsed); // the first 200 warm up
             }
         }
-        samples.iter().sum::<Duration>() / rounds
+        median(samples)
     })
     .join()
     .expect("latency thread")
@@ -94,12 +94,21 @@ fn main() {
         "apply 1 added service (10,000 present): median {:?} of {runs}",
         median(one)
     );
+    println!(
+        "apply_change 1 service (10,000 present): median {:?} of {runs}",
+        median(change)
+    );
 
-    nf.remove().expect("remove");
-    nf.apply(&render(&desired(10))).expect("apply 10");
-    let at_10 = connect_latency(&ns, 10, 2000);
-    nf.apply(&full).expect("apply 10,000");
-    let at_10k = connect_latency(&ns, 10_000, 2000);
+    // Alternated, so both sizes see the same machine conditions.
+    let (mut small, mut large) = (Vec::new(), Vec::new());
+    let ten = render(&desired(10));
+    for _ in 0..runs {
+        nf.apply(&ten).expect("apply 10");
+        small.push(connect_latency(&ns, 10, 2000));
+        nf.apply(&full).expect("apply 10,000");
+        large.push(connect_latency(&ns, 10_000, 2000));
+    }
+    let (at_10, at_10k) = (median(small), median(large));
     println!(
         "connect latency: {at_10:?} at 10 services, {at_10k:?} at 10,000 ({:+.1}%)",
         (at_10k.as_secs_f64() / at_10.as_secs_f64() - 1.0) * 100.0
