@@ -23,6 +23,16 @@ use netfilter::{CommandRunner, Netfilter};
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Without VIP ranges every service VIP is matched through an ipset: without ipset, fail
+    // now with one clear line rather than at the first service.
+    if config.dataplane && config.vip_ranges.is_empty() {
+        let check =
+            tokio::task::spawn_blocking(|| Netfilter::new(CommandRunner::new()).check_ipset())
+                .await?;
+        if let Err(e) = check {
+            anyhow::bail!(e);
+        }
+    }
     let store = open_store(&config).await?;
     // The lease is a second shorter than the promised TTL: etcd revokes expired leases on a
     // 500 ms scan, and `--host-ttl` is the bound operators rely on, not the lease length.

@@ -61,6 +61,25 @@ fn render(v: &DebugView) -> String {
         })
         .collect();
     out.push_str(&table(&["SERVICE", "RULE"], &rows));
+    if !v.vips.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nVIP SET {} ({} members)",
+            netfilter::VIP_SET,
+            v.vips.len()
+        );
+        let rows: Vec<Vec<String>> = v
+            .vips
+            .iter()
+            .map(|m| {
+                vec![
+                    m.service.clone().unwrap_or_else(|| "-".into()),
+                    m.element.clone(),
+                ]
+            })
+            .collect();
+        out.push_str(&table(&["SERVICE", "VIP"], &rows));
+    }
     out.push_str("\nDRIFT\n");
     match (&v.drift.error, v.drift.clean) {
         (Some(e), _) => {

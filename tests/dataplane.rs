@@ -46,7 +46,9 @@ fn setup(tag: &str, backends: usize) -> Setup {
     // Probe only once the redirect is installed: a SYN sent before it would be tracked without
     // the redirect, and its retries would never reach the proxy.
     let installed = wait_until(Duration::from_secs(5), || {
-        ns.nat_table().contains("flux:web")
+        ns.vip_set()
+            .contains(r#"198.18.0.10,tcp:80 comment "flux:web""#)
+            && ns.nat_table().contains("--match-set flux-vips")
     });
     assert!(installed.is_some(), "rule never installed: {}", fluxd.log());
     let ok = ns.run(|| wait_until(Duration::from_secs(5), || who_serves(vip()).is_ok()));
@@ -217,30 +219,33 @@ fn fds_return_to_baseline_after_2000_connections() {
 fn flushed_chain_shows_as_drift_and_is_repaired() {
     let s = setup("drift", 1);
     assert_eq!(s.fluxd.debug()["drift"]["clean"], true);
-    let mut saw_drift = false;
-    for _ in 0..3 {
-        let out = s.ns.exec(&["iptables", "-t", "nat", "-F", "FLUX-SERVICES"]);
-        assert!(out.status.success());
-        if s.fluxd.debug()["drift"]["clean"] == false {
-            saw_drift = true;
+    // The chain's one rule, then the set's members.
+    for damage in [
+        &["iptables", "-t", "nat", "-F", "FLUX-SERVICES"][..],
+        &["ipset", "flush", "flux-vips"],
+    ] {
+        let mut saw_drift = false;
+        for _ in 0..3 {
+            let out = s.ns.exec(damage);
+            assert!(out.status.success());
+            if s.fluxd.debug()["drift"]["clean"] == false {
+                saw_drift = true;
+            }
+            let repaired = wait_until(Duration::from_secs(5), || {
+                s.fluxd.debug()["drift"]["clean"] == true
+            });
+            assert!(
+                repaired.is_some(),
+                "{damage:?} not repaired within 5 s: {}",
+                s.fluxd.log()
+            );
+            assert!(s.ns.run(|| who_serves(vip()).is_ok()));
+            if saw_drift {
+                break;
+            }
         }
-        let repaired = wait_until(Duration::from_secs(5), || {
-            s.fluxd.debug()["drift"]["clean"] == true
-        });
-        assert!(
-            repaired.is_some(),
-            "not repaired within 5 s: {}",
-            s.fluxd.log()
-        );
-        assert!(s.ns.run(|| who_serves(vip()).is_ok()));
-        if saw_drift {
-            break;
-        }
+        assert!(saw_drift, "fluxd debug never showed {damage:?} as drift");
     }
-    assert!(
-        saw_drift,
-        "fluxd debug never showed the flushed chain as drift"
-    );
     assert!(s.fluxd.debug()["repairs"].as_u64().unwrap() >= 1);
     let text = String::from_utf8(
         std::process::Command::new(env!("CARGO_BIN_EXE_fluxd"))
@@ -251,7 +256,15 @@ fn flushed_chain_shows_as_drift_and_is_repaired() {
             .stdout,
     )
     .unwrap();
-    assert!(text.contains("web") && text.contains("REDIRECT"), "{text}");
+    assert!(
+        text.contains("REDIRECT") && text.contains("--match-set flux-vips"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("web") && l.contains("198.18.0.10,tcp:80")),
+        "{text}"
+    );
 }
 
 #[test]
@@ -260,12 +273,11 @@ fn clean_stop_restores_the_nat_table() {
     let before = ns.nat_table();
     let mut fluxd = Fluxd::dataplane(&ns.name, &[]);
     fluxd.ok(&["service", "add", "web", "--address", VIP]);
-    let installed = wait_until(Duration::from_secs(5), || {
-        ns.nat_table().contains("flux:web")
-    });
-    assert!(installed.is_some(), "{}", ns.nat_table());
+    let installed = wait_until(Duration::from_secs(5), || ns.vip_set().contains("flux:web"));
+    assert!(installed.is_some(), "{}", ns.vip_set());
     fluxd.stop();
     assert_eq!(before, ns.nat_table());
+    assert_eq!(ns.vip_set(), "", "the VIP set outlived a clean stop");
 }
 
 #[test]
@@ -312,6 +324,8 @@ fn vip_range_is_one_rule_whatever_the_number_of_services() {
     }
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(before, ns.nat_table(), "adding services changed the rules");
+    // Every VIP is inside the range: no set is needed.
+    assert_eq!(ns.vip_set(), "");
     // Outside the range: refused, naming the field.
     let out = fluxd.ctl(&["service", "add", "out", "--address", "10.128.0.1:80"]);
     assert_eq!(out.status.code(), Some(2));

@@ -49,7 +49,7 @@ fn setup(tag: &str, fluxd_flags: &[&str]) -> Setup {
     // ever being redirected. Installing can take seconds while parallel tests' dockerds hold
     // the xtables lock, so wait for the rule first.
     let installed = wait_until(Duration::from_secs(20), || {
-        ns.nat_table().contains("flux:web")
+        ns.vip_set().contains("flux:web")
     });
     assert!(installed.is_some(), "rule never installed: {}", fluxd.log());
     // From the namespace itself (OUTPUT path): the proxy has the instances once this answers.

@@ -343,9 +343,7 @@ fn page_keeps_last_data_and_shows_stale_when_fluxd_is_gone() {
             b
         })
         .collect();
-    let installed = wait_until(Duration::from_secs(5), || {
-        ns.nat_table().contains("flux:web")
-    });
+    let installed = wait_until(Duration::from_secs(5), || ns.vip_set().contains("flux:web"));
     assert!(installed.is_some(), "rule never installed: {}", fluxd.log());
     let stop = Arc::new(AtomicBool::new(false));
     let client = client_loop(&ns, stop.clone(), Duration::from_secs(20));

@@ -1,4 +1,4 @@
-//! Installed rules labelled for people, for `fluxd debug`.
+//! Installed rules and VIP set members labelled for people, for `fluxd debug`.
 
 use crate::installed::Installed;
 use crate::rule;
@@ -36,9 +36,69 @@ pub fn annotate(installed: &Installed) -> Vec<AnnotatedRule> {
         .collect()
 }
 
+/// One member of the installed VIP set and the service it serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnnotatedMember {
+    /// The set element, `198.18.0.10,tcp:80`.
+    pub element: String,
+    /// The member as `ipset save` prints it.
+    pub member: String,
+    /// The service named by the member's `flux:` comment; `None` for members flux did not add.
+    pub service: Option<String>,
+}
+
+/// Labels every member of the installed VIP set, sorted by element so that two reads of the
+/// same set (which `ipset save` prints in hash order) look the same.
+pub fn annotate_set(installed: &Installed) -> Vec<AnnotatedMember> {
+    let mut members: Vec<AnnotatedMember> = installed
+        .set_members
+        .iter()
+        .map(|line| AnnotatedMember {
+            element: rule::member_element(line).unwrap_or_default().to_string(),
+            member: line.clone(),
+            service: rule::member_comment(line)
+                .and_then(|c| c.strip_prefix(SERVICE_COMMENT_PREFIX).map(str::to_string)),
+        })
+        .collect();
+    members.sort_by_key(|m| (element_order(&m.element), m.member.clone()));
+    members
+}
+
+/// `IP,proto:port` ordered by address, then port (numerically), then the text.
+fn element_order(element: &str) -> (Option<std::net::Ipv4Addr>, Option<u16>, String) {
+    let (ip, rest) = element.split_once(',').unwrap_or((element, ""));
+    let port = rest.rsplit_once(':').and_then(|(_, p)| p.parse().ok());
+    (ip.parse().ok(), port, element.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_services_of_set_members() {
+        let installed = Installed {
+            set: Some(rule::set_create()),
+            set_members: vec![
+                r#"add flux-vips 198.18.0.10,tcp:80 comment "flux:web""#.into(),
+                "add flux-vips 198.18.0.9,tcp:80".into(),
+                r#"add flux-vips 198.18.0.10,tcp:443 comment "flux:api""#.into(),
+            ],
+            ..Installed::default()
+        };
+        let summary: Vec<(String, Option<String>)> = annotate_set(&installed)
+            .into_iter()
+            .map(|m| (m.element, m.service))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("198.18.0.9,tcp:80".to_string(), None),
+                ("198.18.0.10,tcp:80".to_string(), Some("web".to_string())),
+                ("198.18.0.10,tcp:443".to_string(), Some("api".to_string())),
+            ]
+        );
+    }
 
     #[test]
     fn names_services_from_comments() {
@@ -51,6 +111,7 @@ mod tests {
                 "-A FLUX-SERVICES -j ACCEPT".into(),
             ],
             canary_rules: vec![],
+            ..Installed::default()
         };
         let annotated = annotate(&installed);
         let summary: Vec<(&str, Option<&str>)> = annotated

@@ -6,8 +6,9 @@ use std::fmt;
 use crate::installed::Installed;
 use crate::render::Ruleset;
 
-/// Every way flux's rules in the kernel differ from the desired ones. Clean means identical,
-/// rule for rule, so a clean drift after apply proves the kernel holds what was rendered.
+/// Every way flux's rules and VIP set in the kernel differ from the desired ones. Clean means
+/// identical, rule for rule and member for member, so a clean drift after apply proves the
+/// kernel holds what was rendered.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Drift {
     /// The canary chain is gone: someone wiped the table (or deleted flux's chains).
@@ -26,6 +27,17 @@ pub struct Drift {
     pub missing_hooks: Vec<String>,
     /// Hooks that should not be there: duplicates, or for bridges no longer configured.
     pub extra_hooks: Vec<String>,
+    /// The ruleset matches the VIP set but it does not exist (`ipset destroy`, a reboot of
+    /// ipset state): every set-matched VIP is unrouted.
+    pub set_missing: bool,
+    /// A set of flux's name exists but cannot hold flux's members (another type or family, or
+    /// no comment extension); apply replaces it.
+    pub set_incompatible: bool,
+    /// Desired set members the kernel lacks (e.g. after `ipset flush flux-vips`). A member
+    /// whose comment differs counts as missing (and its installed form as extra).
+    pub missing_members: Vec<String>,
+    /// Set members flux did not render: stale, or added by someone.
+    pub extra_members: Vec<String>,
 }
 
 impl Drift {
@@ -39,6 +51,12 @@ impl Drift {
             && extra_rules.is_empty()
             && desired.service_rules() != installed.service_rules.as_slice();
         let (missing_hooks, extra_hooks) = difference(desired.hooks(), &installed.hooks);
+        // A set the ruleset does not use is not compared: nothing matches it.
+        let (missing_members, extra_members) = if desired.uses_set() {
+            difference(desired.set_members(), &installed.set_members)
+        } else {
+            (vec![], vec![])
+        };
         Drift {
             canary_missing: !installed.canary_chain,
             services_chain_missing: !installed.services_chain,
@@ -47,6 +65,14 @@ impl Drift {
             misordered,
             missing_hooks,
             extra_hooks,
+            set_missing: desired.uses_set() && installed.set.is_none(),
+            set_incompatible: desired.uses_set()
+                && installed
+                    .set
+                    .as_deref()
+                    .is_some_and(|create| !crate::rule::set_compatible(create)),
+            missing_members,
+            extra_members,
         }
     }
 
@@ -70,11 +96,19 @@ impl fmt::Display for Drift {
         if self.services_chain_missing {
             parts.push("services chain missing".to_string());
         }
+        if self.set_missing {
+            parts.push(format!("set {} missing", crate::VIP_SET));
+        }
+        if self.set_incompatible {
+            parts.push(format!("set {} has the wrong type", crate::VIP_SET));
+        }
         for (count, what) in [
             (self.missing_rules.len(), "service rules missing"),
             (self.extra_rules.len(), "unexpected service rules"),
             (self.missing_hooks.len(), "hooks missing"),
             (self.extra_hooks.len(), "unexpected hooks"),
+            (self.missing_members.len(), "set members missing"),
+            (self.extra_members.len(), "unexpected set members"),
         ] {
             if count > 0 {
                 parts.push(format!("{count} {what}"));
@@ -143,6 +177,8 @@ mod tests {
             service_rules: rs.service_rules().to_vec(),
             canary_rules: vec![],
             hooks: rs.hooks().to_vec(),
+            set: Some(crate::rule::set_create()),
+            set_members: rs.set_members().to_vec(),
         }
     }
 
@@ -162,15 +198,71 @@ mod tests {
         let drift = Drift::between(&rs, &installed);
         assert!(!drift.canary_missing);
         assert_eq!(drift.missing_rules, rs.service_rules());
-        assert_eq!(drift.to_string(), "2 service rules missing");
+        assert_eq!(drift.to_string(), "1 service rules missing");
     }
 
     #[test]
     fn wiped_table_is_drift() {
         let drift = Drift::between(&ruleset(), &Installed::default());
-        assert!(drift.canary_missing && drift.services_chain_missing);
-        assert_eq!(drift.missing_rules.len(), 2);
+        assert!(drift.canary_missing && drift.services_chain_missing && drift.set_missing);
+        assert_eq!(drift.missing_rules.len(), 1);
         assert_eq!(drift.missing_hooks.len(), 2);
+        assert_eq!(drift.missing_members.len(), 2);
+    }
+
+    #[test]
+    fn set_damage_is_drift() {
+        let rs = ruleset();
+        let mut installed = installed_as(&rs);
+        installed.set_members.reverse(); // hash order means nothing
+        assert!(Drift::between(&rs, &installed).is_clean());
+
+        installed.set_members.pop();
+        installed
+            .set_members
+            .push("add flux-vips 198.18.0.9,tcp:22".into());
+        let drift = Drift::between(&rs, &installed);
+        assert_eq!(drift.missing_members, [rs.set_members()[0].clone()]);
+        assert_eq!(drift.extra_members, ["add flux-vips 198.18.0.9,tcp:22"]);
+        assert_eq!(
+            drift.to_string(),
+            "1 set members missing, 1 unexpected set members"
+        );
+
+        installed.set = Some("create flux-vips hash:ip family inet".into());
+        assert!(Drift::between(&rs, &installed).set_incompatible);
+        installed.set = None;
+        installed.set_members.clear();
+        let drift = Drift::between(&rs, &installed);
+        assert!(drift.set_missing && drift.missing_members.len() == 2);
+    }
+
+    #[test]
+    fn an_unused_set_is_not_compared() {
+        let mut desired = Desired {
+            redirects: vec![Redirect {
+                service: "a".into(),
+                vip: "198.18.0.1:80".parse().expect("valid"),
+            }],
+            proxy_port: 7100,
+            bridge_interfaces: vec![],
+            vip_ranges: vec![crate::VipRange {
+                addr: "198.18.0.0".parse().expect("valid"),
+                prefix_len: 16,
+            }],
+        };
+        let rs = render(&desired);
+        let installed = installed_as(&rs);
+        desired.vip_ranges.clear();
+        let mut with_set = installed.clone();
+        with_set.set_members = render(&desired).set_members().to_vec();
+        assert!(Drift::between(&rs, &installed).is_clean());
+        assert!(Drift::between(&rs, &with_set).is_clean());
+        let none = Installed {
+            set: None,
+            ..installed
+        };
+        assert!(Drift::between(&rs, &none).is_clean());
     }
 
     #[test]
@@ -181,17 +273,35 @@ mod tests {
         installed
             .service_rules
             .insert(0, "-A FLUX-SERVICES -j ACCEPT".into());
+        installed.service_rules.push(rs.service_rules()[0].clone());
         let drift = Drift::between(&rs, &installed);
         assert_eq!(drift.extra_hooks, [rs.hooks()[0].clone()]);
-        assert_eq!(drift.extra_rules, ["-A FLUX-SERVICES -j ACCEPT"]);
+        assert_eq!(
+            drift.extra_rules,
+            ["-A FLUX-SERVICES -j ACCEPT", rs.service_rules()[0].as_str()]
+        );
         assert!(drift.missing_rules.is_empty() && drift.missing_hooks.is_empty());
         assert!(!drift.misordered);
     }
 
     #[test]
     fn reordered_rules_are_drift() {
-        let rs = ruleset();
+        // Two rendered rules: the set rule (for the VIP outside the range) and a range rule.
+        let rs = render(&Desired {
+            redirects: vec![Redirect {
+                service: "a".into(),
+                vip: "10.128.0.1:80".parse().expect("valid"),
+            }],
+            proxy_port: 7100,
+            bridge_interfaces: vec![],
+            vip_ranges: vec![crate::VipRange {
+                addr: "198.18.0.0".parse().expect("valid"),
+                prefix_len: 16,
+            }],
+        });
+        assert_eq!(rs.service_rules().len(), 2);
         let mut installed = installed_as(&rs);
+        assert!(Drift::between(&rs, &installed).is_clean());
         installed.service_rules.reverse();
         let drift = Drift::between(&rs, &installed);
         assert!(drift.misordered && !drift.is_clean());

@@ -1,8 +1,8 @@
-//! What can go wrong talking to iptables, with enough context for an operator to act on.
+//! What can go wrong talking to iptables and ipset, with enough context for an operator to act on.
 
 use std::io;
 
-/// Failures of the iptables commands flux runs. Each one names the command, because the daemon
+/// Failures of the iptables and ipset commands flux runs. Each one names the command, because the daemon
 /// logs it far from where it was run.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -36,6 +36,9 @@ pub enum Error {
         /// What iptables-restore printed on stderr, trimmed.
         stderr: String,
     },
+    /// The `ipset` program is not installed, so VIPs cannot be matched by set.
+    #[error("ipset is not installed: apt-get install ipset, or use --vip-range")]
+    IpsetMissing,
     /// The command printed something that is not UTF-8, which `iptables-save` never does; the
     /// output cannot be trusted as a description of the rules.
     #[error("`{command}` printed output that is not UTF-8")]

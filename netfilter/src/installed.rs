@@ -1,10 +1,11 @@
-//! What the kernel holds, read back from `iptables-save -t nat`.
+//! What the kernel holds, read back from `iptables-save -t nat` and `ipset save flux-vips`.
 
 use crate::rule;
-use crate::{CANARY_CHAIN, SERVICES_CHAIN};
+use crate::{CANARY_CHAIN, SERVICES_CHAIN, VIP_SET};
 
-/// flux's part of the nat table as the kernel reports it, in `iptables-save` text. Everything
-/// else in the table is ignored: flux neither reports nor compares other people's rules.
+/// flux's part of the nat table as the kernel reports it, in `iptables-save` text, and flux's
+/// VIP set in `ipset save` text. Everything else in the table is ignored: flux neither reports
+/// nor compares other people's rules or sets.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Installed {
     /// Whether the services chain exists; without it the hooks cannot exist either.
@@ -19,6 +20,12 @@ pub struct Installed {
     pub canary_rules: Vec<String>,
     /// flux's hook rules in `PREROUTING` and `OUTPUT`, duplicates included, in kernel order.
     pub hooks: Vec<String>,
+    /// The `create flux-vips ...` line of [`VIP_SET`], `None` when the set does not exist (or
+    /// ipset is not installed).
+    pub set: Option<String>,
+    /// The set's members (`add flux-vips ELEMENT ...` lines), foreign ones included, in the
+    /// order `ipset save` prints them (hash order, which means nothing).
+    pub set_members: Vec<String>,
 }
 
 impl Installed {
@@ -54,6 +61,19 @@ impl Installed {
             }
         }
         installed
+    }
+
+    /// Reads `ipset save flux-vips` output into [`Installed::set`] and
+    /// [`Installed::set_members`]; lines about other sets are skipped.
+    pub fn parse_set(&mut self, save: &str) {
+        for line in save.lines() {
+            let mut words = line.splitn(3, ' ');
+            match (words.next(), words.next()) {
+                (Some("create"), Some(VIP_SET)) => self.set = Some(line.to_string()),
+                (Some("add"), Some(VIP_SET)) => self.set_members.push(line.to_string()),
+                _ => {}
+            }
+        }
     }
 }
 
@@ -106,6 +126,28 @@ COMMIT
             ]
         );
         assert!(installed.canary_rules.is_empty());
+    }
+
+    #[test]
+    fn reads_the_vip_set() {
+        let mut installed = Installed::default();
+        installed.parse_set(concat!(
+            "create flux-vips hash:ip,port family inet hashsize 1024 maxelem 1048576 comment bucketsize 12 initval 0xccd6335b\n",
+            "add flux-vips 198.18.0.11,tcp:443 comment \"flux:api\"\n",
+            "add other 198.18.0.12,tcp:443\n",
+            "add flux-vips 198.18.0.10,tcp:80\n",
+        ));
+        assert!(installed
+            .set
+            .as_deref()
+            .is_some_and(|c| c.starts_with("create flux-vips hash:ip,port")));
+        assert_eq!(
+            installed.set_members,
+            [
+                r#"add flux-vips 198.18.0.11,tcp:443 comment "flux:api""#,
+                "add flux-vips 198.18.0.10,tcp:80",
+            ]
+        );
     }
 
     #[test]

@@ -1,10 +1,11 @@
-//! The handle the daemon holds: the only place that talks to iptables.
+//! The handle the daemon holds: the only place that talks to iptables and ipset.
 
 use crate::drift::Drift;
 use crate::installed::Installed;
 use crate::render::Ruleset;
 use crate::runner::Runner;
 use crate::Error;
+use crate::VIP_SET;
 
 /// How long `iptables-restore` waits for the xtables lock that iptables-legacy (and tools like
 /// Docker running iptables at the same moment) take; iptables-nft accepts and ignores it.
@@ -14,8 +15,8 @@ const LOCK_WAIT_SECONDS: &str = "5";
 /// in). Holds no state of its own: every call starts from what the kernel reports, so a change
 /// made behind flux's back is never overwritten by a stale cached view.
 ///
-/// Every method runs child processes and blocks until they finish (a few hundred milliseconds
-/// for 10,000 services): async callers should use `spawn_blocking`.
+/// Every method runs child processes and blocks until they finish (milliseconds; tens of
+/// milliseconds to create a set of 10,000 VIPs): async callers should use `spawn_blocking`.
 pub struct Netfilter {
     /// Where and how the iptables commands run.
     runner: Box<dyn Runner>,
@@ -30,10 +31,41 @@ impl Netfilter {
         }
     }
 
-    /// Reads flux's chains and hooks from the kernel.
+    /// Reads flux's chains, hooks and VIP set from the kernel. A missing set (or a missing
+    /// `ipset` program, which leaves no set to read) reads as [`Installed::set`] `None`.
     pub fn installed(&self) -> Result<Installed, Error> {
         let save = self.runner.run("iptables-save", &["-t", "nat"], None)?;
-        Ok(Installed::parse(&save))
+        let mut installed = Installed::parse(&save);
+        match self.ipset(&["save", VIP_SET], None) {
+            Ok(set) => installed.parse_set(&set),
+            Err(Error::IpsetMissing) => {}
+            Err(Error::Failed { stderr, .. }) if stderr.contains("does not exist") => {}
+            Err(other) => return Err(other),
+        }
+        Ok(installed)
+    }
+
+    /// Checks that `ipset` can be run and can talk to the kernel, so a daemon that will need
+    /// the VIP set fails at start, with [`Error::IpsetMissing`] when it is not installed,
+    /// rather than at its first apply.
+    pub fn check_ipset(&self) -> Result<(), Error> {
+        self.ipset(&["list", "-n"], None).map(drop)
+    }
+
+    /// Runs `ipset ARGS`; a missing program is [`Error::IpsetMissing`], whether it shows as a
+    /// failed spawn or as the failure of a prefix (`ip netns exec`, `nice`) that runs it.
+    pub(crate) fn ipset(&self, args: &[&str], stdin: Option<&str>) -> Result<String, Error> {
+        match self.runner.run("ipset", args, stdin) {
+            Err(Error::Spawn { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                Err(Error::IpsetMissing)
+            }
+            Err(Error::Failed { stderr, .. })
+                if stderr.contains("ipset") && stderr.contains("No such file or directory") =>
+            {
+                Err(Error::IpsetMissing)
+            }
+            other => other,
+        }
     }
 
     /// Compares the kernel with `desired`; run periodically so a flush or a deleted hook is
@@ -95,6 +127,35 @@ mod tests {
                 stderr: self.stderr.into(),
             })
         }
+    }
+
+    /// Fails every command as a missing program would.
+    struct Missing;
+
+    impl Runner for Missing {
+        fn run(&self, program: &str, _: &[&str], _: Option<&str>) -> Result<String, Error> {
+            Err(Error::Spawn {
+                command: program.into(),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            })
+        }
+    }
+
+    #[test]
+    fn missing_ipset_is_one_clear_error() {
+        let err = Netfilter::new(Missing).check_ipset().expect_err("missing");
+        assert!(matches!(err, Error::IpsetMissing));
+        assert_eq!(
+            err.to_string(),
+            "ipset is not installed: apt-get install ipset, or use --vip-range"
+        );
+        let behind_nice = Netfilter::new(Fake {
+            stderr: "nice: 'ipset': No such file or directory",
+        });
+        assert!(matches!(
+            behind_nice.check_ipset(),
+            Err(Error::IpsetMissing)
+        ));
     }
 
     #[test]

@@ -4,18 +4,24 @@ use crate::installed::Installed;
 use crate::netfilter::Netfilter;
 use crate::rule;
 use crate::Error;
-use crate::{CANARY_CHAIN, SERVICES_CHAIN};
+use crate::{CANARY_CHAIN, SERVICES_CHAIN, VIP_SET};
 
 impl Netfilter {
     /// Deletes flux's hooks and chains in one transaction, so VIP traffic is never sent to a
-    /// half-removed chain. Idempotent: with nothing installed it changes nothing. Fails (and
-    /// changes nothing) if someone else's rule still jumps to flux's chain, since deleting that
-    /// rule is not flux's call.
+    /// half-removed chain, then destroys the VIP set (a set that a rule references cannot be
+    /// destroyed, so it goes last). Idempotent: with nothing installed it changes nothing.
+    /// Fails (and changes nothing) if someone else's rule still jumps to flux's chain, since
+    /// deleting that rule is not flux's call; fails after removing the chains if someone
+    /// else's rule still matches the set, which is then left in place.
     pub fn remove(&self) -> Result<(), Error> {
-        match plan(&self.installed()?) {
-            Some(input) => self.restore(&input),
-            None => Ok(()),
+        let installed = self.installed()?;
+        if let Some(input) = plan(&installed) {
+            self.restore(&input)?;
         }
+        if installed.set.is_some() {
+            self.ipset(&["destroy", VIP_SET], None)?;
+        }
+        Ok(())
     }
 }
 
@@ -61,6 +67,7 @@ mod tests {
             service_rules: vec!["-A FLUX-SERVICES -j ACCEPT".into()],
             canary_rules: vec![],
             hooks: vec![r#"-A OUTPUT -m comment --comment "flux hook" -j FLUX-SERVICES"#.into()],
+            ..Installed::default()
         };
         assert_eq!(
             plan(&installed).as_deref(),

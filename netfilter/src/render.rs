@@ -9,14 +9,21 @@ use crate::rule;
 use crate::validate::{interface_problem, redirect_problem};
 use crate::{CANARY_CHAIN, SERVICES_CHAIN};
 
-/// The complete contents of flux's chains and the hooks into them, as `iptables-save` would
-/// print them once installed. Built only by [`render`], so every line in it has passed its
-/// checks.
+/// The complete contents of flux's chains, the members of its VIP set and the hooks into the
+/// chains, as `iptables-save` and `ipset save` would print them once installed. Built only by
+/// [`render`], so every line in it has passed its checks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ruleset {
-    /// `-A FLUX-SERVICES ...` lines, sorted by service then VIP so that the same desired state
-    /// always gives the same text and an unchanged state never looks like a change.
+    /// `-A FLUX-SERVICES ...` lines: the set rule (when the set is used), then one rule per VIP
+    /// range, so that the same desired state always gives the same text.
     service_rules: Vec<String>,
+    /// `add flux-vips IP,tcp:PORT comment "flux:SERVICE"` lines, sorted by VIP: one per
+    /// redirect not covered by a VIP range.
+    set_members: Vec<String>,
+    /// Whether the chain matches [`crate::VIP_SET`] (and so the set must exist): always without
+    /// VIP ranges, so adding the first service changes only the set; with ranges, only while
+    /// some VIP lies outside them.
+    uses_set: bool,
     /// `-A OUTPUT ...` / `-A PREROUTING ...` lines in the order they should end up in, kept
     /// apart from the chain contents because they live in chains flux shares with others.
     hooks: Vec<String>,
@@ -65,6 +72,16 @@ impl Ruleset {
         &self.service_rules
     }
 
+    /// The members [`crate::VIP_SET`] should hold, sorted by VIP, as `ipset save` prints them.
+    pub fn set_members(&self) -> &[String] {
+        &self.set_members
+    }
+
+    /// Whether the services chain matches [`crate::VIP_SET`], so the set must exist.
+    pub fn uses_set(&self) -> bool {
+        self.uses_set
+    }
+
     /// The hook rules that should exist (once each) in `OUTPUT` and `PREROUTING`.
     pub fn hooks(&self) -> &[String] {
         &self.hooks
@@ -76,7 +93,7 @@ impl Ruleset {
     }
 
     /// Input for `iptables-restore --noflush` that replaces the contents of flux's chains in one
-    /// transaction. Declaring a chain flushes it, so the result holds exactly these rules
+    /// transaction (the set's members are not in it: see [`crate::Netfilter::apply`]). Declaring a chain flushes it, so the result holds exactly these rules
     /// whatever was there before, and no other chain is touched. The hooks are not in it: they
     /// live in shared chains where a blind `-I` would duplicate them, so
     /// [`crate::Netfilter::apply`] adds only those missing.
@@ -89,7 +106,6 @@ impl Ruleset {
     /// The restore input up to (not including) its `COMMIT`, so apply can add hook commands to
     /// the same transaction.
     pub(crate) fn chain_contents(&self) -> String {
-        // About 140 bytes a rule; sized once because a large ruleset is megabytes of text.
         let mut input = String::with_capacity(64 + 140 * self.service_rules.len());
         input.push_str("*nat\n");
         input.push_str(&format!(":{SERVICES_CHAIN} - [0:0]\n"));
@@ -106,58 +122,63 @@ impl Ruleset {
 /// tests and compared with the kernel's without side effects.
 pub fn render(desired: &Desired) -> Ruleset {
     let mut rejected = Vec::new();
-    let service_rules = render_services(desired, &mut rejected);
+    let set_members = render_members(desired, &mut rejected);
+    let uses_set = desired.vip_ranges.is_empty() || !set_members.is_empty();
+    let mut ranges = desired.vip_ranges.clone();
+    ranges.sort();
+    ranges.dedup();
+    // The set rule first, so a VIP outside every range is matched by its member; the ranges'
+    // rules after it.
+    let service_rules = uses_set
+        .then(|| rule::set_rule(desired.proxy_port))
+        .into_iter()
+        .chain(
+            ranges
+                .iter()
+                .map(|r| rule::range_rule(r, desired.proxy_port)),
+        )
+        .collect();
     let hooks = render_hooks(&desired.bridge_interfaces, &mut rejected);
     Ruleset {
         service_rules,
+        set_members,
+        uses_set,
         hooks,
         rejected,
     }
 }
 
-fn render_services(desired: &Desired, rejected: &mut Vec<Rejected>) -> Vec<String> {
+/// The set members for the redirects outside every VIP range, sorted by VIP.
+fn render_members(desired: &Desired, rejected: &mut Vec<Rejected>) -> Vec<String> {
     let mut redirects: Vec<&Redirect> = desired.redirects.iter().collect();
     redirects.sort();
     redirects.dedup();
-    // A VIP:port matched by two rules only ever reaches the first; the service whose name sorts
-    // first keeps it so the outcome does not depend on the order the controller listed them in.
+    // A set holds a VIP:port once; the service whose name sorts first keeps it so the outcome
+    // does not depend on the order the controller listed them in.
     let mut owner: BTreeMap<SocketAddrV4, &str> = BTreeMap::new();
-    let mut rules = Vec::with_capacity(redirects.len());
     for redirect in redirects {
         if desired
             .vip_ranges
             .iter()
             .any(|r| r.contains(*redirect.vip.ip()))
         {
-            continue; // the range rule below covers it
+            continue; // the range rule covers it
         }
         let taken_by = owner.get(&redirect.vip).copied();
-        let reason = redirect_problem(redirect, desired.proxy_port, taken_by);
-        match reason {
+        match redirect_problem(redirect, desired.proxy_port, taken_by) {
             Some(reason) => rejected.push(Rejected::Redirect {
                 redirect: redirect.clone(),
                 reason,
             }),
             None => {
                 owner.insert(redirect.vip, &redirect.service);
-                rules.push(rule::service_rule(
-                    &redirect.service,
-                    redirect.vip,
-                    desired.proxy_port,
-                ));
             }
         }
     }
-    let mut ranges = desired.vip_ranges.clone();
-    ranges.sort();
-    ranges.dedup();
-    // After the per-VIP rules, so a VIP outside every range is matched by its own rule first.
-    rules.extend(
-        ranges
-            .iter()
-            .map(|r| rule::range_rule(r, desired.proxy_port)),
-    );
-    rules
+    owner
+        .into_iter()
+        .map(|(vip, service)| rule::set_member(service, vip))
+        .collect()
 }
 
 fn render_hooks(interfaces: &[String], rejected: &mut Vec<Rejected>) -> Vec<String> {
@@ -197,8 +218,18 @@ mod tests {
         }
     }
 
+    const SET_RULE: &str = r#"-A FLUX-SERVICES -p tcp -m set --match-set flux-vips dst,dst -m comment --comment "flux vips" -j REDIRECT --to-ports 7100"#;
+    const RANGE_RULE: &str = r#"-A FLUX-SERVICES -d 198.18.0.0/15 -p tcp -m comment --comment "flux vip range" -j REDIRECT --to-ports 7100"#;
+
+    fn range() -> crate::VipRange {
+        crate::VipRange {
+            addr: "198.18.0.0".parse().unwrap(),
+            prefix_len: 15,
+        }
+    }
+
     #[test]
-    fn vip_ranges_replace_per_service_rules_inside_them() {
+    fn vip_ranges_replace_set_members_inside_them() {
         let mut d = desired(
             vec![
                 redirect("web", "198.18.0.10:80"),
@@ -206,34 +237,44 @@ mod tests {
             ],
             &[],
         );
-        d.vip_ranges = vec![crate::VipRange {
-            addr: "198.18.0.0".parse().unwrap(),
-            prefix_len: 15,
-        }];
+        d.vip_ranges = vec![range()];
         let rs = render(&d);
+        assert!(rs.uses_set());
+        assert_eq!(rs.service_rules(), [SET_RULE, RANGE_RULE]);
         assert_eq!(
-            rs.service_rules(),
-            [
-                r#"-A FLUX-SERVICES -d 10.128.0.1/32 -p tcp -m tcp --dport 80 -m comment --comment "flux:old" -j REDIRECT --to-ports 7100"#,
-                r#"-A FLUX-SERVICES -d 198.18.0.0/15 -p tcp -m comment --comment "flux vip range" -j REDIRECT --to-ports 7100"#,
-            ]
+            rs.set_members(),
+            [r#"add flux-vips 10.128.0.1,tcp:80 comment "flux:old""#]
         );
     }
 
     #[test]
-    fn renders_exact_iptables_save_text() {
+    fn vip_ranges_covering_every_vip_need_no_set() {
+        let mut d = desired(vec![redirect("web", "198.18.0.10:80")], &[]);
+        d.vip_ranges = vec![range(), range()];
+        let rs = render(&d);
+        assert!(!rs.uses_set());
+        assert!(rs.set_members().is_empty());
+        assert_eq!(rs.service_rules(), [RANGE_RULE]);
+    }
+
+    #[test]
+    fn renders_one_rule_and_one_member_per_vip() {
         let rs = render(&desired(
             vec![
                 redirect("web", "198.18.0.10:80"),
                 redirect("api", "198.18.0.11:443"),
+                redirect("web", "198.18.0.9:8080"),
             ],
             &["docker0", "br-+"],
         ));
+        assert!(rs.uses_set());
+        assert_eq!(rs.service_rules(), [SET_RULE]);
         assert_eq!(
-            rs.service_rules(),
+            rs.set_members(),
             [
-                r#"-A FLUX-SERVICES -d 198.18.0.11/32 -p tcp -m tcp --dport 443 -m comment --comment "flux:api" -j REDIRECT --to-ports 7100"#,
-                r#"-A FLUX-SERVICES -d 198.18.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "flux:web" -j REDIRECT --to-ports 7100"#,
+                r#"add flux-vips 198.18.0.9,tcp:8080 comment "flux:web""#,
+                r#"add flux-vips 198.18.0.10,tcp:80 comment "flux:web""#,
+                r#"add flux-vips 198.18.0.11,tcp:443 comment "flux:api""#,
             ]
         );
         assert_eq!(
@@ -251,8 +292,7 @@ mod tests {
                 "*nat\n",
                 ":FLUX-SERVICES - [0:0]\n",
                 ":FLUX-CANARY - [0:0]\n",
-                "-A FLUX-SERVICES -d 198.18.0.11/32 -p tcp -m tcp --dport 443 -m comment --comment \"flux:api\" -j REDIRECT --to-ports 7100\n",
-                "-A FLUX-SERVICES -d 198.18.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment \"flux:web\" -j REDIRECT --to-ports 7100\n",
+                "-A FLUX-SERVICES -p tcp -m set --match-set flux-vips dst,dst -m comment --comment \"flux vips\" -j REDIRECT --to-ports 7100\n",
                 "COMMIT\n",
             )
         );
@@ -261,11 +301,14 @@ mod tests {
     #[test]
     fn empty_state_still_hooks_and_declares_chains() {
         let rs = render(&desired(vec![], &[]));
-        assert!(rs.service_rules().is_empty());
+        // The set rule is there already, so the first service changes only the set.
+        assert!(rs.uses_set());
+        assert_eq!(rs.service_rules(), [SET_RULE]);
+        assert!(rs.set_members().is_empty());
         assert_eq!(rs.hooks().len(), 1);
         assert_eq!(
             rs.restore_input(),
-            "*nat\n:FLUX-SERVICES - [0:0]\n:FLUX-CANARY - [0:0]\nCOMMIT\n"
+            format!("*nat\n:FLUX-SERVICES - [0:0]\n:FLUX-CANARY - [0:0]\n{SET_RULE}\nCOMMIT\n")
         );
     }
 
@@ -283,8 +326,9 @@ mod tests {
             render(&desired(b, &["br-+", "docker0"])),
         );
         assert_eq!(ra, rb);
-        assert!(ra.service_rules()[0].contains("198.18.0.1/32"));
-        assert!(ra.service_rules()[1].contains("198.18.0.3/32"));
+        assert!(ra.set_members()[0].contains("198.18.0.1,tcp:80"));
+        assert!(ra.set_members()[1].contains("198.18.0.2,tcp:80"));
+        assert!(ra.set_members()[2].contains("198.18.0.3,tcp:80"));
     }
 
     #[test]
@@ -296,7 +340,7 @@ mod tests {
             ],
             &["docker0", "docker0"],
         ));
-        assert_eq!(rs.service_rules().len(), 1);
+        assert_eq!(rs.set_members().len(), 1);
         assert_eq!(rs.hooks().len(), 2);
         assert!(rs.rejected().is_empty());
     }
@@ -310,8 +354,8 @@ mod tests {
             ],
             &[],
         ));
-        assert_eq!(rs.service_rules().len(), 1);
-        assert!(rs.service_rules()[0].contains("flux:alpha"));
+        assert_eq!(rs.set_members().len(), 1);
+        assert!(rs.set_members()[0].contains("flux:alpha"));
         assert!(matches!(
             rs.rejected(),
             [Rejected::Redirect { redirect, reason }]
@@ -336,24 +380,30 @@ mod tests {
                 "br-+",
             ],
         ));
-        assert_eq!(rs.service_rules().len(), 1);
+        assert_eq!(rs.set_members().len(), 1);
         assert_eq!(rs.hooks().len(), 3);
         assert_eq!(rs.rejected().len(), 6);
-        for line in rs.service_rules().iter().chain(rs.hooks()) {
+        for line in rs
+            .service_rules()
+            .iter()
+            .chain(rs.hooks())
+            .chain(rs.set_members())
+        {
             assert!(!line.contains("ACCEPT") && !line.contains('\n'));
+            assert_eq!(line.matches('"').count(), 2, "{line}");
         }
     }
 
     #[test]
     fn unusable_ports_are_rejected() {
         let rs = render(&desired(vec![redirect("web", "198.18.0.10:0")], &[]));
-        assert!(rs.service_rules().is_empty());
+        assert!(rs.set_members().is_empty());
         assert_eq!(rs.rejected().len(), 1);
 
         let mut no_proxy = desired(vec![redirect("web", "198.18.0.10:80")], &[]);
         no_proxy.proxy_port = 0;
         let rs = render(&no_proxy);
-        assert!(rs.service_rules().is_empty());
+        assert!(rs.set_members().is_empty());
         assert!(rs.rejected()[0].to_string().contains("no proxy port"));
     }
 }

@@ -1,4 +1,5 @@
-//! The text of single rules, in the exact form `iptables-save` prints them.
+//! The text of single rules and set members, in the exact form `iptables-save` and
+//! `ipset save` print them.
 //!
 //! Rendering and reading back share these helpers so that a freshly applied ruleset compares
 //! equal, string for string, to what the kernel reports; any difference in normalisation would
@@ -6,18 +7,62 @@
 
 use std::net::SocketAddrV4;
 
-use crate::{HOOK_COMMENT, SERVICES_CHAIN, SERVICE_COMMENT_PREFIX};
+use crate::{HOOK_COMMENT, SERVICES_CHAIN, SERVICE_COMMENT_PREFIX, SET_RULE_COMMENT, VIP_SET};
 
-/// The rule that sends one VIP's connections to the proxy. `-m tcp` and the quoted comment are
-/// there because `iptables-save` adds them; writing them ourselves keeps the round trip exact.
-pub(crate) fn service_rule(service: &str, vip: SocketAddrV4, proxy_port: u16) -> String {
+/// The rule that sends connections to every VIP in [`VIP_SET`] to the proxy: `dst,dst` matches
+/// the destination address and port against the set's `ip,port` members. Written in the order
+/// `iptables-save` prints it, so the round trip is exact.
+pub(crate) fn set_rule(proxy_port: u16) -> String {
     format!(
-        "-A {SERVICES_CHAIN} -d {ip}/32 -p tcp -m tcp --dport {port} \
-         -m comment --comment \"{SERVICE_COMMENT_PREFIX}{service}\" \
-         -j REDIRECT --to-ports {proxy_port}",
-        ip = vip.ip(),
-        port = vip.port(),
+        "-A {SERVICES_CHAIN} -p tcp -m set --match-set {VIP_SET} dst,dst \
+         -m comment --comment \"{SET_RULE_COMMENT}\" -j REDIRECT --to-ports {proxy_port}"
     )
+}
+
+/// The `ipset restore` command that creates [`VIP_SET`]. `maxelem` well above any realistic
+/// number of services (the hash grows as needed; the default cap is 65,536).
+pub(crate) fn set_create() -> String {
+    format!("create {VIP_SET} hash:ip,port family inet hashsize 1024 maxelem 1048576 comment")
+}
+
+/// Whether an existing set (its `create` line from `ipset save`) can hold flux's members: the
+/// right type and family, with the comment extension. Size parameters do not matter.
+pub(crate) fn set_compatible(create: &str) -> bool {
+    let words: Vec<&str> = create.split(' ').collect();
+    words.get(2) == Some(&"hash:ip,port")
+        && words.windows(2).any(|w| w == ["family", "inet"])
+        && words.contains(&"comment")
+}
+
+/// One VIP as a member of [`VIP_SET`], as `ipset save` prints it; also the `ipset restore`
+/// command that adds it (with `-exist`, replacing the comment of a member already there).
+pub(crate) fn set_member(service: &str, vip: SocketAddrV4) -> String {
+    format!(
+        "add {VIP_SET} {element} comment \"{SERVICE_COMMENT_PREFIX}{service}\"",
+        element = member_element_of(vip),
+    )
+}
+
+/// The set element for a VIP: `198.18.0.10,tcp:80`.
+pub(crate) fn member_element_of(vip: SocketAddrV4) -> String {
+    format!("{},tcp:{}", vip.ip(), vip.port())
+}
+
+/// The element of a saved member line (`add SET ELEMENT ...`), if the line is a member of
+/// [`VIP_SET`].
+pub(crate) fn member_element(line: &str) -> Option<&str> {
+    let rest = line
+        .strip_prefix("add ")?
+        .strip_prefix(VIP_SET)?
+        .strip_prefix(' ')?;
+    rest.split(' ').next().filter(|e| !e.is_empty())
+}
+
+/// The comment of a saved member line, unquoted. `ipset save` prints it in double quotes with
+/// no escaping; render only writes names that need none.
+pub(crate) fn member_comment(line: &str) -> Option<&str> {
+    let (_, after) = line.split_once(" comment \"")?;
+    after.split('"').next()
 }
 
 /// The comment on VIP range rules; no service name, so `annotate` names no service.
@@ -112,6 +157,41 @@ mod tests {
         assert!(!is_hook(
             "OUTPUT",
             r#"-A OUTPUT -m comment --comment "flux hook" -j ACCEPT"#
+        ));
+    }
+
+    #[test]
+    fn reads_set_members() {
+        let line = set_member("web", "198.18.0.10:80".parse().expect("valid"));
+        assert_eq!(
+            line,
+            r#"add flux-vips 198.18.0.10,tcp:80 comment "flux:web""#
+        );
+        assert_eq!(member_element(&line), Some("198.18.0.10,tcp:80"));
+        assert_eq!(member_comment(&line), Some("flux:web"));
+        assert_eq!(
+            member_element("add flux-vips 198.18.0.1,udp:53"),
+            Some("198.18.0.1,udp:53")
+        );
+        assert_eq!(member_comment("add flux-vips 198.18.0.1,udp:53"), None);
+        assert_eq!(member_element("add flux-vips-other 1.2.3.4,tcp:1"), None);
+        assert_eq!(member_element("create flux-vips hash:ip,port"), None);
+    }
+
+    #[test]
+    fn judges_existing_sets_by_type_family_and_comments() {
+        assert!(set_compatible(&set_create()));
+        assert!(set_compatible(
+            "create flux-vips hash:ip,port family inet hashsize 1024 maxelem 65536 comment bucketsize 12 initval 0x1"
+        ));
+        assert!(!set_compatible(
+            "create flux-vips hash:ip family inet hashsize 1024 maxelem 65536 comment"
+        ));
+        assert!(!set_compatible(
+            "create flux-vips hash:ip,port family inet6 hashsize 1024 comment"
+        ));
+        assert!(!set_compatible(
+            "create flux-vips hash:ip,port family inet hashsize 1024 maxelem 65536"
         ));
     }
 

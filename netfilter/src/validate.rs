@@ -1,7 +1,7 @@
 //! Which parts of the desired state are safe to turn into rule text.
 //!
-//! Everything rendered is pasted into `iptables-restore` input, so a stray quote or newline in
-//! a name could inject rules of its own; and anything iptables would rewrite on the way back
+//! Everything rendered is pasted into `iptables-restore` or `ipset restore` input (both
+//! line-based), so a stray quote or newline in a name could inject rules or commands of its own; and anything iptables would rewrite on the way back
 //! through `iptables-save` would show as permanent drift.
 
 use crate::desired::Redirect;
@@ -31,7 +31,8 @@ pub(crate) fn redirect_problem(
 }
 
 /// Only characters that need no quoting or escaping, so the name cannot break out of the
-/// comment and reads back unchanged; the length leaves room in iptables' 255-byte comment.
+/// comment and reads back unchanged (`ipset save` prints comments without escaping); the
+/// length leaves room in the 255-byte comments of iptables and ipset.
 fn service_name_problem(name: &str) -> Option<&'static str> {
     if name.is_empty() {
         Some("empty service name")

@@ -1,5 +1,5 @@
-//! The crate against real iptables (and real connections), each test in network namespaces it
-//! creates and deletes itself. Needs root; skips otherwise.
+//! The crate against real iptables and ipset (and real connections), each test in network
+//! namespaces it creates and deletes itself. Needs root; skips otherwise.
 
 mod support;
 
@@ -7,7 +7,10 @@ use std::net::{SocketAddrV4, TcpListener};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use netfilter::{annotate, render, CommandRunner, Desired, Error, Netfilter, Redirect, Runner};
+use netfilter::{
+    annotate, annotate_set, render, CommandRunner, Desired, Error, Netfilter, Redirect, Runner,
+    VipRange,
+};
 use support::netns::{normalise, Netns};
 use support::traffic;
 
@@ -79,6 +82,11 @@ fn clean_install_reads_back_exactly() {
 
     let installed = nf.installed().expect("installed");
     assert_eq!(installed.service_rules, rs.service_rules());
+    let mut members = installed.set_members.clone();
+    members.sort();
+    let mut want = rs.set_members().to_vec();
+    want.sort();
+    assert_eq!(members, want);
     let mut hooks = installed.hooks.clone();
     let mut want = rs.hooks().to_vec();
     hooks.sort();
@@ -87,11 +95,13 @@ fn clean_install_reads_back_exactly() {
     let drift = nf.drift(&rs).expect("drift");
     assert!(drift.is_clean(), "fresh install drifted: {drift:?}");
 
-    let services: Vec<_> = annotate(&installed)
+    // The one rule serves every service; the set members name them.
+    assert!(annotate(&installed).iter().all(|a| a.service.is_none()));
+    let services: Vec<_> = annotate_set(&installed)
         .into_iter()
         .filter_map(|a| a.service)
         .collect();
-    assert_eq!(services, ["Billing_DB.primary", "api-v2", "web", "x"]);
+    assert_eq!(services, ["web", "api-v2", "Billing_DB.primary", "x"]);
 }
 
 #[test]
@@ -101,9 +111,15 @@ fn apply_twice_changes_nothing() {
     let rs = render(&sample());
 
     nf.apply(&rs).expect("first apply");
-    let once = ns.save();
+    let once = (ns.save(), ns.sets());
+    let (nf, programs) = counting(&ns);
     nf.apply(&rs).expect("second apply");
-    assert_eq!(ns.save(), once);
+    assert_eq!(
+        taken(&programs),
+        ["iptables-save -t nat", "ipset save flux-vips"],
+        "an unchanged state is only read"
+    );
+    assert_eq!((ns.save(), ns.sets()), once);
     assert_eq!(
         nf.installed().expect("installed").hooks.len(),
         rs.hooks().len()
@@ -126,22 +142,33 @@ fn a_new_state_replaces_rules_and_hooks() {
     assert!(drift.is_clean(), "{drift:?}");
     let installed = nf.installed().expect("installed");
     assert_eq!(installed.service_rules.len(), 1);
+    assert_eq!(
+        installed.set_members,
+        [r#"add flux-vips 198.18.0.20,tcp:8080 comment "flux:web""#]
+    );
     assert_eq!(installed.hooks.len(), 2, "stale bridge hooks are gone");
 }
 
-/// Each way the rules can be damaged behind flux's back is seen as drift and repaired by one
-/// apply.
+/// Each way the rules or the set can be damaged behind flux's back is seen as drift and
+/// repaired by one apply.
 #[test]
 fn damage_is_detected_and_repaired() {
     let output_hook = r#"-A OUTPUT -m comment --comment "flux hook" -j FLUX-SERVICES"#;
     type Check = fn(&netfilter::Drift) -> bool;
-    let cases: [(&str, &[&[&str]], Check); 5] = [
-        ("services chain flushed", &[&["-F", "FLUX-SERVICES"]], |d| {
-            !d.canary_missing && d.missing_rules.len() == 4 && d.missing_hooks.is_empty()
-        }),
+    let nat = |args: &[&'static str]| {
+        let mut v = vec!["iptables", "-t", "nat"];
+        v.extend_from_slice(args);
+        v
+    };
+    let cases: Vec<(&str, Vec<Vec<&str>>, Check)> = vec![
+        (
+            "services chain flushed",
+            vec![nat(&["-F", "FLUX-SERVICES"])],
+            |d| !d.canary_missing && d.missing_rules.len() == 1 && d.missing_hooks.is_empty(),
+        ),
         (
             "hook deleted",
-            &[&[
+            vec![nat(&[
                 "-D",
                 "OUTPUT",
                 "-m",
@@ -150,37 +177,81 @@ fn damage_is_detected_and_repaired() {
                 "flux hook",
                 "-j",
                 "FLUX-SERVICES",
-            ]],
+            ])],
             |d| {
                 d.missing_hooks
                     == [r#"-A OUTPUT -m comment --comment "flux hook" -j FLUX-SERVICES"#]
                     && d.missing_rules.is_empty()
             },
         ),
-        ("every nat chain flushed", &[&["-F"]], |d| {
-            !d.canary_missing && d.missing_rules.len() == 4 && d.missing_hooks.len() == 4
+        ("every nat chain flushed", vec![nat(&["-F"])], |d| {
+            !d.canary_missing && d.missing_rules.len() == 1 && d.missing_hooks.len() == 4
         }),
         (
             "nat table flushed and chains deleted",
-            &[&["-F"], &["-X"]],
-            |d| d.canary_missing && d.services_chain_missing && d.missing_rules.len() == 4,
+            vec![nat(&["-F"]), nat(&["-X"])],
+            |d| d.canary_missing && d.services_chain_missing && d.missing_rules.len() == 1,
         ),
         (
             "foreign rule in flux's chain",
-            &[&["-I", "FLUX-SERVICES", "1", "-j", "RETURN"]],
+            vec![nat(&["-I", "FLUX-SERVICES", "1", "-j", "RETURN"])],
             |d| d.extra_rules == ["-A FLUX-SERVICES -j RETURN"] && d.missing_rules.is_empty(),
+        ),
+        (
+            "set flushed",
+            vec![vec!["ipset", "flush", "flux-vips"]],
+            |d| d.missing_members.len() == 4 && !d.set_missing && d.missing_rules.is_empty(),
+        ),
+        (
+            "member deleted, foreign member added, comment changed",
+            vec![
+                vec!["ipset", "del", "flux-vips", "198.18.0.11,tcp:443"],
+                vec!["ipset", "add", "flux-vips", "198.18.0.99,tcp:22"],
+                vec![
+                    "ipset",
+                    "add",
+                    "-exist",
+                    "flux-vips",
+                    "198.18.0.10,tcp:80",
+                    "comment",
+                    "flux:evil",
+                ],
+            ],
+            |d| {
+                d.missing_members.len() == 2
+                    && d.extra_members.len() == 2
+                    && d.extra_members.iter().any(|m| m.contains("flux:evil"))
+            },
+        ),
+        (
+            "set destroyed",
+            vec![
+                nat(&["-F", "FLUX-SERVICES"]),
+                vec!["ipset", "destroy", "flux-vips"],
+            ],
+            |d| d.set_missing && d.missing_members.len() == 4 && d.missing_rules.len() == 1,
+        ),
+        (
+            "set replaced by one of another type",
+            vec![
+                nat(&["-F", "FLUX-SERVICES"]),
+                vec!["ipset", "destroy", "flux-vips"],
+                vec!["ipset", "create", "flux-vips", "hash:ip"],
+                vec!["ipset", "add", "flux-vips", "198.18.0.10"],
+            ],
+            |d| d.set_incompatible && d.missing_rules.len() == 1,
         ),
     ];
     let Some(ns) = Netns::new() else { return };
     let nf = ns.netfilter();
     let rs = render(&sample());
     nf.apply(&rs).expect("apply");
-    let clean = ns.save();
-    assert!(clean.contains(output_hook));
+    let clean = (ns.save(), ns.sets());
+    assert!(clean.0.contains(output_hook));
 
     for (what, commands, check) in cases {
         for args in commands {
-            ns.nat(args);
+            ns.exec(&args);
         }
         let drift = nf.drift(&rs).expect("drift");
         assert!(check(&drift), "{what}: unexpected drift {drift:?}");
@@ -189,14 +260,19 @@ fn damage_is_detected_and_repaired() {
             nf.drift(&rs).expect("drift").is_clean(),
             "{what}: not repaired"
         );
-        assert_eq!(ns.save(), clean, "{what}: repaired state differs");
+        assert_eq!(
+            (ns.save(), ns.sets()),
+            clean,
+            "{what}: repaired state differs"
+        );
     }
 
-    // The whole table deleted (not only its rules), as `nft flush ruleset` would.
+    // The whole table deleted (not only its rules), as `nft flush ruleset` would; the set
+    // lives on, outside nftables.
     ns.exec(&["nft", "delete", "table", "ip", "nat"]);
     let drift = nf.drift(&rs).expect("drift");
     assert!(
-        drift.canary_missing && drift.missing_hooks.len() == 4,
+        drift.canary_missing && drift.missing_hooks.len() == 4 && drift.missing_members.is_empty(),
         "{drift:?}"
     );
     nf.apply(&rs).expect("repair after table deleted");
@@ -208,7 +284,10 @@ fn others_rules_survive_apply_and_remove() {
     let Some(ns) = Netns::new() else { return };
     let nf = ns.netfilter();
     ns.restore(FOREIGN);
+    ns.ipset(&["create", "someone-elses", "hash:ip"]);
+    ns.ipset(&["add", "someone-elses", "198.18.0.10"]);
     let before = ns.save();
+    let sets_before = ns.sets();
     let before_nat = normalise(&ns.exec(&["iptables-save", "-t", "nat"]));
 
     nf.apply(&render(&sample())).expect("apply");
@@ -225,8 +304,15 @@ fn others_rules_survive_apply_and_remove() {
         "hook goes ahead of others' rules"
     );
 
+    assert!(ns.sets().contains("someone-elses 198.18.0.10"));
+
     nf.remove().expect("remove");
     assert_eq!(ns.save(), before, "remove left something behind");
+    assert_eq!(
+        ns.sets(),
+        sets_before,
+        "remove left the set behind or touched others'"
+    );
     assert_eq!(
         normalise(&ns.exec(&["iptables-save", "-t", "nat"])),
         before_nat
@@ -234,16 +320,17 @@ fn others_rules_survive_apply_and_remove() {
 
     nf.remove().expect("remove is idempotent");
     assert_eq!(ns.save(), before);
+    assert_eq!(ns.sets(), sets_before);
 }
 
 #[test]
 fn remove_on_a_fresh_namespace_changes_nothing() {
     let Some(ns) = Netns::new() else { return };
-    let before = ns.save();
+    let before = (ns.save(), ns.sets());
     ns.netfilter()
         .remove()
         .expect("remove with nothing installed");
-    assert_eq!(ns.save(), before);
+    assert_eq!((ns.save(), ns.sets()), before);
 }
 
 /// A rule of someone else's that jumps to flux's chain is not flux's to delete; remove must
@@ -254,17 +341,47 @@ fn remove_blocked_by_a_foreign_jump_changes_nothing() {
     let nf = ns.netfilter();
     nf.apply(&render(&sample())).expect("apply");
     ns.nat(&["-A", "OUTPUT", "-j", "FLUX-SERVICES"]);
-    let before = ns.save();
+    let before = (ns.save(), ns.sets());
 
     let err = nf.remove().expect_err("chain still referenced");
     assert!(
         matches!(&err, Error::Restore { text, .. } if text == "-X FLUX-SERVICES"),
         "{err}"
     );
-    assert_eq!(ns.save(), before, "a failed remove changed the rules");
+    assert_eq!(
+        (ns.save(), ns.sets()),
+        before,
+        "a failed remove changed something"
+    );
 }
 
-/// Counts the commands flux runs, to show a large ruleset still goes in one restore.
+/// A set of flux's name that someone else's rule still matches cannot be destroyed: remove
+/// takes away the chains and reports the set.
+#[test]
+fn remove_reports_a_set_still_in_use() {
+    let Some(ns) = Netns::new() else { return };
+    let nf = ns.netfilter();
+    nf.apply(&render(&sample())).expect("apply");
+    ns.nat(&[
+        "-A",
+        "OUTPUT",
+        "-m",
+        "set",
+        "--match-set",
+        "flux-vips",
+        "dst,dst",
+        "-j",
+        "RETURN",
+    ]);
+    let err = nf.remove().expect_err("set still referenced");
+    assert!(err.to_string().contains("ipset destroy"), "{err}");
+    assert!(!ns.save().contains("FLUX-"));
+    ns.nat(&["-F", "OUTPUT"]);
+    nf.remove().expect("remove once nothing matches the set");
+    assert!(!ns.sets().contains("flux-vips"));
+}
+
+/// Records the commands flux runs (program and arguments), to show what an apply costs.
 struct Counting {
     inner: CommandRunner,
     programs: Arc<Mutex<Vec<String>>>,
@@ -272,37 +389,64 @@ struct Counting {
 
 impl Runner for Counting {
     fn run(&self, program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, Error> {
+        let mut line = program.to_string();
+        for arg in args.iter().filter(|a| **a != "-w" && **a != "5") {
+            line.push(' ');
+            line.push_str(arg);
+        }
         self.programs
             .lock()
             .expect("no panic while held")
-            .push(program.to_string());
+            .push(line);
         self.inner.run(program, args, stdin)
     }
 }
 
-#[test]
-fn ten_thousand_services_apply_in_one_call() {
-    let Some(ns) = Netns::new() else { return };
+type Programs = Arc<Mutex<Vec<String>>>;
+
+fn counting(ns: &Netns) -> (Netfilter, Programs) {
     let programs = Arc::new(Mutex::new(Vec::new()));
     let nf = Netfilter::new(Counting {
         inner: ns.runner(),
         programs: programs.clone(),
     });
-    let redirects = (0..10_000u32)
+    (nf, programs)
+}
+
+fn taken(programs: &Programs) -> Vec<String> {
+    std::mem::take(&mut *programs.lock().expect("no panic while held"))
+}
+
+fn many(n: u32) -> Vec<Redirect> {
+    (0..n)
         .map(|i| Redirect {
             service: format!("svc-{i:05}"),
             vip: SocketAddrV4::new([198, 18, (i / 250) as u8, (i % 250 + 1) as u8].into(), 80),
         })
-        .collect();
-    let rs = render(&desired(redirects, &["docker0", "br-+"]));
-    assert_eq!(rs.service_rules().len(), 10_000);
+        .collect()
+}
+
+/// 10,000 services are one rule and 10,000 set members; one more service is one `ipset
+/// restore` line and no iptables write.
+#[test]
+fn ten_thousand_services_change_by_one_member() {
+    let Some(ns) = Netns::new() else { return };
+    let (nf, programs) = counting(&ns);
+    let rs = render(&desired(many(10_000), &["docker0", "br-+"]));
+    assert_eq!(rs.service_rules().len(), 1);
+    assert_eq!(rs.set_members().len(), 10_000);
 
     let started = Instant::now();
     nf.apply(&rs).expect("first apply");
     let first = started.elapsed();
     assert_eq!(
-        *programs.lock().expect("no panic while held"),
-        ["iptables-save", "iptables-restore"]
+        taken(&programs),
+        [
+            "iptables-save -t nat",
+            "ipset save flux-vips",
+            "ipset restore -exist",
+            "iptables-restore --noflush"
+        ]
     );
 
     let started = Instant::now();
@@ -310,18 +454,82 @@ fn ten_thousand_services_apply_in_one_call() {
     let check = started.elapsed();
     assert!(drift.is_clean(), "{drift}");
 
+    let plus_one = render(&desired(many(10_001), &["docker0", "br-+"]));
+    taken(&programs);
     let started = Instant::now();
-    nf.apply(&rs).expect("second apply");
+    nf.apply(&plus_one).expect("one more service");
+    let one = started.elapsed();
+    assert_eq!(
+        taken(&programs),
+        [
+            "iptables-save -t nat",
+            "ipset save flux-vips",
+            "ipset restore -exist"
+        ]
+    );
+    assert!(nf.drift(&plus_one).expect("drift").is_clean());
+
+    let started = Instant::now();
+    nf.apply(&plus_one).expect("unchanged apply");
     let again = started.elapsed();
+
+    // The controller's path: it knows what it applied last, so it sends only the delta.
+    let plus_two = render(&desired(many(10_002), &["docker0", "br-+"]));
+    taken(&programs);
+    let started = Instant::now();
+    nf.apply_change(&plus_one, &plus_two)
+        .expect("one more, as a change");
+    let change = started.elapsed();
+    assert_eq!(taken(&programs), ["ipset restore -exist"]);
+    assert!(nf.drift(&plus_two).expect("drift").is_clean());
+    nf.apply_change(&plus_two, &rs)
+        .expect("two fewer, as a change");
+    assert!(nf.drift(&rs).expect("drift").is_clean());
 
     let started = Instant::now();
     nf.remove().expect("remove");
     let removed = started.elapsed();
+    assert!(!ns.sets().contains("flux-vips"));
 
     println!(
-        "10,000 services: first apply {first:?}, drift check {check:?}, \
-         re-apply {again:?}, remove {removed:?}"
+        "10,000 services: first apply {first:?}, drift check {check:?}, one added {one:?}, \
+         unchanged re-apply {again:?}, one added by apply_change {change:?}, remove {removed:?}"
     );
+}
+
+/// With VIP ranges covering every VIP the set is not used (nor created); a VIP outside them
+/// brings it in, and it goes again when that VIP does.
+#[test]
+fn vip_ranges_use_the_set_only_for_vips_outside_them() {
+    let Some(ns) = Netns::new() else { return };
+    let nf = ns.netfilter();
+    let ranged = |redirects| Desired {
+        vip_ranges: vec![VipRange {
+            addr: "198.18.0.0".parse().expect("valid"),
+            prefix_len: 16,
+        }],
+        ..desired(redirects, &[])
+    };
+    let inside = render(&ranged(vec![redirect("web", "198.18.0.10:80")]));
+    nf.apply(&inside).expect("apply inside");
+    assert!(!ns.sets().contains("flux-vips"));
+    assert!(nf.drift(&inside).expect("drift").is_clean());
+
+    let outside = render(&ranged(vec![
+        redirect("web", "198.18.0.10:80"),
+        redirect("old", "10.128.0.1:80"),
+    ]));
+    nf.apply(&outside).expect("apply outside");
+    assert!(nf.drift(&outside).expect("drift").is_clean());
+    assert!(ns
+        .sets()
+        .contains(r#"add flux-vips 10.128.0.1,tcp:80 comment "flux:old""#));
+    let rules = nf.installed().expect("installed").service_rules;
+    assert!(rules[0].contains("--match-set flux-vips") && rules[1].contains("198.18.0.0/16"));
+
+    nf.apply(&inside).expect("apply inside again");
+    assert!(!ns.sets().contains("flux-vips"), "unused set destroyed");
+    assert!(nf.drift(&inside).expect("drift").is_clean());
 }
 
 #[test]
@@ -393,4 +601,38 @@ fn redirects_connections_from_a_bridge_only_when_hooked() {
         .enter(|| traffic::connect(vip))
         .expect("connect from container");
     assert_eq!(traffic::accept_original_dst(&listener), Some(vip));
+}
+
+/// A VIP that moves to another service stays routed and names its new service.
+#[test]
+fn a_moved_vip_keeps_routing_and_names_the_new_service() {
+    let Some(ns) = Netns::new() else { return };
+    ns.exec(&["ip", "route", "add", "198.18.0.0/16", "dev", "lo"]);
+    let vip: SocketAddrV4 = "198.18.0.10:80".parse().expect("valid");
+    let nf = ns.netfilter();
+    nf.apply(&render(&desired(
+        vec![redirect("old", "198.18.0.10:80")],
+        &[],
+    )))
+    .expect("apply");
+    nf.apply(&render(&desired(
+        vec![redirect("new", "198.18.0.10:80")],
+        &[],
+    )))
+    .expect("apply moved");
+    // The same move as a change from the last applied ruleset.
+    let new = render(&desired(vec![redirect("new", "198.18.0.10:80")], &[]));
+    let back = render(&desired(vec![redirect("old", "198.18.0.10:80")], &[]));
+    nf.apply_change(&new, &back).expect("move back");
+    nf.apply_change(&back, &new).expect("move again");
+    assert!(nf.drift(&new).expect("drift").is_clean());
+    let members = annotate_set(&nf.installed().expect("installed"));
+    assert_eq!(members.len(), 1);
+    assert_eq!(members[0].service.as_deref(), Some("new"));
+    let original = ns.enter(|| {
+        let listener = TcpListener::bind(("0.0.0.0", PROXY_PORT)).expect("bind proxy port");
+        let _client = traffic::connect(vip).expect("connect to VIP");
+        traffic::accept_original_dst(&listener)
+    });
+    assert_eq!(original, Some(vip));
 }

@@ -1,5 +1,5 @@
-//! `fluxd debug`'s view: what is installed in the kernel (each rule annotated with its
-//! service), whether it matches what flux wants (drift), the listener, and each instance's
+//! `fluxd debug`'s view: what is installed in the kernel (each rule, and each member of the VIP
+//! set, annotated with its service), whether it matches what flux wants (drift), the listener, and each instance's
 //! health as this host sees it.
 
 use serde::{Deserialize, Serialize};
@@ -15,6 +15,9 @@ pub struct DebugView {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listener: Option<String>,
     pub rules: Vec<RuleView>,
+    /// Members of flux's VIP set, each with the service it serves.
+    #[serde(default)]
+    pub vips: Vec<MemberView>,
     pub drift: DriftView,
     /// Drift repairs since fluxd started.
     pub repairs: u64,
@@ -29,6 +32,14 @@ pub struct DebugView {
 pub struct RuleView {
     pub chain: String,
     pub rule: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemberView {
+    /// The set element, `198.18.0.10,tcp:80`.
+    pub element: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
 }
@@ -65,6 +76,7 @@ impl DebugView {
             dataplane: api.dataplane.is_some(),
             listener: None,
             rules: vec![],
+            vips: vec![],
             drift: DriftView::default(),
             repairs: 0,
             services: vec![],
@@ -99,7 +111,7 @@ impl DebugView {
         if let Some(rules) = &status.rules {
             view.listener = Some(format!("0.0.0.0:{}", rules.proxy_port));
         }
-        // Reading the kernel's rules runs iptables-save: off the async threads.
+        // Reading the kernel's rules runs iptables-save and ipset: off the async threads.
         let kernel = tokio::task::spawn_blocking(move || {
             let rules = status.rules.as_ref()?;
             let installed = rules.netfilter.installed();
@@ -123,6 +135,13 @@ impl DebugView {
                         chain: a.chain,
                         rule: a.rule,
                         service: a.service,
+                    })
+                    .collect();
+                view.vips = netfilter::annotate_set(&installed)
+                    .into_iter()
+                    .map(|m| MemberView {
+                        element: m.element,
+                        service: m.service,
                     })
                     .collect();
                 match drift {
@@ -160,5 +179,24 @@ fn drift_lines(d: &netfilter::Drift) -> Vec<String> {
     }
     out.extend(d.missing_hooks.iter().map(|r| format!("missing hook: {r}")));
     out.extend(d.extra_hooks.iter().map(|r| format!("extra hook:   {r}")));
+    if d.set_missing {
+        out.push(format!("set {} is missing", netfilter::VIP_SET));
+    }
+    if d.set_incompatible {
+        out.push(format!(
+            "set {} has the wrong type (not hash:ip,port with comments)",
+            netfilter::VIP_SET
+        ));
+    }
+    out.extend(
+        d.missing_members
+            .iter()
+            .map(|m| format!("missing member: {m}")),
+    );
+    out.extend(
+        d.extra_members
+            .iter()
+            .map(|m| format!("extra member:   {m}")),
+    );
     out
 }

@@ -186,7 +186,14 @@ impl Controller {
             let Some(rules) = &status.rules else {
                 return Ok(());
             };
-            rules.netfilter.apply(&desired)?;
+            // After a success the kernel holds the last applied ruleset (the drift check
+            // clears it when it does not), so only the difference is sent: one ipset line for
+            // one service, whatever the number of services.
+            let previous = status.applied.lock().ok().and_then(|a| a.clone());
+            match &previous {
+                Some(previous) => rules.netfilter.apply_change(previous, &desired)?,
+                None => rules.netfilter.apply(&desired)?,
+            }
             if let Ok(mut a) = status.applied.lock() {
                 *a = Some(desired);
             }

@@ -67,6 +67,18 @@ impl Netns {
             .join("\n")
     }
 
+    /// `ipset save flux-vips` inside the namespace, members sorted (they come in hash order);
+    /// empty when the set does not exist.
+    pub fn vip_set(&self) -> String {
+        let out = self.exec(&["ipset", "save", "flux-vips"]);
+        let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        lines.sort();
+        lines.join("\n")
+    }
+
     /// Runs `f` on a thread inside the namespace and returns its result.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         self.spawn(f).join().expect("thread in namespace panicked")

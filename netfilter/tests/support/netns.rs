@@ -12,7 +12,8 @@ use netfilter::{CommandRunner, Netfilter};
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
 /// A network namespace created for one test. Every command it runs goes through
-/// `ip netns exec`, so a test can never touch the root namespace's iptables or routes.
+/// `ip netns exec`, so a test can never touch the root namespace's iptables, ipsets or routes
+/// (ipsets belong to the network namespace too, and go with it).
 pub struct Netns {
     /// `flux-nf-<pid>-<n>`: recognisable as a leftover of these tests if a run is killed.
     name: String,
@@ -65,6 +66,29 @@ impl Netns {
         let mut argv = vec!["iptables", "-t", "nat"];
         argv.extend_from_slice(args);
         self.exec(&argv)
+    }
+
+    /// `ipset ARGS` inside the namespace.
+    pub fn ipset(&self, args: &[&str]) -> String {
+        let mut argv = vec!["ipset"];
+        argv.extend_from_slice(args);
+        self.exec(&argv)
+    }
+
+    /// Every set in the namespace as `ipset save` prints it, members sorted (they come in hash
+    /// order) and without the `initval` a re-created set gets afresh, so two snapshots compare
+    /// equal when the sets hold the same members.
+    pub fn sets(&self) -> String {
+        let mut lines: Vec<String> = self
+            .ipset(&["save"])
+            .lines()
+            .map(|l| match l.find(" initval ") {
+                Some(at) if l.starts_with("create ") => l[..at].to_string(),
+                _ => l.to_string(),
+            })
+            .collect();
+        lines.sort();
+        lines.iter().map(|l| format!("{l}\n")).collect()
     }
 
     /// Feeds `input` to `iptables-restore --noflush` inside the namespace.

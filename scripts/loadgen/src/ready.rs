@@ -1,6 +1,7 @@
 //! Waits for fluxd to route a given number of services: polls its debug view (`GET /v1/debug`,
 //! what `fluxd debug --json` prints) until it lists the services, the redirect rules for them
-//! are installed (one per VIP, or the one rule of a VIP range) and drift is clean. Prints the
+//! are installed (one VIP set member per service, or the one rule of a VIP range) and drift is
+//! clean. Prints the
 //! time from `--since-us` (when the script started fluxd) to that answer.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -17,7 +18,7 @@ pub struct Args {
     /// Services that must be routed.
     #[arg(long)]
     services: usize,
-    /// fluxd runs with this --vip-range: its one rule stands for the per-VIP rules.
+    /// fluxd runs with this --vip-range: its one rule stands for the per-VIP set members.
     #[arg(long)]
     range: Option<String>,
     /// Wall-clock start, in microseconds since the epoch (e.g. bash's EPOCHREALTIME).
@@ -51,7 +52,8 @@ pub async fn run(a: Args) -> std::io::Result<Value> {
         if let Ok(view) = client.get::<DebugView>("/v1/debug").await {
             let at = now_us();
             first_answer.get_or_insert(at);
-            let rules = view.rules.iter().filter(|r| r.service.is_some()).count();
+            // Per VIP: the members of flux's VIP set that name a service.
+            let rules = view.vips.iter().filter(|m| m.service.is_some()).count();
             let installed = match &a.range {
                 Some(range) => view.rules.iter().any(|r| {
                     r.chain == netfilter::SERVICES_CHAIN && r.rule.contains(&format!("-d {range} "))
