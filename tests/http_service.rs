@@ -49,7 +49,7 @@ fn setup(ns: &Netns, backends: &[&HttpBackend]) -> Fluxd {
         ]);
     }
     let installed = wait_until(Duration::from_secs(5), || {
-        ns.nat_table().contains("flux:web")
+        ns.vip_set().contains("flux:web")
     });
     assert!(installed.is_some(), "rule never installed: {}", fluxd.log());
     fluxd

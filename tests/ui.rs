@@ -524,7 +524,7 @@ fn http_service_page_charts_requests_status_and_latency() {
         ]);
     }
     let installed = wait_until(Duration::from_secs(5), || {
-        ns.nat_table().contains("flux:web")
+        ns.vip_set().contains("flux:web")
     });
     assert!(installed.is_some(), "rule never installed: {}", fluxd.log());
     // Requests on kept-alive connections until stopped, bounded in time.
