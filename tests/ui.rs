@@ -248,6 +248,8 @@ fn service_page_charts_versions_side_by_side() {
         .dom
         .with_attr("option", "value")
         .iter()
+        // The group selector's, not the scope selector's.
+        .filter(|o| o.attr("data-scope").is_none())
         .map(|o| o.attr("value").unwrap().to_string())
         .collect();
     assert_eq!(
@@ -523,9 +525,7 @@ fn http_service_page_charts_requests_status_and_latency() {
             &b.addr.to_string(),
         ]);
     }
-    let installed = wait_until(Duration::from_secs(5), || {
-        ns.vip_set().contains("flux:web")
-    });
+    let installed = wait_until(Duration::from_secs(5), || ns.vip_set().contains("flux:web"));
     assert!(installed.is_some(), "rule never installed: {}", fluxd.log());
     // Requests on kept-alive connections until stopped, bounded in time.
     let stop = Arc::new(AtomicBool::new(false));
@@ -633,6 +633,8 @@ fn http_service_page_charts_requests_status_and_latency() {
         .dom
         .with_attr("option", "value")
         .iter()
+        // The group selector's, not the scope selector's.
+        .filter(|o| o.attr("data-scope").is_none())
         .map(|o| o.attr("value").unwrap().to_string())
         .collect();
     assert_eq!(

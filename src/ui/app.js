@@ -454,7 +454,8 @@
           h("select", {
             id: "scope",
             onchange: (e) => { location.hash = serviceHref(r.service, r.group, e.target.value); },
-          }, h("option", { value: "host", text: "this host" }), h("option", { value: "cluster", text: "every host" })),
+          }, h("option", { value: "host", "data-scope": "host", text: "this host" }),
+          h("option", { value: "cluster", "data-scope": "cluster", text: "every host" })),
           h("span", { id: "interval", class: "muted" })),
         h("div", { id: "hosts-status", class: "muted" }),
         h("div", { id: "legend-box" }),
