@@ -32,14 +32,7 @@ fn setup(tag: &str, backends: usize) -> Setup {
     let backends: Vec<Backend> = (0..backends)
         .map(|i| {
             let b = Backend::start(&ns, &format!("b{i}"), 9000 + i as u16);
-            fluxd.ok(&[
-                "instance",
-                "add",
-                "web",
-                &b.name,
-                "--address",
-                &b.addr.to_string(),
-            ]);
+            fluxd.add_instance("web", &b.name, b.addr);
             b
         })
         .collect();

@@ -7,9 +7,7 @@
 mod support;
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::net::SocketAddrV4;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,6 +16,7 @@ use support::browser::http_get;
 use support::fluxd::{wait_until, Fluxd};
 use support::http_backend::{Client, HttpBackend};
 use support::netns::Netns;
+use support::openmetrics;
 
 const VIP: &str = "198.18.0.10:80";
 const HTTP: &str = "127.0.0.1:7070";
@@ -39,17 +38,9 @@ fn setup(ns: &Netns, backends: &[&HttpBackend]) -> Fluxd {
         "http",
     ]);
     for b in backends {
-        fluxd.ok(&[
-            "instance",
-            "add",
-            "web",
-            &b.name,
-            "--address",
-            &b.addr.to_string(),
-        ]);
+        fluxd.add_instance("web", &b.name, b.addr);
     }
-    let installed = wait_until(Duration::from_secs(5), || ns.vip_set().contains("flux:web"));
-    assert!(installed.is_some(), "rule never installed: {}", fluxd.log());
+    fluxd.wait_routed(ns, "web");
     fluxd
 }
 
@@ -58,38 +49,13 @@ fn setup(ns: &Netns, backends: &[&HttpBackend]) -> Fluxd {
 fn http_samples(ns: &Netns) -> HashMap<(String, String, String), f64> {
     let (status, text) = http_get(ns, HTTP.parse().unwrap(), "/metrics").unwrap();
     assert_eq!(status, 200, "{text}");
-    let script = r#"
-import sys, json
-from prometheus_client.openmetrics.parser import text_string_to_metric_families
-out = []
-for fam in text_string_to_metric_families(sys.stdin.read()):
-    for s in fam.samples:
-        if s.name.startswith("flux_http_"):
-            out.append([s.name, s.labels.get("instance", ""), s.labels.get("code", ""), s.value])
-print(json.dumps(out))
-"#;
-    let mut child = Command::new("/usr/bin/python3")
-        .args(["-c", script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "the reference parser refused the output: {}\n{text}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rows: Vec<(String, String, String, f64)> = serde_json::from_slice(&out.stdout).unwrap();
-    rows.into_iter()
-        .map(|(n, i, c, v)| ((n, i, c), v))
+    openmetrics::samples(&text)
+        .into_iter()
+        .filter(|s| s.name.starts_with("flux_http_"))
+        .map(|s| {
+            let label = |k: &str| s.labels.get(k).cloned().unwrap_or_default();
+            ((s.name.clone(), label("instance"), label("code")), s.value)
+        })
         .collect()
 }
 

@@ -7,12 +7,12 @@ mod support;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddrV4, TcpStream};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use support::backend::{who_serves, Backend};
 use support::fluxd::{wait_until, Fluxd};
 use support::netns::Netns;
+use support::openmetrics;
 
 const VIP: &str = "198.18.0.10:80";
 const HTTP: &str = "127.0.0.1:7070";
@@ -35,37 +35,11 @@ fn scrape(ns: &Netns) -> String {
 
 /// Parses with the reference parser and returns connections_total per instance.
 fn parse(text: &str) -> HashMap<String, f64> {
-    let script = r#"
-import sys, json
-from prometheus_client.openmetrics.parser import text_string_to_metric_families
-out = {}
-for fam in text_string_to_metric_families(sys.stdin.read()):
-    for s in fam.samples:
-        if s.name == "flux_connections_total":
-            out[s.labels["instance"]] = s.value
-print(json.dumps(out))
-"#;
-    // Debian's python3 with python3-prometheus-client (scripts/deps --test).
-    let mut child = Command::new("/usr/bin/python3")
-        .args(["-c", script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "the reference parser refused the output: {}\n{text}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    openmetrics::samples(text)
+        .into_iter()
+        .filter(|s| s.name == "flux_connections_total")
+        .map(|s| (s.labels["instance"].clone(), s.value))
+        .collect()
 }
 
 #[test]
@@ -77,14 +51,7 @@ fn counters_rise_by_the_connections_made_per_instance() {
         .map(|i| Backend::start(&ns, &format!("b{i}"), 9000 + i))
         .collect();
     for b in &backends {
-        fluxd.ok(&[
-            "instance",
-            "add",
-            "web",
-            &b.name,
-            "--address",
-            &b.addr.to_string(),
-        ]);
+        fluxd.add_instance("web", &b.name, b.addr);
     }
     let vip: SocketAddrV4 = VIP.parse().unwrap();
     let ready = wait_until(Duration::from_secs(5), || ns.vip_set().contains("flux:web"));

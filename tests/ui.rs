@@ -323,6 +323,30 @@ fn service_page_charts_versions_side_by_side() {
     drop(docker);
 }
 
+/// Service `web` with two static instances b0 and b1, each a backend in the namespace, routed.
+fn web_with_two_backends(ns: &Netns, fluxd: &Fluxd) -> Vec<Backend> {
+    fluxd.ok(&["service", "add", "web", "--address", VIP]);
+    let backends: Vec<Backend> = (0..2)
+        .map(|i| {
+            let b = Backend::start(ns, &format!("b{i}"), 9000 + i as u16);
+            let addr = b.addr.to_string();
+            fluxd.ok(&["instance", "add", "web", &b.name, "--address", &addr]);
+            b
+        })
+        .collect();
+    fluxd.wait_routed(ns, "web");
+    backends
+}
+
+/// Waits until both instances' series show traffic (a client loop runs).
+fn wait_for_series(ns: &Netns, fluxd: &Fluxd) {
+    let ready = wait_until(Duration::from_secs(15), || {
+        let s = api_series(ns, "instance");
+        s.len() == 2 && s.values().all(|(_, v)| *v > 0.0)
+    });
+    assert!(ready.is_some(), "series never filled: {}", fluxd.log());
+}
+
 /// fluxd stops in the middle of a page load: the page keeps its data on screen and says since
 /// when it is stale. A proxy in front of fluxd lets the page's first polls through, holds the
 /// next one while the test kills fluxd, then lets it fail.
@@ -330,30 +354,10 @@ fn service_page_charts_versions_side_by_side() {
 fn page_keeps_last_data_and_shows_stale_when_fluxd_is_gone() {
     let ns = Netns::new("ui-stale");
     let mut fluxd = Fluxd::dataplane(&ns.name, &["--http", HTTP]);
-    fluxd.ok(&["service", "add", "web", "--address", VIP]);
-    let backends: Vec<Backend> = (0..2)
-        .map(|i| {
-            let b = Backend::start(&ns, &format!("b{i}"), 9000 + i as u16);
-            fluxd.ok(&[
-                "instance",
-                "add",
-                "web",
-                &b.name,
-                "--address",
-                &b.addr.to_string(),
-            ]);
-            b
-        })
-        .collect();
-    let installed = wait_until(Duration::from_secs(5), || ns.vip_set().contains("flux:web"));
-    assert!(installed.is_some(), "rule never installed: {}", fluxd.log());
+    let backends = web_with_two_backends(&ns, &fluxd);
     let stop = Arc::new(AtomicBool::new(false));
     let client = client_loop(&ns, stop.clone(), Duration::from_secs(20));
-    let ready = wait_until(Duration::from_secs(15), || {
-        let s = api_series(&ns, "instance");
-        s.len() == 2 && s.values().all(|(_, v)| *v > 0.0)
-    });
-    assert!(ready.is_some(), "series never filled: {}", fluxd.log());
+    wait_for_series(&ns, &fluxd);
 
     // Two polls of the page get answers; the third finds fluxd gone, and so do the later ones.
     let proxy = GateProxy::start(
@@ -418,28 +422,10 @@ fn page_marks_the_store_down_while_etcd_is_stopped() {
     let mut etcd = Etcd::start_in(&ns.name, "127.0.0.1".parse().unwrap());
     let store = format!("etcd://{}", etcd.endpoint.trim_start_matches("http://"));
     let fluxd = Fluxd::in_netns(&ns.name, "h1", &["--http", HTTP, "--store", &store]);
-    fluxd.ok(&["service", "add", "web", "--address", VIP]);
-    let backends: Vec<Backend> = (0..2)
-        .map(|i| {
-            let b = Backend::start(&ns, &format!("b{i}"), 9000 + i as u16);
-            fluxd.ok(&[
-                "instance",
-                "add",
-                "web",
-                &b.name,
-                "--address",
-                &b.addr.to_string(),
-            ]);
-            b
-        })
-        .collect();
+    let backends = web_with_two_backends(&ns, &fluxd);
     let stop = Arc::new(AtomicBool::new(false));
     let client = client_loop(&ns, stop.clone(), Duration::from_secs(40));
-    let ready = wait_until(Duration::from_secs(15), || {
-        let s = api_series(&ns, "instance");
-        s.len() == 2 && s.values().all(|(_, v)| *v > 0.0)
-    });
-    assert!(ready.is_some(), "series never filled: {}", fluxd.log());
+    wait_for_series(&ns, &fluxd);
     assert_eq!(store_reachable(&ns), Some(true));
 
     etcd.stop();
@@ -516,17 +502,9 @@ fn http_service_page_charts_requests_status_and_latency() {
         HttpBackend::start(&ns, "bad", 9001, 500),
     ];
     for b in &backends {
-        fluxd.ok(&[
-            "instance",
-            "add",
-            "web",
-            &b.name,
-            "--address",
-            &b.addr.to_string(),
-        ]);
+        fluxd.add_instance("web", &b.name, b.addr);
     }
-    let installed = wait_until(Duration::from_secs(5), || ns.vip_set().contains("flux:web"));
-    assert!(installed.is_some(), "rule never installed: {}", fluxd.log());
+    fluxd.wait_routed(&ns, "web");
     // Requests on kept-alive connections until stopped, bounded in time.
     let stop = Arc::new(AtomicBool::new(false));
     let vip = VIP.parse().unwrap();

@@ -137,6 +137,23 @@ impl Fluxd {
     }
 
     /// Runs fluxctl against this daemon.
+    /// `fluxctl instance add SERVICE NAME --address ADDR`, which must succeed.
+    pub fn add_instance(&self, service: &str, name: &str, addr: impl std::fmt::Display) {
+        let addr = addr.to_string();
+        self.ok(&["instance", "add", service, name, "--address", &addr]);
+    }
+
+    /// Waits until the service's VIP is in the namespace's VIP set; panics with the log after 5 s.
+    pub fn wait_routed(&self, ns: &super::netns::Netns, service: &str) {
+        let comment = format!("flux:{service}");
+        let installed = wait_until(Duration::from_secs(5), || ns.vip_set().contains(&comment));
+        assert!(
+            installed.is_some(),
+            "{service}'s VIP never installed: {}",
+            self.log()
+        );
+    }
+
     pub fn ctl(&self, args: &[&str]) -> Output {
         fluxctl(&self.socket, args)
     }
