@@ -382,4 +382,44 @@ mod tests {
         let e = Config::load(&args).unwrap_err().to_string();
         assert!(e.contains("hostname"), "{e}");
     }
+
+    /// packaging/fluxd.toml (installed as /etc/flux/fluxd.toml) loads as it is, and with
+    /// every key uncommented; and it names every key a config file takes.
+    #[test]
+    fn packaged_config() {
+        let text = include_str!("../packaging/fluxd.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("fluxd.toml");
+        std::fs::write(&f, text).unwrap();
+        let args = RunArgs {
+            config: Some(f.clone()),
+            ..RunArgs::default()
+        };
+        Config::load(&args).unwrap();
+        let uncommented: String = text
+            .lines()
+            .map(|l| match l.strip_prefix('#') {
+                Some(rest) if !rest.starts_with(' ') && !rest.is_empty() => rest,
+                _ => l,
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&f, &uncommented).unwrap();
+        let c = Config::load(&args).unwrap();
+        assert_eq!(c.proxy_port, 7171);
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/fluxd"));
+        let keys: Vec<&str> = uncommented
+            .lines()
+            .filter_map(|l| l.split_once(" = ").map(|(k, _)| k))
+            .collect();
+        let full: FileConfig = toml::from_str(&uncommented).unwrap();
+        let debug = format!("{full:?}");
+        for field in debug
+            .trim_start_matches("FileConfig { ")
+            .split(", ")
+            .filter_map(|f| f.split_once(": ").map(|(k, _)| k))
+        {
+            assert!(keys.contains(&field), "packaging/fluxd.toml lacks {field}");
+        }
+    }
 }

@@ -33,6 +33,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             anyhow::bail!(e);
         }
     }
+    crate::systemd::status("opening the store");
     let store = open_store(&config).await?;
     // The lease is a second shorter than the promised TTL: etcd revokes expired leases on a
     // 500 ms scan, and `--host-ttl` is the bound operators rely on, not the lease length.
@@ -87,6 +88,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tokio::spawn(agent.run(stop_rx.clone()))
     });
     let dataplane = if config.dataplane {
+        crate::systemd::status("installing rules");
         Some(start_dataplane(&config, states.clone(), local, stop_rx.clone()).await?)
     } else {
         None
@@ -99,6 +101,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         vip_ranges: config.vip_ranges.clone(),
     });
     let http_task = tokio::spawn(server::serve_http(http, api.clone(), stop_rx.clone()));
+    let watchdog_stop = stop_rx.clone();
     let api_task = tokio::spawn(server::serve_unix(
         listener,
         config.api.clone(),
@@ -111,10 +114,30 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         api = %config.api.display(),
         "fluxd ready"
     );
+    // Rules are installed (start_dataplane waited for the first sync), the proxy, HTTP and API
+    // listeners are bound and their servers running: tell systemd, then keep its watchdog fed
+    // while the controller turns and no long-running task has ended.
+    crate::systemd::ready(&ready_status(&config, dataplane.as_ref()));
+    let mut live = crate::systemd::Liveness {
+        controller: dataplane.as_ref().map(|d| d.status.clone()),
+        tasks: vec![
+            ("api", api_task.abort_handle()),
+            ("http", http_task.abort_handle()),
+        ],
+    };
+    if let Some(d) = &dataplane {
+        live.tasks
+            .extend(d.tasks.iter().map(|t| ("data plane", t.abort_handle())));
+    }
+    let watchdog = crate::systemd::spawn_watchdog(live, watchdog_stop);
 
     wait_for_stop_signal().await?;
     tracing::info!("stopping");
+    crate::systemd::stopping();
     let _ = stop_tx.send(true);
+    if let Some(w) = watchdog {
+        let _ = w.await;
+    }
     let _ = api_task.await;
     let _ = http_task.await;
     if let Some(d) = dataplane {
@@ -131,6 +154,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .context("store: could not withdraw this host")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The STATUS= line sent with READY=1.
+fn ready_status(config: &Config, dataplane: Option<&Dataplane>) -> String {
+    match dataplane {
+        Some(d) => format!(
+            "routing {} services; proxy on port {}; API {}",
+            d.status.routes.load().services.len(),
+            config.proxy_port,
+            config.api.display()
+        ),
+        None => format!("serving (no data plane); API {}", config.api.display()),
+    }
 }
 
 /// The address other hosts can reach the HTTP API on: the host IP for a wildcard listener, the

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use flux::config::{Config, LogFormat, RunArgs};
 
 #[derive(Parser)]
@@ -24,6 +24,16 @@ enum Command {
     Debug(DebugArgs),
     /// Remove flux's iptables rules (after a stop with --keep-rules, or on uninstall).
     Cleanup,
+    /// Print a shell completion script for fluxd.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: flux::docs::Shell,
+    },
+    /// Write fluxd's man pages (one per command) into a directory.
+    Man {
+        /// Directory to write the pages into (created if missing).
+        dir: std::path::PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -48,6 +58,13 @@ fn main() -> ExitCode {
             };
         }
     };
+    match &cli.command {
+        Command::Completions { shell } => {
+            return doc_result(flux::docs::completions(Cli::command(), *shell))
+        }
+        Command::Man { dir } => return doc_result(flux::docs::man_pages(Cli::command(), dir)),
+        _ => {}
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -86,6 +103,17 @@ fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             }
+        }
+        Command::Completions { .. } | Command::Man { .. } => ExitCode::SUCCESS,
+    }
+}
+
+fn doc_result(r: std::io::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fluxd: {e}");
+            ExitCode::from(1)
         }
     }
 }

@@ -7,7 +7,7 @@ pub mod output;
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use serde::Serialize;
 
 use crate::api::client::{Client, ClientError, Endpoint};
@@ -46,22 +46,41 @@ pub enum Command {
     /// List services with their instance counts.
     List,
     /// Show services with their rules and instances (all services if no name is given).
-    Info { name: Option<String> },
+    Info {
+        /// Service name.
+        name: Option<String>,
+    },
     /// Add or replace a selection rule: containers matching it become instances.
     Select(SelectArgs),
     /// Remove a selection rule (its instances leave the service).
-    Deselect { service: String, rule: String },
+    Deselect {
+        /// Service name.
+        service: String,
+        /// Rule name.
+        rule: String,
+    },
     /// Which containers are instances, and which are live as seen from this host.
     Query(QueryArgs),
     /// Add or remove static instances (backends that are not containers).
     #[command(subcommand)]
     Instance(InstanceCmd),
+    /// Print a shell completion script for fluxctl.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: crate::docs::Shell,
+    },
+    /// Write fluxctl's man pages (one per command) into a directory.
+    Man {
+        /// Directory to write the pages into (created if missing).
+        dir: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
 pub enum ServiceCmd {
     /// Define a service: a VIP:port that clients connect to.
     Add {
+        /// Service name: [a-z0-9][a-z0-9-]{0,62}.
         name: String,
         /// The service address (VIP) clients connect to, IP:PORT.
         #[arg(long)]
@@ -78,6 +97,7 @@ pub enum ServiceCmd {
     },
     /// Remove services with their rules and static instances.
     Rm {
+        /// Services to remove.
         names: Vec<String>,
         /// Remove every service.
         #[arg(long, conflicts_with = "names")]
@@ -123,7 +143,9 @@ impl SelectorArgs {
 
 #[derive(Args)]
 pub struct SelectArgs {
+    /// Service name.
     pub service: String,
+    /// Rule name (an existing rule of that name is replaced).
     pub rule: String,
     #[command(flatten)]
     pub selector: SelectorArgs,
@@ -134,13 +156,16 @@ pub struct SelectArgs {
 
 #[derive(Args)]
 pub struct QueryArgs {
+    /// Only instances of this service.
     #[arg(long)]
     pub service: Option<String>,
+    /// Only instances on this host.
     #[arg(long)]
     pub host: Option<String>,
     /// live, failed or no-address.
     #[arg(long)]
     pub state: Option<String>,
+    /// Only instances selected by this rule.
     #[arg(long)]
     pub rule: Option<String>,
     #[command(flatten)]
@@ -157,13 +182,21 @@ pub struct QueryArgs {
 pub enum InstanceCmd {
     /// Register IP:PORT as an instance of a service.
     Add {
+        /// Service name.
         service: String,
+        /// Instance name.
         name: String,
+        /// The backend's address, IP:PORT.
         #[arg(long)]
         address: String,
     },
     /// Remove a static instance.
-    Rm { service: String, name: String },
+    Rm {
+        /// Service name.
+        service: String,
+        /// Instance name.
+        name: String,
+    },
 }
 
 /// What a command failed with, and so which exit status it gets.
@@ -188,6 +221,20 @@ impl From<ClientError> for Failure {
 }
 
 pub async fn main(cli: Cli) -> ExitCode {
+    let docs = match &cli.command {
+        Command::Completions { shell } => Some(crate::docs::completions(Cli::command(), *shell)),
+        Command::Man { dir } => Some(crate::docs::man_pages(Cli::command(), dir)),
+        _ => None,
+    };
+    if let Some(r) = docs {
+        return match r {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("fluxctl: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(m)) => {
@@ -323,6 +370,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             });
         }
         Command::Query(q) => query(&client, json, q).await?,
+        Command::Completions { .. } | Command::Man { .. } => {}
         Command::Instance(InstanceCmd::Add {
             service,
             name,

@@ -49,6 +49,10 @@ pub struct Status {
     pub metrics: Arc<Metrics>,
     /// The last 15 minutes of every instance's series, for the UI's charts.
     pub history: Arc<History>,
+    /// When the controller's loop last finished a turn (a sync or a drift check), in ms since
+    /// `started`: the systemd watchdog pings only while this moves.
+    pub heartbeat: AtomicU64,
+    started: std::time::Instant,
 }
 
 impl Status {
@@ -73,7 +77,21 @@ impl Status {
             repairs: AtomicU64::new(0),
             metrics: Arc::new(Metrics::new()),
             history: Arc::new(History::default()),
+            heartbeat: AtomicU64::new(0),
+            started: std::time::Instant::now(),
         })
+    }
+
+    /// Records that the controller's loop is turning.
+    pub fn beat(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.heartbeat.store(ms, Ordering::Relaxed);
+    }
+
+    /// How long ago the controller's loop last turned.
+    pub fn since_beat(&self) -> Duration {
+        let now = self.started.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.heartbeat.load(Ordering::Relaxed)))
     }
 }
 
@@ -110,6 +128,7 @@ impl Controller {
     pub async fn initial_sync(&mut self, state: Arc<State>) {
         self.catalog = state;
         self.sync().await;
+        self.status.beat();
     }
 
     /// Follows catalog states until `stop`.
@@ -138,6 +157,7 @@ impl Controller {
                 _ = drift_timer.tick() => self.check_drift().await,
                 _ = stop.changed() => return,
             }
+            self.status.beat();
         }
     }
 
