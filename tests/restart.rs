@@ -265,3 +265,58 @@ fn a_passed_socket_of_the_wrong_kind_is_refused_with_one_line() {
         );
     }
 }
+
+#[test]
+fn a_stop_drains_established_connections() {
+    let ns = Netns::new("drain");
+    let socket = systemd_socket(&ns);
+    let _b0 = Backend::start(&ns, "b0", 9000);
+    let mut fluxd = Fluxd::unstarted_in_netns(&ns.name, "h1", &["--drain-seconds", "30"]);
+    fluxd.start_with_socket(socket.as_raw_fd());
+    fluxd.ok(&["service", "add", "web", "--address", VIP]);
+    fluxd.ok(&[
+        "instance",
+        "add",
+        "web",
+        "b0",
+        "--address",
+        "127.0.0.1:9000",
+    ]);
+    wait_for_service(&ns, &fluxd);
+    let conn = ns.run(|| {
+        let s = TcpStream::connect(vip()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut name = String::new();
+        r.read_line(&mut name).unwrap();
+        assert_eq!(name, "b0\n");
+        (s, r)
+    });
+    let pid = nix::unistd::Pid::from_raw(fluxd.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let draining = wait_until(Duration::from_secs(10), || {
+        fluxd.log().contains("draining established connections")
+    });
+    assert!(draining.is_some(), "{}", fluxd.log());
+    // The established connection still carries bytes both ways.
+    let (s, mut r) = conn;
+    (&s).write_all(b"still here\n").unwrap();
+    let mut echo = String::new();
+    r.read_line(&mut echo).unwrap();
+    assert_eq!(echo, "still here\n");
+    // Once it ends, fluxd exits without waiting out the 30 s.
+    let closed = Instant::now();
+    drop((s, r));
+    let status = fluxd.wait_exit(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?} {:?} after the last connection closed: {}",
+        closed.elapsed(),
+        fluxd.log()
+    );
+    assert!(
+        fluxd.log().contains("every connection ended"),
+        "{}",
+        fluxd.log()
+    );
+}
