@@ -73,6 +73,10 @@ pub struct RunArgs {
     /// Most concurrent proxied connections [default: 8000].
     #[arg(long, env = "FLUXD_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// On a stop, seconds that established proxied connections may go on before they are cut
+    /// (new connections are no longer accepted meanwhile) [default: 10].
+    #[arg(long, env = "FLUXD_DRAIN_SECONDS", value_name = "SECONDS")]
+    pub drain_seconds: Option<u64>,
     /// Address range reserved for VIPs, CIDR (repeatable, or comma-separated in the
     /// environment). New services must have their VIP inside; each range is one nat rule, so
     /// matching costs the same for any number of services [default: none, one rule per VIP].
@@ -107,6 +111,7 @@ struct FileConfig {
     bridge_interfaces: Option<String>,
     connect_timeout_ms: Option<u64>,
     max_connections: Option<usize>,
+    drain_seconds: Option<u64>,
     vip_range: Option<Vec<String>>,
 }
 
@@ -143,6 +148,7 @@ pub struct Config {
     pub bridge_interfaces: Vec<String>,
     pub connect_timeout: Duration,
     pub max_connections: usize,
+    pub drain: Duration,
     pub vip_ranges: Vec<ipnet::Ipv4Net>,
 }
 
@@ -226,6 +232,10 @@ impl Config {
         if max_connections == 0 {
             bail!("max_connections: must be at least 1");
         }
+        let drain_seconds = pick!(drain_seconds).unwrap_or(10);
+        if drain_seconds > 3600 {
+            bail!("drain_seconds: must be 0-3600 (got {drain_seconds})");
+        }
         let mut vip_ranges = Vec::new();
         for r in pick!(vip_range).unwrap_or_default() {
             let net: ipnet::Ipv4Net = r.parse().map_err(|_| {
@@ -249,6 +259,7 @@ impl Config {
             bridge_interfaces,
             connect_timeout: Duration::from_millis(connect_timeout_ms),
             max_connections,
+            drain: Duration::from_secs(drain_seconds),
             store,
             state_dir: pick!(state_dir).unwrap_or_else(|| "/var/lib/fluxd".into()),
             api,

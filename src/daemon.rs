@@ -15,6 +15,7 @@ use crate::config::{Config, StoreSpec};
 use crate::controller::{Controller, Rules, Status};
 use crate::docker::{Agent, AgentConfig, LocalInstances};
 use crate::model::Host;
+use crate::proxy::activation::{self, ListenEnv};
 use crate::proxy::routes::RouteTable;
 use crate::proxy::{Proxy, ProxyConfig};
 use crate::store::{embedded::EmbeddedStore, etcd::EtcdStore, Store};
@@ -189,17 +190,27 @@ fn advertised_http(bound: std::net::SocketAddr, host_ip: Ipv4Addr) -> Option<Soc
 struct Dataplane {
     status: Arc<Status>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The proxy socket came from systemd: it outlives this fluxd and queues new connections
+    /// for the next one, so the rules that lead to it stay.
+    inherited_socket: bool,
 }
 
 impl Dataplane {
-    /// Waits for the tasks (they watch the same stop signal), then removes the rules unless
-    /// told to keep them so that a restart leaves no VIP unrouted.
+    /// Waits for the tasks (they watch the same stop signal; the proxy drains), then removes
+    /// the rules unless told to keep them, or unless the proxy socket outlives this process,
+    /// so that a restart leaves no VIP unrouted.
     async fn stop(self, keep_rules: bool) {
         for t in self.tasks {
             let _ = t.await;
         }
         if keep_rules {
             tracing::info!("keeping flux's rules installed (--keep-rules)");
+            return;
+        }
+        if self.inherited_socket {
+            tracing::info!(
+                "keeping flux's rules installed: the proxy socket from systemd queues new connections for the next fluxd (stopping fluxd.socket runs fluxd cleanup)"
+            );
             return;
         }
         let status = self.status.clone();
@@ -227,15 +238,19 @@ async fn start_dataplane(
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<Dataplane> {
     let routes = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
+    let inherited = activation::proxy_socket(&ListenEnv::from_process(), config.proxy_port)?;
     let proxy = Proxy::bind(
         ProxyConfig {
             listen: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, config.proxy_port),
             connect_timeout: config.connect_timeout,
             max_connections: config.max_connections,
+            drain: config.drain,
         },
         routes.clone(),
+        inherited,
     )
     .with_context(|| format!("proxy_port: cannot listen on port {}", config.proxy_port))?;
+    let inherited_socket = proxy.inherited;
     let rules = Rules {
         netfilter: Netfilter::new(CommandRunner::new()),
         reader: Netfilter::new(CommandRunner::with_prefix(vec![
@@ -256,7 +271,11 @@ async fn start_dataplane(
         tokio::spawn(controller.run(states, stop.clone())),
         tokio::spawn(sample_history(status.clone(), stop)),
     ];
-    Ok(Dataplane { status, tasks })
+    Ok(Dataplane {
+        status,
+        tasks,
+        inherited_socket,
+    })
 }
 
 /// Feeds the UI's history every interval until stop.

@@ -92,12 +92,14 @@ struct Ctx {
     client_ip: Option<HeaderValue>,
 }
 
-/// Serves one client connection of an `http` service until the client closes it.
+/// Serves one client connection of an `http` service until the client closes it or fluxd
+/// stops.
 pub async fn serve(
     client: TcpStream,
     vip: SocketAddrV4,
     routes: Arc<ArcSwap<RouteTable>>,
     timeout: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let client_ip = client
         .peer_addr()
@@ -113,9 +115,18 @@ pub async fn serve(
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(ctx.handle(req).await) }
     });
-    let result = hyper::server::conn::http1::Builder::new()
-        .serve_connection(TokioIo::new(client), service)
-        .await;
+    let conn =
+        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(client), service);
+    tokio::pin!(conn);
+    // On a stop, the request in flight is answered (with `Connection: close`) and an idle
+    // kept-alive connection is closed at once, so the drain does not wait on idle clients.
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = async { stop.wait_for(|s| *s).await.is_ok() } => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
     if let Err(e) = result {
         tracing::trace!(%vip, error = %e, "http client connection ended with an error");
     }

@@ -26,6 +26,8 @@ pub struct ProxyConfig {
     pub connect_timeout: Duration,
     /// Concurrent proxied connections; each costs two fds, plus two pipes while bytes move.
     pub max_connections: usize,
+    /// After a stop, how long established connections may go on before they are cut.
+    pub drain: Duration,
 }
 
 pub struct Proxy {
@@ -35,20 +37,40 @@ pub struct Proxy {
     /// spreads new connections over them, and each is served by its own thread with its own
     /// single-threaded runtime, so a connection lives on one thread from accept to close (no
     /// cross-thread wakeups; per-thread pipe pools stay warm). The same option lets a new fluxd
-    /// bind the port before the old one lets go (upgrades).
+    /// bind the port before the old one lets go (upgrades). With a socket passed by systemd,
+    /// every thread accepts on a duplicate of that one socket instead.
     listeners: Vec<std::net::TcpListener>,
+    /// Whether the listening socket came from outside (systemd) and outlives this process.
+    pub inherited: bool,
 }
 
 impl Proxy {
-    pub fn bind(config: ProxyConfig, routes: Arc<ArcSwap<RouteTable>>) -> io::Result<Proxy> {
+    /// Binds one listener per core on `config.listen`, or, given a socket passed by systemd,
+    /// shares that one between the proxy threads.
+    pub fn bind(
+        config: ProxyConfig,
+        routes: Arc<ArcSwap<RouteTable>>,
+        inherited: Option<std::net::TcpListener>,
+    ) -> io::Result<Proxy> {
         let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let listeners = (0..n)
-            .map(|_| listen(config.listen))
-            .collect::<io::Result<Vec<_>>>()?;
+        let listeners = match &inherited {
+            Some(l) => {
+                // File status flags belong to the socket, not the fd: set once for all.
+                l.set_nonblocking(true)?;
+                socket2::SockRef::from(l).set_nodelay(true)?;
+                (0..n)
+                    .map(|_| l.try_clone())
+                    .collect::<io::Result<Vec<_>>>()?
+            }
+            None => (0..n)
+                .map(|_| listen(config.listen))
+                .collect::<io::Result<Vec<_>>>()?,
+        };
         Ok(Proxy {
             config,
             routes,
             listeners,
+            inherited: inherited.is_some(),
         })
     }
 
@@ -56,8 +78,11 @@ impl Proxy {
         self.listeners[0].local_addr()
     }
 
-    /// Accepts until `stop` turns true. Established connections are not cut by a stop; they
-    /// end with the process.
+    /// Accepts until `stop` turns true, then closes its listeners (a socket passed by
+    /// systemd stays open there, queueing connections for the next fluxd) and lets the
+    /// established connections go on for up to `config.drain`: `tcp` connections until either
+    /// side closes, `http` ones until the request in flight is answered. What is left then is
+    /// cut.
     pub async fn run(self, stop: watch::Receiver<bool>) {
         // One limit over all listeners: it bounds fds, which are per process.
         let limit = Arc::new(Semaphore::new(self.config.max_connections));
@@ -67,10 +92,16 @@ impl Proxy {
             .enumerate()
             .map(|(i, l)| {
                 let (routes, limit, stop) = (self.routes.clone(), limit.clone(), stop.clone());
-                let timeout = self.config.connect_timeout;
+                let (timeout, max, drain) = (
+                    self.config.connect_timeout,
+                    self.config.max_connections,
+                    self.config.drain,
+                );
                 std::thread::Builder::new()
                     .name(format!("flux-proxy-{i}"))
-                    .spawn(move || serve_thread(l, routes, timeout, limit, stop))
+                    .spawn(move || {
+                        serve_thread(l, routes, timeout, limit, max, drain, stop, i == 0)
+                    })
             })
             .collect();
         // Waiting on OS threads blocks: do it off the async threads.
@@ -83,14 +114,18 @@ impl Proxy {
     }
 }
 
-/// One proxy thread: a single-threaded runtime accepting on its own listener until `stop`.
-/// Connections still open then end with the runtime, which is when fluxd exits anyway.
+/// One proxy thread: a single-threaded runtime accepting on its own listener until `stop`,
+/// then draining. Connections still open after the drain end with the runtime.
+#[allow(clippy::too_many_arguments)]
 fn serve_thread(
     listener: std::net::TcpListener,
     routes: Arc<ArcSwap<RouteTable>>,
     timeout: Duration,
     limit: Arc<Semaphore>,
+    max: usize,
+    drain: Duration,
     stop: watch::Receiver<bool>,
+    report: bool,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -104,10 +139,43 @@ fn serve_thread(
     };
     rt.block_on(async move {
         match TcpListener::from_std(listener) {
-            Ok(l) => accept_loop(l, routes, timeout, limit, stop).await,
+            Ok(l) => accept_loop(l, routes, timeout, limit.clone(), stop).await,
             Err(e) => tracing::error!(error = %e, "cannot register the proxy listener"),
         }
+        drain_connections(&limit, max, drain, report).await;
     });
+}
+
+/// Waits until no proxied connection is open (every permit is back) or `drain` has passed.
+/// The limit is shared by all proxy threads, so each waits for all: they end together.
+async fn drain_connections(limit: &Semaphore, max: usize, drain: Duration, report: bool) {
+    let open = max.saturating_sub(limit.available_permits());
+    if open == 0 {
+        return;
+    }
+    if report {
+        tracing::info!(
+            open,
+            seconds = drain.as_secs_f64(),
+            "draining established connections"
+        );
+    }
+    let deadline = tokio::time::Instant::now() + drain;
+    while limit.available_permits() < max {
+        if tokio::time::Instant::now() >= deadline {
+            if report {
+                tracing::info!(
+                    open = max.saturating_sub(limit.available_permits()),
+                    "drain time over; cutting the connections still open"
+                );
+            }
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if report {
+        tracing::info!("every connection ended");
+    }
 }
 
 fn listen(addr: SocketAddrV4) -> io::Result<std::net::TcpListener> {
@@ -147,9 +215,9 @@ async fn accept_loop(
         };
         match accepted {
             Ok((client, _)) => {
-                let routes = routes.clone();
+                let (routes, stop) = (routes.clone(), stop.clone());
                 tokio::spawn(async move {
-                    handle(client, routes, timeout).await;
+                    handle(client, routes, timeout, stop).await;
                     drop(permit);
                 });
             }
@@ -162,7 +230,12 @@ async fn accept_loop(
     }
 }
 
-async fn handle(client: TcpStream, routes: Arc<ArcSwap<RouteTable>>, timeout: Duration) {
+async fn handle(
+    client: TcpStream,
+    routes: Arc<ArcSwap<RouteTable>>,
+    timeout: Duration,
+    stop: watch::Receiver<bool>,
+) {
     let Some(vip) = original_dst(&client) else {
         return reset(client);
     };
@@ -173,7 +246,7 @@ async fn handle(client: TcpStream, routes: Arc<ArcSwap<RouteTable>>, timeout: Du
     };
     drop(table);
     if service.protocol == Protocol::Http {
-        return super::http::serve(client, vip, routes, timeout).await;
+        return super::http::serve(client, vip, routes, timeout, stop).await;
     }
     let Some((backend, stream)) = connect_any(&client, &service, timeout).await else {
         tracing::debug!(service = %service.name, "no instance reachable; reset");

@@ -13,6 +13,9 @@ pub struct Fluxd {
     pub socket: PathBuf,
     pub host_name: String,
     args: Vec<String>,
+    /// Passed as fd 3 with `LISTEN_FDS=1` and `LISTEN_PID` = fluxd's pid, as systemd's socket
+    /// activation does (`start_with_socket`).
+    listen_fd: Option<std::os::fd::RawFd>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -49,13 +52,46 @@ impl Fluxd {
     /// picks the store (`--store etcd://...`), `--host-ip`, `--docker`, `--host-ttl` and so on.
     /// One such daemon per namespace is one simulated host of a cluster.
     pub fn in_netns(ns: &str, host_name: &str, extra: &[&str]) -> Fluxd {
+        let mut f = Fluxd::unstarted_in_netns(ns, host_name, extra);
+        f.start();
+        f
+    }
+
+    /// As `in_netns`, not started yet.
+    pub fn unstarted_in_netns(ns: &str, host_name: &str, extra: &[&str]) -> Fluxd {
         let tmp = tempfile::tempdir().unwrap();
         let mut f = Fluxd::new(tmp.path().to_path_buf(), host_name, extra);
         f.args.retain(|a| a != "--no-dataplane");
         f.netns = Some(ns.to_string());
         f._tmp = Some(tmp);
-        f.start();
         f
+    }
+
+    /// Starts (or restarts) with `fd` as a socket passed by systemd: fd 3, `LISTEN_FDS=1`,
+    /// `LISTEN_PID` set to fluxd's own pid. The caller keeps `fd` open, as systemd does.
+    pub fn start_with_socket(&mut self, fd: std::os::fd::RawFd) {
+        self.set_listen_fd(fd);
+        self.start();
+    }
+
+    /// The socket that `spawn` and `start` pass, as `start_with_socket` does.
+    pub fn set_listen_fd(&mut self, fd: std::os::fd::RawFd) {
+        self.listen_fd = Some(fd);
+    }
+
+    /// Waits up to `limit` for a daemon expected to exit by itself; its status, if it did.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    self.child = None;
+                    return Some(status);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     /// A daemon that is not started yet, for tests that pass their own flags.
@@ -90,11 +126,18 @@ impl Fluxd {
             socket,
             host_name: host_name.into(),
             args,
+            listen_fd: None,
             _tmp: None,
         }
     }
 
     pub fn start(&mut self) {
+        self.spawn();
+        self.wait_ready();
+    }
+
+    /// Starts the process without waiting for it to answer.
+    pub fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -103,11 +146,36 @@ impl Fluxd {
         let mut cmd = match &self.netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_fluxd")]);
+                c.args(["netns", "exec", ns]);
                 c
             }
-            None => Command::new(env!("CARGO_BIN_EXE_fluxd")),
+            None => Command::new("env"),
         };
+        if let Some(fd) = self.listen_fd {
+            use std::os::unix::process::CommandExt;
+            // The shell's pid is fluxd's after `exec`, whatever `ip netns exec` does.
+            cmd.args([
+                "sh",
+                "-c",
+                "LISTEN_PID=$$; export LISTEN_PID; exec \"$0\" \"$@\"",
+            ])
+            .env("LISTEN_FDS", "1")
+            .env_remove("LISTEN_FDNAMES");
+            // SAFETY: only async-signal-safe calls between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if fd == 3 {
+                        if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    } else if libc::dup2(fd, 3) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        cmd.arg(env!("CARGO_BIN_EXE_fluxd"));
         let child = cmd
             .args(&self.args)
             .env_remove("FLUXD_STORE")
@@ -117,7 +185,6 @@ impl Fluxd {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        self.wait_ready();
     }
 
     fn wait_ready(&mut self) {
