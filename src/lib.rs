@@ -11,6 +11,7 @@ pub mod controller;
 pub mod daemon;
 pub mod debug;
 pub mod docker;
+pub mod edge;
 pub mod metrics;
 pub mod model;
 pub mod proxy;
