@@ -8,3 +8,4 @@ pub mod etcd;
 pub mod fluxd;
 pub mod http_backend;
 pub mod netns;
+pub mod nginx;
