@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use support::docker::Dockerd;
 use support::fluxd::{wait_until, Fluxd};
 use support::http_backend::{Client, HttpBackend, Message};
 use support::netns::Netns;
@@ -367,4 +368,112 @@ fn bad_flags_are_one_line_naming_the_flag() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--nginx-conf"));
     assert!(!conf.exists());
+}
+
+/// Runs a busybox httpd container named `name` whose page (`/path`, what the test client asks
+/// for) is its name; returns its id.
+fn httpd(docker: &Dockerd, name: &str) -> String {
+    let script = format!("echo {name} > /www/path && exec httpd -f -p 8080 -h /www");
+    docker.run(&["--init", "--name", name, IMAGE, "sh", "-c", &script])
+}
+
+const IMAGE: &str = "edge-web:1";
+
+#[test]
+fn containers_come_and_go_without_failed_requests() {
+    // Declared so that they drop in reverse: edge, nginx, fluxd, then Docker, then the namespace.
+    let ns = Netns::new("edgedk");
+    let docker = Dockerd::new(&ns);
+    docker.import_image(IMAGE);
+    let endpoint = docker.endpoint();
+    let fluxd = Fluxd::dataplane(
+        &ns.name,
+        &["--docker", &endpoint, "--network-mode", "global"],
+    );
+    service(&fluxd, "web", "198.18.0.10:8080");
+    fluxd.ok(&["select", "web", "v1", "--image", "edge-web"]);
+    let c1 = httpd(&docker, "c1");
+    let c2 = httpd(&docker, "c2");
+    let live = |n: usize| {
+        wait_until(Duration::from_secs(20), || {
+            fluxd
+                .ok(&["query", "--service", "web", "--state", "live", "--quiet"])
+                .lines()
+                .count()
+                == n
+        })
+    };
+    assert!(live(2).is_some(), "{}", fluxd.log());
+    let nginx = Nginx::start(&ns);
+    let mut edge = Edge::start(&fluxd.socket, &nginx, &["--service", &format!("web={WEB}")]);
+    wait_answer(&ns, WEB, 200, "c", &edge, &nginx);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let addr: SocketAddrV4 = WEB.parse().unwrap();
+    let looper = ns.spawn(move || {
+        let start = Instant::now();
+        let mut seen: Vec<(Instant, String)> = Vec::new();
+        let mut failures: Vec<String> = Vec::new();
+        while !stop2.load(Ordering::SeqCst)
+            && start.elapsed() < Duration::from_secs(45)
+            && seen.len() + failures.len() < 20_000
+        {
+            match Client::connect(addr).and_then(|mut c| c.get("example.com")) {
+                Ok(m) if m.status() == 200 => {
+                    seen.push((Instant::now(), body(&m).trim().to_string()))
+                }
+                Ok(m) => failures.push(format!("{} {}", m.status(), body(&m).trim())),
+                Err(e) => failures.push(e.to_string()),
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (seen, failures)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let c3 = httpd(&docker, "c3");
+    let ip3 = docker.container_ip(&c3).unwrap().to_string();
+    let listed = wait_until(Duration::from_secs(15), || {
+        std::fs::read_to_string(nginx.include())
+            .unwrap()
+            .contains(&ip3)
+    });
+    assert!(listed.is_some(), "c3 never listed: {}", edge.log());
+    std::thread::sleep(Duration::from_millis(1000));
+    // `docker stop`: fluxd drops the instance on SIGTERM, before the container is gone.
+    docker.stop(&c1);
+    std::thread::sleep(Duration::from_millis(1000));
+    // A container that dies: SIGKILL, nginx finds it refused until fluxd sees it gone.
+    docker.kill(&c2);
+    let c2_dead = Instant::now();
+    assert!(live(1).is_some(), "{}", fluxd.log());
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::SeqCst);
+    let (seen, failures) = looper.join().unwrap();
+    let count = |name: &str| seen.iter().filter(|(_, b)| b == name).count();
+    eprintln!(
+        "{} requests: c1 {} c2 {} c3 {}, {} failed",
+        seen.len() + failures.len(),
+        count("c1"),
+        count("c2"),
+        count("c3"),
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} failed requests, first: {:?}\nnginx:\n{}",
+        failures.len(),
+        &failures[..failures.len().min(5)],
+        nginx.error_log()
+    );
+    assert!(count("c1") > 0 && count("c2") > 0 && count("c3") > 0);
+    let after: Vec<_> = seen.iter().filter(|(t, _)| *t > c2_dead).collect();
+    assert!(!after.is_empty());
+    assert!(
+        after.iter().all(|(_, b)| b == "c3"),
+        "after c2 died: {after:?}"
+    );
+    let conf = std::fs::read_to_string(nginx.include()).unwrap();
+    assert_eq!(conf.matches(" max_fails=").count(), 1, "{conf}");
+    edge.stop();
 }

@@ -29,7 +29,7 @@ impl Nginx {
                 "user root;
 worker_processes 1;
 pid {d}/nginx.pid;
-error_log {d}/error.log info;
+error_log {d}/error.log warn;
 events {{ worker_connections 512; }}
 http {{
     access_log off;
