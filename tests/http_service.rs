@@ -48,7 +48,9 @@ fn setup(ns: &Netns, backends: &[&HttpBackend]) -> Fluxd {
             &b.addr.to_string(),
         ]);
     }
-    let installed = wait_until(Duration::from_secs(5), || ns.vip_set().contains("flux:web"));
+    let installed = wait_until(Duration::from_secs(5), || {
+        ns.vip_set().contains("flux:web")
+    });
     assert!(installed.is_some(), "rule never installed: {}", fluxd.log());
     fluxd
 }

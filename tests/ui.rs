@@ -523,7 +523,9 @@ fn http_service_page_charts_requests_status_and_latency() {
             &b.addr.to_string(),
         ]);
     }
-    let installed = wait_until(Duration::from_secs(5), || ns.vip_set().contains("flux:web"));
+    let installed = wait_until(Duration::from_secs(5), || {
+        ns.vip_set().contains("flux:web")
+    });
     assert!(installed.is_some(), "rule never installed: {}", fluxd.log());
     // Requests on kept-alive connections until stopped, bounded in time.
     let stop = Arc::new(AtomicBool::new(false));
