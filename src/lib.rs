@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod debug;
 pub mod docker;
 pub mod docs;
+pub mod edge;
 pub mod metrics;
 pub mod model;
 pub mod proxy;

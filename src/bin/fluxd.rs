@@ -34,6 +34,8 @@ enum Command {
         /// Directory to write the pages into (created if missing).
         dir: std::path::PathBuf,
     },
+    /// Keep an nginx configuration (one upstream per service) in step with the instances.
+    Edge(Box<flux::edge::EdgeArgs>),
 }
 
 #[derive(Args)]
@@ -90,6 +92,21 @@ fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             }
+        }
+        Command::Edge(args) => {
+            let config = match flux::edge::EdgeConfig::load(&args) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("fluxd edge: {e:#}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_logging(if config.json_logs {
+                LogFormat::Json
+            } else {
+                LogFormat::Text
+            });
+            ExitCode::from(rt.block_on(flux::edge::run(config)))
         }
         Command::Debug(a) => rt.block_on(flux::debug::main(&a.api, a.json)),
         Command::Cleanup => {

@@ -9,3 +9,4 @@ pub mod fluxd;
 pub mod http_backend;
 pub mod netns;
 pub mod openmetrics;
+pub mod nginx;
