@@ -121,7 +121,9 @@ impl Follower {
     }
 
     fn publish(&mut self) {
+        let t = std::time::Instant::now();
         let state = State::from_kvs(self.kvs.values(), self.revision, &mut self.decoded);
+        tracing::debug!(revision = self.revision, took = ?t.elapsed(), "catalog state built");
         self.tx.send_replace(Arc::new(state));
         self.published = Instant::now();
     }

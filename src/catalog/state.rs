@@ -139,6 +139,18 @@ impl State {
             .map(|(_, r)| &**r)
     }
 
+    /// The shared instance records of a service: a record that did not change keeps its
+    /// allocation from one State to the next, so consumers can tell "unchanged" by pointer.
+    pub fn instance_records_of<'a>(
+        &'a self,
+        service: &'a str,
+    ) -> impl Iterator<Item = &'a Arc<Instance>> + 'a {
+        self.instances
+            .range((service.to_string(), String::new())..)
+            .take_while(move |((s, _), _)| s == service)
+            .map(|(_, i)| i)
+    }
+
     pub fn instances_of<'a>(&'a self, service: &'a str) -> impl Iterator<Item = &'a Instance> + 'a {
         self.instances
             .range((service.to_string(), String::new())..)

@@ -5,7 +5,6 @@
 
 pub mod routing;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,7 +17,6 @@ use crate::docker::LocalInstances;
 use crate::metrics::history::History;
 use crate::metrics::Metrics;
 use crate::proxy::routes::RouteTable;
-use routing::HealthKey;
 
 /// How often installed rules are compared with the desired ones.
 pub const DRIFT_CHECK: Duration = Duration::from_secs(2);
@@ -103,7 +101,7 @@ pub struct Controller {
     local: Option<watch::Receiver<Option<Arc<LocalInstances>>>>,
     /// The catalog state last received.
     catalog: Arc<State>,
-    kept: HashMap<HealthKey, routing::Kept>,
+    built: routing::Built,
     /// Skipped records last reported, so each is logged once and not at every sync.
     reported: Vec<String>,
 }
@@ -119,7 +117,7 @@ impl Controller {
             host,
             local,
             catalog: Arc::new(State::default()),
-            kept: HashMap::new(),
+            built: routing::Built::default(),
             reported: Vec::new(),
         }
     }
@@ -163,6 +161,7 @@ impl Controller {
 
     /// Rebuilds routes and rules from the catalog and the local instances, and installs both.
     async fn sync(&mut self) {
+        let t = std::time::Instant::now();
         let local = self.local.as_ref().and_then(|l| l.borrow().clone());
         let state = Arc::new(routing::with_local(
             &self.catalog,
@@ -175,8 +174,9 @@ impl Controller {
             }
             self.reported = state.skipped.clone();
         }
-        let table = routing::route_table(&state, &mut self.kept, &self.status.metrics);
+        let table = routing::route_table(&state, &mut self.built, &self.status.metrics);
         self.status.routes.store(Arc::new(table));
+        tracing::debug!(took = ?t.elapsed(), "routes built");
         if let Some(rules) = &self.status.rules {
             let desired = netfilter::render(&routing::desired_rules(
                 &state,
@@ -190,11 +190,13 @@ impl Controller {
                 .lock()
                 .map(|a| a.as_ref() != Some(&desired))
                 .unwrap_or(true);
+            tracing::debug!(took = ?t.elapsed(), changed, "rules rendered");
             if changed {
                 for r in desired.rejected() {
                     tracing::warn!(reason = %r, "not installing a redirect");
                 }
                 self.install(desired).await;
+                tracing::debug!(took = ?t.elapsed(), "rules installed");
             }
         }
         self.status.state.store(state);

@@ -8,15 +8,11 @@ use std::sync::Arc;
 use crate::catalog::State;
 use crate::docker::LocalInstances;
 use crate::metrics::{InstanceLabels, InstanceMetrics, Metrics};
-use crate::model::Instance;
+use crate::model::{Instance, Service};
 use crate::model::{Origin, Protocol};
 use crate::proxy::health::Health;
 use crate::proxy::http::Pool;
 use crate::proxy::routes::{Backend, RouteTable, ServiceRoute};
-
-/// Health survives rebuilds of the table as long as the instance keeps its address; a new
-/// address is a new backend and starts live.
-pub type HealthKey = (String, String, SocketAddrV4);
 
 /// What survives a rebuild of the routing table for one instance: its health and its series.
 #[derive(Clone)]
@@ -28,66 +24,117 @@ pub struct Kept {
     pub pool: Arc<Pool>,
 }
 
+/// What the last table was built from, per service. A service whose record and instance
+/// records are the very ones of the last build (the catalog shares unchanged records between
+/// States) keeps its route as it was: one change among 10,000 services rebuilds one route,
+/// not 10,000 (each costs a score of allocations, which a long-running daemon's heap makes
+/// slow).
+#[derive(Default)]
+pub struct Built {
+    services: HashMap<String, BuiltService>,
+}
+
+struct BuiltService {
+    service: Arc<Service>,
+    instances: Vec<Arc<Instance>>,
+    route: Arc<ServiceRoute>,
+    /// Health, series and pool of each routed instance, by name and address: health survives
+    /// as long as the instance keeps its address; a new address is a new backend, live at first.
+    kept: HashMap<(String, SocketAddrV4), Kept>,
+}
+
 /// Builds the table; instances that are gone have their series dropped from `metrics`.
-pub fn route_table(
-    state: &State,
-    kept: &mut HashMap<HealthKey, Kept>,
-    metrics: &Metrics,
-) -> RouteTable {
+pub fn route_table(state: &State, built: &mut Built, metrics: &Metrics) -> RouteTable {
     let mut table = RouteTable::default();
-    let mut seen = HashMap::new();
-    for service in state.services.values() {
-        let http = service.protocol == Protocol::Http;
-        let backends: Vec<Arc<Backend>> = state
-            .instances_of(&service.name)
-            .filter_map(|i| {
-                let addr = i.address?;
-                let key = (i.service.clone(), i.name.clone(), addr);
-                let labels = labels_of(i);
-                let k = match kept.get(&key) {
-                    Some(k) if k.labels == labels && k.metrics.http.is_some() == http => k.clone(),
-                    _ => Kept {
-                        health: Arc::default(),
-                        metrics: metrics.instance(&labels, http),
-                        labels,
-                        pool: Arc::default(),
-                    },
-                };
-                seen.insert(key, k.clone());
-                Some(Arc::new(Backend {
-                    service: i.service.clone(),
-                    instance: i.name.clone(),
-                    addr,
-                    health: k.health,
-                    metrics: k.metrics,
-                    labels: k.labels,
-                    extra: i
-                        .container
-                        .as_ref()
-                        .map(|c| c.labels.clone())
-                        .unwrap_or_default(),
-                    pool: k.pool,
-                }))
-            })
-            .collect();
-        let route = Arc::new(ServiceRoute::new(
+    let mut next = HashMap::with_capacity(state.services.len());
+    for (name, service) in &state.services {
+        let instances: Vec<&Arc<Instance>> = state.instance_records_of(name).collect();
+        let b = match built.services.remove(name) {
+            Some(prev) if same_records(&prev, service, &instances) => prev,
+            prev => build_service(service, &instances, prev.map(|p| p.kept), metrics),
+        };
+        table.by_name.insert(name.clone(), b.route.clone());
+        table.services.insert(service.address, b.route.clone());
+        next.insert(name.clone(), b);
+    }
+    for gone in built.services.values() {
+        for k in gone.kept.values() {
+            metrics.forget(&k.labels);
+        }
+    }
+    built.services = next;
+    table
+}
+
+fn same_records(prev: &BuiltService, service: &Arc<Service>, instances: &[&Arc<Instance>]) -> bool {
+    Arc::ptr_eq(&prev.service, service)
+        && prev.instances.len() == instances.len()
+        && prev
+            .instances
+            .iter()
+            .zip(instances)
+            .all(|(a, b)| Arc::ptr_eq(a, b))
+}
+
+fn build_service(
+    service: &Arc<Service>,
+    instances: &[&Arc<Instance>],
+    old: Option<HashMap<(String, SocketAddrV4), Kept>>,
+    metrics: &Metrics,
+) -> BuiltService {
+    let mut old = old.unwrap_or_default();
+    let http = service.protocol == Protocol::Http;
+    let mut kept = HashMap::new();
+    let backends: Vec<Arc<Backend>> = instances
+        .iter()
+        .filter_map(|i| {
+            let addr = i.address?;
+            let key = (i.name.clone(), addr);
+            let labels = labels_of(i);
+            let k = match old.remove(&key) {
+                Some(k) if k.labels == labels && k.metrics.http.is_some() == http => k,
+                // Same labels with another protocol share the series (an http -> tcp change
+                // leaves the per-request series until the instance goes).
+                _ => Kept {
+                    health: Arc::default(),
+                    metrics: metrics.instance(&labels, http),
+                    labels,
+                    pool: Arc::default(),
+                },
+            };
+            kept.insert(key, k.clone());
+            Some(Arc::new(Backend {
+                service: i.service.clone(),
+                instance: i.name.clone(),
+                addr,
+                health: k.health,
+                metrics: k.metrics,
+                labels: k.labels,
+                extra: i
+                    .container
+                    .as_ref()
+                    .map(|c| c.labels.clone())
+                    .unwrap_or_default(),
+                pool: k.pool,
+            }))
+        })
+        .collect();
+    for k in old.values() {
+        if !kept.values().any(|n| n.labels == k.labels) {
+            metrics.forget(&k.labels);
+        }
+    }
+    BuiltService {
+        service: service.clone(),
+        instances: instances.iter().map(|i| (*i).clone()).collect(),
+        route: Arc::new(ServiceRoute::new(
             service.name.clone(),
             service.protocol,
             service.balance,
             backends,
-        ));
-        table.by_name.insert(service.name.clone(), route.clone());
-        table.services.insert(service.address, route);
+        )),
+        kept,
     }
-    for (key, k) in kept.iter() {
-        // Same labels with another protocol share the series (an http -> tcp change leaves the
-        // per-request series until the instance goes).
-        if seen.get(key).is_none_or(|s| s.labels != k.labels) {
-            metrics.forget(&k.labels);
-        }
-    }
-    *kept = seen;
-    table
 }
 
 fn labels_of(i: &Instance) -> InstanceLabels {
