@@ -8,5 +8,5 @@ pub mod etcd;
 pub mod fluxd;
 pub mod http_backend;
 pub mod netns;
-pub mod openmetrics;
 pub mod nginx;
+pub mod openmetrics;
