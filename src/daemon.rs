@@ -251,7 +251,16 @@ async fn start_dataplane(
     )
     .with_context(|| format!("proxy_port: cannot listen on port {}", config.proxy_port))?;
     let inherited_socket = proxy.inherited;
+    // Only a repair depends on conntrack (see controller::clear_unredirected): without it,
+    // say so once and route anyway.
+    let conntrack =
+        tokio::task::spawn_blocking(|| Netfilter::new(CommandRunner::new()).check_conntrack())
+            .await?;
+    if let Err(e) = &conntrack {
+        tracing::warn!(error = %e, "conntrack entries will not be cleared when a VIP is routed");
+    }
     let rules = Rules {
+        conntrack: std::sync::atomic::AtomicBool::new(conntrack.is_ok()),
         netfilter: Netfilter::new(CommandRunner::new()),
         reader: Netfilter::new(CommandRunner::with_prefix(vec![
             "nice".into(),

@@ -327,3 +327,79 @@ fn vip_range_is_one_rule_whatever_the_number_of_services() {
     assert!(ns.run(|| who_serves("198.18.9.9:80".parse().unwrap()).is_err()));
     assert_eq!(fluxd.debug()["drift"]["clean"], true);
 }
+
+/// Connects to `vip` from 127.0.0.1:`port` (with SO_REUSEADDR, so the port can be used again at
+/// once) and reads the serving backend's name, giving up after `limit`.
+fn name_from_port(vip: SocketAddrV4, port: u16, limit: Duration) -> std::io::Result<String> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.bind(&SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, port).into())?;
+    let start = Instant::now();
+    s.connect_timeout(&vip.into(), limit)?;
+    let mut s: TcpStream = s.into();
+    s.set_read_timeout(Some(
+        limit
+            .saturating_sub(start.elapsed())
+            .max(Duration::from_millis(1)),
+    ))?;
+    let mut name = Vec::new();
+    let mut byte = [0u8; 1];
+    while s.read(&mut byte)? == 1 && byte[0] != b'\n' {
+        name.push(byte[0]);
+    }
+    Ok(String::from_utf8_lossy(&name).into_owned())
+}
+
+#[test]
+fn a_connection_attempt_before_the_vip_was_routed_does_not_hold_back_its_source_port() {
+    const PORT: u16 = 41234;
+    let ns = Netns::new("ctstale");
+    // fluxd first: its set rule (a REDIRECT) turns connection tracking on in the namespace.
+    let fluxd = Fluxd::dataplane(&ns.name, &[]);
+    let hooked = wait_until(Duration::from_secs(5), || {
+        ns.nat_table().contains("--match-set flux-vips")
+    });
+    assert!(hooked.is_some(), "{}", fluxd.log());
+    let b = Backend::start(&ns, "b0", 9000);
+
+    // Before the VIP is routed: the SYN goes nowhere and leaves a NAT-less entry.
+    let early = ns.run(|| name_from_port(vip(), PORT, Duration::from_millis(200)));
+    assert!(early.is_err(), "{early:?}");
+    let port = PORT.to_string();
+    let listed = ns.exec(&[
+        "conntrack",
+        "-L",
+        "-p",
+        "tcp",
+        "--orig-dst",
+        "198.18.0.10",
+        "--sport",
+        &port,
+    ]);
+    let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
+    assert!(
+        listed.contains("SYN_SENT") && listed.contains("src=198.18.0.10 dst=127.0.0.1 sport=80"),
+        "no un-redirected entry: {listed:?}"
+    );
+
+    fluxd.ok(&["service", "add", "web", "--address", VIP]);
+    fluxd.add_instance("web", &b.name, b.addr);
+    let routed = wait_until(Duration::from_secs(5), || {
+        ns.vip_set()
+            .contains(r#"198.18.0.10,tcp:80 comment "flux:web""#)
+    });
+    assert!(routed.is_some(), "{}", fluxd.log());
+    let ok = ns.run(|| wait_until(Duration::from_secs(5), || who_serves(vip()).is_ok()));
+    assert!(ok.is_some(), "VIP never answered: {}", fluxd.log());
+
+    // The same source port again: redirected like any other, not held by the stale entry.
+    let again = ns.run(|| name_from_port(vip(), PORT, Duration::from_secs(2)));
+    assert_eq!(
+        again.as_deref().ok(),
+        Some("b0"),
+        "{again:?}; conntrack: {}; log: {}",
+        String::from_utf8_lossy(&ns.exec(&["conntrack", "-L", "-p", "tcp"]).stdout),
+        fluxd.log()
+    );
+}

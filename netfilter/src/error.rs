@@ -39,6 +39,10 @@ pub enum Error {
     /// The `ipset` program is not installed, so VIPs cannot be matched by set.
     #[error("ipset is not installed: apt-get install ipset, or use --vip-range")]
     IpsetMissing,
+    /// The `conntrack` program is not installed: routing works, but connection attempts made
+    /// before a VIP was routed are not cleared (see [`crate::Netfilter::clear_unredirected`]).
+    #[error("conntrack is not installed (apt-get install conntrack): a client that reuses the source port of a connection attempt made before its VIP was routed can hang until that attempt's conntrack entry expires (120 s)")]
+    ConntrackMissing,
     /// The command printed something that is not UTF-8, which `iptables-save` never does; the
     /// output cannot be trusted as a description of the rules.
     #[error("`{command}` printed output that is not UTF-8")]

@@ -51,6 +51,7 @@
 
 mod annotate;
 mod apply;
+mod conntrack;
 mod desired;
 mod drift;
 mod error;
@@ -63,6 +64,7 @@ mod runner;
 mod validate;
 
 pub use annotate::{annotate, annotate_set, AnnotatedMember, AnnotatedRule};
+pub use conntrack::Routed;
 pub use desired::{Desired, Redirect, VipRange};
 pub use drift::Drift;
 pub use error::Error;

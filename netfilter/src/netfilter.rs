@@ -19,7 +19,7 @@ const LOCK_WAIT_SECONDS: &str = "5";
 /// milliseconds to create a set of 10,000 VIPs): async callers should use `spawn_blocking`.
 pub struct Netfilter {
     /// Where and how the iptables commands run.
-    runner: Box<dyn Runner>,
+    pub(crate) runner: Box<dyn Runner>,
 }
 
 impl Netfilter {

@@ -27,6 +27,11 @@ pub struct Ruleset {
     /// `-A OUTPUT ...` / `-A PREROUTING ...` lines in the order they should end up in, kept
     /// apart from the chain contents because they live in chains flux shares with others.
     hooks: Vec<String>,
+    /// The VIP:ports of the set members, sorted: what the set routes, for
+    /// [`crate::Routed::between`].
+    routed_vips: Vec<SocketAddrV4>,
+    /// The VIP ranges with a rule, sorted, each once.
+    vip_ranges: Vec<crate::VipRange>,
     /// What [`render`] left out, for the controller to report.
     rejected: Vec<Rejected>,
 }
@@ -87,6 +92,16 @@ impl Ruleset {
         &self.hooks
     }
 
+    /// The VIP:ports routed through the set, sorted.
+    pub fn routed_vips(&self) -> &[SocketAddrV4] {
+        &self.routed_vips
+    }
+
+    /// The VIP ranges routed by a rule of their own, sorted.
+    pub fn vip_ranges(&self) -> &[crate::VipRange] {
+        &self.vip_ranges
+    }
+
     /// What was left out of the ruleset and why.
     pub fn rejected(&self) -> &[Rejected] {
         &self.rejected
@@ -122,7 +137,12 @@ impl Ruleset {
 /// tests and compared with the kernel's without side effects.
 pub fn render(desired: &Desired) -> Ruleset {
     let mut rejected = Vec::new();
-    let set_members = render_members(desired, &mut rejected);
+    let owners = render_members(desired, &mut rejected);
+    let routed_vips: Vec<SocketAddrV4> = owners.keys().copied().collect();
+    let set_members: Vec<String> = owners
+        .into_iter()
+        .map(|(vip, service)| rule::set_member(service, vip))
+        .collect();
     let uses_set = desired.vip_ranges.is_empty() || !set_members.is_empty();
     let mut ranges = desired.vip_ranges.clone();
     ranges.sort();
@@ -144,12 +164,17 @@ pub fn render(desired: &Desired) -> Ruleset {
         set_members,
         uses_set,
         hooks,
+        routed_vips,
+        vip_ranges: ranges,
         rejected,
     }
 }
 
-/// The set members for the redirects outside every VIP range, sorted by VIP.
-fn render_members(desired: &Desired, rejected: &mut Vec<Rejected>) -> Vec<String> {
+/// The redirects outside every VIP range, by VIP, each with the service that keeps it.
+fn render_members<'a>(
+    desired: &'a Desired,
+    rejected: &mut Vec<Rejected>,
+) -> BTreeMap<SocketAddrV4, &'a str> {
     let mut redirects: Vec<&Redirect> = desired.redirects.iter().collect();
     redirects.sort();
     redirects.dedup();
@@ -176,9 +201,6 @@ fn render_members(desired: &Desired, rejected: &mut Vec<Rejected>) -> Vec<String
         }
     }
     owner
-        .into_iter()
-        .map(|(vip, service)| rule::set_member(service, vip))
-        .collect()
 }
 
 fn render_hooks(interfaces: &[String], rejected: &mut Vec<Rejected>) -> Vec<String> {

@@ -636,3 +636,99 @@ fn a_moved_vip_keeps_routing_and_names_the_new_service() {
     });
     assert_eq!(original, Some(vip));
 }
+
+/// Sends one SYN to `dst` from 127.0.0.1:`port` (inside the calling thread's namespace) and
+/// gives up on it, leaving its conntrack entry behind.
+fn syn_from(port: u16, dst: SocketAddrV4) {
+    use nix::sys::socket::{
+        bind, connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn,
+    };
+    use std::os::fd::AsRawFd;
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK,
+        None,
+    )
+    .expect("socket");
+    setsockopt(&fd, sockopt::ReuseAddr, &true).expect("SO_REUSEADDR");
+    bind(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, port)).expect("bind");
+    let _ = connect(fd.as_raw_fd(), &SockaddrIn::from(dst)); // EINPROGRESS
+    std::thread::sleep(std::time::Duration::from_millis(20));
+}
+
+/// Entries of connection attempts made before their VIP was routed are deleted; redirected
+/// ones (here held in SYN_SENT by a drop on the proxy port) are not, and nothing outside what
+/// was newly routed is touched. Both ways: a filtered delete per VIP, and a listing (ranges).
+#[test]
+fn clears_only_unredirected_attempts_to_newly_routed_vips() {
+    let Some(ns) = Netns::new() else { return };
+    if ns.runner().run("conntrack", &["-C"], None).is_err() {
+        eprintln!("skipped: conntrack is not installed");
+        return;
+    }
+    ns.exec(&[
+        "ip",
+        "route",
+        "add",
+        "198.18.0.0/16",
+        "dev",
+        "lo",
+        "src",
+        "127.0.0.1",
+    ]);
+    let port = PROXY_PORT.to_string();
+    ns.exec(&[
+        "iptables", "-A", "INPUT", "-p", "tcp", "--dport", &port, "-j", "DROP",
+    ]);
+    let nf = ns.netfilter();
+    let routed_vip: SocketAddrV4 = "198.18.0.12:80".parse().expect("valid");
+    let new_vip: SocketAddrV4 = "198.18.0.10:80".parse().expect("valid");
+    let in_range: SocketAddrV4 = "198.18.5.5:443".parse().expect("valid");
+    // The redirect also turns connection tracking on in the namespace.
+    nf.apply(&render(&desired(
+        vec![redirect("old", "198.18.0.12:80")],
+        &[],
+    )))
+    .expect("apply");
+    ns.enter(|| {
+        syn_from(41001, new_vip);
+        syn_from(41002, routed_vip);
+        syn_from(41003, in_range);
+    });
+    let entries = || ns.exec(&["conntrack", "-L", "-p", "tcp"]);
+    let before = entries();
+    for p in ["sport=41001", "sport=41002", "sport=41003"] {
+        assert!(before.contains(p), "{p} missing: {before}");
+    }
+    assert!(before.contains("dst=198.18.0.12 sport=41002 dport=80 [UNREPLIED] src=127.0.0.1"));
+
+    let vips = netfilter::Routed {
+        vips: vec![new_vip, routed_vip],
+        ranges: vec![],
+    };
+    assert_eq!(nf.clear_unredirected(&vips).expect("clear"), 1);
+    let after = entries();
+    assert!(!after.contains("sport=41001"), "{after}");
+    assert!(
+        after.contains("sport=41002") && after.contains("sport=41003"),
+        "{after}"
+    );
+
+    let range = netfilter::Routed {
+        vips: (0..9)
+            .map(|i| SocketAddrV4::new([198, 18, 9, i].into(), 80))
+            .collect(),
+        ranges: vec![VipRange {
+            addr: "198.18.0.0".parse().expect("valid"),
+            prefix_len: 16,
+        }],
+    };
+    assert_eq!(nf.clear_unredirected(&range).expect("clear"), 1);
+    let after = entries();
+    assert!(!after.contains("sport=41003"), "{after}");
+    assert!(
+        after.contains("sport=41002"),
+        "redirected entry deleted: {after}"
+    );
+}

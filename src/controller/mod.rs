@@ -31,6 +31,9 @@ pub struct Rules {
     pub proxy_port: u16,
     pub bridge_interfaces: Vec<String>,
     pub vip_ranges: Vec<ipnet::Ipv4Net>,
+    /// Whether `conntrack` can be run: without it, connection attempts made before a VIP was
+    /// routed are not cleared when it becomes routed (the daemon warns once at start).
+    pub conntrack: std::sync::atomic::AtomicBool,
 }
 
 /// What the controller has done, for the API (`fluxd debug`, `fluxctl query`).
@@ -216,9 +219,12 @@ impl Controller {
                 Some(previous) => rules.netfilter.apply_change(previous, &desired)?,
                 None => rules.netfilter.apply(&desired)?,
             }
+            let routed = netfilter::Routed::between(previous.as_ref(), &desired);
             if let Ok(mut a) = status.applied.lock() {
                 *a = Some(desired);
             }
+            // After the apply: an attempt made before it would otherwise survive.
+            clear_unredirected(rules, &routed);
             Ok::<_, netfilter::Error>(())
         })
         .await;
@@ -263,6 +269,31 @@ impl Controller {
             self.status.repairs.fetch_add(1, Ordering::Relaxed);
             self.sync().await;
         }
+    }
+}
+
+/// Deletes the conntrack entries of connection attempts to `routed` made before it was routed,
+/// which would otherwise hold back a later connection from the same source port (see
+/// [`netfilter::Netfilter::clear_unredirected`]). Runs on the blocking task; a failure is
+/// logged and costs only this repair, never the routing.
+fn clear_unredirected(rules: &Rules, routed: &netfilter::Routed) {
+    if routed.is_empty() || !rules.conntrack.load(Ordering::Relaxed) {
+        return;
+    }
+    let started = std::time::Instant::now();
+    match rules.netfilter.clear_unredirected(routed) {
+        Ok(deleted) => tracing::debug!(
+            deleted,
+            vips = routed.vips.len(),
+            ranges = routed.ranges.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "cleared conntrack entries of connections made before their VIP was routed"
+        ),
+        Err(e @ netfilter::Error::ConntrackMissing) => {
+            tracing::warn!(error = %e, "not clearing conntrack entries any more");
+            rules.conntrack.store(false, Ordering::Relaxed);
+        }
+        Err(e) => tracing::warn!(error = %e, "clearing conntrack entries failed"),
     }
 }
 
