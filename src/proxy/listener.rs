@@ -246,7 +246,9 @@ async fn handle(
     };
     drop(table);
     if service.protocol == Protocol::Http {
-        return super::http::serve(client, vip, routes, timeout, stop).await;
+        // Boxed: the HTTP path's state is large, and inline it would size every idle `tcp`
+        // connection's future too (userspace memory per idle connection is a target).
+        return Box::pin(super::http::serve(client, vip, routes, timeout, stop)).await;
     }
     let Some((backend, stream)) = connect_any(&client, &service, timeout).await else {
         tracing::debug!(service = %service.name, "no instance reachable; reset");
