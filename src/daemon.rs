@@ -287,14 +287,21 @@ async fn start_dataplane(
     })
 }
 
-/// Feeds the UI's history every interval until stop.
+/// Feeds the UI's history every interval until stop, and gives memory back to the kernel once
+/// a burst of connections is over.
 async fn sample_history(status: Arc<Status>, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(
         crate::metrics::history::INTERVAL_MS,
     ));
+    let mut trimmer = crate::memory::Trimmer::default();
     loop {
         tokio::select! {
-            _ = tick.tick() => status.sample(),
+            _ = tick.tick() => {
+                status.sample();
+                if trimmer.observe(status.open_connections()) {
+                    tracing::debug!("returned free memory to the kernel after a burst");
+                }
+            }
             _ = stop.changed() => return,
         }
     }

@@ -13,6 +13,7 @@ pub mod debug;
 pub mod docker;
 pub mod docs;
 pub mod edge;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod proxy;

@@ -69,6 +69,18 @@ impl Status {
         );
     }
 
+    /// Proxied connections open now (requests in flight for `http` services), over all
+    /// instances.
+    pub fn open_connections(&self) -> i64 {
+        let routes = self.routes.load();
+        routes
+            .services
+            .values()
+            .flat_map(|r| r.backends.iter())
+            .map(|b| b.metrics.active.get())
+            .sum()
+    }
+
     pub fn new(routes: Arc<ArcSwap<RouteTable>>, rules: Option<Rules>) -> Arc<Status> {
         Arc::new(Status {
             routes,
