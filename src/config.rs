@@ -437,7 +437,10 @@ mod tests {
             ..RunArgs::default()
         };
         let e = Config::load(&args).unwrap_err().to_string();
-        assert!(e.starts_with("--protected-range: ") && !e.contains('\n'), "{e}");
+        assert!(
+            e.starts_with("--protected-range: ") && !e.contains('\n'),
+            "{e}"
+        );
     }
 
     /// packaging/fluxd.toml (installed as /etc/flux/fluxd.toml) loads as it is, and with
