@@ -87,6 +87,17 @@ pub struct RunArgs {
         value_name = "CIDR"
     )]
     pub vip_range: Option<Vec<String>>,
+    /// Address range no VIP may capture on this host, CIDR (repeatable, or comma-separated in
+    /// the environment): a service whose VIP is inside is not routed here, nor is a VIP range
+    /// that overlaps it. VIPs equal to an address of this host's interfaces are refused
+    /// whatever this says [default: none].
+    #[arg(
+        long = "protected-range",
+        env = "FLUXD_PROTECTED_RANGES",
+        value_delimiter = ',',
+        value_name = "CIDR"
+    )]
+    pub protected_range: Option<Vec<String>>,
 }
 
 /// The same settings as read from a config file; unknown keys are refused so that a typo is
@@ -113,6 +124,7 @@ struct FileConfig {
     max_connections: Option<usize>,
     drain_seconds: Option<u64>,
     vip_range: Option<Vec<String>>,
+    protected_range: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,6 +162,8 @@ pub struct Config {
     pub max_connections: usize,
     pub drain: Duration,
     pub vip_ranges: Vec<ipnet::Ipv4Net>,
+    /// See [`crate::controller::guard`].
+    pub protected_ranges: Vec<ipnet::Ipv4Net>,
 }
 
 impl Config {
@@ -252,8 +266,18 @@ impl Config {
             }
             vip_ranges.push(net.trunc());
         }
+        let mut protected_ranges = Vec::new();
+        for r in pick!(protected_range).unwrap_or_default() {
+            let net: ipnet::Ipv4Net = r.trim().parse().map_err(|_| {
+                anyhow::anyhow!(
+                    "--protected-range: expected an IPv4 CIDR like 10.0.0.0/8 (got \"{r}\")"
+                )
+            })?;
+            protected_ranges.push(net.trunc());
+        }
         Ok(Config {
             vip_ranges,
+            protected_ranges,
             proxy_port,
             keep_rules: pick!(keep_rules).unwrap_or(false),
             bridge_interfaces,
@@ -392,6 +416,31 @@ mod tests {
         std::fs::write(&f, "hostname = \"typo\"\n").unwrap();
         let e = Config::load(&args).unwrap_err().to_string();
         assert!(e.contains("hostname"), "{e}");
+    }
+
+    #[test]
+    fn protected_ranges() {
+        let args = RunArgs {
+            protected_range: Some(vec!["10.1.2.3/8".into(), "192.168.0.0/16".into()]),
+            ..RunArgs::default()
+        };
+        let c = Config::load(&args).unwrap();
+        assert_eq!(
+            c.protected_ranges,
+            vec![
+                "10.0.0.0/8".parse::<ipnet::Ipv4Net>().unwrap(),
+                "192.168.0.0/16".parse().unwrap()
+            ]
+        );
+        let args = RunArgs {
+            protected_range: Some(vec!["10.0.0.0/33".into()]),
+            ..RunArgs::default()
+        };
+        let e = Config::load(&args).unwrap_err().to_string();
+        assert!(
+            e.starts_with("--protected-range: ") && !e.contains('\n'),
+            "{e}"
+        );
     }
 
     /// packaging/fluxd.toml (installed as /etc/flux/fluxd.toml) loads as it is, and with

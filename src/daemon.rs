@@ -270,6 +270,7 @@ async fn start_dataplane(
         proxy_port: config.proxy_port,
         bridge_interfaces: config.bridge_interfaces.clone(),
         vip_ranges: config.vip_ranges.clone(),
+        protected_ranges: config.protected_ranges.clone(),
     };
     let status = Status::new(routes, Some(rules));
     let mut controller = Controller::new(status.clone(), config.host_name.clone(), local);

@@ -80,6 +80,24 @@ fn render(v: &DebugView) -> String {
             .collect();
         out.push_str(&table(&["SERVICE", "VIP"], &rows));
     }
+    if !v.refused.is_empty() {
+        out.push_str("\nREFUSED VIPS (VIP guard: not routed on this host)\n");
+        let rows: Vec<Vec<String>> = v
+            .refused
+            .iter()
+            .map(|r| vec![r.service.clone(), r.vip.to_string(), r.reason.clone()])
+            .collect();
+        out.push_str(&table(&["SERVICE", "VIP", "REASON"], &rows));
+    }
+    if !v.refused_ranges.is_empty() {
+        out.push_str("\nREFUSED VIP RANGES (VIP guard: no rule on this host)\n");
+        let rows: Vec<Vec<String>> = v
+            .refused_ranges
+            .iter()
+            .map(|r| vec![r.range.to_string(), r.reason.clone()])
+            .collect();
+        out.push_str(&table(&["RANGE", "REASON"], &rows));
+    }
     out.push_str("\nDRIFT\n");
     match (&v.drift.error, v.drift.clean) {
         (Some(e), _) => {

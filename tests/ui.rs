@@ -630,3 +630,49 @@ fn http_service_page_charts_requests_status_and_latency() {
     assert!(n > 0);
     drop(backends);
 }
+
+/// The VIP guard's refusal shows on the service list (in the refused service's row only) and on
+/// the service's page.
+#[test]
+fn refused_vip_is_marked_not_routed_on_this_host() {
+    let ns = Netns::new("ui-guard");
+    ns.ip(&["link", "add", "g0", "type", "veth", "peer", "name", "g1"]);
+    ns.ip(&["addr", "add", "198.18.5.5/32", "dev", "g0"]);
+    let fluxd = Fluxd::dataplane(&ns.name, &["--http", HTTP]);
+    fluxd.ok(&["service", "add", "mine", "--address", "198.18.5.5:80"]);
+    fluxd.ok(&["service", "add", "web", "--address", VIP]);
+    fluxd.wait_routed(&ns, "web");
+    let reason = "is 198.18.5.5, an address of g0";
+
+    let page = browser::load(
+        &ns,
+        &Load::new(url("")).screenshot(out_dir().join("guard-list.png")),
+    );
+    save(&page, "guard-list.html");
+    let rows = page.dom.with_attr("tr", "data-service");
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let markers = page.dom.with_attr("span", "data-refused");
+    assert_eq!(markers.len(), 1, "{markers:?}");
+    assert_eq!(markers[0].attr("data-refused"), Some(reason));
+    assert_eq!(
+        page.dom.text_after(&markers[0]),
+        format!("not routed on this host: VIP {reason}")
+    );
+    // In mine's row (rows are sorted by name: mine, then web).
+    assert_eq!(rows[0].attr("data-service"), Some("mine"));
+    assert!(rows[0].at < markers[0].at && markers[0].at < rows[1].at);
+
+    let page = browser::load(
+        &ns,
+        &Load::new(url("#/service/mine")).screenshot(out_dir().join("guard-service.png")),
+    );
+    save(&page, "guard-service.html");
+    let marker = page.dom.by_id("refused").expect("#refused on mine's page");
+    assert_eq!(marker.attr("data-refused"), Some(reason));
+    let page = browser::load(&ns, &Load::new(url("#/service/web")));
+    assert!(
+        page.dom.by_id("service-name").is_some(),
+        "web's page never rendered"
+    );
+    assert!(page.dom.by_id("refused").is_none());
+}

@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::routes::Api;
+use crate::controller::guard::{RefusedRange, RefusedVip};
 use crate::proxy::health::HealthView;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -24,6 +25,12 @@ pub struct DebugView {
     pub services: Vec<ServiceHealth>,
     /// Store records skipped because they do not validate.
     pub skipped: Vec<String>,
+    /// Services whose VIP this host does not redirect (the VIP guard), with the reason.
+    #[serde(default)]
+    pub refused: Vec<RefusedVip>,
+    /// VIP ranges that got no rule on this host (the VIP guard), with the reason.
+    #[serde(default)]
+    pub refused_ranges: Vec<RefusedRange>,
     /// Store revision the data plane was built from.
     pub revision: i64,
 }
@@ -81,6 +88,8 @@ impl DebugView {
             repairs: 0,
             services: vec![],
             skipped: vec![],
+            refused: vec![],
+            refused_ranges: vec![],
             revision: 0,
         };
         let Some(status) = api.dataplane.clone() else {
@@ -91,6 +100,9 @@ impl DebugView {
         let state = status.state.load();
         view.skipped = state.skipped.clone();
         view.revision = state.revision;
+        let guard = status.guard.load();
+        view.refused = guard.refused.values().cloned().collect();
+        view.refused_ranges = guard.refused_ranges.clone();
         let routes = status.routes.load();
         for (vip, route) in routes.services.iter() {
             view.services.push(ServiceHealth {

@@ -52,6 +52,19 @@ impl Api {
         }
     }
 
+    /// The service as this host routes it: its health and whether the VIP guard refused it.
+    fn service_info(&self, state: &State, service: &Service) -> ServiceInfo {
+        let mut info = ServiceInfo::from_state(state, service, |i| self.health(i));
+        info.refused = self.dataplane.as_ref().and_then(|d| {
+            d.guard
+                .load()
+                .refused
+                .get(&service.name)
+                .map(|r| r.reason.clone())
+        });
+        info
+    }
+
     /// This host's view of one instance's health, if the data plane routes to it.
     fn health(&self, i: &Instance) -> Option<HealthView> {
         let status = self.dataplane.as_ref()?;
@@ -213,7 +226,7 @@ async fn list_services(api: &Api) -> Answer {
     let infos: Vec<ServiceInfo> = state
         .services
         .values()
-        .map(|s| ServiceInfo::from_state(&state, s, |i| api.health(i)))
+        .map(|s| api.service_info(&state, s))
         .collect();
     Ok(json(StatusCode::OK, &infos))
 }
@@ -225,10 +238,7 @@ async fn service_info(api: &Api, name: &str) -> Answer {
             InvalidInput::new("service", "no service of this name").value(name),
         ))
     })?;
-    Ok(json(
-        StatusCode::OK,
-        &ServiceInfo::from_state(&state, service, |i| api.health(i)),
-    ))
+    Ok(json(StatusCode::OK, &api.service_info(&state, service)))
 }
 
 async fn add_service(api: &Api, req: Request<Incoming>) -> Answer {
@@ -258,6 +268,7 @@ async fn add_service(api: &Api, req: Request<Incoming>) -> Answer {
             service,
             rules: vec![],
             instances: vec![],
+            refused: None,
         },
     ))
 }

@@ -80,6 +80,10 @@ pub struct ServiceInfo {
     pub service: Service,
     pub rules: Vec<Rule>,
     pub instances: Vec<InstanceView>,
+    /// Why this host does not route the service (the VIP guard refused its VIP); absent when
+    /// it does, or without a data plane.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 impl ServiceInfo {
@@ -95,6 +99,7 @@ impl ServiceInfo {
                 .instances_of(&service.name)
                 .map(|i| InstanceView::with_health(i, health(i)))
                 .collect(),
+            refused: None,
         }
     }
 }

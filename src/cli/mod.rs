@@ -470,10 +470,19 @@ fn list_text(services: &[ServiceInfo]) -> String {
             ]
         })
         .collect();
-    output::table(
+    let mut out = output::table(
         &["NAME", "ADDRESS", "PROTOCOL", "RULES", "INSTANCES", "LIVE"],
         &rows,
-    )
+    );
+    for s in services {
+        if let Some(why) = &s.refused {
+            out.push_str(&format!(
+                "{}: not routed on this host: VIP {why}\n",
+                s.service.name
+            ));
+        }
+    }
+    out
 }
 
 fn info_text(s: &ServiceInfo) -> String {
@@ -486,6 +495,9 @@ fn info_text(s: &ServiceInfo) -> String {
         svc.default_instance_port(),
         svc.balance
     );
+    if let Some(why) = &s.refused {
+        out.push_str(&format!("not routed on this host: VIP {why}\n"));
+    }
     if s.rules.is_empty() {
         out.push_str("rules: none\n");
     } else {

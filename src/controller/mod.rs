@@ -3,6 +3,7 @@
 //! event cannot cause drift) and installs them; a timer compares the installed rules with the
 //! desired ones and repairs drift.
 
+pub mod guard;
 pub mod routing;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,6 +32,8 @@ pub struct Rules {
     pub proxy_port: u16,
     pub bridge_interfaces: Vec<String>,
     pub vip_ranges: Vec<ipnet::Ipv4Net>,
+    /// Ranges no VIP may be in, nor overlap a VIP range (`--protected-range`): see [`guard`].
+    pub protected_ranges: Vec<ipnet::Ipv4Net>,
     /// Whether `conntrack` can be run: without it, connection attempts made before a VIP was
     /// routed are not cleared when it becomes routed (the daemon warns once at start).
     pub conntrack: std::sync::atomic::AtomicBool,
@@ -44,6 +47,8 @@ pub struct Status {
     pub applied: Mutex<Option<netfilter::Ruleset>>,
     /// The catalog state the data plane was last built from.
     pub state: ArcSwap<State>,
+    /// What the VIP guard refused at the last sync, for `fluxd debug` and the services' views.
+    pub guard: ArcSwap<guard::Verdict>,
     /// Drift repairs since start.
     pub repairs: AtomicU64,
     /// Every instance's series, for `/metrics` and the UI's history.
@@ -87,6 +92,7 @@ impl Status {
             rules,
             applied: Mutex::new(None),
             state: ArcSwap::from_pointee(State::default()),
+            guard: ArcSwap::from_pointee(guard::Verdict::default()),
             repairs: AtomicU64::new(0),
             metrics: Arc::new(Metrics::new()),
             history: Arc::new(History::default()),
@@ -119,6 +125,9 @@ pub struct Controller {
     built: routing::Built,
     /// Skipped records last reported, so each is logged once and not at every sync.
     reported: Vec<String>,
+    /// This host's interface addresses as last read, for the VIP guard: re-read at every sync
+    /// and drift check, and a change re-syncs.
+    addresses: guard::Addresses,
 }
 
 impl Controller {
@@ -134,6 +143,7 @@ impl Controller {
             catalog: Arc::new(State::default()),
             built: routing::Built::default(),
             reported: Vec::new(),
+            addresses: guard::Addresses::default(),
         }
     }
 
@@ -167,7 +177,15 @@ impl Controller {
                     }
                     self.sync().await;
                 }
-                _ = drift_timer.tick() => self.check_drift().await,
+                _ = drift_timer.tick() => {
+                    // Addresses come and go (DHCP, a new Docker bridge, an operator): the
+                    // guard judges again when they change.
+                    if self.read_addresses() {
+                        tracing::info!("interface addresses changed; checking VIPs again");
+                        self.sync().await;
+                    }
+                    self.check_drift().await
+                }
                 _ = stop.changed() => return,
             }
             self.status.beat();
@@ -192,13 +210,25 @@ impl Controller {
         let table = routing::route_table(&state, &mut self.built, &self.status.metrics);
         self.status.routes.store(Arc::new(table));
         tracing::debug!(took = ?t.elapsed(), "routes built");
+        self.read_addresses();
         if let Some(rules) = &self.status.rules {
+            let verdict = guard::Verdict::judge(
+                state
+                    .services
+                    .values()
+                    .map(|s| (s.name.as_str(), s.address)),
+                &rules.vip_ranges,
+                &self.addresses,
+                &rules.protected_ranges,
+            );
+            report_guard(&self.status.guard.load(), &verdict);
             let desired = netfilter::render(&routing::desired_rules(
                 &state,
                 rules.proxy_port,
                 &rules.bridge_interfaces,
-                &rules.vip_ranges,
+                &verdict,
             ));
+            self.status.guard.store(Arc::new(verdict));
             let changed = self
                 .status
                 .applied
@@ -215,6 +245,22 @@ impl Controller {
             }
         }
         self.status.state.store(state);
+    }
+
+    /// Reads this host's interface addresses again; true when they changed. On a failure to
+    /// read them the last ones stand.
+    fn read_addresses(&mut self) -> bool {
+        match guard::Addresses::read() {
+            Ok(now) if now != self.addresses => {
+                self.addresses = now;
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read interface addresses; the VIP guard uses the last ones read");
+                false
+            }
+        }
     }
 
     async fn install(&self, desired: netfilter::Ruleset) {
@@ -280,6 +326,31 @@ impl Controller {
             }
             self.status.repairs.fetch_add(1, Ordering::Relaxed);
             self.sync().await;
+        }
+    }
+}
+
+/// Logs what the guard decided differently from last time: a warning per newly refused VIP, an
+/// error per newly refused VIP range, and a note when either is routed again.
+fn report_guard(before: &guard::Verdict, now: &guard::Verdict) {
+    for r in now.refused.values() {
+        if before.refused.get(&r.service) != Some(r) {
+            tracing::warn!(service = %r.service, vip = %r.vip, reason = %r.reason, "VIP guard: not routing this service on this host");
+        }
+    }
+    for r in before.refused.values() {
+        if !now.refused.contains_key(&r.service) {
+            tracing::info!(service = %r.service, vip = %r.vip, "VIP guard: service no longer refused");
+        }
+    }
+    for r in &now.refused_ranges {
+        if !before.refused_ranges.contains(r) {
+            tracing::error!(range = %r.range, reason = %r.reason, "VIP guard: not installing the rule of this VIP range");
+        }
+    }
+    for r in &before.refused_ranges {
+        if now.ranges.contains(&r.range) {
+            tracing::info!(range = %r.range, "VIP guard: installing the rule of this VIP range again");
         }
     }
 }

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::net::SocketAddrV4;
 use std::sync::Arc;
 
+use super::guard;
 use crate::catalog::State;
 use crate::docker::LocalInstances;
 use crate::metrics::{InstanceLabels, InstanceMetrics, Metrics};
@@ -148,16 +149,20 @@ fn labels_of(i: &Instance) -> InstanceLabels {
     }
 }
 
+/// The rules for `state`, leaving out what the VIP guard refused: a refused service gets no
+/// set member (the proxy table may keep it, but no traffic reaches it), a refused VIP range no
+/// rule (its VIPs then get set members like any VIP outside the ranges).
 pub fn desired_rules(
     state: &State,
     proxy_port: u16,
     bridge_interfaces: &[String],
-    vip_ranges: &[ipnet::Ipv4Net],
+    verdict: &guard::Verdict,
 ) -> netfilter::Desired {
     netfilter::Desired {
         redirects: state
             .services
             .values()
+            .filter(|s| verdict.allows(&s.name))
             .map(|s| netfilter::Redirect {
                 service: s.name.clone(),
                 vip: s.address,
@@ -165,7 +170,8 @@ pub fn desired_rules(
             .collect(),
         proxy_port,
         bridge_interfaces: bridge_interfaces.to_vec(),
-        vip_ranges: vip_ranges
+        vip_ranges: verdict
+            .ranges
             .iter()
             .map(|n| netfilter::VipRange {
                 addr: n.network(),

@@ -15,6 +15,8 @@
 //   #stale[data-last-ok]            shown while the latest fetch failed
 //   #store-stale[data-since]        shown while fluxd's store is unreachable (unix ms)
 //   #services tr[data-service]      one row per service, with data-total and data-live
+//   .refused[data-refused]          in a service's row and on its page (#refused) when this
+//                                   host does not route it (VIP guard); data-refused = reason
 //   #instances tr[data-instance]    one row per instance, with data-state
 //   #group                          the group-by <select>
 //   #scope                          "host" (this fluxd's clients) or "cluster" (every host's)
@@ -335,7 +337,7 @@
           h("td", { class: "mono", text: svc.address }),
           h("td", { text: svc.protocol || "tcp" }),
           h("td", { class: "num instances", text: total + " / " + live + " live" }),
-          h("td", {}, h("span", { class: "badge " + cls, text: text })),
+          h("td", {}, h("span", { class: "badge " + cls, text: text }), refusedMarker(svc)),
           h("td", { class: "num", text: String(active) }),
           h("td", { class: "num", text: String(conns) }),
           h("td", { class: "num", text: String(fails) }),
@@ -351,6 +353,13 @@
           h("th", { class: "num", text: "active" }), h("th", { class: "num", text: "connections" }),
           h("th", { class: "num", text: "connect failures" }), h("th", { text: "rules" }))),
         h("tbody", {}, rows)));
+  }
+
+  // The VIP guard's refusal of this service on this host, or nothing.
+  function refusedMarker(svc, id) {
+    if (!svc.refused) return null;
+    return h("span", { class: "refused", id: id, "data-refused": svc.refused,
+      text: "not routed on this host: VIP " + svc.refused });
   }
 
   function selectorText(sel) {
@@ -395,6 +404,7 @@
         info.balance ? h("span", { text: String(info.balance) }) : null,
         h("span", { id: "instance-count", "data-total": total, "data-live": live, text: total + " instances, " + live + " live" }),
         h("span", {}, h("span", { class: "badge " + cls, text: text }))),
+      info.refused ? h("p", {}, refusedMarker(info, "refused")) : null,
     ];
     const rules = (info.rules || []).length
       ? h("ul", { class: "rules", id: "rules" }, info.rules.map((rule) =>

@@ -1,0 +1,235 @@
+//! The VIP guard (CVE-2020-8554 in kube-proxy): a service VIP is a way to capture traffic, so
+//! before any redirect is rendered each fluxd refuses the VIPs that would capture real traffic
+//! on this host: a VIP equal to an address of one of its own interfaces, or inside a protected
+//! range (`--protected-range`). A `--vip-range` that contains an own address or overlaps a
+//! protected range gets no rule either, since its one rule would capture the same traffic.
+//!
+//! Pure apart from [`Addresses::read`]: the controller reads the addresses at every sync and on
+//! the drift timer (addresses come and go) and judges the whole catalog again each time.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+/// This host's IPv4 interface addresses, sorted, each with the interface that holds it. Every
+/// address counts, whether its interface is up or not: Linux accepts traffic for a local
+/// address on any interface.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Addresses(Vec<(Ipv4Addr, String)>);
+
+impl Addresses {
+    /// The addresses as the kernel has them now. A failure to read them is logged by the caller
+    /// and leaves the guard with the protected ranges only.
+    pub fn read() -> nix::Result<Addresses> {
+        let all = nix::ifaddrs::getifaddrs()?
+            .filter_map(|a| {
+                let ip = a.address?.as_sockaddr_in()?.ip();
+                Some((ip, a.interface_name))
+            })
+            .collect();
+        Ok(Addresses::new(all))
+    }
+
+    pub fn new(mut all: Vec<(Ipv4Addr, String)>) -> Addresses {
+        all.sort();
+        all.dedup();
+        Addresses(all)
+    }
+
+    /// The interface holding `ip`, if any does.
+    fn holder(&self, ip: Ipv4Addr) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(a, _)| *a == ip)
+            .map(|(_, name)| name.as_str())
+    }
+
+    /// The first address inside `net`, with its interface.
+    fn inside(&self, net: &Ipv4Net) -> Option<&(Ipv4Addr, String)> {
+        self.0.iter().find(|(a, _)| net.contains(a))
+    }
+}
+
+/// A service this host does not redirect, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedVip {
+    pub service: String,
+    pub vip: SocketAddrV4,
+    /// For operators, e.g. `is 10.0.0.5, an address of eth0`.
+    pub reason: String,
+}
+
+/// A `--vip-range` that gets no rule on this host, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedRange {
+    pub range: Ipv4Net,
+    pub reason: String,
+}
+
+/// What the guard decided for one catalog state and one set of addresses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Verdict {
+    /// Refused services, by name.
+    pub refused: BTreeMap<String, RefusedVip>,
+    /// VIP ranges that get their rule.
+    pub ranges: Vec<Ipv4Net>,
+    /// VIP ranges that do not.
+    pub refused_ranges: Vec<RefusedRange>,
+}
+
+impl Verdict {
+    /// Judges every service VIP and every VIP range against this host's addresses and the
+    /// protected ranges.
+    pub fn judge<'a>(
+        services: impl IntoIterator<Item = (&'a str, SocketAddrV4)>,
+        vip_ranges: &[Ipv4Net],
+        own: &Addresses,
+        protected: &[Ipv4Net],
+    ) -> Verdict {
+        let mut verdict = Verdict::default();
+        for (service, vip) in services {
+            if let Some(reason) = vip_problem(*vip.ip(), own, protected) {
+                verdict.refused.insert(
+                    service.to_string(),
+                    RefusedVip {
+                        service: service.to_string(),
+                        vip,
+                        reason,
+                    },
+                );
+            }
+        }
+        for range in vip_ranges {
+            match range_problem(range, own, protected) {
+                Some(reason) => verdict.refused_ranges.push(RefusedRange {
+                    range: *range,
+                    reason,
+                }),
+                None => verdict.ranges.push(*range),
+            }
+        }
+        verdict
+    }
+
+    /// Whether this host redirects `service`'s VIP.
+    pub fn allows(&self, service: &str) -> bool {
+        !self.refused.contains_key(service)
+    }
+}
+
+/// Why `ip` must not be a VIP on this host, if it must not.
+pub fn vip_problem(ip: Ipv4Addr, own: &Addresses, protected: &[Ipv4Net]) -> Option<String> {
+    if let Some(iface) = own.holder(ip) {
+        return Some(format!("is {ip}, an address of {iface}"));
+    }
+    protected
+        .iter()
+        .find(|p| p.contains(&ip))
+        .map(|p| format!("in protected range {p}"))
+}
+
+/// Why `range` must get no rule on this host, if it must not.
+pub fn range_problem(range: &Ipv4Net, own: &Addresses, protected: &[Ipv4Net]) -> Option<String> {
+    if let Some((ip, iface)) = own.inside(range) {
+        return Some(format!("contains {ip}, an address of {iface}"));
+    }
+    protected
+        .iter()
+        .find(|p| p.contains(range) || range.contains(*p))
+        .map(|p| format!("overlaps protected range {p}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn own() -> Addresses {
+        Addresses::new(vec![
+            ("10.0.0.5".parse().unwrap(), "eth0".into()),
+            ("127.0.0.1".parse().unwrap(), "lo".into()),
+            ("198.19.1.1".parse().unwrap(), "docker0".into()),
+        ])
+    }
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn own_addresses_are_refused_with_their_interface() {
+        let p = vip_problem("10.0.0.5".parse().unwrap(), &own(), &[]);
+        assert_eq!(p.as_deref(), Some("is 10.0.0.5, an address of eth0"));
+        let p = vip_problem("198.19.1.1".parse().unwrap(), &own(), &[]);
+        assert_eq!(p.as_deref(), Some("is 198.19.1.1, an address of docker0"));
+        // A neighbour of an own address is not an own address.
+        assert_eq!(vip_problem("10.0.0.6".parse().unwrap(), &own(), &[]), None);
+    }
+
+    #[test]
+    fn protected_ranges_are_refused() {
+        let protected = [net("10.0.0.0/8"), net("192.168.0.0/16")];
+        let p = vip_problem("10.9.9.9".parse().unwrap(), &own(), &protected);
+        assert_eq!(p.as_deref(), Some("in protected range 10.0.0.0/8"));
+        // An own address is named as such even inside a protected range.
+        let p = vip_problem("10.0.0.5".parse().unwrap(), &own(), &protected);
+        assert_eq!(p.as_deref(), Some("is 10.0.0.5, an address of eth0"));
+        assert_eq!(
+            vip_problem("198.18.0.1".parse().unwrap(), &own(), &protected),
+            None
+        );
+    }
+
+    #[test]
+    fn ranges_with_own_addresses_or_protected_overlap_get_no_rule() {
+        let protected = [net("198.18.128.0/17")];
+        let p = range_problem(&net("10.0.0.0/24"), &own(), &[]);
+        assert_eq!(p.as_deref(), Some("contains 10.0.0.5, an address of eth0"));
+        // Overlap either way round.
+        let p = range_problem(&net("198.18.0.0/16"), &own(), &protected);
+        assert_eq!(
+            p.as_deref(),
+            Some("overlaps protected range 198.18.128.0/17")
+        );
+        let p = range_problem(&net("198.18.200.0/24"), &own(), &protected);
+        assert_eq!(
+            p.as_deref(),
+            Some("overlaps protected range 198.18.128.0/17")
+        );
+        assert_eq!(
+            range_problem(&net("198.18.0.0/17"), &own(), &protected),
+            None
+        );
+    }
+
+    #[test]
+    fn verdict_refuses_only_the_unsafe() {
+        let services = [
+            ("web", "198.18.0.10:80".parse().unwrap()),
+            ("bad", "10.0.0.5:80".parse().unwrap()),
+            ("lan", "192.168.1.1:443".parse().unwrap()),
+        ];
+        let v = Verdict::judge(
+            services,
+            &[net("198.18.0.0/16"), net("10.0.0.0/16")],
+            &own(),
+            &[net("192.168.0.0/16")],
+        );
+        assert!(v.allows("web"));
+        assert!(!v.allows("bad"));
+        assert_eq!(v.refused["lan"].reason, "in protected range 192.168.0.0/16");
+        assert_eq!(v.refused.len(), 2);
+        assert_eq!(v.ranges, vec![net("198.18.0.0/16")]);
+        assert_eq!(v.refused_ranges.len(), 1);
+        assert_eq!(v.refused_ranges[0].range, net("10.0.0.0/16"));
+    }
+
+    #[test]
+    fn reads_this_hosts_addresses() {
+        // Every namespace has lo; its 127.0.0.1 is there once lo is up, which it is wherever
+        // the tests run.
+        let own = Addresses::read().unwrap();
+        assert!(own.0.iter().all(|(_, name)| !name.is_empty()), "{own:?}");
+    }
+}

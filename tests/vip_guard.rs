@@ -1,0 +1,173 @@
+//! Issue 9 (part): the VIP guard. Each fluxd refuses to redirect a VIP that is an address of one
+//! of its own interfaces or lies in a protected range, reports it, and judges again when its
+//! addresses change. Real kernel, in a network namespace each test creates.
+
+mod support;
+
+use std::net::SocketAddrV4;
+use std::time::Duration;
+
+use support::backend::{who_serves, Backend};
+use support::fluxd::{wait_until, Fluxd};
+use support::netns::Netns;
+
+/// An address the tests give an interface of the namespace, and a service the VIP of.
+const OWN: &str = "198.18.5.5";
+const OWN_VIP: &str = "198.18.5.5:80";
+const GOOD_VIP: &str = "198.18.0.10:80";
+
+/// Gives the namespace a second interface (no `dummy` link type here: a veth pair) holding
+/// `OWN`.
+fn add_own_address(ns: &Netns) {
+    ns.ip(&["link", "add", "g0", "type", "veth", "peer", "name", "g1"]);
+    ns.ip(&["addr", "add", &format!("{OWN}/32"), "dev", "g0"]);
+    ns.ip(&["link", "set", "g0", "up"]);
+}
+
+/// A `good` service with one backend, routed and answering through flux.
+fn add_good_service(ns: &Netns, fluxd: &Fluxd) -> Backend {
+    let b = Backend::start(ns, "b0", 9000);
+    fluxd.ok(&["service", "add", "good", "--address", GOOD_VIP]);
+    fluxd.add_instance("good", "b0", b.addr);
+    fluxd.wait_routed(ns, "good");
+    let vip: SocketAddrV4 = GOOD_VIP.parse().unwrap();
+    let ok = ns.run(move || {
+        wait_until(Duration::from_secs(5), || {
+            who_serves(vip).is_ok_and(|n| n == "b0")
+        })
+    });
+    assert!(ok.is_some(), "good never answered: {}", fluxd.log());
+    b
+}
+
+/// The `refused` entry of `fluxd debug --json` for `service`.
+fn debug_refusal(fluxd: &Fluxd, service: &str) -> Option<serde_json::Value> {
+    fluxd.debug()["refused"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["service"] == service)
+        .cloned()
+}
+
+/// The `refused` field of `service` in `GET /v1/services`.
+fn listed_refusal(fluxd: &Fluxd, service: &str) -> serde_json::Value {
+    fluxd
+        .json(&["list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == service)
+        .unwrap_or_else(|| panic!("{service} not listed"))["refused"]
+        .clone()
+}
+
+#[test]
+fn own_address_vip_is_refused_until_the_address_goes() {
+    let ns = Netns::new("guard-own");
+    add_own_address(&ns);
+    let fluxd = Fluxd::dataplane(&ns.name, &[]);
+    fluxd.ok(&["service", "add", "mine", "--address", OWN_VIP]);
+    let _b = add_good_service(&ns, &fluxd);
+
+    let set = ns.vip_set();
+    assert!(!set.contains("flux:mine"), "{set}");
+    assert!(!set.contains("198.18.5.5,tcp:80"), "{set}");
+    let reason = format!("is {OWN}, an address of g0");
+    let r = debug_refusal(&fluxd, "mine").expect("no refusal in fluxd debug");
+    assert_eq!(r["vip"], OWN_VIP, "{r}");
+    assert_eq!(r["reason"], reason.as_str(), "{r}");
+    assert!(debug_refusal(&fluxd, "good").is_none());
+    assert_eq!(listed_refusal(&fluxd, "mine"), reason.as_str());
+    assert!(listed_refusal(&fluxd, "good").is_null());
+    let info = fluxd.json(&["info", "mine"]);
+    assert_eq!(info[0]["refused"], reason.as_str(), "{info}");
+    let text = fluxd.ok(&["list"]);
+    assert!(
+        text.contains(&format!("mine: not routed on this host: VIP {reason}")),
+        "{text}"
+    );
+    let debug_text = std::process::Command::new(env!("CARGO_BIN_EXE_fluxd"))
+        .args([
+            "debug",
+            "--api",
+            &format!("unix://{}", fluxd.socket.display()),
+        ])
+        .output()
+        .unwrap();
+    let debug_text = String::from_utf8_lossy(&debug_text.stdout);
+    assert!(debug_text.contains("REFUSED VIPS"), "{debug_text}");
+    assert!(debug_text.contains(&reason), "{debug_text}");
+    // One warning, however many syncs ran since.
+    std::thread::sleep(Duration::from_millis(4500));
+    let log = fluxd.log();
+    assert_eq!(
+        log.matches("VIP guard: not routing this service").count(),
+        1,
+        "{log}"
+    );
+
+    // The address goes: within a few seconds the guard judges again and installs the VIP.
+    ns.ip(&["addr", "del", &format!("{OWN}/32"), "dev", "g0"]);
+    let routed = wait_until(Duration::from_secs(6), || {
+        ns.vip_set()
+            .contains(r#"198.18.5.5,tcp:80 comment "flux:mine""#)
+    });
+    assert!(routed.is_some(), "{}\n{}", ns.vip_set(), fluxd.log());
+    assert!(debug_refusal(&fluxd, "mine").is_none());
+    assert!(listed_refusal(&fluxd, "mine").is_null());
+
+    // And it comes back: refused again, the good service untouched throughout.
+    ns.ip(&["addr", "add", &format!("{OWN}/32"), "dev", "g0"]);
+    let refused = wait_until(Duration::from_secs(6), || {
+        !ns.vip_set().contains("flux:mine")
+    });
+    assert!(refused.is_some(), "{}", ns.vip_set());
+    assert!(ns.vip_set().contains("flux:good"));
+    assert_eq!(fluxd.debug()["drift"]["clean"], true);
+}
+
+#[test]
+fn protected_range_refuses_vips_inside() {
+    let ns = Netns::new("guard-prot");
+    let fluxd = Fluxd::dataplane(&ns.name, &["--protected-range", "198.18.7.0/24"]);
+    fluxd.ok(&["service", "add", "lan", "--address", "198.18.7.20:443"]);
+    let _b = add_good_service(&ns, &fluxd);
+    assert!(!ns.vip_set().contains("flux:lan"), "{}", ns.vip_set());
+    let r = debug_refusal(&fluxd, "lan").expect("no refusal in fluxd debug");
+    assert_eq!(r["reason"], "in protected range 198.18.7.0/24", "{r}");
+    assert_eq!(
+        listed_refusal(&fluxd, "lan"),
+        "in protected range 198.18.7.0/24"
+    );
+}
+
+#[test]
+fn vip_range_holding_an_own_address_gets_no_rule() {
+    let ns = Netns::new("guard-range");
+    add_own_address(&ns);
+    let fluxd = Fluxd::dataplane(&ns.name, &["--vip-range", "198.18.0.0/16"]);
+    fluxd.ok(&["service", "add", "mine", "--address", OWN_VIP]);
+    // Its safe VIPs fall back to set members.
+    let _b = add_good_service(&ns, &fluxd);
+    let nat = ns.nat_table();
+    assert!(!nat.contains("flux vip range"), "{nat}");
+    assert!(!ns.vip_set().contains("flux:mine"), "{}", ns.vip_set());
+    let ranges = fluxd.debug()["refused_ranges"].clone();
+    assert_eq!(ranges[0]["range"], "198.18.0.0/16", "{ranges}");
+    assert_eq!(
+        ranges[0]["reason"],
+        format!("contains {OWN}, an address of g0").as_str(),
+        "{ranges}"
+    );
+    // Without the address the range gets its rule back, and covers both VIPs.
+    ns.ip(&["addr", "del", &format!("{OWN}/32"), "dev", "g0"]);
+    let ruled = wait_until(Duration::from_secs(6), || {
+        ns.nat_table().contains("flux vip range")
+    });
+    assert!(ruled.is_some(), "{}\n{}", ns.nat_table(), fluxd.log());
+    assert!(fluxd.debug()["refused_ranges"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+}
