@@ -98,6 +98,37 @@ pub struct RunArgs {
         value_name = "CIDR"
     )]
     pub protected_range: Option<Vec<String>>,
+    /// Group that may use the local API socket besides root (mode 0660) [default: flux].
+    #[arg(long, env = "FLUXD_API_GROUP", value_name = "GROUP")]
+    pub api_group: Option<String>,
+    /// Serve the full (read-write) API over TLS on this address, for fluxctl on other machines
+    /// (needs --api-cert-file, --api-key-file and --api-token-file) [default: off].
+    #[arg(long, env = "FLUXD_API_LISTEN", value_name = "ADDR:PORT")]
+    pub api_listen: Option<String>,
+    /// PEM certificate chain of the remote API.
+    #[arg(long, env = "FLUXD_API_CERT_FILE", value_name = "FILE")]
+    pub api_cert_file: Option<PathBuf>,
+    /// PEM private key of the remote API.
+    #[arg(long, env = "FLUXD_API_KEY_FILE", value_name = "FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// File holding the bearer token that remote API clients must send (at least 16 characters).
+    #[arg(long, env = "FLUXD_API_TOKEN_FILE", value_name = "FILE")]
+    pub api_token_file: Option<PathBuf>,
+    /// PEM CA that signed etcd's server certificate; turns on TLS to etcd (https).
+    #[arg(long, env = "FLUXD_ETCD_CA_FILE", value_name = "FILE")]
+    pub etcd_ca_file: Option<PathBuf>,
+    /// PEM client certificate for etcd (`--client-cert-auth`); needs --etcd-key-file.
+    #[arg(long, env = "FLUXD_ETCD_CERT_FILE", value_name = "FILE")]
+    pub etcd_cert_file: Option<PathBuf>,
+    /// PEM private key of the etcd client certificate.
+    #[arg(long, env = "FLUXD_ETCD_KEY_FILE", value_name = "FILE")]
+    pub etcd_key_file: Option<PathBuf>,
+    /// etcd user (etcd auth enabled); needs --etcd-password-file.
+    #[arg(long, env = "FLUXD_ETCD_USER", value_name = "USER")]
+    pub etcd_user: Option<String>,
+    /// File holding the etcd user's password.
+    #[arg(long, env = "FLUXD_ETCD_PASSWORD_FILE", value_name = "FILE")]
+    pub etcd_password_file: Option<PathBuf>,
 }
 
 /// The same settings as read from a config file; unknown keys are refused so that a typo is
@@ -125,6 +156,38 @@ struct FileConfig {
     drain_seconds: Option<u64>,
     vip_range: Option<Vec<String>>,
     protected_range: Option<Vec<String>>,
+    api_group: Option<String>,
+    api_listen: Option<String>,
+    api_cert_file: Option<PathBuf>,
+    api_key_file: Option<PathBuf>,
+    api_token_file: Option<PathBuf>,
+    etcd_ca_file: Option<PathBuf>,
+    etcd_cert_file: Option<PathBuf>,
+    etcd_key_file: Option<PathBuf>,
+    etcd_user: Option<String>,
+    etcd_password_file: Option<PathBuf>,
+}
+
+/// The remote API (`--api-listen`): TLS with a bearer token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteApi {
+    pub listen: SocketAddr,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub token_file: PathBuf,
+}
+
+/// How fluxd authenticates to etcd: files, read when the store is opened.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EtcdAccess {
+    /// TLS (https) when set.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// User and the file holding its password.
+    pub user: Option<String>,
+    pub password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,6 +227,10 @@ pub struct Config {
     pub vip_ranges: Vec<ipnet::Ipv4Net>,
     /// See [`crate::controller::guard`].
     pub protected_ranges: Vec<ipnet::Ipv4Net>,
+    /// Group of the local API socket.
+    pub api_group: String,
+    pub remote_api: Option<RemoteApi>,
+    pub etcd_access: EtcdAccess,
 }
 
 impl Config {
@@ -182,7 +249,9 @@ impl Config {
             &pick!(api).unwrap_or_else(|| "unix:///run/fluxd/fluxd.sock".into()),
         )? {
             Endpoint::Unix(p) => p,
-            Endpoint::Tcp(_) => bail!("api: fluxd serves its local API on a unix:// socket only"),
+            Endpoint::Tcp(_) | Endpoint::Https(_) => {
+                bail!("api: fluxd serves its local API on a unix:// socket only (see --api-listen)")
+            }
         };
         let http_s = pick!(http).unwrap_or_else(|| "127.0.0.1:7070".into());
         let http: SocketAddr = http_s
@@ -275,7 +344,49 @@ impl Config {
             })?;
             protected_ranges.push(net.trunc());
         }
+        let api_group = pick!(api_group).unwrap_or_else(|| "flux".into());
+        if api_group.is_empty() || api_group.contains(['/', ':', ' ']) {
+            bail!("api_group: not a group name (got \"{api_group}\")");
+        }
+        let remote_api = match pick!(api_listen) {
+            None => None,
+            Some(a) => {
+                let listen: SocketAddr = a
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("api_listen: expected ADDR:PORT (got \"{a}\")"))?;
+                let need = |v: Option<PathBuf>, key: &str| {
+                    v.ok_or_else(|| anyhow::anyhow!("{key}: required with api_listen"))
+                };
+                Some(RemoteApi {
+                    listen,
+                    cert_file: need(pick!(api_cert_file), "api_cert_file")?,
+                    key_file: need(pick!(api_key_file), "api_key_file")?,
+                    token_file: need(pick!(api_token_file), "api_token_file")?,
+                })
+            }
+        };
+        let etcd_access = EtcdAccess {
+            ca_file: pick!(etcd_ca_file),
+            cert_file: pick!(etcd_cert_file),
+            key_file: pick!(etcd_key_file),
+            user: pick!(etcd_user),
+            password_file: pick!(etcd_password_file),
+        };
+        if etcd_access.cert_file.is_some() != etcd_access.key_file.is_some() {
+            bail!(
+                "etcd_cert_file: a client certificate needs both etcd_cert_file and etcd_key_file"
+            );
+        }
+        if etcd_access.cert_file.is_some() && etcd_access.ca_file.is_none() {
+            bail!("etcd_cert_file: a client certificate needs TLS: set etcd_ca_file too");
+        }
+        if etcd_access.user.is_some() != etcd_access.password_file.is_some() {
+            bail!("etcd_user: etcd auth needs both etcd_user and etcd_password_file");
+        }
         Ok(Config {
+            api_group,
+            remote_api,
+            etcd_access,
             vip_ranges,
             protected_ranges,
             proxy_port,

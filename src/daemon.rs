@@ -67,7 +67,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .context("store: cannot publish this host")?;
 
-    let listener = server::bind_unix(&config.api)?;
+    let listener = server::bind_unix(&config.api, &config.api_group)?;
+    let remote = match &config.remote_api {
+        Some(r) => {
+            let tls = server::RemoteTls::load(r)?;
+            let l = tokio::net::TcpListener::bind(r.listen)
+                .await
+                .with_context(|| format!("api_listen: cannot listen on {}", r.listen))?;
+            tracing::info!(listen = %l.local_addr()?, "remote API (TLS, bearer token) listening");
+            Some((l, tls))
+        }
+        None => None,
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let (follower, states) = Follower::start(store.clone())
         .await
@@ -102,6 +113,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         vip_ranges: config.vip_ranges.clone(),
     });
     let http_task = tokio::spawn(server::serve_http(http, api.clone(), stop_rx.clone()));
+    if let Some((l, tls)) = remote {
+        tokio::spawn(server::serve_remote(l, tls, api.clone(), stop_rx.clone()));
+    }
     let watchdog_stop = stop_rx.clone();
     let api_task = tokio::spawn(server::serve_unix(
         listener,
@@ -323,12 +337,64 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
             )
         }
         StoreSpec::Etcd { endpoints } => Arc::new(
-            EtcdStore::connect(endpoints, &config.etcd_prefix)
+            EtcdStore::connect_with(endpoints, &config.etcd_prefix, &etcd_credentials(config)?)
                 .await
+                .map_err(|e| etcd_hint(e, &config.etcd_access))
                 .with_context(|| {
-                    format!("store: cannot connect to etcd at {}", endpoints.join(","))
+                    let shown = endpoints.join(",");
+                    match &config.etcd_access.ca_file {
+                        Some(_) => format!(
+                            "store: cannot connect to etcd at {} (TLS)",
+                            shown.replace("http://", "https://")
+                        ),
+                        None => format!("store: cannot connect to etcd at {shown}"),
+                    }
                 })?,
         ),
+    })
+}
+
+/// A connection that etcd closed says nothing of why: name the settings that usually explain it.
+fn etcd_hint(e: crate::store::StoreError, access: &crate::config::EtcdAccess) -> anyhow::Error {
+    use crate::store::StoreError;
+    let hint = match (&e, &access.ca_file, &access.cert_file) {
+        (StoreError::Unavailable(m), None, _) if m.contains("transport error") => {
+            "; if etcd serves https, set --etcd-ca-file"
+        }
+        (StoreError::Unavailable(m), Some(_), None) if m.contains("transport error") => {
+            "; if etcd requires client certificates, set --etcd-cert-file and --etcd-key-file"
+        }
+        _ => "",
+    };
+    anyhow::anyhow!("{e}{hint}")
+}
+
+/// Reads the files named by the etcd TLS and auth settings.
+fn etcd_credentials(config: &Config) -> anyhow::Result<crate::store::etcd::Credentials> {
+    let a = &config.etcd_access;
+    let read = |p: &std::path::Path, key: &str| {
+        std::fs::read(p).with_context(|| format!("{key}: cannot read {}", p.display()))
+    };
+    let password = match &a.password_file {
+        Some(p) => Some(
+            String::from_utf8(read(p, "etcd_password_file")?)
+                .map_err(|_| anyhow::anyhow!("etcd_password_file: not text"))?
+                .trim_end_matches(['\n', '\r'])
+                .to_string(),
+        ),
+        None => None,
+    };
+    Ok(crate::store::etcd::Credentials {
+        ca_pem: a
+            .ca_file
+            .as_deref()
+            .map(|p| read(p, "etcd_ca_file"))
+            .transpose()?,
+        client_pem: match (&a.cert_file, &a.key_file) {
+            (Some(c), Some(k)) => Some((read(c, "etcd_cert_file")?, read(k, "etcd_key_file")?)),
+            _ => None,
+        },
+        user: a.user.clone().zip(password),
     })
 }
 

@@ -1,6 +1,8 @@
-//! The API client fluxctl uses: HTTP/1.1 over the local unix socket, or over TCP.
+//! The API client fluxctl uses: HTTP/1.1 over the local unix socket, over TCP (the read-only
+//! listener), or over TLS with a bearer token (the remote API, `fluxd run --api-listen`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -15,10 +17,12 @@ use super::views::ErrorBody;
 pub enum Endpoint {
     Unix(PathBuf),
     Tcp(String),
+    /// `https://HOST:PORT`: the remote API, TLS with a bearer token.
+    Https(String),
 }
 
 impl Endpoint {
-    /// `unix:///run/fluxd/fluxd.sock` or `http://HOST:PORT`.
+    /// `unix:///run/fluxd/fluxd.sock`, `http://HOST:PORT` or `https://HOST:PORT`.
     pub fn parse(s: &str) -> Result<Self, crate::model::InvalidInput> {
         if let Some(p) = s.strip_prefix("unix://") {
             if p.starts_with('/') {
@@ -29,12 +33,34 @@ impl Endpoint {
             if !hp.is_empty() && !hp.contains('/') {
                 return Ok(Endpoint::Tcp(hp.to_string()));
             }
+        } else if let Some(hp) = s.strip_prefix("https://") {
+            let hp = hp.trim_end_matches('/');
+            if !hp.is_empty() && !hp.contains('/') && hp.contains(':') {
+                return Ok(Endpoint::Https(hp.to_string()));
+            }
         }
-        Err(
-            crate::model::InvalidInput::new("api", "expected unix:///PATH or http://HOST:PORT")
-                .value(s),
+        Err(crate::model::InvalidInput::new(
+            "api",
+            "expected unix:///PATH, http://HOST:PORT or https://HOST:PORT",
         )
+        .value(s))
     }
+
+    fn display(&self) -> String {
+        match self {
+            Endpoint::Unix(p) => format!("unix://{}", p.display()),
+            Endpoint::Tcp(a) => format!("http://{a}"),
+            Endpoint::Https(a) => format!("https://{a}"),
+        }
+    }
+}
+
+/// What the remote API needs besides its address: the token sent as `Authorization: Bearer`,
+/// and the CA that signed fluxd's certificate (the system's CAs when not given).
+#[derive(Debug, Clone, Default)]
+pub struct RemoteAuth {
+    pub token: Option<String>,
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,15 +74,41 @@ pub enum ClientError {
     /// The daemon failed (5xx), e.g. its store is unavailable.
     #[error("fluxd: {message}")]
     Failed { status: u16, message: String },
+    /// Not allowed: the socket's permissions, or the remote API's token.
+    #[error("{message}")]
+    Denied { message: String },
+    /// The client cannot be set up (e.g. an unreadable CA file).
+    #[error("{0}")]
+    Setup(String),
 }
 
 pub struct Client {
     endpoint: Endpoint,
+    token: Option<String>,
+    tls: Option<tokio_rustls::TlsConnector>,
 }
 
 impl Client {
     pub fn new(endpoint: Endpoint) -> Self {
-        Client { endpoint }
+        Client {
+            endpoint,
+            token: None,
+            tls: None,
+        }
+    }
+
+    /// A client for any endpoint; for `https://` it trusts `auth.ca_file` (or the system's
+    /// CAs) and sends `auth.token`.
+    pub fn with_auth(endpoint: Endpoint, auth: &RemoteAuth) -> Result<Self, ClientError> {
+        let tls = match endpoint {
+            Endpoint::Https(_) => Some(tls_connector(auth.ca_file.as_deref())?),
+            _ => None,
+        };
+        Ok(Client {
+            endpoint,
+            token: auth.token.clone(),
+            tls,
+        })
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
@@ -99,7 +151,9 @@ impl Client {
         let message = serde_json::from_slice::<ErrorBody>(&bytes)
             .map(|b| b.error)
             .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).trim().to_string());
-        if status.is_client_error() {
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            Err(ClientError::Denied { message })
+        } else if status.is_client_error() {
             Err(ClientError::Rejected {
                 status: status.as_u16(),
                 message,
@@ -119,15 +173,17 @@ impl Client {
         body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, Bytes), ClientError> {
         let unreachable = |reason: String| ClientError::Unreachable {
-            endpoint: match &self.endpoint {
-                Endpoint::Unix(p) => format!("unix://{}", p.display()),
-                Endpoint::Tcp(a) => format!("http://{a}"),
-            },
+            endpoint: self.endpoint.display(),
             reason,
         };
         let (mut sender, host) = match &self.endpoint {
             Endpoint::Unix(p) => {
                 let s = tokio::net::UnixStream::connect(p).await;
+                if let Err(e) = &s {
+                    if e.kind() == std::io::ErrorKind::PermissionDenied {
+                        return Err(socket_denied(p));
+                    }
+                }
                 (
                     handshake(s).await.map_err(unreachable)?,
                     "localhost".to_string(),
@@ -137,12 +193,34 @@ impl Client {
                 let s = tokio::net::TcpStream::connect(a).await;
                 (handshake(s).await.map_err(unreachable)?, a.clone())
             }
+            Endpoint::Https(a) => {
+                let connector = match &self.tls {
+                    Some(c) => c.clone(),
+                    None => tls_connector(None)?,
+                };
+                let name = server_name(a).map_err(unreachable)?;
+                let tcp = tokio::net::TcpStream::connect(a)
+                    .await
+                    .map_err(|e| unreachable(e.to_string()))?;
+                let tls = tokio::time::timeout(
+                    std::time::Duration::from_secs(10),
+                    connector.connect(name, tcp),
+                )
+                .await
+                .map_err(|_| unreachable("TLS handshake timed out".into()))?
+                .map_err(|e| unreachable(format!("TLS: {e}")))?;
+                (handshake(Ok(tls)).await.map_err(unreachable)?, a.clone())
+            }
         };
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(method)
             .uri(path)
             .header("host", host)
-            .header("content-type", "application/json")
+            .header("content-type", "application/json");
+        if let (Endpoint::Https(_), Some(token)) = (&self.endpoint, &self.token) {
+            req = req.header("authorization", format!("Bearer {token}"));
+        }
+        let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| unreachable(e.to_string()))?;
         let resp = sender
@@ -158,6 +236,63 @@ impl Client {
             .to_bytes();
         Ok((status, bytes))
     }
+}
+
+/// EACCES on the socket: this user is neither root nor in the socket's group.
+fn socket_denied(path: &Path) -> ClientError {
+    use std::os::unix::fs::MetadataExt;
+    let group = std::fs::metadata(path)
+        .ok()
+        .and_then(|m| nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(m.gid())).ok())
+        .flatten()
+        .map(|g| g.name)
+        .unwrap_or_else(|| crate::api::server::SOCKET_GROUP.to_string());
+    ClientError::Denied {
+        message: format!(
+            "permission denied: the API socket {} is for root and group {group} (run as root or as a member of {group})",
+            path.display()
+        ),
+    }
+}
+
+/// The TLS name to check fluxd's certificate against: the host part of `HOST:PORT`.
+fn server_name(addr: &str) -> Result<tokio_rustls::rustls::pki_types::ServerName<'static>, String> {
+    let host = addr
+        .rsplit_once(':')
+        .map(|(h, _)| h)
+        .unwrap_or(addr)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    tokio_rustls::rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|_| format!("not a host name or IP for TLS: {host}"))
+}
+
+/// Trusts the CAs in `ca_file` (PEM), or the system's bundle when none is given.
+fn tls_connector(ca_file: Option<&Path>) -> Result<tokio_rustls::TlsConnector, ClientError> {
+    let denied = ClientError::Setup;
+    let path = ca_file.unwrap_or(Path::new("/etc/ssl/certs/ca-certificates.crt"));
+    let pem = std::fs::read(path)
+        .map_err(|e| denied(format!("cannot read CA file {}: {e}", path.display())))?;
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        let cert = cert.map_err(|e| denied(format!("CA file {}: {e}", path.display())))?;
+        roots
+            .add(cert)
+            .map_err(|e| denied(format!("CA file {}: {e}", path.display())))?;
+    }
+    if roots.is_empty() {
+        return Err(denied(format!(
+            "CA file {}: no PEM certificate in it",
+            path.display()
+        )));
+    }
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| denied(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
 /// HTTP/1.1 over an already connected stream of either kind; the connection is driven by its

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use serde::Serialize;
 
-use crate::api::client::{Client, ClientError, Endpoint};
+use crate::api::client::{Client, ClientError, Endpoint, RemoteAuth};
 use crate::api::views::{InstanceQuery, InstanceState, InstanceView, ServiceInfo};
 use crate::model::{
     validate, Balance, Instance, InvalidInput, Protocol, Rule, Selector, Service, Validate,
@@ -23,7 +23,8 @@ use crate::model::{
     about = "Define flux services and rules; see which containers serve them"
 )]
 pub struct Cli {
-    /// fluxd's API: unix:///PATH or http://HOST:PORT.
+    /// fluxd's API: unix:///PATH, http://HOST:PORT (read-only) or https://HOST:PORT (the
+    /// remote API: needs a token).
     #[arg(
         long,
         global = true,
@@ -31,6 +32,13 @@ pub struct Cli {
         default_value = "unix:///run/fluxd/fluxd.sock"
     )]
     pub api: String,
+    /// For https:// APIs: file holding the bearer token (or the token itself in FLUX_TOKEN).
+    #[arg(long, global = true, env = "FLUX_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<std::path::PathBuf>,
+    /// For https:// APIs: PEM file of the CA that signed fluxd's certificate [default: the
+    /// system's CAs].
+    #[arg(long, global = true, env = "FLUX_CA_FILE", value_name = "FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
     /// Print one JSON document on stdout instead of text.
     #[arg(long, global = true)]
     pub json: bool,
@@ -214,7 +222,7 @@ impl From<InvalidInput> for Failure {
 impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Self {
         match e {
-            ClientError::Rejected { .. } => Failure::Usage(e.to_string()),
+            ClientError::Rejected { .. } | ClientError::Setup(_) => Failure::Usage(e.to_string()),
             _ => Failure::Runtime(e.to_string()),
         }
     }
@@ -248,8 +256,29 @@ pub async fn main(cli: Cli) -> ExitCode {
     }
 }
 
+/// The token from `--token-file`, else `FLUX_TOKEN`; the CA file as given.
+fn remote_auth(cli: &Cli) -> Result<RemoteAuth, Failure> {
+    let token = match &cli.token_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .map_err(|e| {
+                    Failure::Usage(format!("token-file: cannot read {}: {e}", p.display()))
+                })?
+                .trim()
+                .to_string(),
+        ),
+        None => std::env::var("FLUX_TOKEN")
+            .ok()
+            .map(|t| t.trim().to_string()),
+    };
+    Ok(RemoteAuth {
+        token: token.filter(|t| !t.is_empty()),
+        ca_file: cli.ca_file.clone(),
+    })
+}
+
 async fn run(cli: Cli) -> Result<(), Failure> {
-    let client = Client::new(Endpoint::parse(&cli.api)?);
+    let client = Client::with_auth(Endpoint::parse(&cli.api)?, &remote_auth(&cli)?)?;
     let json = cli.json;
     match cli.command {
         Command::Service(ServiceCmd::Add {

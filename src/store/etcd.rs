@@ -110,6 +110,28 @@ struct Session {
     reput_pending: bool,
 }
 
+/// How to prove who we are to etcd, and whom to trust: the contents of the files named by
+/// `--etcd-ca-file`, `--etcd-cert-file`/`--etcd-key-file` and `--etcd-user`/`--etcd-password-file`.
+#[derive(Default, Clone)]
+pub struct Credentials {
+    /// PEM CA of etcd's server certificate; with it, connections are TLS (`https://`).
+    pub ca_pem: Option<Vec<u8>>,
+    /// PEM client certificate and key, for etcd's `--client-cert-auth`.
+    pub client_pem: Option<(Vec<u8>, Vec<u8>)>,
+    /// etcd user and password (etcd auth).
+    pub user: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("tls", &self.ca_pem.is_some())
+            .field("client_cert", &self.client_pem.is_some())
+            .field("user", &self.user.as_ref().map(|(u, _)| u))
+            .finish()
+    }
+}
+
 impl EtcdStore {
     /// Connects and makes one request, so an unreachable or misconfigured etcd is reported here
     /// rather than by the first real use.
@@ -117,10 +139,21 @@ impl EtcdStore {
     /// `endpoints` like `http://127.0.0.1:2379` or `127.0.0.1:2379`. Keys given to the `Store`
     /// methods are relative and stored as `prefix + key`; keys handed back are relative again.
     pub async fn connect(endpoints: &[String], prefix: &str) -> Result<EtcdStore> {
+        Self::connect_with(endpoints, prefix, &Credentials::default()).await
+    }
+
+    /// As `connect`, over TLS and/or as an etcd user as `credentials` say. With a CA, every
+    /// endpoint is reached over `https://`, whatever scheme it was given with.
+    pub async fn connect_with(
+        endpoints: &[String],
+        prefix: &str,
+        credentials: &Credentials,
+    ) -> Result<EtcdStore> {
         if endpoints.is_empty() {
             return Err(StoreError::Invalid("no etcd endpoints given".into()));
         }
-        let options = ConnectOptions::new()
+        let mut endpoints = endpoints.to_vec();
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(CONNECT_TIMEOUT)
             .with_timeout(REQUEST_TIMEOUT)
             .with_keep_alive(HTTP2_PING_INTERVAL, HTTP2_PING_TIMEOUT)
@@ -128,11 +161,29 @@ impl EtcdStore {
             // A member cut off from its cluster would otherwise keep serving a watch that never
             // sees another event; with this it fails and we reconnect, possibly elsewhere.
             .with_require_leader(true);
+        if let Some(ca) = &credentials.ca_pem {
+            let mut tls = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(ca));
+            if let Some((cert, key)) = &credentials.client_pem {
+                tls = tls.identity(etcd_client::Identity::from_pem(cert, key));
+            }
+            options = options.with_tls(tls);
+            for e in endpoints.iter_mut() {
+                let hostport = e
+                    .strip_prefix("http://")
+                    .or_else(|| e.strip_prefix("https://"))
+                    .unwrap_or(e);
+                *e = format!("https://{hostport}");
+            }
+        }
+        if let Some((user, password)) = &credentials.user {
+            options = options.with_user(user.clone(), password.clone());
+        }
         let client =
-            match tokio::time::timeout(CONNECT_TIMEOUT, Client::connect(endpoints, Some(options)))
+            match tokio::time::timeout(CONNECT_TIMEOUT, Client::connect(&endpoints, Some(options)))
                 .await
             {
-                Ok(client) => client.map_err(map_err)?,
+                Ok(client) => client.map_err(map_connect_err)?,
                 Err(_) => {
                     return Err(StoreError::Unavailable(format!(
                         "no connection to etcd within {CONNECT_TIMEOUT:?}"
@@ -144,7 +195,12 @@ impl EtcdStore {
             prefix: prefix.to_string(),
             watch_down_since: Arc::default(),
         };
-        core.current_revision().await?;
+        // The first request is where a refused TLS handshake shows when there is no user to
+        // authenticate first: its cause is spelt out too.
+        let mut kv = core.client.kv_client();
+        timed(kv.get(core.abs(""), Some(GetOptions::new().with_count_only())))
+            .await?
+            .map_err(map_connect_err)?;
         Ok(EtcdStore {
             core,
             session: Arc::new(Mutex::new(Session::default())),
@@ -556,6 +612,29 @@ async fn call<T>(
 
 fn timeout_error() -> StoreError {
     StoreError::Unavailable(format!("etcd did not answer within {REQUEST_TIMEOUT:?}"))
+}
+
+/// As `map_err`, with the cause of a transport failure spelt out (a refused TLS handshake,
+/// say), which the crate's own message ("transport error") leaves out.
+fn map_connect_err(e: etcd_client::Error) -> StoreError {
+    let mut chain = Vec::new();
+    let mut source = match &e {
+        etcd_client::Error::GRpcStatus(status) => std::error::Error::source(status),
+        other => std::error::Error::source(other),
+    };
+    while let Some(s) = source {
+        let m = s.to_string();
+        if !chain.contains(&m) {
+            chain.push(m);
+        }
+        source = s.source();
+    }
+    match map_err(e) {
+        StoreError::Unavailable(m) if !chain.is_empty() => {
+            StoreError::Unavailable(format!("{m}: {}", chain.join(": ")))
+        }
+        other => other,
+    }
 }
 
 /// Sorts etcd's failures by what the caller can do: retry later (`Unavailable`), fix the request

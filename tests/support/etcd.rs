@@ -26,6 +26,27 @@ pub struct Etcd {
     /// `--initial-cluster`: `name=http://IP:PEER,...`.
     initial_cluster: String,
     dir: tempfile::TempDir,
+    /// TLS and auth, boxed: most tests use neither.
+    secure: Box<Secure>,
+}
+
+#[derive(Default)]
+struct Secure {
+    /// Clients must speak TLS and show a certificate signed by this CA (`start_tls`).
+    tls: Option<TlsFiles>,
+    /// `etcdctl --user`, once auth is enabled (`enable_auth`).
+    ctl_user: Option<String>,
+}
+
+/// PEM files for an etcd on https with `--client-cert-auth`: the CA that signed both sides,
+/// etcd's server certificate, and the certificate etcdctl uses.
+#[derive(Clone)]
+pub struct TlsFiles {
+    pub ca: std::path::PathBuf,
+    pub server_cert: std::path::PathBuf,
+    pub server_key: std::path::PathBuf,
+    pub client_cert: std::path::PathBuf,
+    pub client_key: std::path::PathBuf,
 }
 
 /// A port the kernel just handed out and released; etcd binds it a moment later. Collisions with
@@ -51,6 +72,51 @@ impl Etcd {
             }
         }
         panic!("etcd did not start three times; is etcd-server installed?");
+    }
+
+    /// As `start`, on https with `--client-cert-auth` (peers stay on http, on loopback).
+    pub fn start_tls(files: TlsFiles) -> Etcd {
+        for _ in 0..3 {
+            let (client_port, peer_port) = (free_port(), free_port());
+            let mut etcd = Etcd::member(None, "test", "127.0.0.1", client_port, peer_port);
+            etcd.initial_cluster = format!("test=http://127.0.0.1:{peer_port}");
+            etcd.endpoint = format!("https://127.0.0.1:{client_port}");
+            etcd.secure.tls = Some(files.clone());
+            etcd.spawn();
+            if etcd.wait_ready(Duration::from_secs(20)) {
+                return etcd;
+            }
+        }
+        panic!("etcd (TLS) did not start three times: is etcd-server installed?");
+    }
+
+    /// Turns etcd auth on: a `root` user with `root_password`, and `user` with `password`
+    /// holding a role that may read and write keys under `prefix`. etcdctl goes on as root.
+    pub fn enable_auth(&mut self, root_password: &str, user: &str, password: &str, prefix: &str) {
+        let role = format!("{user}-rw");
+        for args in [
+            vec!["user", "add", &format!("root:{root_password}")],
+            vec!["user", "add", &format!("{user}:{password}")],
+            vec!["role", "add", &role],
+            vec![
+                "role",
+                "grant-permission",
+                &role,
+                "--prefix=true",
+                "readwrite",
+                prefix,
+            ],
+            vec!["user", "grant-role", user, &role],
+            vec!["auth", "enable"],
+        ] {
+            let out = self.ctl_output(&args);
+            assert!(
+                out.status.success(),
+                "etcdctl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        self.secure.ctl_user = Some(format!("root:{root_password}"));
     }
 
     /// Starts a single-member etcd inside the namespace `ns` listening on `ip` (an address of
@@ -107,6 +173,7 @@ impl Etcd {
                 .prefix("flux-etcd-")
                 .tempdir()
                 .unwrap(),
+            secure: Box::default(),
         }
     }
 
@@ -130,8 +197,17 @@ impl Etcd {
             .open(self.dir.path().join("etcd.log"))
             .unwrap();
         let peer = format!("http://{}:{}", self.ip, self.peer_port);
-        let child = self
-            .command("etcd")
+        let mut cmd = self.command("etcd");
+        if let Some(t) = &self.secure.tls {
+            cmd.arg("--cert-file")
+                .arg(&t.server_cert)
+                .arg("--key-file")
+                .arg(&t.server_key)
+                .arg("--client-cert-auth")
+                .arg("--trusted-ca-file")
+                .arg(&t.ca);
+        }
+        let child = cmd
             .arg("--name")
             .arg(&self.name)
             .arg("--data-dir")
@@ -170,8 +246,7 @@ impl Etcd {
 
     /// `etcdctl endpoint health` against this member: it answers a quorum read.
     pub fn healthy(&self) -> bool {
-        self.command("etcdctl")
-            .env("ETCDCTL_API", "3")
+        self.etcdctl()
             .args([
                 "--endpoints",
                 &self.endpoint,
@@ -209,15 +284,35 @@ impl Etcd {
 
     /// `etcdctl` against this etcd, returning stdout; for compaction and raw checks.
     pub fn ctl(&self, args: &[&str]) -> String {
-        let out = self
-            .command("etcdctl")
-            .env("ETCDCTL_API", "3")
+        String::from_utf8_lossy(&self.ctl_output(args).stdout).into_owned()
+    }
+
+    /// `etcdctl` against this etcd, with its whole output.
+    pub fn ctl_output(&self, args: &[&str]) -> std::process::Output {
+        self.etcdctl()
             .arg("--endpoints")
             .arg(&self.endpoint)
             .args(args)
             .output()
-            .expect("etcdctl");
-        String::from_utf8_lossy(&out.stdout).into_owned()
+            .expect("etcdctl")
+    }
+
+    /// `etcdctl` with this etcd's TLS files and user, if any.
+    fn etcdctl(&self) -> Command {
+        let mut c = self.command("etcdctl");
+        c.env("ETCDCTL_API", "3");
+        if let Some(t) = &self.secure.tls {
+            c.arg("--cacert")
+                .arg(&t.ca)
+                .arg("--cert")
+                .arg(&t.client_cert)
+                .arg("--key")
+                .arg(&t.client_key);
+        }
+        if let Some(u) = &self.secure.ctl_user {
+            c.arg("--user").arg(u);
+        }
+        c
     }
 
     pub fn log(&self) -> String {

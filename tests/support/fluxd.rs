@@ -328,6 +328,18 @@ pub fn fluxctl(socket: &Path, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Runs fluxctl against any `--api` URL.
+pub fn fluxctl_api(api: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fluxctl"))
+        .arg("--api")
+        .arg(api)
+        .args(args)
+        .env_remove("FLUX_TOKEN")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
 /// Polls `check` every 20 ms until it returns true or `limit` passes; returns the time it took.
 pub fn wait_until(limit: Duration, mut check: impl FnMut() -> bool) -> Option<Duration> {
     let start = Instant::now();
