@@ -246,7 +246,7 @@ fn socket_denied(path: &Path) -> ClientError {
         .and_then(|m| nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(m.gid())).ok())
         .flatten()
         .map(|g| g.name)
-        .unwrap_or_else(|| crate::api::server::SOCKET_GROUP.to_string());
+        .unwrap_or_else(|| crate::api::SOCKET_GROUP.to_string());
     ClientError::Denied {
         message: format!(
             "permission denied: the API socket {} is for root and group {group} (run as root or as a member of {group})",

@@ -14,3 +14,7 @@ pub mod debug;
 pub mod routes;
 pub mod server;
 pub mod views;
+
+/// Group allowed to use the socket besides root by default (`--api-group`); created by
+/// `scripts/install`.
+pub const SOCKET_GROUP: &str = "flux";

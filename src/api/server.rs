@@ -14,9 +14,7 @@ use tokio::sync::watch;
 
 use super::routes::{handle, Api};
 
-/// Group allowed to use the socket besides root by default (`--api-group`); created by
-/// `scripts/install`.
-pub const SOCKET_GROUP: &str = "flux";
+pub use super::SOCKET_GROUP;
 
 /// Binds the API socket: refuses to steal it from a running fluxd, replaces a stale file left by
 /// a crash, and restricts it to root and `group` (mode 0660; root only if there is no such

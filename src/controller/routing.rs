@@ -12,7 +12,7 @@ use crate::metrics::{InstanceLabels, InstanceMetrics, Metrics};
 use crate::model::{Instance, Service};
 use crate::model::{Origin, Protocol};
 use crate::proxy::health::Health;
-use crate::proxy::http::Pool;
+use crate::proxy::http::pool::Pool;
 use crate::proxy::routes::{Backend, RouteTable, ServiceRoute};
 
 /// What survives a rebuild of the routing table for one instance: its health and its series.

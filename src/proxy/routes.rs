@@ -26,7 +26,7 @@ pub struct Backend {
     pub extra: std::collections::BTreeMap<String, String>,
     /// Idle kept-alive HTTP connections to this instance (`http` services only); shared with
     /// earlier tables like `health`.
-    pub pool: Arc<super::http::Pool>,
+    pub pool: Arc<super::http::pool::Pool>,
 }
 
 impl Backend {

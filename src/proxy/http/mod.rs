@@ -13,15 +13,14 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddrV4;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::sync::Arc;
+
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Either, Full};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Incoming};
 use hyper::client::conn::http1 as client;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::http::request::Parts;
@@ -30,59 +29,22 @@ use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
 use tokio::net::TcpStream;
 
+mod body;
+pub mod pool;
+
+use body::Done;
+pub use body::Tracked;
+pub use pool::{Counted, Pool, IDLE_TIMEOUT, MAX_IDLE_PER_INSTANCE};
+use pool::{Sender, ToInstance};
+
 use super::routes::{Backend, RouteTable};
 use crate::metrics::code_class;
 
-/// Idle kept-alive connections kept per instance (by this fluxd, over all proxy threads).
-pub const MAX_IDLE_PER_INSTANCE: usize = 16;
-/// An idle pooled connection older than this is closed rather than reused: the instance may
-/// have timed it out already.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Idempotent requests with a body up to this size are buffered so that they can be retried.
 pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
 
-/// What is sent to an instance: the client's body streamed, or bytes that can be sent again.
-type ToInstance = Either<Counted, Full<Bytes>>;
-type Sender = client::SendRequest<ToInstance>;
 /// What goes back to the client: an instance's response, or flux's own short answer.
 pub type ToClient = Either<Tracked, Full<Bytes>>;
-
-/// An instance's idle kept-alive connections, most recently used last.
-#[derive(Default)]
-pub struct Pool {
-    idle: Mutex<Vec<(Sender, Instant)>>,
-}
-
-impl std::fmt::Debug for Pool {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let n = self.idle.lock().map(|i| i.len()).unwrap_or(0);
-        f.debug_struct("Pool").field("idle", &n).finish()
-    }
-}
-
-impl Pool {
-    /// The most recently used idle connection that is not known to be closed.
-    fn take(&self) -> Option<Sender> {
-        let mut idle = self.idle.lock().ok()?;
-        idle.retain(|(s, since)| !s.is_closed() && since.elapsed() < IDLE_TIMEOUT);
-        idle.pop().map(|(s, _)| s)
-    }
-
-    fn put(&self, s: Sender) {
-        if s.is_closed() {
-            return;
-        }
-        if let Ok(mut idle) = self.idle.lock() {
-            if idle.len() < MAX_IDLE_PER_INSTANCE {
-                idle.push((s, Instant::now()));
-            }
-        }
-    }
-
-    pub fn idle(&self) -> usize {
-        self.idle.lock().map(|i| i.len()).unwrap_or(0)
-    }
-}
 
 struct Ctx {
     vip: SocketAddrV4,
@@ -477,105 +439,5 @@ impl ReqBody {
 
     fn replayable(&self) -> bool {
         matches!(self, ReqBody::Replay(_))
-    }
-}
-
-/// A streamed request body: counts its bytes as they go, once it knows its instance.
-pub struct Counted {
-    inner: Incoming,
-    counter: Option<Counter>,
-}
-
-impl Body for Counted {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        if let (Poll::Ready(Some(Ok(f))), Some(c)) = (&r, &self.counter) {
-            if let Some(d) = f.data_ref() {
-                c.inc_by(d.len() as u64);
-            }
-        }
-        r
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-struct Done {
-    backend: Arc<Backend>,
-    started: Instant,
-    /// Goes back to the pool once the response has been read to its end.
-    sender: Sender,
-}
-
-/// An instance's response on its way to the client: counts bytes, and when it ends records the
-/// request's duration and returns the connection to the pool (only if the response was read
-/// to its end: otherwise hyper closes that connection).
-pub struct Tracked {
-    inner: Incoming,
-    done: Option<Done>,
-}
-
-impl Tracked {
-    fn finish(&mut self, complete: bool) {
-        let Some(d) = self.done.take() else { return };
-        let m = &d.backend.metrics;
-        m.active.dec();
-        if let Some(h) = &m.http {
-            h.request_seconds.observe(d.started.elapsed().as_secs_f64());
-        }
-        if complete {
-            d.backend.pool.put(d.sender);
-        }
-    }
-}
-
-impl Body for Tracked {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        match &r {
-            Poll::Ready(Some(Ok(f))) => {
-                if let (Some(d), Some(data)) = (&self.done, f.data_ref()) {
-                    d.backend.metrics.bytes_to_client.inc_by(data.len() as u64);
-                }
-            }
-            Poll::Ready(None) => self.finish(true),
-            Poll::Ready(Some(Err(_))) => self.finish(false),
-            Poll::Pending => {}
-        }
-        r
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for Tracked {
-    fn drop(&mut self) {
-        // hyper does not poll a body it knows to be empty (HEAD, 204, Content-Length: 0).
-        let complete = self.inner.is_end_stream();
-        self.finish(complete);
     }
 }
