@@ -158,6 +158,17 @@ impl Config {
             Some(p) => read_file(p)?,
             None => FileConfig::default(),
         };
+        Self::resolve(args, file)
+    }
+
+    /// The config a `fluxd run --config FILE` with no other flag would get from a file holding
+    /// `text`: parsed and validated exactly as [`Config::load`] does (used by the fuzz target).
+    pub fn from_toml_str(text: &str) -> anyhow::Result<Config> {
+        let file = parse_file(text).map_err(|msg| anyhow::anyhow!("config: {msg}"))?;
+        Self::resolve(&RunArgs::default(), file)
+    }
+
+    fn resolve(args: &RunArgs, file: FileConfig) -> anyhow::Result<Config> {
         macro_rules! pick {
             ($f:ident) => {
                 args.$f.clone().or(file.$f.clone())
@@ -281,10 +292,11 @@ impl Config {
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("config: cannot read {}", path.display()))?;
-    toml::from_str(&text).map_err(|e| {
-        let msg = e.message().to_string();
-        anyhow::anyhow!("config: {}: {msg}", path.display())
-    })
+    parse_file(&text).map_err(|msg| anyhow::anyhow!("config: {}: {msg}", path.display()))
+}
+
+fn parse_file(text: &str) -> Result<FileConfig, String> {
+    toml::from_str(text).map_err(|e| e.message().to_string())
 }
 
 /// `unix:///PATH` or `none`.
