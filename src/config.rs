@@ -406,6 +406,30 @@ mod tests {
         assert!(e.contains("hostname"), "{e}");
     }
 
+    /// The fuzz target's entry point reads text exactly as `load` reads the file.
+    #[test]
+    fn from_toml_str_is_load_without_a_file() {
+        let text = "host_name = \"h1\"\nhost_ip = \"10.0.0.9\"\nproxy_port = 7000\nvip_range = [\"198.18.0.0/15\"]\n";
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("fluxd.toml");
+        std::fs::write(&f, text).unwrap();
+        let loaded = Config::load(&RunArgs {
+            config: Some(f),
+            ..RunArgs::default()
+        })
+        .unwrap();
+        let parsed = Config::from_toml_str(text).unwrap();
+        assert_eq!(format!("{loaded:?}"), format!("{parsed:?}"));
+        let e = Config::from_toml_str("host_ttl = 1\nhost_name = \"h\"\nhost_ip = \"10.0.0.9\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("host_ttl"), "{e}");
+        let e = Config::from_toml_str("hostname = 1")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("config: ") && e.contains("hostname"), "{e}");
+    }
+
     /// packaging/fluxd.toml (installed as /etc/flux/fluxd.toml) loads as it is, and with
     /// every key uncommented; and it names every key a config file takes.
     #[test]
