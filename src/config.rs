@@ -239,6 +239,17 @@ impl Config {
             Some(p) => read_file(p)?,
             None => FileConfig::default(),
         };
+        Self::resolve(args, file)
+    }
+
+    /// The config a `fluxd run --config FILE` with no other flag would get from a file holding
+    /// `text`: parsed and validated exactly as [`Config::load`] does (used by the fuzz target).
+    pub fn from_toml_str(text: &str) -> anyhow::Result<Config> {
+        let file = parse_file(text).map_err(|msg| anyhow::anyhow!("config: {msg}"))?;
+        Self::resolve(&RunArgs::default(), file)
+    }
+
+    fn resolve(args: &RunArgs, file: FileConfig) -> anyhow::Result<Config> {
         macro_rules! pick {
             ($f:ident) => {
                 args.$f.clone().or(file.$f.clone())
@@ -416,10 +427,11 @@ impl Config {
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("config: cannot read {}", path.display()))?;
-    toml::from_str(&text).map_err(|e| {
-        let msg = e.message().to_string();
-        anyhow::anyhow!("config: {}: {msg}", path.display())
-    })
+    parse_file(&text).map_err(|msg| anyhow::anyhow!("config: {}: {msg}", path.display()))
+}
+
+fn parse_file(text: &str) -> Result<FileConfig, String> {
+    toml::from_str(text).map_err(|e| e.message().to_string())
 }
 
 /// `unix:///PATH` or `none`.
@@ -552,6 +564,30 @@ mod tests {
             e.starts_with("--protected-range: ") && !e.contains('\n'),
             "{e}"
         );
+    }
+
+    /// The fuzz target's entry point reads text exactly as `load` reads the file.
+    #[test]
+    fn from_toml_str_is_load_without_a_file() {
+        let text = "host_name = \"h1\"\nhost_ip = \"10.0.0.9\"\nproxy_port = 7000\nvip_range = [\"198.18.0.0/15\"]\n";
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("fluxd.toml");
+        std::fs::write(&f, text).unwrap();
+        let loaded = Config::load(&RunArgs {
+            config: Some(f),
+            ..RunArgs::default()
+        })
+        .unwrap();
+        let parsed = Config::from_toml_str(text).unwrap();
+        assert_eq!(format!("{loaded:?}"), format!("{parsed:?}"));
+        let e = Config::from_toml_str("host_ttl = 1\nhost_name = \"h\"\nhost_ip = \"10.0.0.9\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("host_ttl"), "{e}");
+        let e = Config::from_toml_str("hostname = 1")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("config: ") && e.contains("hostname"), "{e}");
     }
 
     /// packaging/fluxd.toml (installed as /etc/flux/fluxd.toml) loads as it is, and with

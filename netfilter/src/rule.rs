@@ -107,9 +107,10 @@ pub(crate) fn is_hook(chain: &str, line: &str) -> bool {
 }
 
 /// The text of a rule's `--comment`, unquoted. iptables 1.8 always quotes it and escapes `"` and
-/// `\` inside; older versions printed simple comments bare, so both forms are read.
+/// `\` inside; older versions printed simple comments bare, so both forms are read. Only the
+/// `-m comment --comment` match counts: an interface may be called `br--comment`.
 pub(crate) fn comment(line: &str) -> Option<String> {
-    let (_, after) = line.split_once("--comment ")?;
+    let (_, after) = line.split_once(" -m comment --comment ")?;
     let mut chars = after.chars();
     if !after.starts_with('"') {
         return Some(after.split(' ').next().unwrap_or_default().to_string());
@@ -145,7 +146,13 @@ mod tests {
             Some(r#"a "b" \c"#)
         );
         assert_eq!(comment("-A X -j Y"), None);
-        assert_eq!(comment(r#"-A X --comment "unterminated"#), None);
+        // Found by fuzzing (netfilter_render): an interface whose name holds `--comment`.
+        assert_eq!(
+            comment(r#"-A PREROUTING -i g.g--comment -m comment --comment "flux hook" -j Y"#)
+                .as_deref(),
+            Some("flux hook")
+        );
+        assert_eq!(comment(r#"-A X -m comment --comment "unterminated"#), None);
     }
 
     #[test]

@@ -56,6 +56,8 @@ pub(crate) fn interface_problem(name: &str) -> Option<&'static str> {
         Some("interface names are at most 15 bytes")
     } else if stem.is_empty() {
         Some("a pattern matching every interface would redirect traffic from the LAN")
+    } else if stem.starts_with('-') {
+        Some("an interface name starting with '-' would read as an iptables option")
     } else if !stem
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))

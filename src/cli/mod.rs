@@ -132,7 +132,7 @@ pub struct SelectorArgs {
 }
 
 impl SelectorArgs {
-    fn to_selector(&self) -> Result<Selector, InvalidInput> {
+    pub fn to_selector(&self) -> Result<Selector, InvalidInput> {
         let pairs =
             |field: &str, v: &Option<String>| -> Result<BTreeMap<String, String>, InvalidInput> {
                 match v {

@@ -399,7 +399,7 @@ async fn inspect(docker: &Docker, id: &str) -> Option<Container> {
 
 /// Labels that are valid selector pairs and short enough to publish; the rest (malformed or
 /// huge, as anyone may set) are left out of the record rather than refused.
-fn publishable_labels(labels: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+pub fn publishable_labels(labels: &BTreeMap<String, String>) -> BTreeMap<String, String> {
     labels
         .iter()
         .filter(|(k, v)| {

@@ -186,7 +186,7 @@ impl EdgeConfig {
 }
 
 /// `NAME=[ADDR]:PORT[@SERVER_NAME,...]`.
-pub(crate) fn parse_site(s: &str) -> anyhow::Result<Site> {
+pub fn parse_site(s: &str) -> anyhow::Result<Site> {
     let usage = || {
         anyhow::anyhow!(
             "--service: expected NAME=[ADDR]:PORT[@SERVER_NAME,...], e.g. web=:80@example.com (got \"{s}\")"
