@@ -72,6 +72,62 @@ fn wait_answer(ns: &Netns, addr: &str, status: u16, body_has: &str, edge: &Edge,
     );
 }
 
+/// Requests through nginx until `stop`, `limit` or 20,000 requests, one per fresh connection:
+/// who answered each 200 (by `who`) and when; every other answer or error is a failure.
+type Loop = std::thread::JoinHandle<(Vec<(Instant, String)>, Vec<String>)>;
+fn request_loop(
+    ns: &Netns,
+    addr: SocketAddrV4,
+    stop: Arc<AtomicBool>,
+    limit: Duration,
+    pause: Duration,
+    who: fn(&Message) -> String,
+) -> Loop {
+    ns.spawn(move || {
+        let start = Instant::now();
+        let mut seen: Vec<(Instant, String)> = Vec::new();
+        let mut failures: Vec<String> = Vec::new();
+        while !stop.load(Ordering::SeqCst)
+            && start.elapsed() < limit
+            && seen.len() + failures.len() < 20_000
+        {
+            match Client::connect(addr).and_then(|mut c| c.get("example.com")) {
+                Ok(m) if m.status() == 200 => seen.push((Instant::now(), who(&m))),
+                Ok(m) => failures.push(format!("{} {}", m.status(), body(&m).trim())),
+                Err(e) => failures.push(e.to_string()),
+            }
+            std::thread::sleep(pause);
+        }
+        (seen, failures)
+    })
+}
+
+/// Prints how often each name answered and fails on any failed request; the count by name.
+fn tally(
+    seen: &[(Instant, String)],
+    failures: &[String],
+    names: &[&str],
+    nginx: &Nginx,
+) -> std::collections::BTreeMap<String, usize> {
+    let counts: std::collections::BTreeMap<String, usize> = names
+        .iter()
+        .map(|n| (n.to_string(), seen.iter().filter(|(_, b)| b == n).count()))
+        .collect();
+    eprintln!(
+        "{} requests: {counts:?}, {} failed",
+        seen.len() + failures.len(),
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} failed requests, first: {:?}\nnginx:\n{}",
+        failures.len(),
+        &failures[..failures.len().min(5)],
+        nginx.error_log()
+    );
+    counts
+}
+
 #[test]
 fn requests_follow_instances_without_failures() {
     let ns = Netns::new("edge");
@@ -104,27 +160,15 @@ fn requests_follow_instances_without_failures() {
     // The request loop: one request per fresh connection, bounded by a stop flag, 30 s and
     // 20,000 requests; every answer other than 200 from a backend counts as a failure.
     let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
     let addr: SocketAddrV4 = WEB.parse().unwrap();
-    let looper = ns.spawn(move || {
-        let start = Instant::now();
-        let mut seen: Vec<(Instant, String)> = Vec::new();
-        let mut failures: Vec<String> = Vec::new();
-        while !stop2.load(Ordering::SeqCst)
-            && start.elapsed() < Duration::from_secs(30)
-            && seen.len() + failures.len() < 20_000
-        {
-            match Client::connect(addr).and_then(|mut c| c.get("example.com")) {
-                Ok(m) if m.status() == 200 => {
-                    seen.push((Instant::now(), m.header("x-backend").to_string()))
-                }
-                Ok(m) => failures.push(format!("{} {}", m.status(), body(&m).trim())),
-                Err(e) => failures.push(e.to_string()),
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        (seen, failures)
-    });
+    let looper = request_loop(
+        &ns,
+        addr,
+        stop.clone(),
+        Duration::from_secs(30),
+        Duration::from_millis(2),
+        |m| m.header("x-backend").to_string(),
+    );
     std::thread::sleep(Duration::from_millis(500));
 
     // A third instance joins.
@@ -155,22 +199,8 @@ fn requests_follow_instances_without_failures() {
     stop.store(true, Ordering::SeqCst);
     let (seen, failures) = looper.join().unwrap();
 
-    let count = |name: &str| seen.iter().filter(|(_, b)| b == name).count();
-    eprintln!(
-        "{} requests: b1 {} b2 {} b3 {}, {} failed",
-        seen.len() + failures.len(),
-        count("b1"),
-        count("b2"),
-        count("b3"),
-        failures.len()
-    );
-    assert!(
-        failures.is_empty(),
-        "{} failed requests, first: {:?}\nnginx:\n{}",
-        failures.len(),
-        &failures[..failures.len().min(5)],
-        nginx.error_log()
-    );
+    let counts = tally(&seen, &failures, &["b1", "b2", "b3"], &nginx);
+    let count = |name: &str| counts[name];
     assert!(seen.len() >= 200, "only {} requests", seen.len());
     assert!(count("b3") > 0 && count("b1") > 0 && count("b2") > 0);
     let after: Vec<_> = seen.iter().filter(|(t, _)| *t > b2_dead).collect();
@@ -409,27 +439,15 @@ fn containers_come_and_go_without_failed_requests() {
     wait_answer(&ns, WEB, 200, "c", &edge, &nginx);
 
     let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
     let addr: SocketAddrV4 = WEB.parse().unwrap();
-    let looper = ns.spawn(move || {
-        let start = Instant::now();
-        let mut seen: Vec<(Instant, String)> = Vec::new();
-        let mut failures: Vec<String> = Vec::new();
-        while !stop2.load(Ordering::SeqCst)
-            && start.elapsed() < Duration::from_secs(45)
-            && seen.len() + failures.len() < 20_000
-        {
-            match Client::connect(addr).and_then(|mut c| c.get("example.com")) {
-                Ok(m) if m.status() == 200 => {
-                    seen.push((Instant::now(), body(&m).trim().to_string()))
-                }
-                Ok(m) => failures.push(format!("{} {}", m.status(), body(&m).trim())),
-                Err(e) => failures.push(e.to_string()),
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        (seen, failures)
-    });
+    let looper = request_loop(
+        &ns,
+        addr,
+        stop.clone(),
+        Duration::from_secs(45),
+        Duration::from_millis(5),
+        |m| body(m).trim().to_string(),
+    );
     std::thread::sleep(Duration::from_millis(500));
     let c3 = httpd(&docker, "c3");
     let ip3 = docker.container_ip(&c3).unwrap().to_string();
@@ -450,22 +468,8 @@ fn containers_come_and_go_without_failed_requests() {
     std::thread::sleep(Duration::from_millis(1500));
     stop.store(true, Ordering::SeqCst);
     let (seen, failures) = looper.join().unwrap();
-    let count = |name: &str| seen.iter().filter(|(_, b)| b == name).count();
-    eprintln!(
-        "{} requests: c1 {} c2 {} c3 {}, {} failed",
-        seen.len() + failures.len(),
-        count("c1"),
-        count("c2"),
-        count("c3"),
-        failures.len()
-    );
-    assert!(
-        failures.is_empty(),
-        "{} failed requests, first: {:?}\nnginx:\n{}",
-        failures.len(),
-        &failures[..failures.len().min(5)],
-        nginx.error_log()
-    );
+    let counts = tally(&seen, &failures, &["c1", "c2", "c3"], &nginx);
+    let count = |name: &str| counts[name];
     assert!(count("c1") > 0 && count("c2") > 0 && count("c3") > 0);
     let after: Vec<_> = seen.iter().filter(|(t, _)| *t > c2_dead).collect();
     assert!(!after.is_empty());
