@@ -21,6 +21,9 @@ use tokio::sync::watch;
 
 pub type Body = Full<Bytes>;
 
+/// How long a read waits for the store before it answers from the followed state.
+const STORE_READ_WAIT: std::time::Duration = std::time::Duration::from_millis(800);
+
 /// What the handlers share: the catalog, this host's name, and the data plane's status
 /// (absent with `--no-dataplane`).
 pub struct Api {
@@ -42,13 +45,19 @@ impl Api {
         if self.catalog.store().unreachable_since().is_some() {
             return Ok(self.followed.borrow().clone());
         }
-        match self.catalog.load().await {
-            Ok(s) => Ok(Arc::new(s)),
-            Err(CatalogError::Store(StoreError::Unavailable(why))) => {
+        // A store that is slow to answer (an etcd member just died and the client has not
+        // moved on yet) is not waited for either: the followed state is a moment old at most.
+        match tokio::time::timeout(STORE_READ_WAIT, self.catalog.load()).await {
+            Ok(Ok(s)) => Ok(Arc::new(s)),
+            Ok(Err(CatalogError::Store(StoreError::Unavailable(why)))) => {
                 tracing::debug!(%why, "store unavailable; answering from the last followed state");
                 Ok(self.followed.borrow().clone())
             }
-            Err(e) => Err(e),
+            Ok(Err(e)) => Err(e),
+            Err(_) => {
+                tracing::debug!("store slow to answer; answering from the last followed state");
+                Ok(self.followed.borrow().clone())
+            }
         }
     }
 
