@@ -329,6 +329,27 @@ fn etcd_with_tls_client_certificates_and_auth() {
         .ctl(&["get", "--prefix", "/flux/services/", "--keys-only"])
         .contains("/flux/services/web"));
 
+    // etcd restarts and forgets every token it gave out: both hosts log in again by themselves
+    // (a write through h1's API, and h2's watch and lease), no fluxd restart.
+    etcd.restart();
+    h1.ok(&["service", "add", "api", "--address", "10.128.0.2:80"]);
+    let seen = support::fluxd::wait_until(Duration::from_secs(15), || {
+        services(&h2) == vec!["api".to_string(), "web".to_string()]
+    });
+    assert!(
+        seen.is_some(),
+        "h2 never saw api after etcd's restart: {}",
+        h2.log()
+    );
+    for h in [&h1, &h2] {
+        assert!(h.log().contains("logged in to etcd again"), "{}", h.log());
+    }
+    let hosts = etcd.ctl(&["get", "--prefix", "/flux/hosts/", "--keys-only"]);
+    assert!(
+        hosts.contains("h1") && hosts.contains("h2"),
+        "host records: {hosts}"
+    );
+
     // A wrong password: fluxd refuses to start, in one line.
     let mut bad = fluxd_on(&etcd, tmp.path(), "bad-pw", &with(&tls, &user(&bad_pw)));
     let line = refusal(&mut bad);

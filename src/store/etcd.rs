@@ -51,6 +51,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// than every 5 s (`--grpc-keepalive-min-time`), and pings with no stream open at all.
 const HTTP2_PING_INTERVAL: Duration = Duration::from_secs(10);
 const HTTP2_PING_TIMEOUT: Duration = Duration::from_secs(5);
+/// Requests that failed together with one stale token share one fresh login.
+const RELOGIN_MIN_INTERVAL: Duration = Duration::from_secs(1);
 
 /// gRPC status codes (fixed by the gRPC spec); named here because the crate does not re-export
 /// tonic's `Code`.
@@ -89,6 +91,21 @@ struct Core {
     /// Since when the watches have been failing, `None` while they work: readers of the
     /// followed catalog (the UI, `fluxctl`) say their picture may be stale.
     watch_down_since: Arc<std::sync::Mutex<Option<SystemTime>>>,
+    /// The etcd user to log in as again when etcd no longer knows our token.
+    login: Option<Arc<Login>>,
+}
+
+/// etcd forgets every token it issued when it restarts (the default "simple" tokens live in its
+/// memory) and when a token's `--auth-token-ttl` runs out; etcd-client 0.15 logs in only once,
+/// at connect. So the user and password are kept, and any request that etcd refuses for its
+/// token logs in again (once for all the requests that failed together); the request's own
+/// retry, or the background task's next round, then succeeds.
+struct Login {
+    user: String,
+    password: String,
+    /// When the last fresh login succeeded; requests that failed with the old token just
+    /// before it need no login of their own.
+    last: Mutex<Option<Instant>>,
 }
 
 /// The host session. One lock covers the lease and the bound-record map, and every writing
@@ -194,6 +211,13 @@ impl EtcdStore {
             client,
             prefix: prefix.to_string(),
             watch_down_since: Arc::default(),
+            login: credentials.user.as_ref().map(|(user, password)| {
+                Arc::new(Login {
+                    user: user.clone(),
+                    password: password.clone(),
+                    last: Mutex::new(None),
+                })
+            }),
         };
         // The first request is where a refused TLS handshake shows when there is no user to
         // authenticate first: its cause is spelt out too.
@@ -320,7 +344,7 @@ impl EtcdStore {
                 ));
             }
             Ok(Err(e)) => {
-                let error = map_err(e);
+                let error = self.core.fail(e).await;
                 if let (Some(s), StoreError::Unavailable(_)) = (session.as_mut(), &error) {
                     forget_touched(&mut s.bound, &txn.then);
                 }
@@ -386,14 +410,17 @@ impl Drop for EtcdStore {
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
         self.check_open()?;
-        let mut kv = self.core.client.kv_client();
-        let response = call(kv.get(self.core.abs(key), None)).await?;
+        let response = once_more_if_token_refused(|| async {
+            let mut kv = self.core.client.kv_client();
+            self.core.call(kv.get(self.core.abs(key), None)).await
+        })
+        .await?;
         Ok(response.kvs().first().and_then(|kv| self.core.convert(kv)))
     }
 
     async fn list(&self, prefix: &str) -> Result<Listing> {
         self.check_open()?;
-        self.core.list(prefix).await
+        once_more_if_token_refused(|| self.core.list(prefix)).await
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome> {
@@ -403,8 +430,8 @@ impl Store for EtcdStore {
                 "a transaction takes at most {MAX_TXN_OPS} conditions and {MAX_TXN_OPS} operations"
             )));
         }
-        self.run_txn(txn, tokio::time::Instant::now() + REQUEST_TIMEOUT)
-            .await
+        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+        once_more_if_token_refused(|| self.run_txn(txn.clone(), deadline)).await
     }
 
     async fn watch(
@@ -434,7 +461,7 @@ impl Store for EtcdStore {
             return Err(StoreError::Invalid("the session is already started".into()));
         }
         let mut leases = self.core.client.lease_client();
-        let granted = call(leases.grant(ttl_secs, None)).await?;
+        let granted = self.core.call(leases.grant(ttl_secs, None)).await?;
         if !granted.error().is_empty() {
             return Err(StoreError::Unavailable(format!(
                 "etcd refused a lease: {}",
@@ -480,7 +507,7 @@ impl Store for EtcdStore {
                 Ok(_) => Ok(()),
                 // Already expired: the records are gone, which is what was asked.
                 Err(e) if is_lease_gone(&e) => Ok(()),
-                Err(e) => Err(map_err(e)),
+                Err(e) => Err(self.core.fail(e).await),
             }
         };
         match tokio::time::timeout(REQUEST_TIMEOUT, revoke).await {
@@ -491,6 +518,49 @@ impl Store for EtcdStore {
 }
 
 impl Core {
+    /// etcd's error as a `StoreError`, after logging in again if etcd refused our token.
+    async fn fail(&self, e: etcd_client::Error) -> StoreError {
+        self.login_again_if_refused(&e).await;
+        map_err(e)
+    }
+
+    /// A request under our deadline; a refused token is handled as `fail` does.
+    async fn call<T>(
+        &self,
+        request: impl Future<Output = std::result::Result<T, etcd_client::Error>>,
+    ) -> Result<T> {
+        match timed(request).await? {
+            Ok(t) => Ok(t),
+            Err(e) => Err(self.fail(e).await),
+        }
+    }
+
+    async fn login_again_if_refused(&self, e: &etcd_client::Error) {
+        let Some(login) = &self.login else { return };
+        if !is_token_refused(e) {
+            return;
+        }
+        let mut last = login.last.lock().await;
+        if last.is_some_and(|t| t.elapsed() < RELOGIN_MIN_INTERVAL) {
+            return;
+        }
+        let mut auth = self.client.auth_client();
+        // etcd checks the token sent with Authenticate itself, so the stale one must go first.
+        auth.remove_client_auth();
+        match timed(auth.set_client_auth(login.user.clone(), login.password.clone())).await {
+            Ok(Ok(())) => {
+                *last = Some(Instant::now());
+                tracing::info!(user = %login.user, "logged in to etcd again: it no longer knew our token");
+            }
+            Ok(Err(err)) => {
+                tracing::warn!(user = %login.user, error = %map_err(err), "logging in to etcd again failed")
+            }
+            Err(err) => {
+                tracing::warn!(user = %login.user, error = %err, "logging in to etcd again failed")
+            }
+        }
+    }
+
     fn abs(&self, key: &str) -> Vec<u8> {
         let mut full = Vec::with_capacity(self.prefix.len() + key.len());
         full.extend_from_slice(self.prefix.as_bytes());
@@ -525,8 +595,9 @@ impl Core {
 
     async fn current_revision(&self) -> Result<Revision> {
         let mut kv = self.client.kv_client();
-        let response =
-            call(kv.get(self.abs(""), Some(GetOptions::new().with_count_only()))).await?;
+        let response = self
+            .call(kv.get(self.abs(""), Some(GetOptions::new().with_count_only())))
+            .await?;
         Ok(response.header().map(|h| h.revision()).unwrap_or_default())
     }
 
@@ -562,7 +633,7 @@ impl Core {
             let response = match timed(kv.get(start.clone(), Some(options))).await? {
                 Ok(response) => response,
                 Err(e) if listing.revision > 0 && is_compacted(&e) => return Ok(None),
-                Err(e) => return Err(map_err(e)),
+                Err(e) => return Err(self.fail(e).await),
             };
             if listing.revision == 0 {
                 listing.revision = response.header().map(|h| h.revision()).unwrap_or_default();
@@ -604,12 +675,6 @@ async fn timed<T>(
         .map_err(|_| timeout_error())
 }
 
-async fn call<T>(
-    request: impl Future<Output = std::result::Result<T, etcd_client::Error>>,
-) -> Result<T> {
-    timed(request).await?.map_err(map_err)
-}
-
 fn timeout_error() -> StoreError {
     StoreError::Unavailable(format!("etcd did not answer within {REQUEST_TIMEOUT:?}"))
 }
@@ -642,6 +707,9 @@ fn map_connect_err(e: etcd_client::Error) -> StoreError {
 fn map_err(e: etcd_client::Error) -> StoreError {
     use etcd_client::Error as E;
     match e {
+        E::GRpcStatus(ref status) if is_token_refused(&e) => {
+            StoreError::Unavailable(format!("etcd: {}", status.message()))
+        }
         E::GRpcStatus(status) => {
             let message = format!("etcd: {}", status.message());
             match status.code() as i32 {
@@ -665,6 +733,31 @@ fn map_err(e: etcd_client::Error) -> StoreError {
         E::InvalidUri(e) => StoreError::Invalid(format!("bad etcd endpoint: {e}")),
         E::Utf8Error(e) => StoreError::Storage(e.to_string()),
         other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
+/// etcd no longer accepts our token (restarted, or the token's TTL ran out), or got a request
+/// without one (another task was just logging in again): both pass once we log in again.
+fn is_token_refused(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => is_token_refusal(s.message()),
+        _ => false,
+    }
+}
+
+fn is_token_refusal(message: &str) -> bool {
+    message.contains("invalid auth token") || message.contains("user name is empty")
+}
+
+/// Makes a request once more if etcd refused it for a stale token: `Core::fail` has logged in
+/// again by then, so a caller (`fluxctl`, the API) does not see a failure etcd's restart caused.
+async fn once_more_if_token_refused<T, F>(request: impl Fn() -> F) -> Result<T>
+where
+    F: Future<Output = Result<T>>,
+{
+    match request().await {
+        Err(StoreError::Unavailable(m)) if is_token_refusal(&m) => request().await,
+        other => other,
     }
 }
 
@@ -823,7 +916,7 @@ async fn watch_stream(
     let (_watcher, mut stream) = match tokio::time::timeout(REQUEST_TIMEOUT, &mut create).await {
         Ok(Ok(Ok(created))) => created,
         Ok(Ok(Err(e))) if is_compacted(&e) => return WatchEnd::Compacted,
-        Ok(Ok(Err(e))) => return WatchEnd::Broken(map_err(e).to_string()),
+        Ok(Ok(Err(e))) => return WatchEnd::Broken(core.fail(e).await.to_string()),
         Ok(Err(e)) => return WatchEnd::Broken(format!("creating the watch failed: {e}")),
         Err(_) => {
             create.abort();
@@ -838,7 +931,7 @@ async fn watch_stream(
                 Ok(Some(response)) => response,
                 Ok(None) => return WatchEnd::Broken("watch stream ended".into()),
                 Err(e) if is_compacted(&e) => return WatchEnd::Compacted,
-                Err(e) => return WatchEnd::Broken(map_err(e).to_string()),
+                Err(e) => return WatchEnd::Broken(core.fail(e).await.to_string()),
             };
             if response.compact_revision() > 0 {
                 return WatchEnd::Compacted;
@@ -967,7 +1060,7 @@ async fn renew(
     let (mut keeper, mut stream) = match timed(leases.keep_alive(id)).await {
         Ok(Ok(pair)) => pair,
         Ok(Err(e)) if is_lease_gone(&e) => return KeepEnd::LeaseGone(id),
-        Ok(Err(e)) => return KeepEnd::Broken(map_err(e).to_string()),
+        Ok(Err(e)) => return KeepEnd::Broken(core.fail(e).await.to_string()),
         Err(e) => return KeepEnd::Broken(e.to_string()),
     };
     // A re-put cut short by an outage is finished as soon as etcd answers again.
@@ -996,7 +1089,7 @@ async fn renew(
             Ok(Ok(Some(_))) => return KeepEnd::LeaseGone(id),
             Ok(Ok(None)) => return KeepEnd::Broken("keep-alive stream ended".into()),
             Ok(Err(e)) if is_lease_gone(&e) => return KeepEnd::LeaseGone(id),
-            Ok(Err(e)) => return KeepEnd::Broken(map_err(e).to_string()),
+            Ok(Err(e)) => return KeepEnd::Broken(core.fail(e).await.to_string()),
             Err(_) => return KeepEnd::Broken(timeout_error().to_string()),
         }
     }
@@ -1021,7 +1114,7 @@ async fn regrant(core: &Core, session: &Mutex<Session>) -> Result<()> {
         };
     }
     let mut leases = core.client.lease_client();
-    let granted = call(leases.grant(s.ttl, None)).await?;
+    let granted = core.call(leases.grant(s.ttl, None)).await?;
     if !granted.error().is_empty() {
         return Err(StoreError::Unavailable(format!(
             "etcd refused a lease: {}",
@@ -1056,7 +1149,8 @@ async fn reput(core: &Core, s: &mut Session, id: i64) -> Result<()> {
         if last || batch.len() >= REPUT_BATCH_OPS || bytes >= REPUT_BATCH_BYTES {
             let ops = std::mem::take(&mut batch);
             bytes = 0;
-            call(kv.txn(etcd_client::Txn::new().and_then(ops))).await?;
+            core.call(kv.txn(etcd_client::Txn::new().and_then(ops)))
+                .await?;
         }
     }
     s.reput_pending = false;
