@@ -2,7 +2,7 @@
 //! SIGINT stops in the reverse order so that nothing is left half-done.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use tokio::signal::unix::{signal, SignalKind};
@@ -285,6 +285,7 @@ async fn start_dataplane(
         bridge_interfaces: config.bridge_interfaces.clone(),
         vip_ranges: config.vip_ranges.clone(),
         protected_ranges: config.protected_ranges.clone(),
+        protected_addresses: etcd_addresses(&config.store).await,
     };
     let status = Status::new(routes, Some(rules));
     let mut controller = Controller::new(status.clone(), config.host_name.clone(), local);
@@ -406,4 +407,58 @@ async fn wait_for_stop_signal() -> anyhow::Result<()> {
         _ = int.recv() => {}
     }
     Ok(())
+}
+
+/// The IPv4 addresses of the etcd endpoints, for the VIP guard: a VIP on one of them would cut
+/// this host off its store. Host names are resolved once, here; one that does not resolve
+/// within a second is left out with a warning (the store connection reports it anyway).
+async fn etcd_addresses(store: &StoreSpec) -> Vec<(Ipv4Addr, String)> {
+    let StoreSpec::Etcd { endpoints } = store else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for endpoint in endpoints {
+        let hostport = endpoint
+            .strip_prefix("http://")
+            .or_else(|| endpoint.strip_prefix("https://"))
+            .unwrap_or(endpoint);
+        let what = format!("the etcd endpoint {endpoint}");
+        let resolved =
+            tokio::time::timeout(Duration::from_secs(1), tokio::net::lookup_host(hostport)).await;
+        match resolved {
+            Ok(Ok(addrs)) => out.extend(addrs.filter_map(|a| match a {
+                std::net::SocketAddr::V4(v4) => Some((*v4.ip(), what.clone())),
+                std::net::SocketAddr::V6(_) => None,
+            })),
+            Ok(Err(e)) => {
+                tracing::warn!(endpoint = %endpoint, error = %e, "cannot resolve the etcd endpoint; the VIP guard does not protect it")
+            }
+            Err(_) => {
+                tracing::warn!(endpoint = %endpoint, "resolving the etcd endpoint timed out; the VIP guard does not protect it")
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn etcd_endpoints_become_guarded_addresses() {
+        let store = StoreSpec::Etcd {
+            endpoints: vec![
+                "http://203.0.113.7:2379".into(),
+                "https://localhost:2379".into(),
+            ],
+        };
+        let got = etcd_addresses(&store).await;
+        assert!(got.contains(&(
+            "203.0.113.7".parse().unwrap(),
+            "the etcd endpoint http://203.0.113.7:2379".to_string()
+        )));
+        assert!(got.iter().any(|(ip, _)| ip.is_loopback()), "{got:?}");
+        assert!(etcd_addresses(&StoreSpec::Embedded).await.is_empty());
+    }
 }

@@ -1,6 +1,6 @@
 //! Issue 9 (part): the VIP guard. Each fluxd refuses to redirect a VIP that is an address of one
-//! of its own interfaces or lies in a protected range, reports it, and judges again when its
-//! addresses change. Real kernel, in a network namespace each test creates.
+//! of its own interfaces, its default gateway or a DNS resolver, or lies in a protected range,
+//! reports it, and judges again when these change. Real kernel, in a network namespace each test creates.
 
 mod support;
 
@@ -170,4 +170,59 @@ fn vip_range_holding_an_own_address_gets_no_rule() {
         .as_array()
         .unwrap()
         .is_empty());
+}
+
+#[test]
+fn default_gateway_and_dns_resolver_are_refused() {
+    let ns = Netns::new("guard-gw");
+    // A default route inside the namespace only: via a veth whose peer is in the same
+    // namespace, so nothing can leave the machine.
+    ns.ip(&["link", "add", "g0", "type", "veth", "peer", "name", "g1"]);
+    ns.ip(&["addr", "add", "198.18.6.1/24", "dev", "g0"]);
+    ns.ip(&["link", "set", "g0", "up"]);
+    ns.ip(&["link", "set", "g1", "up"]);
+    ns.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "198.18.6.254",
+        "dev",
+        "g0",
+    ]);
+    let fluxd = Fluxd::dataplane(&ns.name, &[]);
+    fluxd.ok(&["service", "add", "gw", "--address", "198.18.6.254:80"]);
+    // The machine's resolver (resolv.conf is not per namespace), when it is one a VIP could be.
+    let resolver = std::fs::read_to_string("/etc/resolv.conf")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("nameserver "))
+        .filter_map(|a| a.trim().parse::<std::net::Ipv4Addr>().ok())
+        .find(|a| !a.is_loopback() && !a.is_link_local() && !a.is_unspecified());
+    if let Some(r) = resolver {
+        fluxd.ok(&["service", "add", "dns", "--address", &format!("{r}:53")]);
+    }
+    let _b = add_good_service(&ns, &fluxd);
+
+    let r = debug_refusal(&fluxd, "gw").expect("gateway VIP not refused");
+    assert_eq!(
+        r["reason"], "is 198.18.6.254, this host's default gateway (via g0)",
+        "{r}"
+    );
+    assert!(!ns.vip_set().contains("flux:gw"), "{}", ns.vip_set());
+    match resolver {
+        Some(r) => {
+            let why = debug_refusal(&fluxd, "dns").expect("resolver VIP not refused");
+            let want = format!("is {r}, a DNS resolver in /etc/resolv.conf");
+            assert_eq!(why["reason"], want.as_str(), "{why}");
+            assert!(!ns.vip_set().contains("flux:dns"), "{}", ns.vip_set());
+        }
+        None => eprintln!("no usable IPv4 nameserver in /etc/resolv.conf; resolver case skipped"),
+    }
+
+    // The default route goes: the guard notices within seconds and routes the VIP.
+    ns.ip(&["route", "del", "default"]);
+    let routed = wait_until(Duration::from_secs(6), || ns.vip_set().contains("flux:gw"));
+    assert!(routed.is_some(), "{}\n{}", ns.vip_set(), fluxd.log());
+    assert!(debug_refusal(&fluxd, "gw").is_none());
 }

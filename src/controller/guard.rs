@@ -1,11 +1,13 @@
 //! The VIP guard (CVE-2020-8554 in kube-proxy): a service VIP is a way to capture traffic, so
 //! before any redirect is rendered each fluxd refuses the VIPs that would capture real traffic
-//! on this host: a VIP equal to an address of one of its own interfaces, or inside a protected
-//! range (`--protected-range`). A `--vip-range` that contains an own address or overlaps a
-//! protected range gets no rule either, since its one rule would capture the same traffic.
+//! on this host: a VIP equal to an address of one of its own interfaces, its default gateway,
+//! one of its DNS resolvers or an etcd endpoint, or inside a protected range
+//! (`--protected-range`). A `--vip-range` that contains such an address or overlaps a protected
+//! range gets no rule either, since its one rule would capture the same traffic.
 //!
 //! Pure apart from [`Addresses::read`]: the controller reads the addresses at every sync and on
-//! the drift timer (addresses come and go) and judges the whole catalog again each time.
+//! the drift timer (addresses, routes and resolvers come and go) and judges the whole catalog
+//! again each time.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -13,22 +15,29 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-/// This host's IPv4 interface addresses, sorted, each with the interface that holds it. Every
-/// address counts, whether its interface is up or not: Linux accepts traffic for a local
-/// address on any interface.
+/// The addresses a VIP must not take on this host, sorted, each with what it is ("an address
+/// of eth0", "this host's default gateway (via eth0)", ...). Every interface address counts,
+/// whether its interface is up or not: Linux accepts traffic for a local address on any
+/// interface.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Addresses(Vec<(Ipv4Addr, String)>);
 
 impl Addresses {
-    /// The addresses as the kernel has them now. A failure to read them is logged by the caller
-    /// and leaves the guard with the protected ranges only.
-    pub fn read() -> nix::Result<Addresses> {
-        let all = nix::ifaddrs::getifaddrs()?
+    /// The addresses as the kernel and `/etc/resolv.conf` have them now, plus `fixed` (the
+    /// etcd endpoints, resolved at start). A failure to read the interfaces is logged by the
+    /// caller and leaves the guard with the last addresses read; an unreadable route table or
+    /// resolv.conf simply adds nothing.
+    pub fn read(fixed: &[(Ipv4Addr, String)]) -> nix::Result<Addresses> {
+        let mut all: Vec<_> = nix::ifaddrs::getifaddrs()?
             .filter_map(|a| {
                 let ip = a.address?.as_sockaddr_in()?.ip();
-                Some((ip, a.interface_name))
+                Some((ip, format!("an address of {}", a.interface_name)))
             })
             .collect();
+        let read = |path| std::fs::read_to_string(path).unwrap_or_default();
+        all.extend(default_gateways(&read("/proc/net/route")));
+        all.extend(resolvers(&read("/etc/resolv.conf")));
+        all.extend(fixed.iter().cloned());
         Ok(Addresses::new(all))
     }
 
@@ -38,18 +47,52 @@ impl Addresses {
         Addresses(all)
     }
 
-    /// The interface holding `ip`, if any does.
+    /// What `ip` is, if it is one of these addresses.
     fn holder(&self, ip: Ipv4Addr) -> Option<&str> {
         self.0
             .iter()
             .find(|(a, _)| *a == ip)
-            .map(|(_, name)| name.as_str())
+            .map(|(_, what)| what.as_str())
     }
 
     /// The first address inside `net`, with its interface.
     fn inside(&self, net: &Ipv4Net) -> Option<&(Ipv4Addr, String)> {
         self.0.iter().find(|(a, _)| net.contains(a))
     }
+}
+
+/// The gateways of the default routes in `/proc/net/route` (this network namespace's), whose
+/// addresses are the kernel's own words in native byte order.
+fn default_gateways(route: &str) -> Vec<(Ipv4Addr, String)> {
+    const RTF_GATEWAY: u32 = 0x2;
+    let hex = |s: &str| u32::from_str_radix(s, 16).ok();
+    route
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (iface, dest, gw, flags, mask) =
+                (f.first()?, f.get(1)?, f.get(2)?, f.get(3)?, f.get(7)?);
+            let gw = hex(gw)?;
+            let default = hex(dest)? == 0 && hex(mask)? == 0;
+            (default && gw != 0 && hex(flags)? & RTF_GATEWAY != 0).then(|| {
+                let ip = Ipv4Addr::from(gw.to_ne_bytes());
+                (ip, format!("this host's default gateway (via {iface})"))
+            })
+        })
+        .collect()
+}
+
+/// The IPv4 `nameserver` lines of resolv.conf.
+fn resolvers(conf: &str) -> Vec<(Ipv4Addr, String)> {
+    conf.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            (words.next()? == "nameserver").then_some(())?;
+            let ip: Ipv4Addr = words.next()?.parse().ok()?;
+            Some((ip, "a DNS resolver in /etc/resolv.conf".to_string()))
+        })
+        .collect()
 }
 
 /// A service this host does not redirect, and why.
@@ -121,8 +164,8 @@ impl Verdict {
 
 /// Why `ip` must not be a VIP on this host, if it must not.
 pub fn vip_problem(ip: Ipv4Addr, own: &Addresses, protected: &[Ipv4Net]) -> Option<String> {
-    if let Some(iface) = own.holder(ip) {
-        return Some(format!("is {ip}, an address of {iface}"));
+    if let Some(what) = own.holder(ip) {
+        return Some(format!("is {ip}, {what}"));
     }
     protected
         .iter()
@@ -132,8 +175,8 @@ pub fn vip_problem(ip: Ipv4Addr, own: &Addresses, protected: &[Ipv4Net]) -> Opti
 
 /// Why `range` must get no rule on this host, if it must not.
 pub fn range_problem(range: &Ipv4Net, own: &Addresses, protected: &[Ipv4Net]) -> Option<String> {
-    if let Some((ip, iface)) = own.inside(range) {
-        return Some(format!("contains {ip}, an address of {iface}"));
+    if let Some((ip, what)) = own.inside(range) {
+        return Some(format!("contains {ip}, {what}"));
     }
     protected
         .iter()
@@ -147,9 +190,12 @@ mod tests {
 
     fn own() -> Addresses {
         Addresses::new(vec![
-            ("10.0.0.5".parse().unwrap(), "eth0".into()),
-            ("127.0.0.1".parse().unwrap(), "lo".into()),
-            ("198.19.1.1".parse().unwrap(), "docker0".into()),
+            ("10.0.0.5".parse().unwrap(), "an address of eth0".into()),
+            ("127.0.0.1".parse().unwrap(), "an address of lo".into()),
+            (
+                "198.19.1.1".parse().unwrap(),
+                "an address of docker0".into(),
+            ),
         ])
     }
 
@@ -227,9 +273,58 @@ mod tests {
 
     #[test]
     fn reads_this_hosts_addresses() {
-        // Every namespace has lo; its 127.0.0.1 is there once lo is up, which it is wherever
-        // the tests run.
-        let own = Addresses::read().unwrap();
-        assert!(own.0.iter().all(|(_, name)| !name.is_empty()), "{own:?}");
+        let etcd = (
+            "203.0.113.9".parse().unwrap(),
+            "an etcd endpoint".to_string(),
+        );
+        let own = Addresses::read(std::slice::from_ref(&etcd)).unwrap();
+        assert!(own.0.iter().all(|(_, what)| !what.is_empty()), "{own:?}");
+        assert!(own.0.contains(&etcd), "{own:?}");
+    }
+
+    #[test]
+    fn default_gateways_from_the_route_table() {
+        // /proc/net/route of a host with a default route via 192.0.2.1 on eth0, a link route,
+        // and a second (non-default) gateway route.
+        let gw = u32::from_ne_bytes([192, 0, 2, 1]);
+        let other = u32::from_ne_bytes([192, 0, 2, 254]);
+        let net = u32::from_ne_bytes([192, 0, 2, 0]);
+        let mask = u32::from_ne_bytes([255, 255, 255, 0]);
+        let table = format!(
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+             eth0\t00000000\t{gw:08X}\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+             eth0\t{net:08X}\t00000000\t0001\t0\t0\t0\t{mask:08X}\t0\t0\t0\n\
+             eth1\t0A000000\t{other:08X}\t0003\t0\t0\t0\t000000FF\t0\t0\t0\n"
+        );
+        assert_eq!(
+            default_gateways(&table),
+            vec![(
+                "192.0.2.1".parse().unwrap(),
+                "this host's default gateway (via eth0)".to_string()
+            )]
+        );
+        assert!(default_gateways("garbage\nx y z\n").is_empty());
+    }
+
+    #[test]
+    fn resolvers_from_resolv_conf() {
+        let conf =
+            "# comment\nsearch example.org\nnameserver 10.255.255.53\nnameserver ::1\nnameserver\n";
+        assert_eq!(
+            resolvers(conf),
+            vec![(
+                "10.255.255.53".parse().unwrap(),
+                "a DNS resolver in /etc/resolv.conf".to_string()
+            )]
+        );
+        let own = Addresses::new(resolvers(conf));
+        assert_eq!(
+            vip_problem("10.255.255.53".parse().unwrap(), &own, &[]).as_deref(),
+            Some("is 10.255.255.53, a DNS resolver in /etc/resolv.conf")
+        );
+        assert_eq!(
+            range_problem(&net("10.0.0.0/8"), &own, &[]).as_deref(),
+            Some("contains 10.255.255.53, a DNS resolver in /etc/resolv.conf")
+        );
     }
 }

@@ -34,6 +34,8 @@ pub struct Rules {
     pub vip_ranges: Vec<ipnet::Ipv4Net>,
     /// Ranges no VIP may be in, nor overlap a VIP range (`--protected-range`): see [`guard`].
     pub protected_ranges: Vec<ipnet::Ipv4Net>,
+    /// Addresses no VIP may take beyond those read at each sync: the etcd endpoints.
+    pub protected_addresses: Vec<(std::net::Ipv4Addr, String)>,
     /// Whether `conntrack` can be run: without it, connection attempts made before a VIP was
     /// routed are not cleared when it becomes routed (the daemon warns once at start).
     pub conntrack: std::sync::atomic::AtomicBool,
@@ -250,7 +252,12 @@ impl Controller {
     /// Reads this host's interface addresses again; true when they changed. On a failure to
     /// read them the last ones stand.
     fn read_addresses(&mut self) -> bool {
-        match guard::Addresses::read() {
+        let fixed = self
+            .status
+            .rules
+            .as_ref()
+            .map_or(&[][..], |r| &r.protected_addresses[..]);
+        match guard::Addresses::read(fixed) {
             Ok(now) if now != self.addresses => {
                 self.addresses = now;
                 true
