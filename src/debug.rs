@@ -3,19 +3,24 @@
 use std::fmt::Write;
 use std::process::ExitCode;
 
-use crate::api::client::{Client, ClientError, Endpoint};
+use crate::api::client::{Client, ClientError, Endpoint, RemoteFlags};
 use crate::api::debug::DebugView;
 use crate::cli::output::table;
 
-pub async fn main(api: &str, json: bool) -> ExitCode {
-    let endpoint = match Endpoint::parse(api) {
-        Ok(e) => e,
+pub async fn main(api: &str, remote: &RemoteFlags, json: bool) -> ExitCode {
+    let client = match Endpoint::parse(api)
+        .map_err(|e| e.to_string())
+        .and_then(|endpoint| {
+            let auth = remote.auth()?;
+            Client::with_auth(endpoint, &auth).map_err(|e| e.to_string())
+        }) {
+        Ok(c) => c,
         Err(e) => {
             eprintln!("fluxd debug: {e}");
             return ExitCode::from(2);
         }
     };
-    let view: DebugView = match Client::new(endpoint).get("/v1/debug").await {
+    let view: DebugView = match client.get("/v1/debug").await {
         Ok(v) => v,
         Err(e) => {
             eprintln!("fluxd debug: {e}");

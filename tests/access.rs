@@ -247,6 +247,52 @@ fn remote_api_needs_tls_and_the_token() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(one_line(&out).contains("TLS"), "{out:?}");
     assert_eq!(services(&d), vec!["web"]);
+
+    // fluxd debug and fluxd edge take the same flags to the remote API.
+    let fluxd = |args: &[&str], token: Option<&Path>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_fluxd"));
+        c.args(args).args(["--api", &api, "--ca-file"]).arg(&pki.ca);
+        c.env_remove("FLUX_TOKEN").env_remove("FLUX_TOKEN_FILE");
+        if let Some(t) = token {
+            c.arg("--token-file").arg(t);
+        }
+        c.stdin(Stdio::null()).output().unwrap()
+    };
+    let out = fluxd(&["debug", "--json"], Some(&token_file));
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("\"drift\""),
+        "{out:?}"
+    );
+    let out = fluxd(&["debug"], None);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(one_line(&out).contains("unauthorized"), "{out:?}");
+    let conf = tmp.path().join("edge.conf");
+    let edge = |token| {
+        let c = conf.display().to_string();
+        let args = [
+            "edge",
+            "--once",
+            "--service",
+            "web=:8080",
+            "--nginx-conf",
+            &c,
+            "--test-cmd",
+            "true",
+            "--reload-cmd",
+            "true",
+        ];
+        fluxd(&args, token)
+    };
+    let out = edge(Some(&token_file));
+    assert!(out.status.success(), "{out:?}");
+    assert!(std::fs::read_to_string(&conf)
+        .unwrap()
+        .contains("upstream flux_web"));
+    std::fs::remove_file(&conf).unwrap();
+    let out = edge(None);
+    assert!(!out.status.success(), "edge without a token: {out:?}");
+    assert!(!conf.exists(), "edge wrote a file without access");
     d.stop();
 }
 

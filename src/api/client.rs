@@ -63,6 +63,40 @@ pub struct RemoteAuth {
     pub ca_file: Option<PathBuf>,
 }
 
+/// The flags every client of the remote API takes (`fluxctl`, `fluxd debug`, `fluxd edge`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct RemoteFlags {
+    /// For https:// APIs: file holding the bearer token (or the token itself in FLUX_TOKEN).
+    #[arg(long, global = true, env = "FLUX_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// For https:// APIs: PEM file of the CA that signed fluxd's certificate [default: the
+    /// system's CAs].
+    #[arg(long, global = true, env = "FLUX_CA_FILE", value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl RemoteFlags {
+    /// The token from `--token-file`, else `FLUX_TOKEN`; the CA file as given. The error is
+    /// one line naming the flag.
+    pub fn auth(&self) -> Result<RemoteAuth, String> {
+        let token = match &self.token_file {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .map_err(|e| format!("token-file: cannot read {}: {e}", p.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            None => std::env::var("FLUX_TOKEN")
+                .ok()
+                .map(|t| t.trim().to_string()),
+        };
+        Ok(RemoteAuth {
+            token: token.filter(|t| !t.is_empty()),
+            ca_file: self.ca_file.clone(),
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// Nothing answered: the daemon is down or the path is wrong.

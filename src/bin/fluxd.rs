@@ -40,9 +40,12 @@ enum Command {
 
 #[derive(Args)]
 struct DebugArgs {
-    /// fluxd's API: unix:///PATH or http://HOST:PORT.
+    /// fluxd's API: unix:///PATH, http://HOST:PORT or https://HOST:PORT (the remote API, with
+    /// --token-file).
     #[arg(long, env = "FLUX_API", default_value = "unix:///run/fluxd/fluxd.sock")]
     api: String,
+    #[command(flatten)]
+    remote: flux::api::client::RemoteFlags,
     /// Print one JSON document.
     #[arg(long)]
     json: bool,
@@ -108,7 +111,7 @@ fn main() -> ExitCode {
             });
             ExitCode::from(rt.block_on(flux::edge::run(config)))
         }
-        Command::Debug(a) => rt.block_on(flux::debug::main(&a.api, a.json)),
+        Command::Debug(a) => rt.block_on(flux::debug::main(&a.api, &a.remote, a.json)),
         Command::Cleanup => {
             match netfilter::Netfilter::new(netfilter::CommandRunner::new()).remove() {
                 Ok(()) => {

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use serde::Serialize;
 
-use crate::api::client::{Client, ClientError, Endpoint, RemoteAuth};
+use crate::api::client::{Client, ClientError, Endpoint};
 use crate::api::views::{InstanceQuery, InstanceState, InstanceView, ServiceInfo};
 use crate::model::{
     validate, Balance, Instance, InvalidInput, Protocol, Rule, Selector, Service, Validate,
@@ -32,13 +32,8 @@ pub struct Cli {
         default_value = "unix:///run/fluxd/fluxd.sock"
     )]
     pub api: String,
-    /// For https:// APIs: file holding the bearer token (or the token itself in FLUX_TOKEN).
-    #[arg(long, global = true, env = "FLUX_TOKEN_FILE", value_name = "FILE")]
-    pub token_file: Option<std::path::PathBuf>,
-    /// For https:// APIs: PEM file of the CA that signed fluxd's certificate [default: the
-    /// system's CAs].
-    #[arg(long, global = true, env = "FLUX_CA_FILE", value_name = "FILE")]
-    pub ca_file: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub remote: crate::api::client::RemoteFlags,
     /// Print one JSON document on stdout instead of text.
     #[arg(long, global = true)]
     pub json: bool,
@@ -256,29 +251,9 @@ pub async fn main(cli: Cli) -> ExitCode {
     }
 }
 
-/// The token from `--token-file`, else `FLUX_TOKEN`; the CA file as given.
-fn remote_auth(cli: &Cli) -> Result<RemoteAuth, Failure> {
-    let token = match &cli.token_file {
-        Some(p) => Some(
-            std::fs::read_to_string(p)
-                .map_err(|e| {
-                    Failure::Usage(format!("token-file: cannot read {}: {e}", p.display()))
-                })?
-                .trim()
-                .to_string(),
-        ),
-        None => std::env::var("FLUX_TOKEN")
-            .ok()
-            .map(|t| t.trim().to_string()),
-    };
-    Ok(RemoteAuth {
-        token: token.filter(|t| !t.is_empty()),
-        ca_file: cli.ca_file.clone(),
-    })
-}
-
 async fn run(cli: Cli) -> Result<(), Failure> {
-    let client = Client::with_auth(Endpoint::parse(&cli.api)?, &remote_auth(&cli)?)?;
+    let auth = cli.remote.auth().map_err(Failure::Usage)?;
+    let client = Client::with_auth(Endpoint::parse(&cli.api)?, &auth)?;
     let json = cli.json;
     match cli.command {
         Command::Service(ServiceCmd::Add {

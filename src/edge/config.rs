@@ -10,7 +10,7 @@ use anyhow::bail;
 use clap::Args;
 
 use super::render::{self, Instances, Layout, Site};
-use crate::api::client::Endpoint;
+use crate::api::client::{Endpoint, RemoteAuth, RemoteFlags};
 
 /// `fluxd edge` flags.
 #[derive(Debug, Clone, Default, Args)]
@@ -37,9 +37,12 @@ pub struct EdgeArgs {
     /// be readable by its workers) [default: a built-in page].
     #[arg(long, value_name = "FILE")]
     pub unavailable_page: Option<PathBuf>,
-    /// fluxd's API: unix:///PATH or http://HOST:PORT.
+    /// fluxd's API: unix:///PATH, http://HOST:PORT or https://HOST:PORT (the remote API, with
+    /// --token-file; for an nginx on another host than fluxd).
     #[arg(long, env = "FLUX_API", default_value = "unix:///run/fluxd/fluxd.sock")]
     pub api: String,
+    #[command(flatten)]
+    pub remote: RemoteFlags,
     /// Checks the configuration nginx would load (run with /bin/sh -c).
     #[arg(long, value_name = "CMD", default_value = "nginx -t -q")]
     pub test_cmd: String,
@@ -71,6 +74,7 @@ pub struct EdgeConfig {
     pub nginx_conf: PathBuf,
     pub template: Option<PathBuf>,
     pub api: Endpoint,
+    pub auth: RemoteAuth,
     pub test_cmd: String,
     pub reload_cmd: String,
     pub interval: Duration,
@@ -141,6 +145,7 @@ impl EdgeConfig {
                 .map_err(|e| anyhow::anyhow!("--unavailable-page: cannot read {s}: {e}"))?;
         }
         let api = Endpoint::parse(&args.api).map_err(|e| anyhow::anyhow!("--{e}"))?;
+        let auth = args.remote.auth().map_err(|e| anyhow::anyhow!("--{e}"))?;
         for (flag, cmd) in [
             ("--test-cmd", &args.test_cmd),
             ("--reload-cmd", &args.reload_cmd),
@@ -175,6 +180,7 @@ impl EdgeConfig {
             nginx_conf,
             template: args.template.clone(),
             api,
+            auth,
             test_cmd: args.test_cmd.clone(),
             reload_cmd: args.reload_cmd.clone(),
             interval: Duration::from_millis(args.interval_ms),

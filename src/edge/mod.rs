@@ -78,7 +78,13 @@ async fn render_once(
 
 /// Runs until SIGTERM or SIGINT (or one round with `--once`). Returns the exit status.
 pub async fn run(config: EdgeConfig) -> u8 {
-    let client = Client::new(config.api.clone());
+    let client = match Client::with_auth(config.api.clone(), &config.auth) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("{e}");
+            return 1;
+        }
+    };
     let mut applier = match Applier::new(
         config.nginx_conf.clone(),
         config.test_cmd.clone(),
