@@ -304,6 +304,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     .map(str::parse)
                     .transpose()?
                     .unwrap_or(Balance::RoundRobin),
+                health: None,
                 name,
             };
             service.validate()?;
