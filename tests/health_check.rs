@@ -149,8 +149,7 @@ fn http_check_takes_a_503_instance_out_and_back() {
     let line = text.lines().find(|l| l.contains("sick")).unwrap();
     assert!(line.contains("failing"), "{text}");
     assert!(
-        line.contains("check: http GET /healthz answered 503,")
-            && line.contains(" in a row, since "),
+        line.contains("http GET /healthz answered 503,") && line.contains(" in a row, since "),
         "{text}"
     );
     let failing = fluxd.ok(&["query", "--state", "failing", "-q"]);

@@ -104,8 +104,8 @@ pub fn instance_table(views: &[InstanceView]) -> String {
     table(&header, &rows)
 }
 
-/// `check: http GET /healthz answered 503, 3 in a row, since 12:03:04 UTC`, for instances of
-/// services with an active check.
+/// `http GET /healthz answered 503, 3 in a row, since 12:03:04 UTC` (or `passing`, ...), for
+/// instances of services with an active check.
 pub fn check_summary(v: &InstanceView) -> Option<String> {
     let check = v.health.as_ref()?.check.as_ref()?;
     Some(check.summary())

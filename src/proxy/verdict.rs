@@ -128,22 +128,22 @@ pub struct CheckView {
 }
 
 impl CheckView {
-    /// `check: http GET /healthz answered 503, 3 in a row, since 12:03:04 UTC` for a failing
-    /// instance; `check: passing` (with the last failure, if the last result was one) otherwise.
+    /// `http GET /healthz answered 503, 3 in a row, since 12:03:04 UTC` for a failing instance;
+    /// `passing` (with the last failure, if the last result was one) otherwise.
     pub fn summary(&self) -> String {
         let reason = self.reason.as_deref().unwrap_or("failed");
         match self.state {
             CheckState::Failing => format!(
-                "check: {reason}, {} in a row, since {}",
+                "{reason}, {} in a row, since {}",
                 self.failures_in_a_row.max(1),
                 clock(self.since_unix_ms)
             ),
             s if self.failures_in_a_row > 0 => format!(
-                "check: {}, {} failed: {reason}",
+                "{}, {} failed: {reason}",
                 s.as_str(),
                 self.failures_in_a_row
             ),
-            s => format!("check: {}", s.as_str()),
+            s => s.as_str().to_string(),
         }
     }
 }
@@ -214,11 +214,11 @@ mod tests {
     #[test]
     fn summaries() {
         let mut v = Verdict::new(check(2, 2), 0);
-        assert_eq!(v.view().summary(), "check: unknown");
+        assert_eq!(v.view().summary(), "unknown");
         v.record(Err("http GET /healthz answered 503".into()), 1000);
         assert_eq!(
             v.view().summary(),
-            "check: unknown, 1 failed: http GET /healthz answered 503"
+            "unknown, 1 failed: http GET /healthz answered 503"
         );
         v.record(
             Err("http GET /healthz answered 503".into()),
@@ -226,7 +226,7 @@ mod tests {
         );
         assert_eq!(
             v.view().summary(),
-            "check: http GET /healthz answered 503, 2 in a row, since 12:03:04 UTC"
+            "http GET /healthz answered 503, 2 in a row, since 12:03:04 UTC"
         );
     }
 }

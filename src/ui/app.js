@@ -301,7 +301,9 @@
       return "check: " + reason + ", " + Math.max(1, c.failures_in_a_row) + " in a row, since " +
         new Date(c.since_unix_ms).toISOString().slice(11, 19) + " UTC";
     }
-    if (c.failures_in_a_row > 0) return "check: " + c.state + ", " + c.failures_in_a_row + " failed: " + reason;
+    if (c.failures_in_a_row > 0) {
+      return "check: " + c.state + ", " + c.failures_in_a_row + " failed: " + reason;
+    }
     return "check: " + c.state;
   }
 
