@@ -125,22 +125,40 @@ fn render(v: &DebugView) -> String {
                 s.service.clone(),
                 i.instance.clone(),
                 i.address.clone(),
-                if h.live { "live" } else { "failed" }.to_string(),
+                if h.check_failing() {
+                    "failing"
+                } else if h.live {
+                    "live"
+                } else {
+                    "failed"
+                }
+                .to_string(),
                 h.failures.to_string(),
                 h.retry_in_ms
                     .map(|ms| format!("{:.1}s", ms as f64 / 1000.0))
                     .unwrap_or_else(|| "-".into()),
                 h.active.to_string(),
                 h.connections.to_string(),
+                h.check
+                    .as_ref()
+                    .map(|c| c.summary())
+                    .unwrap_or_else(|| "-".into()),
             ]);
         }
     }
-    out.push_str(&table(
-        &[
-            "SERVICE", "INSTANCE", "ADDRESS", "STATE", "FAILURES", "RETRY-IN", "ACTIVE", "TOTAL",
-        ],
-        &rows,
-    ));
+    let mut header = vec![
+        "SERVICE", "INSTANCE", "ADDRESS", "STATE", "FAILURES", "RETRY-IN", "ACTIVE", "TOTAL",
+    ];
+    // The active checks' column only when some service has one, so that hosts without
+    // checks see the table they always did.
+    if rows.iter().any(|r| r[8] != "-") {
+        header.push("CHECK");
+    } else {
+        rows.iter_mut().for_each(|r| {
+            r.pop();
+        });
+    }
+    out.push_str(&table(&header, &rows));
     if !v.skipped.is_empty() {
         out.push_str("\nSKIPPED STORE RECORDS\n");
         for s in &v.skipped {

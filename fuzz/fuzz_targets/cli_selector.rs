@@ -1,10 +1,11 @@
 //! `fluxctl select` flags: `--image`, `--tag`, `--labels k=v,...`, `--env k=v,...`, split
 //! from one input at NUL bytes. No panic; an accepted `k=v` list joins back to the same
 //! text's meaning; an accepted selector validates and survives the store's JSON round trip.
+//! Also `service add --health SPEC`: an accepted spec validates and prints back as itself.
 #![no_main]
 
 use flux::cli::SelectorArgs;
-use flux::model::{self, validate, Rule, Validate};
+use flux::model::{self, validate, HealthCheck, Rule, Validate};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -17,6 +18,13 @@ fuzz_target!(|data: &[u8]| {
         let joined: Vec<String> = map.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let again = validate::parse_pairs("labels", &joined.join(",")).unwrap();
         assert_eq!(map, again);
+    }
+    match s.parse::<HealthCheck>() {
+        Ok(h) => {
+            assert!(h.validate().is_ok());
+            assert_eq!(h.spec(), s);
+        }
+        Err(e) => assert_eq!(e.field, "health"),
     }
     let mut fields = s.split('\0');
     let mut next = || fields.next().filter(|f| !f.is_empty()).map(str::to_string);

@@ -18,6 +18,10 @@ pub enum InstanceState {
     /// The last connect failed; retried after a backoff.
     #[serde(rename = "failed")]
     Failed,
+    /// Its active health check fails: out of the pool on this host whatever connects do (unless
+    /// every instance of the service fails it: then all are tried, see `proxy::routes`).
+    #[serde(rename = "failing")]
+    Failing,
     /// Matches a rule but has no usable address, so gets no traffic.
     #[serde(rename = "no address")]
     NoAddress,
@@ -28,6 +32,7 @@ impl InstanceState {
         match self {
             InstanceState::Live => "live",
             InstanceState::Failed => "failed",
+            InstanceState::Failing => "failing",
             InstanceState::NoAddress => "no address",
         }
     }
@@ -37,8 +42,11 @@ impl InstanceState {
         match s {
             "live" => Ok(InstanceState::Live),
             "failed" => Ok(InstanceState::Failed),
+            "failing" => Ok(InstanceState::Failing),
             "no address" | "no-address" | "noaddress" => Ok(InstanceState::NoAddress),
-            _ => Err(InvalidInput::new("state", "must be live, failed or no-address").value(s)),
+            _ => Err(
+                InvalidInput::new("state", "must be live, failed, failing or no-address").value(s),
+            ),
         }
     }
 }
@@ -59,9 +67,12 @@ impl InstanceView {
         Self::with_health(instance, None)
     }
 
+    /// The state from the address and this host's health: a failing active check outranks a
+    /// passive failure, because it alone keeps the instance out of the pool.
     pub fn with_health(instance: &Instance, health: Option<HealthView>) -> Self {
         let state = match (&instance.address, &health) {
             (None, _) => InstanceState::NoAddress,
+            (Some(_), Some(h)) if h.check_failing() => InstanceState::Failing,
             (Some(_), Some(h)) if !h.live => InstanceState::Failed,
             (Some(_), _) => InstanceState::Live,
         };

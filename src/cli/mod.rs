@@ -12,8 +12,10 @@ use serde::Serialize;
 
 use crate::api::client::{Client, ClientError, Endpoint};
 use crate::api::views::{InstanceQuery, InstanceState, InstanceView, ServiceInfo};
+use crate::model::check::parse_duration_ms;
 use crate::model::{
-    validate, Balance, Instance, InvalidInput, Protocol, Rule, Selector, Service, Validate,
+    validate, Balance, HealthCheck, Instance, InvalidInput, Protocol, Rule, Selector, Service,
+    Validate,
 };
 
 #[derive(Parser)]
@@ -97,6 +99,8 @@ pub enum ServiceCmd {
         /// round-robin (default), random or least-conn.
         #[arg(long)]
         balance: Option<String>,
+        #[command(flatten)]
+        health: Box<HealthArgs>,
     },
     /// Remove services with their rules and static instances.
     Rm {
@@ -144,6 +148,77 @@ impl SelectorArgs {
     }
 }
 
+/// The active health check of `service add`.
+#[derive(Args, Default)]
+pub struct HealthArgs {
+    /// Active health check of every instance: tcp (connect succeeds) or http:/PATH (GET PATH
+    /// answers 2xx or 3xx); failing instances leave the pool [default: none, passive only].
+    #[arg(long, value_name = "tcp|http:/PATH")]
+    pub health: Option<String>,
+    /// Time between checks of one instance, like 2s or 500ms (100ms-1h) [default: 2s].
+    #[arg(long, value_name = "DURATION")]
+    pub health_interval: Option<String>,
+    /// How long one check may take, less than the interval [default: 1s].
+    #[arg(long, value_name = "DURATION")]
+    pub health_timeout: Option<String>,
+    /// Failed checks in a row that take an instance out of the pool (1-100) [default: 3].
+    #[arg(long, value_name = "N")]
+    pub health_fall: Option<String>,
+    /// Passed checks in a row that put a failing instance back (1-100) [default: 2].
+    #[arg(long, value_name = "N")]
+    pub health_rise: Option<String>,
+}
+
+impl HealthArgs {
+    /// The check these flags describe; None without `--health`. Errors name the flag.
+    pub fn to_check(&self) -> Result<Option<HealthCheck>, InvalidInput> {
+        let Some(spec) = &self.health else {
+            let given = [
+                ("health-interval", &self.health_interval),
+                ("health-timeout", &self.health_timeout),
+                ("health-fall", &self.health_fall),
+                ("health-rise", &self.health_rise),
+            ];
+            if let Some((flag, v)) = given.iter().find(|(_, v)| v.is_some()) {
+                return Err(InvalidInput::new(*flag, "needs --health tcp|http:/PATH")
+                    .value(v.as_deref().unwrap_or_default()));
+            }
+            return Ok(None);
+        };
+        let mut check: HealthCheck = spec.parse()?;
+        if let Some(d) = &self.health_interval {
+            check.interval_ms = parse_duration_ms("health-interval", d)?;
+        }
+        if let Some(d) = &self.health_timeout {
+            check.timeout_ms = parse_duration_ms("health-timeout", d)?;
+        }
+        let count = |flag: &str, v: &str| {
+            v.parse::<u32>()
+                .map_err(|_| InvalidInput::new(flag, "must be 1-100").value(v))
+        };
+        if let Some(n) = &self.health_fall {
+            check.fall = count("health-fall", n)?;
+        }
+        if let Some(n) = &self.health_rise {
+            check.rise = count("health-rise", n)?;
+        }
+        check.validate().map_err(|e| {
+            let flag = match e.field.as_str() {
+                "health.interval_ms" => "health-interval",
+                "health.timeout_ms" => "health-timeout",
+                "health.fall" => "health-fall",
+                "health.rise" => "health-rise",
+                _ => "health",
+            };
+            InvalidInput {
+                field: flag.into(),
+                ..e
+            }
+        })?;
+        Ok(Some(check))
+    }
+}
+
 #[derive(Args)]
 pub struct SelectArgs {
     /// Service name.
@@ -165,7 +240,7 @@ pub struct QueryArgs {
     /// Only instances on this host.
     #[arg(long)]
     pub host: Option<String>,
-    /// live, failed or no-address.
+    /// live, failed, failing (active health check) or no-address.
     #[arg(long)]
     pub state: Option<String>,
     /// Only instances selected by this rule.
@@ -262,6 +337,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             protocol,
             instance_port,
             balance,
+            health,
         }) => {
             let service = Service {
                 address: validate::parse_socket_addr("address", &address)?,
@@ -279,6 +355,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     .map(str::parse)
                     .transpose()?
                     .unwrap_or(Balance::RoundRobin),
+                health: health.to_check()?,
                 name,
             };
             service.validate()?;
@@ -434,8 +511,7 @@ async fn query(client: &Client, json: bool, q: QueryArgs) -> Result<(), Failure>
             println!("{}", output::render_template(t, v));
         }
     } else {
-        let rows: Vec<Vec<String>> = views.iter().map(output::instance_row).collect();
-        print!("{}", output::table(&output::INSTANCE_HEADER, &rows));
+        print!("{}", output::instance_table(&views));
     }
     Ok(())
 }
@@ -471,11 +547,24 @@ fn list_text(services: &[ServiceInfo]) -> String {
                 s.rules.len().to_string(),
                 s.instances.len().to_string(),
                 live.to_string(),
+                s.service
+                    .health
+                    .as_ref()
+                    .map(|h| h.spec())
+                    .unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
     let mut out = output::table(
-        &["NAME", "ADDRESS", "PROTOCOL", "RULES", "INSTANCES", "LIVE"],
+        &[
+            "NAME",
+            "ADDRESS",
+            "PROTOCOL",
+            "RULES",
+            "INSTANCES",
+            "LIVE",
+            "HEALTH-CHECK",
+        ],
         &rows,
     );
     for s in services {
@@ -499,8 +588,17 @@ fn info_text(s: &ServiceInfo) -> String {
         svc.default_instance_port(),
         svc.balance
     );
+    if let Some(h) = &svc.health {
+        out.push_str(&format!("health check: {}\n", h.describe()));
+    }
     if let Some(why) = &s.refused {
         out.push_str(&format!("not routed on this host: VIP {why}\n"));
+    }
+    let addressed = || s.instances.iter().filter(|i| i.instance.address.is_some());
+    if addressed().next().is_some() && addressed().all(|i| i.state == InstanceState::Failing) {
+        out.push_str(
+            "every instance fails its health check: all are tried as if unchecked (panic mode)\n",
+        );
     }
     if s.rules.is_empty() {
         out.push_str("rules: none\n");
@@ -526,8 +624,7 @@ fn info_text(s: &ServiceInfo) -> String {
     if s.instances.is_empty() {
         out.push_str("instances: none\n");
     } else {
-        let rows: Vec<Vec<String>> = s.instances.iter().map(output::instance_row).collect();
-        out.push_str(&output::table(&output::INSTANCE_HEADER, &rows));
+        out.push_str(&output::instance_table(&s.instances));
     }
     out
 }

@@ -83,8 +83,36 @@ pub fn instance_row(v: &InstanceView) -> Vec<String> {
     ]
 }
 
+/// The instance table: the usual columns, and a last `CHECK` column (the active check's state
+/// and why it fails) when any of the instances has an active check.
+pub fn instance_table(views: &[InstanceView]) -> String {
+    let checked = views.iter().any(|v| check_summary(v).is_some());
+    let rows: Vec<Vec<String>> = views
+        .iter()
+        .map(|v| {
+            let mut row = instance_row(v);
+            if checked {
+                row.push(check_summary(v).unwrap_or_else(|| "-".into()));
+            }
+            row
+        })
+        .collect();
+    let mut header = INSTANCE_HEADER.to_vec();
+    if checked {
+        header.push("CHECK");
+    }
+    table(&header, &rows)
+}
+
+/// `http GET /healthz answered 503, 3 in a row, since 12:03:04 UTC` (or `passing`, ...), for
+/// instances of services with an active check.
+pub fn check_summary(v: &InstanceView) -> Option<String> {
+    let check = v.health.as_ref()?.check.as_ref()?;
+    Some(check.summary())
+}
+
 /// Fields a `--format` template may name, as `{{field}}`.
-pub const TEMPLATE_FIELDS: [&str; 10] = [
+pub const TEMPLATE_FIELDS: [&str; 11] = [
     "service",
     "name",
     "host",
@@ -95,6 +123,7 @@ pub const TEMPLATE_FIELDS: [&str; 10] = [
     "tag",
     "container",
     "origin",
+    "check",
 ];
 
 /// Checks a template once, before any output, so a typo is a usage error and not a half
@@ -137,6 +166,7 @@ pub fn render_template(t: &str, v: &InstanceView) -> String {
             "tag" => c.map(|c| c.tag.clone()).unwrap_or_default(),
             "container" => c.map(|c| c.id.clone()).unwrap_or_default(),
             "origin" => format!("{:?}", i.origin).to_lowercase(),
+            "check" => check_summary(v).unwrap_or_default(),
             _ => String::new(),
         }
     };

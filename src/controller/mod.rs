@@ -17,6 +17,7 @@ use crate::catalog::State;
 use crate::docker::LocalInstances;
 use crate::metrics::history::History;
 use crate::metrics::Metrics;
+use crate::proxy::check::Checker;
 use crate::proxy::routes::RouteTable;
 
 /// How often installed rules are compared with the desired ones.
@@ -125,6 +126,8 @@ pub struct Controller {
     /// The catalog state last received.
     catalog: Arc<State>,
     built: routing::Built,
+    /// The active health checks of the routed instances, kept level with each new table.
+    checker: Checker,
     /// Skipped records last reported, so each is logged once and not at every sync.
     reported: Vec<String>,
     /// This host's interface addresses as last read, for the VIP guard: re-read at every sync
@@ -139,6 +142,7 @@ impl Controller {
         local: Option<watch::Receiver<Option<Arc<LocalInstances>>>>,
     ) -> Self {
         Controller {
+            checker: Checker::new(status.metrics.clone()),
             status,
             host,
             local,
@@ -210,6 +214,7 @@ impl Controller {
             self.reported = state.skipped.clone();
         }
         let table = routing::route_table(&state, &mut self.built, &self.status.metrics);
+        self.checker.sync(&table);
         self.status.routes.store(Arc::new(table));
         tracing::debug!(took = ?t.elapsed(), "routes built");
         self.read_addresses();

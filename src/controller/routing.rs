@@ -128,12 +128,15 @@ fn build_service(
     BuiltService {
         service: service.clone(),
         instances: instances.iter().map(|i| (*i).clone()).collect(),
-        route: Arc::new(ServiceRoute::new(
-            service.name.clone(),
-            service.protocol,
-            service.balance,
-            backends,
-        )),
+        route: Arc::new(
+            ServiceRoute::new(
+                service.name.clone(),
+                service.protocol,
+                service.balance,
+                backends,
+            )
+            .with_check(service.health.clone()),
+        ),
         kept,
     }
 }

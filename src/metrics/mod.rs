@@ -60,6 +60,23 @@ struct CodeLabels {
     code: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+struct CheckLabels {
+    #[prometheus(flatten)]
+    instance: InstanceLabels,
+    /// `pass` or `fail`.
+    result: &'static str,
+}
+
+/// The series of one instance's active health check (services with a `health` check only).
+#[derive(Debug, Clone)]
+pub struct CheckMetrics {
+    pub passed: Counter,
+    pub failed: Counter,
+    /// 1 while the check's verdict is failing (the instance is out of the pool), else 0.
+    pub failing: Gauge,
+}
+
 #[derive(Clone)]
 struct Buckets(&'static [f64]);
 
@@ -115,6 +132,8 @@ pub struct Metrics {
     http_requests: Family<CodeLabels, Counter>,
     http_retries: Family<InstanceLabels, Counter>,
     request_seconds: Family<InstanceLabels, AtomicHistogram, Buckets>,
+    health_checks: Family<CheckLabels, Counter>,
+    check_failing: Family<InstanceLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -137,6 +156,8 @@ impl Metrics {
             http_requests: Family::default(),
             http_retries: Family::default(),
             request_seconds: Family::new_with_constructor(Buckets(REQUEST_BUCKETS)),
+            health_checks: Family::default(),
+            check_failing: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -189,7 +210,44 @@ impl Metrics {
             "Time from a request's head to the last byte of its response, for http services",
             m.request_seconds.clone(),
         );
+        registry.register(
+            "health_checks",
+            "Active health checks of an instance, by result (pass or fail)",
+            m.health_checks.clone(),
+        );
+        registry.register(
+            "health_check_failing",
+            "1 while an instance's active health check is failing (out of the pool on this host)",
+            m.check_failing.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// The handles of one instance's active check, creating its series.
+    pub fn check(&self, labels: &InstanceLabels) -> CheckMetrics {
+        let result = |result| CheckLabels {
+            instance: labels.clone(),
+            result,
+        };
+        let passed = self.health_checks.get_or_create(&result("pass")).clone();
+        let failed = self.health_checks.get_or_create(&result("fail")).clone();
+        let failing = self.check_failing.get_or_create(labels).clone();
+        CheckMetrics {
+            passed,
+            failed,
+            failing,
+        }
+    }
+
+    /// Drops the series of an instance's active check (the check or the instance is gone).
+    pub fn forget_check(&self, labels: &InstanceLabels) {
+        for result in ["pass", "fail"] {
+            self.health_checks.remove(&CheckLabels {
+                instance: labels.clone(),
+                result,
+            });
+        }
+        self.check_failing.remove(labels);
     }
 
     /// The handles for one instance, creating its series; `http` adds the per-request ones.
@@ -264,6 +322,7 @@ impl Metrics {
         }
         self.http_retries.remove(labels);
         self.request_seconds.remove(labels);
+        self.forget_check(labels);
     }
 
     /// The exposition text for `/metrics`.
@@ -310,6 +369,12 @@ mod tests {
             text.contains("flux_http_request_duration_seconds_bucket"),
             "{text}"
         );
+        let check = m.check(&l);
+        check.failed.inc();
+        check.failing.set(1);
+        let text = m.encode();
+        assert!(text.contains(r#"flux_health_checks_total{service="web",instance="b0",host="h1",image="docker.io/library/web",tag="v1",result="fail"} 1"#), "{text}");
+        assert!(text.contains(r#"flux_health_check_failing{service="web",instance="b0",host="h1",image="docker.io/library/web",tag="v1"} 1"#), "{text}");
         m.forget(&l);
         assert!(!m.encode().contains("b0"));
     }

@@ -2,6 +2,7 @@
 //! input path (CLI, API, store, Docker) goes through.
 
 mod addr;
+pub mod check;
 mod error;
 mod host;
 mod instance;
@@ -9,6 +10,7 @@ mod rule;
 mod service;
 pub mod validate;
 
+pub use check::{CheckKind, HealthCheck};
 pub use error::InvalidInput;
 pub use host::{Host, NetworkMode};
 pub use instance::{ContainerInfo, Instance, Origin};
@@ -101,5 +103,35 @@ mod tests {
         assert_eq!(s.protocol, Protocol::Http);
         let again: Service = decode(&encode(&s)).unwrap();
         assert_eq!(s, again);
+    }
+
+    #[test]
+    fn health_is_optional_and_checked() {
+        // A record without a check encodes exactly as before the field existed.
+        let s: Service = decode(br#"{"name":"web","address":"10.128.0.1:80"}"#).unwrap();
+        assert_eq!(s.health, None);
+        assert!(!String::from_utf8(encode(&s)).unwrap().contains("health"));
+        let s: Service = decode(
+            br#"{"name":"web","address":"10.128.0.1:80","health":{"kind":"http","path":"/healthz","interval_ms":500,"timeout_ms":100}}"#,
+        )
+        .unwrap();
+        let h = s.health.clone().unwrap();
+        assert_eq!(
+            (h.interval_ms, h.timeout_ms, h.fall, h.rise),
+            (500, 100, 3, 2)
+        );
+        assert_eq!(decode::<Service>(&encode(&s)).unwrap(), s);
+        for (body, field) in [
+            (r#"{"kind":"http","path":"healthz"}"#, "health.path"),
+            (r#"{"kind":"http"}"#, "health.path"),
+            (r#"{"kind":"tcp","interval_ms":50}"#, "health.interval_ms"),
+            (r#"{"kind":"tcp","fall":0}"#, "health.fall"),
+            (r#"{"kind":"udp"}"#, "health.kind"),
+            (r#"{"kind":"tcp","x":1}"#, "health.x"),
+        ] {
+            let json = format!(r#"{{"name":"web","address":"10.128.0.1:80","health":{body}}}"#);
+            let e = decode::<Service>(json.as_bytes()).unwrap_err();
+            assert_eq!(e.field, field, "{body}: {e}");
+        }
     }
 }

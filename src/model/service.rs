@@ -4,7 +4,7 @@ use std::net::SocketAddrV4;
 
 use serde::{Deserialize, Serialize};
 
-use super::{validate, InvalidInput, Validate};
+use super::{validate, HealthCheck, InvalidInput, Validate};
 
 /// What flux understands of the bytes a service carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -89,6 +89,10 @@ pub struct Service {
     pub instance_port: Option<u16>,
     #[serde(default)]
     pub balance: Balance,
+    /// Active health check every fluxd routing the service runs against each instance; absent
+    /// (and not written) when the service relies on passive health alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthCheck>,
 }
 
 impl Service {
@@ -104,6 +108,9 @@ impl Validate for Service {
         validate::vip("address", &self.address)?;
         if let Some(p) = self.instance_port {
             validate::port("instance_port", p)?;
+        }
+        if let Some(h) = &self.health {
+            h.validate()?;
         }
         Ok(())
     }

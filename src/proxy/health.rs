@@ -1,8 +1,14 @@
-//! Passive health of one instance as this host sees it: a failed connect puts the instance in a
-//! retry queue with exponential backoff; one successful connect makes it live again. Kept in
-//! atomics because every connection reads it and no lock belongs on that path.
+//! Health of one instance as this host sees it. Passive: a failed connect puts the instance in a
+//! retry queue with exponential backoff; one successful connect makes it live again. Active
+//! (services with a `health` check): the checker's verdict, and while it is failing the instance
+//! is out of the pool whatever connects do. What connections read is kept in atomics, because
+//! every connection reads it and no lock belongs on that path.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use super::verdict::{CheckState, CheckView, Verdict};
+use crate::model::HealthCheck;
 
 use crate::metrics::InstanceMetrics;
 use std::sync::OnceLock;
@@ -23,6 +29,12 @@ pub struct Health {
     retry_at_ms: AtomicU64,
     /// Unix ms of the last successful connect; 0 if none yet.
     last_success_unix_ms: AtomicU64,
+    /// The active check's verdict; None while the service has no check. Written by the
+    /// checker, read by the views: never locked on the connection path.
+    active: Mutex<Option<Verdict>>,
+    /// True while the active check says failing: the one bit connections read. A passive
+    /// success does not clear it; only `rise` passing checks (or the check's removal) do.
+    check_failing: AtomicBool,
 }
 
 impl Health {
@@ -33,6 +45,42 @@ impl Health {
 
     pub fn is_live(&self) -> bool {
         self.failures.load(Ordering::Relaxed) == 0
+    }
+
+    /// Out of the pool by its active check's verdict.
+    pub fn check_failing(&self) -> bool {
+        self.check_failing.load(Ordering::Relaxed)
+    }
+
+    /// A checker starts on this instance with `check`: the verdict so far stands if it came from
+    /// the same check, else it starts over from Unknown (in the pool).
+    pub fn check_started(&self, check: &HealthCheck) {
+        let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        if active.as_ref().is_none_or(|v| &v.check != check) {
+            *active = Some(Verdict::new(check.clone(), unix_ms()));
+            self.check_failing.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// One result of `check` (`Err` holds why it failed); the new state if it changed. A result
+    /// of another check (a task aborted mid-check after its check changed) is ignored.
+    pub fn check_result(
+        &self,
+        check: &HealthCheck,
+        result: Result<(), String>,
+    ) -> Option<CheckState> {
+        let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        let verdict = active.as_mut().filter(|v| &v.check == check)?;
+        let changed = verdict.record(result, unix_ms());
+        self.check_failing
+            .store(verdict.state == CheckState::Failing, Ordering::Relaxed);
+        changed
+    }
+
+    /// The service no longer has a check (or the instance left): no verdict, in the pool.
+    pub fn check_stopped(&self) {
+        *self.active.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.check_failing.store(false, Ordering::Relaxed);
     }
 
     pub fn retry_at_ms(&self) -> u64 {
@@ -68,6 +116,12 @@ impl Health {
             active: metrics.active.get().max(0) as u32,
             connections: metrics.connections.get(),
             connect_failures: metrics.connect_failures.get(),
+            check: self
+                .active
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map(Verdict::view),
         }
     }
 }
@@ -92,6 +146,18 @@ pub struct HealthView {
     pub active: u32,
     pub connections: u64,
     pub connect_failures: u64,
+    /// The active check's verdict; absent when the service has no check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<CheckView>,
+}
+
+impl HealthView {
+    /// Out of the pool by its active check.
+    pub fn check_failing(&self) -> bool {
+        self.check
+            .as_ref()
+            .is_some_and(|c| c.state == CheckState::Failing)
+    }
 }
 
 /// Milliseconds on a monotonic clock that starts at 1 (so 0 can mean "no retry pending").
@@ -131,5 +197,55 @@ mod tests {
         assert!(h.available(now_ms() + 1300));
         h.succeeded();
         assert!(h.is_live() && h.available(now_ms()));
+    }
+
+    #[test]
+    fn passive_success_does_not_override_a_failing_check() {
+        let h = Health::default();
+        let check = HealthCheck {
+            fall: 1,
+            rise: 2,
+            ..HealthCheck::tcp()
+        };
+        h.check_started(&check);
+        assert!(!h.check_failing());
+        assert_eq!(
+            h.check_result(&check, Err("tcp connect refused".into())),
+            Some(CheckState::Failing)
+        );
+        h.succeeded();
+        assert!(
+            h.check_failing(),
+            "a connect that worked does not end the verdict"
+        );
+        // The same check restarting (a table rebuild) keeps the verdict; another one does not.
+        h.check_started(&check);
+        assert!(h.check_failing());
+        let other = HealthCheck::tcp();
+        h.check_started(&other);
+        assert!(!h.check_failing());
+        let metrics = crate::metrics::Metrics::new().instance(&labels(), false);
+        assert_eq!(h.view(&metrics).check.unwrap().state, CheckState::Unknown);
+        for _ in 0..3 {
+            assert_eq!(h.check_result(&check, Err("stale".into())), None);
+        }
+        assert!(!h.check_failing(), "results of the old check are ignored");
+        for _ in 0..3 {
+            h.check_result(&other, Err("x".into()));
+        }
+        assert!(h.check_failing());
+        h.check_stopped();
+        assert!(!h.check_failing());
+        assert!(h.view(&metrics).check.is_none());
+    }
+
+    fn labels() -> crate::metrics::InstanceLabels {
+        crate::metrics::InstanceLabels {
+            service: "s".into(),
+            instance: "i".into(),
+            host: String::new(),
+            image: String::new(),
+            tag: String::new(),
+        }
     }
 }

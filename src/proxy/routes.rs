@@ -1,6 +1,13 @@
 //! The proxy's routing table: VIP -> service -> instances, built by the controller and swapped
 //! in whole, so connections read it without locks. Instance order per connection follows the
 //! service's balancing policy.
+//!
+//! An instance whose active check is failing is out of the pool: never picked, not even as a
+//! last resort, while another instance is not failing its check. When every instance fails its
+//! check ("panic mode", as HAProxy and Envoy call it) the verdicts are set aside and all
+//! instances are tried as if unchecked, passive health still ordering them: a check that fails
+//! everywhere at once is more often the check's fault (a wrong path, a shared dependency down)
+//! than every instance's, and refusing every connection would turn it into a full outage.
 
 use std::collections::HashMap;
 use std::net::SocketAddrV4;
@@ -9,7 +16,7 @@ use std::sync::Arc;
 
 use super::health::{now_ms, Health};
 use crate::metrics::{InstanceLabels, InstanceMetrics};
-use crate::model::{Balance, Protocol};
+use crate::model::{Balance, HealthCheck, Protocol};
 
 /// One instance the proxy may connect to.
 #[derive(Debug)]
@@ -41,6 +48,8 @@ pub struct ServiceRoute {
     pub protocol: Protocol,
     pub balance: Balance,
     pub backends: Vec<Arc<Backend>>,
+    /// The service's active check, which the checker runs against every backend.
+    pub check: Option<HealthCheck>,
     /// Round-robin position.
     next: AtomicUsize,
 }
@@ -57,19 +66,41 @@ impl ServiceRoute {
             protocol,
             balance,
             backends,
+            check: None,
             next: AtomicUsize::new(0),
         }
     }
 
+    /// The same route with the service's active check.
+    pub fn with_check(mut self, check: Option<HealthCheck>) -> Self {
+        self.check = check;
+        self
+    }
+
+    /// Panic mode: every backend fails its active check, so verdicts are set aside (see the
+    /// module's doc). Asked only on the fallback paths (no usable backend, `connect_order`).
+    fn all_check_failing(&self) -> bool {
+        self.backends.iter().all(|b| b.health.check_failing())
+    }
+
     /// The policy's pick among available instances, without allocating: what almost every
-    /// connection needs. None when no instance is available (all failed and not yet due).
+    /// connection needs. None when no instance is available (all failed and not yet due, or
+    /// failing their check).
     pub fn first_choice(&self) -> Option<&Arc<Backend>> {
         let now = now_ms();
-        let available = || self.backends.iter().filter(|b| b.health.available(now));
-        let n = available().count();
+        let usable = |panic: bool| {
+            move |b: &&Arc<Backend>| (panic || !b.health.check_failing()) && b.health.available(now)
+        };
+        let mut panic = false;
+        let mut n = self.backends.iter().filter(usable(false)).count();
+        if n == 0 && self.all_check_failing() {
+            panic = true;
+            n = self.backends.iter().filter(usable(true)).count();
+        }
         if n == 0 {
             return None;
         }
+        let available = || self.backends.iter().filter(usable(panic));
         match self.balance {
             Balance::RoundRobin => available().nth(self.next.fetch_add(1, Ordering::Relaxed) % n),
             Balance::Random => available().nth(rand::random::<usize>() % n),
@@ -84,12 +115,15 @@ impl ServiceRoute {
 
     /// The order to try instances in for one new connection: the policy's pick first, then the
     /// other available instances, then failed ones by when their retry is due, so that a
-    /// connection is only refused when every instance has been tried.
+    /// connection is only refused when every instance has been tried. Instances failing their
+    /// active check are left out, unless all are (panic mode).
     pub fn connect_order(&self) -> Vec<Arc<Backend>> {
         let now = now_ms();
+        let panic = self.all_check_failing();
         let (mut avail, mut failed): (Vec<_>, Vec<_>) = self
             .backends
             .iter()
+            .filter(|b| panic || !b.health.check_failing())
             .cloned()
             .partition(|b| b.health.available(now));
         if !avail.is_empty() {
@@ -198,6 +232,63 @@ mod tests {
         r.backends[0].health.failed();
         r.backends[1].health.failed();
         assert!(r.first_choice().is_none());
+    }
+
+    fn fail_check(b: &Backend) {
+        let check = crate::model::HealthCheck {
+            fall: 1,
+            ..crate::model::HealthCheck::tcp()
+        };
+        b.health.check_started(&check);
+        b.health
+            .check_result(&check, Err("tcp connect refused".into()));
+        assert!(b.health.check_failing());
+    }
+
+    #[test]
+    fn failing_check_leaves_the_pool_even_as_last_resort() {
+        let r = route(3, Balance::RoundRobin);
+        fail_check(&r.backends[1]);
+        for _ in 0..10 {
+            assert_ne!(r.first_choice().unwrap().instance, "i1");
+            let order: Vec<_> = r
+                .connect_order()
+                .iter()
+                .map(|b| b.instance.clone())
+                .collect();
+            assert_eq!(order.len(), 2, "{order:?}");
+            assert!(!order.contains(&"i1".to_string()));
+        }
+        // Passively failed instances are still a last resort; a failing check is not.
+        r.backends[0].health.failed();
+        r.backends[2].health.failed();
+        assert!(r.first_choice().is_none());
+        let order: Vec<_> = r
+            .connect_order()
+            .iter()
+            .map(|b| b.instance.clone())
+            .collect();
+        assert!(!order.contains(&"i1".to_string()), "{order:?}");
+        assert_eq!(order.len(), 2);
+    }
+
+    #[test]
+    fn all_failing_checks_is_panic_mode() {
+        let r = route(2, Balance::RoundRobin);
+        fail_check(&r.backends[0]);
+        fail_check(&r.backends[1]);
+        let picks: Vec<String> = (0..4)
+            .map(|_| r.first_choice().unwrap().instance.clone())
+            .collect();
+        assert_eq!(picks, ["i0", "i1", "i0", "i1"]);
+        assert_eq!(r.connect_order().len(), 2);
+        r.backends[0].health.check_stopped();
+        assert_eq!(r.first_choice().unwrap().instance, "i0");
+        assert_eq!(
+            r.connect_order().len(),
+            1,
+            "panic ends with one instance in the pool"
+        );
     }
 
     #[test]

@@ -293,6 +293,20 @@
     else renderList();
   }
 
+  // The active health check's verdict in words, as fluxctl query prints it; "" without one.
+  function checkText(c) {
+    if (!c) return "";
+    const reason = c.reason || "failed";
+    if (c.state === "failing") {
+      return "check: " + reason + ", " + Math.max(1, c.failures_in_a_row) + " in a row, since " +
+        new Date(c.since_unix_ms).toISOString().slice(11, 19) + " UTC";
+    }
+    if (c.failures_in_a_row > 0) {
+      return "check: " + c.state + ", " + c.failures_in_a_row + " failed: " + reason;
+    }
+    return "check: " + c.state;
+  }
+
   function instanceCounts(instances) {
     const total = instances.length;
     const live = instances.filter((i) => i.state === "live").length;
@@ -402,6 +416,7 @@
         h("span", { text: info.protocol || "tcp" }),
         info.instance_port ? h("span", { text: "instance port " + info.instance_port }) : null,
         info.balance ? h("span", { text: String(info.balance) }) : null,
+        info.health ? h("span", { id: "health-check", text: "health check " + (info.health.kind === "http" ? "http:" + info.health.path : info.health.kind) }) : null,
         h("span", { id: "instance-count", "data-total": total, "data-live": live, text: total + " instances, " + live + " live" }),
         h("span", {}, h("span", { class: "badge " + cls, text: text }))),
       info.refused ? h("p", {}, refusedMarker(info, "refused")) : null,
@@ -423,7 +438,9 @@
         h("td", { class: "mono", text: c.image || "–" }),
         h("td", { class: "tag", text: c.tag || "–" }),
         h("td", { class: "mono", text: i.address || "–" }),
-        h("td", {}, h("span", { class: "badge " + String(i.state).replace(/\s+/g, "-"), text: i.state })),
+        h("td", {}, h("span", { class: "badge " + String(i.state).replace(/\s+/g, "-"), text: i.state, title: checkText(hl.check) || undefined }),
+          hl.check && hl.check.state === "failing"
+            ? h("span", { class: "check muted", text: " " + checkText(hl.check) }) : null),
         h("td", { text: fmtAgo(hl.last_success_unix_ms) }),
         h("td", { class: "num", text: hl.active === undefined ? "–" : String(hl.active) }),
         h("td", { class: "num", text: hl.connections === undefined ? "–" : String(hl.connections) }),

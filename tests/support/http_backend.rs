@@ -1,12 +1,13 @@
 //! Small HTTP/1.1 backends and a keep-alive client for tests of `http` services. A backend
 //! answers every request with a fixed status and its name as the body, and echoes what it saw
 //! of the request in headers (`X-Backend`, `X-Seen-Host`, `X-Seen-Xff`); it keeps connections
-//! alive until the client closes them or the backend is killed.
+//! alive until the client closes them or the backend is killed. `GET /healthz` answers a status
+//! of its own, which a test may change (`set_health`), for active health checks.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Shutdown, SocketAddrV4, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -16,9 +17,12 @@ use super::netns::Netns;
 pub struct HttpBackend {
     pub name: String,
     pub addr: SocketAddrV4,
-    /// Connections accepted, and requests answered.
+    /// Connections accepted, and requests answered (`/healthz` apart).
     pub accepted: Arc<AtomicU64>,
     pub requests: Arc<AtomicU64>,
+    /// `GET /healthz` requests answered, and the status they get.
+    pub health_checks: Arc<AtomicU64>,
+    health: Arc<AtomicU16>,
     stop: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<TcpStream>>>,
     thread: Option<JoinHandle<()>>,
@@ -38,17 +42,23 @@ impl HttpBackend {
             addr,
             accepted: Arc::default(),
             requests: Arc::default(),
+            health_checks: Arc::default(),
+            health: Arc::new(AtomicU16::new(status)),
             stop: Arc::default(),
             conns: Arc::default(),
             thread: None,
         };
-        let (n, stop, conns, accepted, requests) = (
+        let (n, stop, conns, accepted) = (
             name.to_string(),
             b.stop.clone(),
             b.conns.clone(),
             b.accepted.clone(),
-            b.requests.clone(),
         );
+        let counts = Counts {
+            requests: b.requests.clone(),
+            health_checks: b.health_checks.clone(),
+            health: b.health.clone(),
+        };
         let thread = std::thread::spawn(move || {
             while !stop.load(Ordering::SeqCst) {
                 match listener.accept() {
@@ -58,8 +68,8 @@ impl HttpBackend {
                         if let Ok(c) = s.try_clone() {
                             conns.lock().unwrap().push(c);
                         }
-                        let (n, requests) = (n.clone(), requests.clone());
-                        std::thread::spawn(move || serve(s, &n, status, &requests));
+                        let (n, counts) = (n.clone(), counts.clone());
+                        std::thread::spawn(move || serve(s, &n, status, &counts));
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         std::thread::sleep(Duration::from_millis(1));
@@ -71,6 +81,11 @@ impl HttpBackend {
         let mut b = b;
         b.thread = Some(thread);
         b
+    }
+
+    /// What `GET /healthz` answers from now on.
+    pub fn set_health(&self, status: u16) {
+        self.health.store(status, Ordering::SeqCst);
     }
 
     /// As after a crash: the listening socket closes (new connections are refused) and every
@@ -92,7 +107,15 @@ impl Drop for HttpBackend {
     }
 }
 
-fn serve(s: TcpStream, name: &str, status: u16, requests: &AtomicU64) {
+/// What the connections of one backend share.
+#[derive(Clone)]
+struct Counts {
+    requests: Arc<AtomicU64>,
+    health_checks: Arc<AtomicU64>,
+    health: Arc<AtomicU16>,
+}
+
+fn serve(s: TcpStream, name: &str, status: u16, counts: &Counts) {
     let mut w = match s.try_clone() {
         Ok(w) => w,
         Err(_) => return,
@@ -102,7 +125,13 @@ fn serve(s: TcpStream, name: &str, status: u16, requests: &AtomicU64) {
         let Ok(Some(req)) = read_message(&mut r) else {
             return;
         };
-        requests.fetch_add(1, Ordering::Relaxed);
+        let status = if req.start.starts_with("GET /healthz ") {
+            counts.health_checks.fetch_add(1, Ordering::Relaxed);
+            counts.health.load(Ordering::SeqCst)
+        } else {
+            counts.requests.fetch_add(1, Ordering::Relaxed);
+            status
+        };
         let body = format!("{name}\n");
         let reason = if status < 400 { "OK" } else { "Error" };
         let head = format!(

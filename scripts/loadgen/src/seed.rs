@@ -63,6 +63,7 @@ pub async fn run(a: Args) -> std::io::Result<Value> {
             protocol: Protocol::Tcp,
             instance_port: None,
             balance: Balance::RoundRobin,
+            health: None,
         };
         let instance = Instance::new_static(&name, "b0", a.instance);
         service.validate().map_err(std::io::Error::other)?;
