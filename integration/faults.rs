@@ -726,7 +726,7 @@ fn f8_docker_restart_under_load() {
     drop(stat);
 }
 
-/// f9. etcd restarts (killed, started again on its data, about 3 s down) while a client loop
+/// f9. etcd restarts (killed, started again on its data, about 2 s down) while a client loop
 /// runs: no client connection fails; the store comes back at the revision it had (history
 /// kept) and fluxd's watch resumes from there without a relist; a change made after etcd's
 /// return (a new static instance) is routed within 5 s.
