@@ -14,6 +14,9 @@
 //!   dockerd, fluxd              br0 198.19.250.254   │          dockerd, fluxd
 //!                               etcd .201 (.202 .203)
 //! ```
+//!
+//! Shared by the `cluster` and `faults` targets; each uses the parts it needs.
+#![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -313,6 +316,17 @@ impl Cluster {
     }
 }
 
+/// When the steps of `Host::restart_docker` happened.
+#[derive(Debug, Clone, Copy)]
+pub struct DockerRestart {
+    /// SIGTERM sent.
+    pub stopping: Instant,
+    /// The daemon (and its containerd) exited; its containers are stopped.
+    pub stopped: Instant,
+    /// The daemon answers again.
+    pub answering: Instant,
+}
+
 /// One instance as `fluxctl --json query` lists it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Listed {
@@ -376,6 +390,25 @@ impl Host {
     /// its state.
     pub fn stop_docker(&mut self) {
         drop(self.docker.take());
+    }
+
+    /// Stops this host's dockerd as `systemctl restart docker` does (SIGTERM: it stops its
+    /// containers, which come back with it if their restart policy says so) and starts it
+    /// again on the same state; returns when each step began or ended.
+    pub fn restart_docker(&mut self) -> DockerRestart {
+        let d = self
+            .docker
+            .as_mut()
+            .expect("this host's dockerd was stopped");
+        let stopping = Instant::now();
+        d.stop_daemon();
+        let stopped = Instant::now();
+        d.restart();
+        DockerRestart {
+            stopping,
+            stopped,
+            answering: Instant::now(),
+        }
     }
 
     /// Cuts this host off the LAN (the lan-side end of its veth goes down; the host sees its

@@ -113,6 +113,13 @@ impl Agent {
                 filters: Some(filters),
                 ..Default::default()
             }));
+            // Stop signals seen before the connection broke are history: a daemon that went
+            // away stopped its containers, and those with a restart policy were started again
+            // before its API answered, with no `start` event for us to see. Kept, they would
+            // hold running containers out of the pool for STOPPING_GRACE, and until the next
+            // periodic resync. A container still stopping will send its `die` on the new
+            // stream, which is subscribed to before the list below.
+            self.stopping.clear();
             if let Err(e) = self.resync(&docker).await {
                 tracing::warn!(error = %e, "listing containers failed; retrying");
                 continue;

@@ -4,12 +4,13 @@
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use nix::sys::socket::{getsockopt, sockopt::OriginalDst};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
 use super::routes::{Backend, RouteTable, ServiceRoute};
@@ -194,6 +195,18 @@ fn listen(addr: SocketAddrV4) -> io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
+/// Pause after a failed accept (or a failed socket for the upstream side): EMFILE and friends
+/// stay until some connection closes, and retrying at once would spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// At most one warning per this period for each kind of resource failure; the rest are
+/// counted and reported with the next warning. A full fd table fails every accept attempt
+/// (20 a second per proxy thread) for as long as it lasts.
+const WARN_PERIOD_MS: u64 = 10_000;
+
+static ACCEPT_WARNINGS: Throttle = Throttle::new();
+static LOCAL_FAILURE_WARNINGS: Throttle = Throttle::new();
+
 async fn accept_loop(
     listener: TcpListener,
     routes: Arc<ArcSwap<RouteTable>>,
@@ -201,6 +214,12 @@ async fn accept_loop(
     limit: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
 ) {
+    // The upstream socket of the next connection, made before that connection is accepted: a
+    // client is only taken off the listen backlog once both of its sockets exist. Otherwise,
+    // at the fd limit, the accept would take the last fd and the connection would have to be
+    // reset for want of an upstream socket, and so would every next one from the backlog;
+    // this way they wait in the backlog and are served as soon as fds are free again.
+    let mut upstream: Option<TcpSocket> = None;
     loop {
         let permit = tokio::select! {
             p = limit.clone().acquire_owned() => match p {
@@ -208,6 +227,16 @@ async fn accept_loop(
                 Err(_) => return,
             },
             _ = stop.changed() => return,
+        };
+        let socket = match upstream.take() {
+            Some(s) => s,
+            None => match TcpSocket::new_v4() {
+                Ok(s) => s,
+                Err(e) => {
+                    accept_backoff(&e, "no socket for the next connection").await;
+                    continue;
+                }
+            },
         };
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -217,21 +246,30 @@ async fn accept_loop(
             Ok((client, _)) => {
                 let (routes, stop) = (routes.clone(), stop.clone());
                 tokio::spawn(async move {
-                    handle(client, routes, timeout, stop).await;
+                    handle(client, socket, routes, timeout, stop).await;
                     drop(permit);
                 });
             }
             Err(e) => {
-                // EMFILE and friends: back off instead of spinning on a full fd table.
-                tracing::warn!(error = %e, "proxy accept failed; backing off");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                upstream = Some(socket);
+                accept_backoff(&e, "proxy accept failed").await;
             }
         }
     }
 }
 
+/// Backs off after an accept-side failure instead of spinning on a full fd table, with a
+/// rate-limited warning.
+async fn accept_backoff(e: &io::Error, what: &'static str) {
+    if let Some(suppressed) = ACCEPT_WARNINGS.check(super::health::now_ms(), WARN_PERIOD_MS) {
+        tracing::warn!(error = %e, suppressed, "{what}; backing off");
+    }
+    tokio::time::sleep(ACCEPT_BACKOFF).await;
+}
+
 async fn handle(
     client: TcpStream,
+    upstream: TcpSocket,
     routes: Arc<ArcSwap<RouteTable>>,
     timeout: Duration,
     stop: watch::Receiver<bool>,
@@ -246,13 +284,25 @@ async fn handle(
     };
     drop(table);
     if service.protocol == Protocol::Http {
+        drop(upstream);
         // Boxed: the HTTP path's state is large, and inline it would size every idle `tcp`
         // connection's future too (userspace memory per idle connection is a target).
         return Box::pin(super::http::serve(client, vip, routes, timeout, stop)).await;
     }
-    let Some((backend, stream)) = connect_any(&client, &service, timeout).await else {
-        tracing::debug!(service = %service.name, "no instance reachable; reset");
-        return reset(client);
+    let (backend, stream) = match connect_any(&client, upstream, &service, timeout).await {
+        Ok(Some(connected)) => connected,
+        Ok(None) => {
+            tracing::debug!(service = %service.name, "no instance reachable; reset");
+            return reset(client);
+        }
+        Err(e) => {
+            if let Some(suppressed) =
+                LOCAL_FAILURE_WARNINGS.check(super::health::now_ms(), WARN_PERIOD_MS)
+            {
+                tracing::warn!(service = %service.name, error = %e, suppressed, "no local resources for the upstream connection; reset (instances not blamed)");
+            }
+            return reset(client);
+        }
     };
     // The client side has TCP_NODELAY from the listener.
     let _ = stream.set_nodelay(true);
@@ -260,7 +310,7 @@ async fn handle(
     m.connections.inc();
     m.active.inc();
     let started = Instant::now();
-    let result = splice::bidirectional(&client, &stream, m).await;
+    let result = forward(client, stream, m).await;
     m.duration_seconds.observe(started.elapsed().as_secs_f64());
     m.active.dec();
     if let Err(e) = result {
@@ -268,40 +318,71 @@ async fn handle(
     }
 }
 
+/// Splices until both directions ended, then closes both sockets. If one side failed (a reset
+/// by the instance or the client, a failed write, no pipe), the other side is reset too: a
+/// FIN would tell it that the stream ended cleanly, and a reply cut short by a crashing
+/// instance would look complete to the client.
+async fn forward(
+    client: TcpStream,
+    backend: TcpStream,
+    metrics: &crate::metrics::InstanceMetrics,
+) -> io::Result<splice::Transferred> {
+    let result = splice::bidirectional(&client, &backend, metrics).await;
+    if result.is_err() {
+        reset(backend);
+        reset(client);
+    }
+    result
+}
+
 /// Tries the policy's pick, then every other instance, until one accepts and is still there;
 /// each failure is recorded so that the next connections avoid that instance until its retry
-/// is due. The full order is only computed when the first choice fails.
+/// is due. The full order is only computed when the first choice fails. `upstream` is the
+/// socket for the first attempt, made before the client was accepted.
+///
+/// Ok(None) when no instance could be reached; Err when this process could not make the
+/// upstream connection at all (out of fds, memory or local ports): no instance is to blame
+/// for that, none is marked failed, and the others would fail the same way.
 async fn connect_any(
     client: &TcpStream,
+    upstream: TcpSocket,
     service: &ServiceRoute,
     timeout: Duration,
-) -> Option<(Arc<Backend>, TcpStream)> {
+) -> io::Result<Option<(Arc<Backend>, TcpStream)>> {
+    let mut upstream = Some(upstream);
     let first = service.first_choice().cloned();
     if let Some(b) = &first {
-        if let Some(stream) = try_backend(client, b, timeout).await {
-            return Some((b.clone(), stream));
+        if let Some(stream) = try_backend(client, upstream.take(), b, timeout).await? {
+            return Ok(Some((b.clone(), stream)));
         }
     }
     for b in service.connect_order() {
         if first.as_ref().is_some_and(|f| Arc::ptr_eq(f, &b)) {
             continue;
         }
-        if let Some(stream) = try_backend(client, &b, timeout).await {
+        if let Some(stream) = try_backend(client, upstream.take(), &b, timeout).await? {
             // Reached only after another instance failed this connection.
             b.metrics.retries.inc();
-            return Some((b, stream));
+            return Ok(Some((b, stream)));
         }
     }
-    None
+    Ok(None)
 }
 
+/// One connect attempt, on `socket` or a new one. Ok(None) when the instance failed (and is
+/// marked so); Err when the failure is this process's own (see `is_local_exhaustion`).
 async fn try_backend(
     client: &TcpStream,
+    socket: Option<TcpSocket>,
     backend: &Backend,
     timeout: Duration,
-) -> Option<TcpStream> {
+) -> io::Result<Option<TcpStream>> {
     let started = Instant::now();
-    let why = match tokio::time::timeout(timeout, TcpStream::connect(backend.addr)).await {
+    let socket = match socket {
+        Some(s) => s,
+        None => TcpSocket::new_v4()?,
+    };
+    let why = match tokio::time::timeout(timeout, socket.connect(backend.addr.into())).await {
         Ok(Ok(stream)) => {
             // Connect time only: first_ready waits for whoever speaks first.
             backend
@@ -311,18 +392,29 @@ async fn try_backend(
             match first_ready(client, &stream).await {
                 Ok(()) => {
                     backend.health.succeeded();
-                    return Some(stream);
+                    return Ok(Some(stream));
                 }
                 Err(e) => e.to_string(),
             }
         }
+        Ok(Err(e)) if is_local_exhaustion(&e) => return Err(e),
         Ok(Err(e)) => e.to_string(),
         Err(_) => "connect timed out".to_string(),
     };
     tracing::debug!(instance = %backend.instance, addr = %backend.addr, error = %why, "instance failed; trying the next");
     backend.health.failed();
     backend.metrics.connect_failures.inc();
-    None
+    Ok(None)
+}
+
+/// Errors that say this process or host ran out of something (fds, socket buffers, memory,
+/// local ports), whichever instance it was connecting to: marking the instance failed would
+/// take healthy instances out of every later connection's first choice.
+fn is_local_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+    )
 }
 
 /// A process that dies just after the kernel accepted a connection for it resets that
@@ -355,8 +447,131 @@ fn original_dst(client: &TcpStream) -> Option<SocketAddrV4> {
     ))
 }
 
-/// Closes with RST, so the client learns at once that nothing serves it (no FIN, no hang).
-fn reset(client: TcpStream) {
-    let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
-    drop(client);
+/// Closes with RST, so the peer learns at once that nothing serves it (no FIN, no hang).
+fn reset(socket: TcpStream) {
+    let _ = socket2::SockRef::from(&socket).set_linger(Some(Duration::ZERO));
+    drop(socket);
+}
+
+/// Lets one event through per period and counts the others, across threads without a lock: for
+/// warnings that a stuck condition would otherwise repeat many times a second.
+struct Throttle {
+    /// When the next event may be reported, in ms on `health::now_ms`'s clock; 0 at first.
+    next_ms: AtomicU64,
+    /// Events not reported since the last one that was.
+    suppressed: AtomicU64,
+}
+
+impl Throttle {
+    const fn new() -> Throttle {
+        Throttle {
+            next_ms: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// Some(events suppressed since the last report) if this event is to be reported now.
+    fn check(&self, now_ms: u64, period_ms: u64) -> Option<u64> {
+        let next = self.next_ms.load(Ordering::Relaxed);
+        if now_ms >= next
+            && self
+                .next_ms
+                .compare_exchange(
+                    next,
+                    now_ms + period_ms,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            return Some(self.suppressed.swap(0, Ordering::Relaxed));
+        }
+        self.suppressed.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    #[test]
+    fn throttle_reports_once_per_period_with_a_count() {
+        let t = Throttle::new();
+        assert_eq!(t.check(5, 1000), Some(0));
+        assert_eq!(t.check(6, 1000), None);
+        assert_eq!(t.check(900, 1000), None);
+        assert_eq!(t.check(1004, 1000), None);
+        assert_eq!(t.check(1005, 1000), Some(3));
+        assert_eq!(t.check(1006, 1000), None);
+    }
+
+    #[test]
+    fn running_out_of_fds_is_not_the_instances_fault() {
+        for errno in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOBUFS,
+            libc::EADDRNOTAVAIL,
+        ] {
+            assert!(is_local_exhaustion(&io::Error::from_raw_os_error(errno)));
+        }
+        for errno in [libc::ECONNREFUSED, libc::ETIMEDOUT, libc::EHOSTUNREACH] {
+            assert!(!is_local_exhaustion(&io::Error::from_raw_os_error(errno)));
+        }
+    }
+
+    /// An instance that resets the connection mid-stream: the client must see the reset, not
+    /// a clean end of stream.
+    #[test]
+    fn a_reset_by_the_instance_reaches_the_client_as_a_reset() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // client <-> (accepted) proxy side; proxy side <-> instance.
+        let front = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let back = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(front.local_addr().unwrap()).unwrap();
+        let (proxy_client, _) = front.accept().unwrap();
+        let proxy_backend = std::net::TcpStream::connect(back.local_addr().unwrap()).unwrap();
+        let (instance, _) = back.accept().unwrap();
+        client.write_all(b"request").unwrap();
+        let resetter = std::thread::spawn(move || {
+            let mut instance = instance;
+            let mut buf = [0u8; 7];
+            instance.read_exact(&mut buf).unwrap();
+            socket2::SockRef::from(&instance)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+        });
+        let labels = crate::metrics::InstanceLabels {
+            service: "s".into(),
+            instance: "i".into(),
+            host: String::new(),
+            image: String::new(),
+            tag: String::new(),
+        };
+        let metrics = crate::metrics::Metrics::new().instance(&labels, false);
+        let result = rt.block_on(async {
+            proxy_client.set_nonblocking(true).unwrap();
+            proxy_backend.set_nonblocking(true).unwrap();
+            let c = TcpStream::from_std(proxy_client).unwrap();
+            let b = TcpStream::from_std(proxy_backend).unwrap();
+            tokio::time::timeout(Duration::from_secs(5), forward(c, b, &metrics)).await
+        });
+        resetter.join().unwrap();
+        assert!(matches!(result, Ok(Err(_))), "{result:?}");
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0u8; 16];
+        let read = client.read(&mut buf);
+        assert_eq!(
+            read.map_err(|e| e.kind()),
+            Err(io::ErrorKind::ConnectionReset),
+            "the client must see a reset"
+        );
+    }
 }

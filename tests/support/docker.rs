@@ -196,6 +196,36 @@ impl Dockerd {
         }
     }
 
+    /// SIGTERM to dockerd and wait for it to exit, as `systemctl stop docker` does: it stops
+    /// the containers (they come back with the daemon if their restart policy says so) and
+    /// keeps its state for `restart`. Returns once its containerd is gone too (see
+    /// `kill_daemon`).
+    pub fn stop_daemon(&mut self) {
+        let containerd = fs::read_to_string(self.dir.join("exec/containerd/containerd.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok());
+        if let Some(mut c) = self.child.take() {
+            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !matches!(c.try_wait(), Ok(Some(_))) {
+                if Instant::now() > deadline {
+                    eprintln!("dockerd did not stop within 20 s; killing it");
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        if let Some(pid) = containerd {
+            let gone = Path::new("/proc").join(pid.to_string());
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while gone.exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
     /// Runs the docker CLI against this daemon and returns its output, whatever its status.
     pub fn docker(&self, args: &[&str]) -> Output {
         self.docker_timeout(args, CLI_TIMEOUT)

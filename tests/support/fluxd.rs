@@ -16,6 +16,9 @@ pub struct Fluxd {
     /// Passed as fd 3 with `LISTEN_FDS=1` and `LISTEN_PID` = fluxd's pid, as systemd's socket
     /// activation does (`start_with_socket`).
     listen_fd: Option<std::os::fd::RawFd>,
+    /// RLIMIT_NOFILE (soft and hard) to start the daemon with (`set_fd_limit`); None keeps
+    /// the test process's own.
+    fd_limit: Option<u64>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -79,6 +82,12 @@ impl Fluxd {
         self.listen_fd = Some(fd);
     }
 
+    /// Starts (or restarts) the daemon with at most `n` open files, as `LimitNOFILE=n` would:
+    /// for tests of what happens when fluxd runs out of fds.
+    pub fn set_fd_limit(&mut self, n: u64) {
+        self.fd_limit = Some(n);
+    }
+
     /// Waits up to `limit` for a daemon expected to exit by itself; its status, if it did.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + limit;
@@ -127,6 +136,7 @@ impl Fluxd {
             host_name: host_name.into(),
             args,
             listen_fd: None,
+            fd_limit: None,
             _tmp: None,
         }
     }
@@ -169,6 +179,23 @@ impl Fluxd {
                             return Err(std::io::Error::last_os_error());
                         }
                     } else if libc::dup2(fd, 3) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        if let Some(n) = self.fd_limit {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; the limit is inherited across exec (and
+            // across `ip netns exec`, which execs fluxd in place).
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: n as libc::rlim_t,
+                        rlim_max: n as libc::rlim_t,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                     Ok(())
@@ -263,6 +290,19 @@ impl Fluxd {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
             .map(|d| d.count())
             .unwrap_or(0)
+    }
+
+    /// CPU time the daemon used so far (user + system, all threads), from /proc.
+    pub fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        // Fields after the command name, which is in parentheses and may hold spaces:
+        // state is field 3, utime 14 and stime 15 (in clock ticks).
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = rest.split(' ').collect();
+        let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        Duration::from_millis(ticks * 1000 / hz)
     }
 
     pub fn pid(&self) -> u32 {
