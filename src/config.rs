@@ -70,6 +70,11 @@ pub struct RunArgs {
     /// is retried by the kernel instead of failing the instance.
     #[arg(long, env = "FLUXD_CONNECT_TIMEOUT_MS", value_name = "MS")]
     pub connect_timeout_ms: Option<u64>,
+    /// How long an `http` service's instance may take to start answering a request (its
+    /// response headers), in milliseconds, before the client gets 504 [default: 60000, as
+    /// nginx's proxy_read_timeout].
+    #[arg(long, env = "FLUXD_HTTP_RESPONSE_TIMEOUT_MS", value_name = "MS")]
+    pub http_response_timeout_ms: Option<u64>,
     /// Most concurrent proxied connections [default: 8000].
     #[arg(long, env = "FLUXD_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
@@ -152,6 +157,7 @@ struct FileConfig {
     keep_rules: Option<bool>,
     bridge_interfaces: Option<String>,
     connect_timeout_ms: Option<u64>,
+    http_response_timeout_ms: Option<u64>,
     max_connections: Option<usize>,
     drain_seconds: Option<u64>,
     vip_range: Option<Vec<String>>,
@@ -222,6 +228,7 @@ pub struct Config {
     pub keep_rules: bool,
     pub bridge_interfaces: Vec<String>,
     pub connect_timeout: Duration,
+    pub http_response_timeout: Duration,
     pub max_connections: usize,
     pub drain: Duration,
     pub vip_ranges: Vec<ipnet::Ipv4Net>,
@@ -322,6 +329,10 @@ impl Config {
         if !(10..=60_000).contains(&connect_timeout_ms) {
             bail!("connect_timeout_ms: must be 10-60000 (got {connect_timeout_ms})");
         }
+        let http_response_timeout_ms = pick!(http_response_timeout_ms).unwrap_or(60_000);
+        if !(100..=3_600_000).contains(&http_response_timeout_ms) {
+            bail!("http_response_timeout_ms: must be 100-3600000 (got {http_response_timeout_ms})");
+        }
         let max_connections = pick!(max_connections).unwrap_or(8000);
         if max_connections == 0 {
             bail!("max_connections: must be at least 1");
@@ -404,6 +415,7 @@ impl Config {
             keep_rules: pick!(keep_rules).unwrap_or(false),
             bridge_interfaces,
             connect_timeout: Duration::from_millis(connect_timeout_ms),
+            http_response_timeout: Duration::from_millis(http_response_timeout_ms),
             max_connections,
             drain: Duration::from_secs(drain_seconds),
             store,

@@ -257,6 +257,7 @@ async fn start_dataplane(
         ProxyConfig {
             listen: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, config.proxy_port),
             connect_timeout: config.connect_timeout,
+            http_response_timeout: config.http_response_timeout,
             max_connections: config.max_connections,
             drain: config.drain,
         },

@@ -330,3 +330,61 @@ fn no_instance_up_answers_503_at_once() {
     });
     assert!(gone.is_some(), "{}", fluxd.log());
 }
+
+#[test]
+fn an_instance_that_never_answers_gets_504_after_the_response_timeout() {
+    let ns = Netns::new("http-504");
+    // Listening but never accepting: the kernel completes the handshake, nothing ever answers.
+    let silent_addr: SocketAddrV4 = "127.0.0.1:9002".parse().unwrap();
+    let _silent = ns.run(move || std::net::TcpListener::bind(silent_addr).unwrap());
+    let fluxd = Fluxd::dataplane(
+        &ns.name,
+        &["--http", HTTP, "--http-response-timeout-ms", "700"],
+    );
+    fluxd.ok(&[
+        "service",
+        "add",
+        "web",
+        "--address",
+        VIP,
+        "--protocol",
+        "http",
+    ]);
+    fluxd.add_instance("web", "silent", silent_addr);
+    fluxd.wait_routed(&ns, "web");
+
+    let (status, body, took) = ns.run(|| {
+        let start = Instant::now();
+        let r = Client::connect(vip()).unwrap().get("web").unwrap();
+        let body = String::from_utf8_lossy(&r.body).into_owned();
+        (r.status(), body, start.elapsed())
+    });
+    assert_eq!(status, 504, "{body}");
+    assert!(body.contains("did not answer within 700 ms"), "{body:?}");
+    assert!(
+        took >= Duration::from_millis(650) && took < Duration::from_secs(5),
+        "answered after {took:?}"
+    );
+    // Slow is not dead: the instance stays live, and the 504 counts as its 5xx.
+    let q = fluxd.json(&["query", "--service", "web"]);
+    assert_eq!(q[0]["state"], "live", "{q}");
+    let m = http_samples(&ns);
+    assert_eq!(
+        sample(&m, "flux_http_requests_total", "silent", "5xx"),
+        1.0,
+        "{m:?}"
+    );
+
+    // A working instance in its place answers 200 through the same VIP.
+    let good = HttpBackend::start(&ns, "good", 9000, 200);
+    fluxd.add_instance("web", "good", good.addr);
+    fluxd.ok(&["instance", "rm", "web", "silent"]);
+    let ok = ns.run(|| {
+        wait_until(Duration::from_secs(5), || {
+            Client::connect(vip())
+                .and_then(|mut c| c.get("web"))
+                .is_ok_and(|r| r.status() == 200)
+        })
+    });
+    assert!(ok.is_some(), "{}", fluxd.log());
+}

@@ -25,10 +25,22 @@ pub struct ProxyConfig {
     /// Per-attempt connect timeout; a dead instance on a live host refuses at once, a dead
     /// host only times out.
     pub connect_timeout: Duration,
+    /// `http` services: how long an instance may take to send its response headers before the
+    /// client gets 504.
+    pub http_response_timeout: Duration,
     /// Concurrent proxied connections; each costs two fds, plus two pipes while bytes move.
     pub max_connections: usize,
     /// After a stop, how long established connections may go on before they are cut.
     pub drain: Duration,
+}
+
+/// The time limits every connection runs under.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// Per connect attempt, per instance.
+    pub connect: Duration,
+    /// `http` services: until an instance's response headers.
+    pub http_response: Duration,
 }
 
 pub struct Proxy {
@@ -93,15 +105,15 @@ impl Proxy {
             .enumerate()
             .map(|(i, l)| {
                 let (routes, limit, stop) = (self.routes.clone(), limit.clone(), stop.clone());
-                let (timeout, max, drain) = (
-                    self.config.connect_timeout,
-                    self.config.max_connections,
-                    self.config.drain,
-                );
+                let timeouts = Timeouts {
+                    connect: self.config.connect_timeout,
+                    http_response: self.config.http_response_timeout,
+                };
+                let (max, drain) = (self.config.max_connections, self.config.drain);
                 std::thread::Builder::new()
                     .name(format!("flux-proxy-{i}"))
                     .spawn(move || {
-                        serve_thread(l, routes, timeout, limit, max, drain, stop, i == 0)
+                        serve_thread(l, routes, timeouts, limit, max, drain, stop, i == 0)
                     })
             })
             .collect();
@@ -121,7 +133,7 @@ impl Proxy {
 fn serve_thread(
     listener: std::net::TcpListener,
     routes: Arc<ArcSwap<RouteTable>>,
-    timeout: Duration,
+    timeouts: Timeouts,
     limit: Arc<Semaphore>,
     max: usize,
     drain: Duration,
@@ -140,7 +152,7 @@ fn serve_thread(
     };
     rt.block_on(async move {
         match TcpListener::from_std(listener) {
-            Ok(l) => accept_loop(l, routes, timeout, limit.clone(), stop).await,
+            Ok(l) => accept_loop(l, routes, timeouts, limit.clone(), stop).await,
             Err(e) => tracing::error!(error = %e, "cannot register the proxy listener"),
         }
         drain_connections(&limit, max, drain, report).await;
@@ -210,7 +222,7 @@ static LOCAL_FAILURE_WARNINGS: Throttle = Throttle::new();
 async fn accept_loop(
     listener: TcpListener,
     routes: Arc<ArcSwap<RouteTable>>,
-    timeout: Duration,
+    timeouts: Timeouts,
     limit: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -246,7 +258,7 @@ async fn accept_loop(
             Ok((client, _)) => {
                 let (routes, stop) = (routes.clone(), stop.clone());
                 tokio::spawn(async move {
-                    handle(client, socket, routes, timeout, stop).await;
+                    handle(client, socket, routes, timeouts, stop).await;
                     drop(permit);
                 });
             }
@@ -271,7 +283,7 @@ async fn handle(
     client: TcpStream,
     upstream: TcpSocket,
     routes: Arc<ArcSwap<RouteTable>>,
-    timeout: Duration,
+    timeouts: Timeouts,
     stop: watch::Receiver<bool>,
 ) {
     let Some(vip) = original_dst(&client) else {
@@ -287,9 +299,9 @@ async fn handle(
         drop(upstream);
         // Boxed: the HTTP path's state is large, and inline it would size every idle `tcp`
         // connection's future too (userspace memory per idle connection is a target).
-        return Box::pin(super::http::serve(client, vip, routes, timeout, stop)).await;
+        return Box::pin(super::http::serve(client, vip, routes, timeouts, stop)).await;
     }
-    let (backend, stream) = match connect_any(&client, upstream, &service, timeout).await {
+    let (backend, stream) = match connect_any(&client, upstream, &service, timeouts.connect).await {
         Ok(Some(connected)) => connected,
         Ok(None) => {
             tracing::debug!(service = %service.name, "no instance reachable; reset");
@@ -410,7 +422,7 @@ async fn try_backend(
 /// Errors that say this process or host ran out of something (fds, socket buffers, memory,
 /// local ports), whichever instance it was connecting to: marking the instance failed would
 /// take healthy instances out of every later connection's first choice.
-fn is_local_exhaustion(e: &io::Error) -> bool {
+pub(super) fn is_local_exhaustion(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)

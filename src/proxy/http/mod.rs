@@ -9,7 +9,11 @@
 //! replaced by a fresh connection to the same instance (whose failure moves on to the next
 //! instance), but only while the request can be sent again: it was not sent at all, it has no
 //! body, or it is idempotent with a body small enough to have been buffered. Nothing is retried
-//! once response bytes have gone to the client. With no instance reachable the answer is 503.
+//! once response bytes have gone to the client. With no instance reachable the answer is 503;
+//! an instance that takes longer than `--http-response-timeout-ms` to send its response
+//! headers gets its connection closed and the client a 504 (the request is not sent again:
+//! it may have been acted on, and a slow instance is not a dead one, so it is not marked
+//! failed either).
 
 use std::convert::Infallible;
 use std::net::SocketAddrV4;
@@ -37,6 +41,7 @@ pub use body::Tracked;
 pub use pool::{Counted, Pool, IDLE_TIMEOUT, MAX_IDLE_PER_INSTANCE};
 use pool::{Sender, ToInstance};
 
+use super::listener::{is_local_exhaustion, Timeouts};
 use super::routes::{Backend, RouteTable};
 use crate::metrics::code_class;
 
@@ -50,6 +55,7 @@ struct Ctx {
     vip: SocketAddrV4,
     routes: Arc<ArcSwap<RouteTable>>,
     timeout: Duration,
+    response_timeout: Duration,
     /// The client's address, appended to `X-Forwarded-For`.
     client_ip: Option<HeaderValue>,
 }
@@ -60,7 +66,7 @@ pub async fn serve(
     client: TcpStream,
     vip: SocketAddrV4,
     routes: Arc<ArcSwap<RouteTable>>,
-    timeout: Duration,
+    timeouts: Timeouts,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let client_ip = client
@@ -70,7 +76,8 @@ pub async fn serve(
     let ctx = Arc::new(Ctx {
         vip,
         routes,
-        timeout,
+        timeout: timeouts.connect,
+        response_timeout: timeouts.http_response,
         client_ip,
     });
     let service = hyper::service::service_fn(move |req| {
@@ -94,6 +101,15 @@ pub async fn serve(
     }
 }
 
+/// Counts an answer flux gave itself on `backend`'s behalf (502, 504) with the instance's
+/// responses, so its error rate shows them.
+fn count_own_answer(backend: &Backend, code: u16, started: Instant) {
+    if let Some(h) = &backend.metrics.http {
+        h.responses[code_class(code)].inc();
+        h.request_seconds.observe(started.elapsed().as_secs_f64());
+    }
+}
+
 /// How one attempt on one instance ended.
 enum Attempt {
     Answered(Response<Incoming>, Sender),
@@ -102,6 +118,18 @@ enum Attempt {
     /// The request was sent and the connection failed before an answer; it cannot be sent
     /// again.
     Lost,
+    /// The request was sent and no answer began within the response timeout.
+    TimedOut,
+}
+
+/// Why a request sent on one connection got no answer there.
+enum Unanswered {
+    /// The request may be sent again (it was not sent, or can be replayed).
+    Resend,
+    /// It was sent and cannot be sent again.
+    Lost,
+    /// No response headers within the response timeout.
+    TimedOut,
 }
 
 impl Ctx {
@@ -154,13 +182,21 @@ impl Ctx {
                     }
                 }
                 Attempt::Lost => {
-                    if let Some(h) = &backend.metrics.http {
-                        h.responses[code_class(502)].inc();
-                        h.request_seconds.observe(started.elapsed().as_secs_f64());
-                    }
+                    count_own_answer(&backend, 502, started);
                     return plain(
                         StatusCode::BAD_GATEWAY,
                         "the instance closed the connection before answering\n",
+                    );
+                }
+                Attempt::TimedOut => {
+                    count_own_answer(&backend, 504, started);
+                    tracing::debug!(service = %service.name, instance = %backend.instance, "no response within the response timeout; 504");
+                    return plain(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        &format!(
+                            "the instance did not answer within {} ms\n",
+                            self.response_timeout.as_millis()
+                        ),
                     );
                 }
             }
@@ -191,11 +227,12 @@ impl Ctx {
             match self.send(backend, s, parts, body, false).await {
                 Ok((resp, s)) => return Attempt::Answered(resp, s),
                 // A stale pooled connection: a fresh one to the same instance next.
-                Err(true) => {
+                Err(Unanswered::Resend) => {
                     *retried = true;
                     break;
                 }
-                Err(false) => return Attempt::Lost,
+                Err(Unanswered::Lost) => return Attempt::Lost,
+                Err(Unanswered::TimedOut) => return Attempt::TimedOut,
             }
         }
         let Some(s) = self.connect(backend).await else {
@@ -203,11 +240,12 @@ impl Ctx {
         };
         match self.send(backend, s, parts, body, true).await {
             Ok((resp, s)) => Attempt::Answered(resp, s),
-            Err(true) => {
+            Err(Unanswered::Resend) => {
                 *retried = true;
                 Attempt::Failed
             }
-            Err(false) => Attempt::Lost,
+            Err(Unanswered::Lost) => Attempt::Lost,
+            Err(Unanswered::TimedOut) => Attempt::TimedOut,
         }
     }
 
@@ -221,13 +259,24 @@ impl Ctx {
         parts: &Parts,
         body: &mut ReqBody,
         fresh: bool,
-    ) -> Result<(Response<Incoming>, Sender), bool> {
+    ) -> Result<(Response<Incoming>, Sender), Unanswered> {
         let m = &backend.metrics;
         let Some(b) = body.take(&m.bytes_to_instance) else {
-            return Err(false);
+            return Err(Unanswered::Lost);
         };
         m.active.inc();
-        match sender.try_send_request(request(parts, b)).await {
+        let answer = tokio::time::timeout(
+            self.response_timeout,
+            sender.try_send_request(request(parts, b)),
+        )
+        .await;
+        let Ok(answer) = answer else {
+            // Dropping the sender closes the connection: the instance sees the request
+            // abandoned rather than a late answer read by the next request.
+            m.active.dec();
+            return Err(Unanswered::TimedOut);
+        };
+        match answer {
             Ok(resp) => {
                 if fresh || !backend.health.is_live() {
                     backend.health.succeeded();
@@ -246,7 +295,11 @@ impl Ctx {
                     backend.health.failed();
                     m.connect_failures.inc();
                 }
-                Err(was_unsent || body.replayable())
+                if was_unsent || body.replayable() {
+                    Err(Unanswered::Resend)
+                } else {
+                    Err(Unanswered::Lost)
+                }
             }
         }
     }
@@ -270,6 +323,12 @@ impl Ctx {
                     }
                     Err(e) => e.to_string(),
                 }
+            }
+            // This host is out of fds, memory or ports: not the instance's fault, so it is not
+            // marked failed (the request ends in 503 if every attempt meets the same).
+            Ok(Err(e)) if is_local_exhaustion(&e) => {
+                tracing::debug!(instance = %backend.instance, error = %e, "no resources for a connection to the instance");
+                return None;
             }
             Ok(Err(e)) => e.to_string(),
             Err(_) => "connect timed out".to_string(),
