@@ -19,4 +19,5 @@ pub mod model;
 pub mod proxy;
 pub mod store;
 pub mod systemd;
+pub mod throttle;
 pub mod ui;

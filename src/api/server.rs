@@ -222,8 +222,12 @@ where
 }
 
 /// Out of fds or similar: back off instead of spinning on the error.
+/// Out of fds, say: back off, and warn once per 10 s rather than at every retry.
 async fn accept_failed(e: std::io::Error) {
-    tracing::warn!(error = %e, "api accept failed");
+    static WARNINGS: crate::throttle::Throttle = crate::throttle::Throttle::new();
+    if let Some(suppressed) = WARNINGS.check(crate::proxy::health::now_ms(), 10_000) {
+        tracing::warn!(error = %e, suppressed, "api accept failed; backing off");
+    }
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
 }
 

@@ -4,7 +4,6 @@
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -216,8 +215,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// (20 a second per proxy thread) for as long as it lasts.
 const WARN_PERIOD_MS: u64 = 10_000;
 
-static ACCEPT_WARNINGS: Throttle = Throttle::new();
-static LOCAL_FAILURE_WARNINGS: Throttle = Throttle::new();
+static ACCEPT_WARNINGS: crate::throttle::Throttle = crate::throttle::Throttle::new();
+static LOCAL_FAILURE_WARNINGS: crate::throttle::Throttle = crate::throttle::Throttle::new();
 
 async fn accept_loop(
     listener: TcpListener,
@@ -465,59 +464,10 @@ fn reset(socket: TcpStream) {
     drop(socket);
 }
 
-/// Lets one event through per period and counts the others, across threads without a lock: for
-/// warnings that a stuck condition would otherwise repeat many times a second.
-struct Throttle {
-    /// When the next event may be reported, in ms on `health::now_ms`'s clock; 0 at first.
-    next_ms: AtomicU64,
-    /// Events not reported since the last one that was.
-    suppressed: AtomicU64,
-}
-
-impl Throttle {
-    const fn new() -> Throttle {
-        Throttle {
-            next_ms: AtomicU64::new(0),
-            suppressed: AtomicU64::new(0),
-        }
-    }
-
-    /// Some(events suppressed since the last report) if this event is to be reported now.
-    fn check(&self, now_ms: u64, period_ms: u64) -> Option<u64> {
-        let next = self.next_ms.load(Ordering::Relaxed);
-        if now_ms >= next
-            && self
-                .next_ms
-                .compare_exchange(
-                    next,
-                    now_ms + period_ms,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-        {
-            return Some(self.suppressed.swap(0, Ordering::Relaxed));
-        }
-        self.suppressed.fetch_add(1, Ordering::Relaxed);
-        None
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::{Read, Write};
-
-    #[test]
-    fn throttle_reports_once_per_period_with_a_count() {
-        let t = Throttle::new();
-        assert_eq!(t.check(5, 1000), Some(0));
-        assert_eq!(t.check(6, 1000), None);
-        assert_eq!(t.check(900, 1000), None);
-        assert_eq!(t.check(1004, 1000), None);
-        assert_eq!(t.check(1005, 1000), Some(3));
-        assert_eq!(t.check(1006, 1000), None);
-    }
 
     #[test]
     fn running_out_of_fds_is_not_the_instances_fault() {
