@@ -396,3 +396,62 @@ fn global_mode_uses_container_ips_and_one_container_serves_two_services() {
     drop(fluxd);
     drop(docker);
 }
+
+#[test]
+fn a_container_that_ignores_its_stop_signal_comes_back_after_the_grace() {
+    let h = host("ag-grace");
+    h.fluxd.ok(&[
+        "service",
+        "add",
+        "web",
+        "--address",
+        VIP,
+        "--instance-port",
+        "8080",
+    ]);
+    h.fluxd.ok(&["select", "web", "all", "--image", "webimg"]);
+    // Without `--init`: busybox as PID 1 has no TERM handler, so it ignores SIGTERM.
+    let port = support::docker::NAME_PORT.to_string();
+    let c = h.docker.run(&[
+        "--name",
+        "stubborn",
+        "-p",
+        "8080",
+        "webimg",
+        "nc",
+        "-ll",
+        "-p",
+        &port,
+        "-e",
+        "sh",
+        "-c",
+        "echo stubborn; exec cat",
+    ]);
+    let listed = [short(&c)];
+    assert!(
+        wait_instances(&h.fluxd, "web", &listed).is_some(),
+        "{}",
+        h.fluxd.log()
+    );
+    let sent = Instant::now();
+    h.docker.ok(&["kill", "--signal", "TERM", &c]);
+    assert!(
+        wait_instances(&h.fluxd, "web", &[]).is_some(),
+        "still listed after its stop signal: {}",
+        h.fluxd.log()
+    );
+    assert_eq!(h.docker.inspect(&c)["State"]["Running"], true);
+    // Back after the 15 s grace, by itself: no Docker event comes, and the 30 s resync is
+    // further away than this wait allows.
+    let back = wait_until(Duration::from_secs(25), || {
+        instances(&h.fluxd, "web") == listed
+    });
+    assert!(back.is_some(), "never came back: {}", h.fluxd.log());
+    let after = sent.elapsed();
+    assert!(
+        after >= Duration::from_secs(14) && after < Duration::from_secs(20),
+        "came back {after:?} after the signal"
+    );
+    let served = spread(&h, vip(), 3);
+    assert_eq!(served.get("stubborn"), Some(&3), "{served:?}");
+}

@@ -323,6 +323,11 @@ impl Agent {
                 }
             }
         }
+        // A container that ignored its stop signal comes back when its grace ends: no Docker
+        // event marks that moment, so a timer must.
+        if let Some(end) = self.stopping.values().min().map(|t| *t + STOPPING_GRACE) {
+            self.retry_at = Some(self.retry_at.map_or(end, |r| r.min(end)));
+        }
     }
 
     /// A store write failed (the store logs the outage once): try the difference again soon.
