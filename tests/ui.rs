@@ -676,3 +676,56 @@ fn refused_vip_is_marked_not_routed_on_this_host() {
     );
     assert!(page.dom.by_id("refused").is_none());
 }
+
+/// An instance failing its active health check is marked with the check's reason on the
+/// service page; the passing one is not.
+#[test]
+fn failing_health_check_shows_its_reason() {
+    use support::http_backend::HttpBackend;
+    let ns = Netns::new("ui-check");
+    let good = HttpBackend::start(&ns, "good", 9000, 200);
+    let sick = HttpBackend::start(&ns, "sick", 9001, 200);
+    let fluxd = Fluxd::dataplane(&ns.name, &["--http", HTTP]);
+    fluxd.ok(&[
+        "service",
+        "add",
+        "web",
+        "--address",
+        VIP,
+        "--health",
+        "http:/healthz",
+        "--health-interval",
+        "200ms",
+        "--health-timeout",
+        "100ms",
+        "--health-fall",
+        "2",
+    ]);
+    fluxd.add_instance("web", "good", good.addr);
+    fluxd.add_instance("web", "sick", sick.addr);
+    sick.set_health(503);
+    let failing = wait_until(Duration::from_secs(10), || {
+        let q = fluxd.json(&["query", "--service", "web", "--state", "failing"]);
+        q.as_array().is_some_and(|a| a.len() == 1)
+    });
+    assert!(failing.is_some(), "{}", fluxd.log());
+
+    let page = browser::load(
+        &ns,
+        &Load::new(url("#/service/web")).screenshot(out_dir().join("check-failing.png")),
+    );
+    save(&page, "check-failing.html");
+    let header = page.dom.by_id("health-check").expect("#health-check");
+    assert_eq!(page.dom.text_after(&header), "health check http:/healthz");
+    let marks = page.dom.with_attr("span", "data-check");
+    assert_eq!(marks.len(), 1, "{marks:?}");
+    assert_eq!(
+        marks[0].attr("data-check"),
+        Some("http GET /healthz answered 503")
+    );
+    let text = page.dom.text_after(&marks[0]).trim().to_string();
+    assert!(
+        text.starts_with("check: http GET /healthz answered 503,"),
+        "{text}"
+    );
+}

@@ -440,7 +440,7 @@
         h("td", { class: "mono", text: i.address || "–" }),
         h("td", {}, h("span", { class: "badge " + String(i.state).replace(/\s+/g, "-"), text: i.state, title: checkText(hl.check) || undefined }),
           hl.check && hl.check.state === "failing"
-            ? h("span", { class: "check muted", text: " " + checkText(hl.check) }) : null),
+            ? h("span", { class: "check muted", "data-check": hl.check.reason || "failed", text: " " + checkText(hl.check) }) : null),
         h("td", { text: fmtAgo(hl.last_success_unix_ms) }),
         h("td", { class: "num", text: hl.active === undefined ? "–" : String(hl.active) }),
         h("td", { class: "num", text: hl.connections === undefined ? "–" : String(hl.connections) }),
