@@ -56,6 +56,20 @@ fn instances(f: &Fluxd, service: &str) -> Vec<String> {
     v
 }
 
+/// Service `web` at the VIP, port 8080 of every `webimg` container.
+fn add_web_selecting_webimg(h: &Host) {
+    h.fluxd.ok(&[
+        "service",
+        "add",
+        "web",
+        "--address",
+        VIP,
+        "--instance-port",
+        "8080",
+    ]);
+    h.fluxd.ok(&["select", "web", "all", "--image", "webimg"]);
+}
+
 fn short(id: &str) -> String {
     id[..12].to_string()
 }
@@ -192,16 +206,7 @@ fn tag_selection_routes_each_version_to_its_containers() {
 #[test]
 fn stop_start_and_restarts_keep_instances_in_step() {
     let mut h = host("ag-life");
-    h.fluxd.ok(&[
-        "service",
-        "add",
-        "web",
-        "--address",
-        VIP,
-        "--instance-port",
-        "8080",
-    ]);
-    h.fluxd.ok(&["select", "web", "all", "--image", "webimg"]);
+    add_web_selecting_webimg(&h);
     let a = h.docker.run_name_server("webimg", "ca", &["-p", "8080"]);
     let b = h.docker.run_name_server("webimg", "cb", &["-p", "8080"]);
     // A container with a huge label and malformed env must not stop others being enrolled.
@@ -318,16 +323,7 @@ fn stop_start_and_restarts_keep_instances_in_step() {
 #[test]
 fn container_without_published_port_is_listed_as_no_address() {
     let h = host("ag-noaddr");
-    h.fluxd.ok(&[
-        "service",
-        "add",
-        "web",
-        "--address",
-        VIP,
-        "--instance-port",
-        "8080",
-    ]);
-    h.fluxd.ok(&["select", "web", "all", "--image", "webimg"]);
+    add_web_selecting_webimg(&h);
     let id = h.docker.run_name_server("webimg", "hidden", &[]);
     let listed = wait_until(Duration::from_secs(5), || {
         h.fluxd
@@ -400,16 +396,7 @@ fn global_mode_uses_container_ips_and_one_container_serves_two_services() {
 #[test]
 fn a_container_that_ignores_its_stop_signal_comes_back_after_the_grace() {
     let h = host("ag-grace");
-    h.fluxd.ok(&[
-        "service",
-        "add",
-        "web",
-        "--address",
-        VIP,
-        "--instance-port",
-        "8080",
-    ]);
-    h.fluxd.ok(&["select", "web", "all", "--image", "webimg"]);
+    add_web_selecting_webimg(&h);
     // Without `--init`: busybox as PID 1 has no TERM handler, so it ignores SIGTERM.
     let port = support::docker::NAME_PORT.to_string();
     let c = h.docker.run(&[
