@@ -75,6 +75,11 @@ pub struct RunArgs {
     /// nginx's proxy_read_timeout].
     #[arg(long, env = "FLUXD_HTTP_RESPONSE_TIMEOUT_MS", value_name = "MS")]
     pub http_response_timeout_ms: Option<u64>,
+    /// `tcp` services: once one side of a connection has closed its sending half, how long
+    /// the other direction may move no byte before both are closed, in milliseconds [default:
+    /// 120000, as conntrack's FIN_WAIT timeout].
+    #[arg(long, env = "FLUXD_HALF_CLOSE_TIMEOUT_MS", value_name = "MS")]
+    pub half_close_timeout_ms: Option<u64>,
     /// Most concurrent proxied connections [default: 8000].
     #[arg(long, env = "FLUXD_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
@@ -158,6 +163,7 @@ struct FileConfig {
     bridge_interfaces: Option<String>,
     connect_timeout_ms: Option<u64>,
     http_response_timeout_ms: Option<u64>,
+    half_close_timeout_ms: Option<u64>,
     max_connections: Option<usize>,
     drain_seconds: Option<u64>,
     vip_range: Option<Vec<String>>,
@@ -229,6 +235,7 @@ pub struct Config {
     pub bridge_interfaces: Vec<String>,
     pub connect_timeout: Duration,
     pub http_response_timeout: Duration,
+    pub half_close_timeout: Duration,
     pub max_connections: usize,
     pub drain: Duration,
     pub vip_ranges: Vec<ipnet::Ipv4Net>,
@@ -333,6 +340,10 @@ impl Config {
         if !(100..=3_600_000).contains(&http_response_timeout_ms) {
             bail!("http_response_timeout_ms: must be 100-3600000 (got {http_response_timeout_ms})");
         }
+        let half_close_timeout_ms = pick!(half_close_timeout_ms).unwrap_or(120_000);
+        if !(100..=86_400_000).contains(&half_close_timeout_ms) {
+            bail!("half_close_timeout_ms: must be 100-86400000 (got {half_close_timeout_ms})");
+        }
         let max_connections = pick!(max_connections).unwrap_or(8000);
         if max_connections == 0 {
             bail!("max_connections: must be at least 1");
@@ -416,6 +427,7 @@ impl Config {
             bridge_interfaces,
             connect_timeout: Duration::from_millis(connect_timeout_ms),
             http_response_timeout: Duration::from_millis(http_response_timeout_ms),
+            half_close_timeout: Duration::from_millis(half_close_timeout_ms),
             max_connections,
             drain: Duration::from_secs(drain_seconds),
             store,

@@ -258,6 +258,7 @@ async fn start_dataplane(
             listen: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, config.proxy_port),
             connect_timeout: config.connect_timeout,
             http_response_timeout: config.http_response_timeout,
+            half_close_timeout: config.half_close_timeout,
             max_connections: config.max_connections,
             drain: config.drain,
         },

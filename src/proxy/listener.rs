@@ -27,6 +27,8 @@ pub struct ProxyConfig {
     /// `http` services: how long an instance may take to send its response headers before the
     /// client gets 504.
     pub http_response_timeout: Duration,
+    /// `tcp` services: how long the direction still open after the other's end may stay idle.
+    pub half_close_timeout: Duration,
     /// Concurrent proxied connections; each costs two fds, plus two pipes while bytes move.
     pub max_connections: usize,
     /// After a stop, how long established connections may go on before they are cut.
@@ -40,6 +42,8 @@ pub struct Timeouts {
     pub connect: Duration,
     /// `http` services: until an instance's response headers.
     pub http_response: Duration,
+    /// `tcp` services: idle limit of a half-closed connection.
+    pub half_closed_idle: Duration,
 }
 
 pub struct Proxy {
@@ -107,6 +111,7 @@ impl Proxy {
                 let timeouts = Timeouts {
                     connect: self.config.connect_timeout,
                     http_response: self.config.http_response_timeout,
+                    half_closed_idle: self.config.half_close_timeout,
                 };
                 let (max, drain) = (self.config.max_connections, self.config.drain);
                 std::thread::Builder::new()
@@ -321,7 +326,7 @@ async fn handle(
     m.connections.inc();
     m.active.inc();
     let started = Instant::now();
-    let result = forward(client, stream, m).await;
+    let result = forward(client, stream, m, timeouts.half_closed_idle).await;
     m.duration_seconds.observe(started.elapsed().as_secs_f64());
     m.active.dec();
     if let Err(e) = result {
@@ -337,8 +342,9 @@ async fn forward(
     client: TcpStream,
     backend: TcpStream,
     metrics: &crate::metrics::InstanceMetrics,
+    half_closed_idle: Duration,
 ) -> io::Result<splice::Transferred> {
-    let result = splice::bidirectional(&client, &backend, metrics).await;
+    let result = splice::bidirectional(&client, &backend, metrics, half_closed_idle).await;
     if result.is_err() {
         reset(backend);
         reset(client);
@@ -484,30 +490,43 @@ mod tests {
         }
     }
 
-    /// An instance that resets the connection mid-stream: the client must see the reset, not
-    /// a clean end of stream.
-    #[test]
-    fn a_reset_by_the_instance_reaches_the_client_as_a_reset() {
+    /// A client, the proxy's two sockets (as tokio streams, to be made inside a runtime), and
+    /// the instance: real loopback connections.
+    struct Wires {
+        client: std::net::TcpStream,
+        proxy_client: std::net::TcpStream,
+        proxy_backend: std::net::TcpStream,
+        instance: std::net::TcpStream,
+    }
+
+    fn wires() -> Wires {
+        let front = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let back = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(front.local_addr().unwrap()).unwrap();
+        let (proxy_client, _) = front.accept().unwrap();
+        let proxy_backend = std::net::TcpStream::connect(back.local_addr().unwrap()).unwrap();
+        let (instance, _) = back.accept().unwrap();
+        for s in [&proxy_client, &proxy_backend] {
+            s.set_nonblocking(true).unwrap();
+        }
+        Wires {
+            client,
+            proxy_client,
+            proxy_backend,
+            instance,
+        }
+    }
+
+    /// Runs `forward` between the proxy's two sockets, bounded by 5 s.
+    fn run_forward(
+        proxy_client: std::net::TcpStream,
+        proxy_backend: std::net::TcpStream,
+        half_closed_idle: Duration,
+    ) -> Result<io::Result<splice::Transferred>, tokio::time::error::Elapsed> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        // client <-> (accepted) proxy side; proxy side <-> instance.
-        let front = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let back = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut client = std::net::TcpStream::connect(front.local_addr().unwrap()).unwrap();
-        let (proxy_client, _) = front.accept().unwrap();
-        let proxy_backend = std::net::TcpStream::connect(back.local_addr().unwrap()).unwrap();
-        let (instance, _) = back.accept().unwrap();
-        client.write_all(b"request").unwrap();
-        let resetter = std::thread::spawn(move || {
-            let mut instance = instance;
-            let mut buf = [0u8; 7];
-            instance.read_exact(&mut buf).unwrap();
-            socket2::SockRef::from(&instance)
-                .set_linger(Some(Duration::ZERO))
-                .unwrap();
-        });
         let labels = crate::metrics::InstanceLabels {
             service: "s".into(),
             instance: "i".into(),
@@ -516,24 +535,99 @@ mod tests {
             tag: String::new(),
         };
         let metrics = crate::metrics::Metrics::new().instance(&labels, false);
-        let result = rt.block_on(async {
-            proxy_client.set_nonblocking(true).unwrap();
-            proxy_backend.set_nonblocking(true).unwrap();
+        rt.block_on(async {
             let c = TcpStream::from_std(proxy_client).unwrap();
             let b = TcpStream::from_std(proxy_backend).unwrap();
-            tokio::time::timeout(Duration::from_secs(5), forward(c, b, &metrics)).await
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                forward(c, b, &metrics, half_closed_idle),
+            )
+            .await
+        })
+    }
+
+    /// An instance that resets the connection mid-stream: the client must see the reset, not
+    /// a clean end of stream.
+    #[test]
+    fn a_reset_by_the_instance_reaches_the_client_as_a_reset() {
+        let mut w = wires();
+        w.client.write_all(b"request").unwrap();
+        let instance = w.instance;
+        let resetter = std::thread::spawn(move || {
+            let mut instance = instance;
+            let mut buf = [0u8; 7];
+            instance.read_exact(&mut buf).unwrap();
+            socket2::SockRef::from(&instance)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
         });
+        let result = run_forward(w.proxy_client, w.proxy_backend, Duration::from_secs(60));
         resetter.join().unwrap();
         assert!(matches!(result, Ok(Err(_))), "{result:?}");
-        client
+        w.client
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
         let mut buf = [0u8; 16];
-        let read = client.read(&mut buf);
+        let read = w.client.read(&mut buf);
         assert_eq!(
             read.map_err(|e| e.kind()),
             Err(io::ErrorKind::ConnectionReset),
             "the client must see a reset"
         );
+    }
+
+    /// The client is done sending and the instance neither answers nor closes: after the
+    /// half-close limit both sockets are let go, and the client hears of it.
+    #[test]
+    fn a_half_closed_connection_idle_past_the_limit_is_ended() {
+        let mut w = wires();
+        w.client.write_all(b"request").unwrap();
+        w.client.shutdown(std::net::Shutdown::Write).unwrap();
+        let started = Instant::now();
+        let result = run_forward(w.proxy_client, w.proxy_backend, Duration::from_millis(300));
+        let took = started.elapsed();
+        assert!(
+            matches!(&result, Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut),
+            "{result:?}"
+        );
+        assert!(took >= Duration::from_millis(300), "ended after {took:?}");
+        w.client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0u8; 16];
+        assert!(
+            w.client.read(&mut buf).is_err(),
+            "the client must see the end"
+        );
+        drop(w.instance);
+    }
+
+    /// Half-closed but still moving bytes the other way: never cut, however long it goes on.
+    #[test]
+    fn a_half_closed_connection_that_keeps_moving_is_not_cut() {
+        let mut w = wires();
+        w.client.write_all(b"request").unwrap();
+        w.client.shutdown(std::net::Shutdown::Write).unwrap();
+        let instance = w.instance;
+        let writer = std::thread::spawn(move || {
+            let mut instance = instance;
+            // Read first: closing with unread bytes would send a reset, not a FIN.
+            let mut got = Vec::new();
+            instance.read_to_end(&mut got).unwrap();
+            assert_eq!(got, b"request");
+            // 8 writes 100 ms apart: 800 ms in all, well past the 300 ms limit.
+            for _ in 0..8 {
+                instance.write_all(b"0123456789").unwrap();
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let result = run_forward(w.proxy_client, w.proxy_backend, Duration::from_millis(300));
+        writer.join().unwrap();
+        let moved = result.expect("bounded").expect("not cut");
+        assert_eq!(moved.backend_to_client, 80);
+        assert_eq!(moved.client_to_backend, 7);
+        let mut got = Vec::new();
+        w.client.read_to_end(&mut got).unwrap();
+        assert_eq!(got.len(), 80);
     }
 }

@@ -1,10 +1,18 @@
 //! Zero-copy forwarding between two sockets: bytes go socket -> pipe -> socket with splice(2),
 //! never through userspace. Each direction waits on tokio readiness, so no thread blocks, and
-//! a half-close in one direction is passed on (`shutdown(SHUT_WR)`) while the other continues.
+//! a half-close in one direction is passed on (`shutdown(SHUT_WR)`) while the other continues,
+//! for as long as bytes keep moving: a half-closed connection whose open direction stays idle
+//! for the half-close limit is ended, as netfilter's conntrack forgets a connection idle in
+//! FIN_WAIT (120 s by default). Without it, a peer that neither sends nor closes after the other
+//! side's FIN would hold both sockets forever.
 
+use std::future::Future;
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::AsFd;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use nix::fcntl::{splice, SpliceFFlags};
 use tokio::io::Interest;
@@ -22,27 +30,73 @@ pub struct Transferred {
     pub backend_to_client: u64,
 }
 
-/// Forwards until both directions have seen end-of-stream, or either fails. The caller drops
-/// both sockets afterwards, which closes them.
+/// Forwards until both directions have seen end-of-stream, or either fails, or the direction
+/// still open after the other's end moves no byte for `half_closed_idle` (`TimedOut`). The
+/// caller drops both sockets afterwards, which closes them.
 pub async fn bidirectional(
     client: &TcpStream,
     backend: &TcpStream,
     metrics: &InstanceMetrics,
+    half_closed_idle: Duration,
 ) -> io::Result<Transferred> {
-    let (up, down) = tokio::try_join!(
-        one_way(client, backend, &metrics.bytes_to_instance),
-        one_way(backend, client, &metrics.bytes_to_client)
-    )?;
+    let moved = AtomicU64::new(0);
+    let up = one_way(client, backend, &metrics.bytes_to_instance, &moved);
+    let down = one_way(backend, client, &metrics.bytes_to_client, &moved);
+    tokio::pin!(up, down);
+    let (client_to_backend, backend_to_client) = tokio::select! {
+        r = &mut up => {
+            let up = r?;
+            (up, until_idle(down, &moved, half_closed_idle).await?)
+        }
+        r = &mut down => {
+            let down = r?;
+            (until_idle(up, &moved, half_closed_idle).await?, down)
+        }
+    };
     Ok(Transferred {
-        client_to_backend: up,
-        backend_to_client: down,
+        client_to_backend,
+        backend_to_client,
     })
+}
+
+/// Runs the one direction still open until it ends, or fails it once `moved` has not grown for
+/// `idle`. The timer is allocated only here, so a connection with both directions open carries
+/// none.
+async fn until_idle(
+    mut way: Pin<&mut impl Future<Output = io::Result<u64>>>,
+    moved: &AtomicU64,
+    idle: Duration,
+) -> io::Result<u64> {
+    let mut seen = moved.load(Ordering::Relaxed);
+    let mut timer = Box::pin(tokio::time::sleep(idle));
+    loop {
+        tokio::select! {
+            r = way.as_mut() => return r,
+            _ = timer.as_mut() => {
+                let now = moved.load(Ordering::Relaxed);
+                if now == seen {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("half-closed and idle for {} s", idle.as_secs_f64()),
+                    ));
+                }
+                seen = now;
+                timer.as_mut().reset(tokio::time::Instant::now() + idle);
+            }
+        }
+    }
 }
 
 /// One direction: fill the pipe from `src` when it is empty, then drain it into `dst`. The pipe
 /// is held only between those two steps and goes back to the pool once empty.
-/// `moved` counts bytes as they leave the pipe, so live charts see long transfers progress.
-async fn one_way(src: &TcpStream, dst: &TcpStream, moved: &Counter) -> io::Result<u64> {
+/// `counted` counts bytes as they leave the pipe, so live charts see long transfers progress;
+/// `moved` counts them for this connection's idle check.
+async fn one_way(
+    src: &TcpStream,
+    dst: &TcpStream,
+    counted: &Counter,
+    moved: &AtomicU64,
+) -> io::Result<u64> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     let mut total = 0u64;
     loop {
@@ -89,7 +143,8 @@ async fn one_way(src: &TcpStream, dst: &TcpStream, moved: &Counter) -> io::Resul
             }) {
                 Ok(n) => {
                     in_pipe -= n;
-                    moved.inc_by(n as u64);
+                    counted.inc_by(n as u64);
+                    moved.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
