@@ -4,8 +4,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::routes::Api;
+use std::sync::Arc;
+
 use crate::controller::guard::{RefusedRange, RefusedVip};
+use crate::controller::Status;
 use crate::proxy::health::HealthView;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -77,10 +79,11 @@ pub struct BackendHealth {
 }
 
 impl DebugView {
-    pub async fn gather(api: &Api) -> DebugView {
+    /// This host's view; `dataplane` is absent with `--no-dataplane`.
+    pub async fn gather(host_name: &str, dataplane: Option<Arc<Status>>) -> DebugView {
         let mut view = DebugView {
-            host: api.host_name.clone(),
-            dataplane: api.dataplane.is_some(),
+            host: host_name.to_string(),
+            dataplane: dataplane.is_some(),
             listener: None,
             rules: vec![],
             vips: vec![],
@@ -92,7 +95,7 @@ impl DebugView {
             refused_ranges: vec![],
             revision: 0,
         };
-        let Some(status) = api.dataplane.clone() else {
+        let Some(status) = dataplane else {
             view.drift.clean = true;
             return view;
         };

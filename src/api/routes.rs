@@ -197,7 +197,7 @@ async fn route(api: &Api, req: Request<Incoming>) -> Answer {
         (&Method::GET, ["metrics"]) => Ok(metrics(api)),
         (&Method::GET, ["v1", "series"]) => series(api, &query).await,
         (&Method::GET, ["v1", "debug"]) => {
-            let view = super::debug::DebugView::gather(api).await;
+            let view = super::debug::DebugView::gather(&api.host_name, api.dataplane.clone()).await;
             Ok(json(StatusCode::OK, &view))
         }
         (&Method::GET, ["v1", "host"]) => Ok(json(StatusCode::OK, &host_view(api))),

@@ -12,6 +12,7 @@ use nix::sys::socket::{getsockopt, sockopt::OriginalDst};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
+use super::limits::{is_local_exhaustion, Timeouts};
 use super::routes::{Backend, RouteTable, ServiceRoute};
 use super::splice;
 use crate::model::Protocol;
@@ -33,17 +34,6 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     /// After a stop, how long established connections may go on before they are cut.
     pub drain: Duration,
-}
-
-/// The time limits every connection runs under.
-#[derive(Debug, Clone, Copy)]
-pub struct Timeouts {
-    /// Per connect attempt, per instance.
-    pub connect: Duration,
-    /// `http` services: until an instance's response headers.
-    pub http_response: Duration,
-    /// `tcp` services: idle limit of a half-closed connection.
-    pub half_closed_idle: Duration,
 }
 
 pub struct Proxy {
@@ -424,16 +414,6 @@ async fn try_backend(
     Ok(None)
 }
 
-/// Errors that say this process or host ran out of something (fds, socket buffers, memory,
-/// local ports), whichever instance it was connecting to: marking the instance failed would
-/// take healthy instances out of every later connection's first choice.
-pub(super) fn is_local_exhaustion(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
-    )
-}
-
 /// A process that dies just after the kernel accepted a connection for it resets that
 /// connection before anything is exchanged. Until the client has sent a byte, such a backend
 /// can be swapped for another without the client noticing: wait for whichever side speaks
@@ -474,21 +454,6 @@ fn reset(socket: TcpStream) {
 mod tests {
     use super::*;
     use std::io::{Read, Write};
-
-    #[test]
-    fn running_out_of_fds_is_not_the_instances_fault() {
-        for errno in [
-            libc::EMFILE,
-            libc::ENFILE,
-            libc::ENOBUFS,
-            libc::EADDRNOTAVAIL,
-        ] {
-            assert!(is_local_exhaustion(&io::Error::from_raw_os_error(errno)));
-        }
-        for errno in [libc::ECONNREFUSED, libc::ETIMEDOUT, libc::EHOSTUNREACH] {
-            assert!(!is_local_exhaustion(&io::Error::from_raw_os_error(errno)));
-        }
-    }
 
     /// A client, the proxy's two sockets (as tokio streams, to be made inside a runtime), and
     /// the instance: real loopback connections.

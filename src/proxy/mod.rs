@@ -5,6 +5,7 @@ pub mod activation;
 pub mod check;
 pub mod health;
 pub mod http;
+pub mod limits;
 mod listener;
 pub mod pipe;
 pub mod routes;

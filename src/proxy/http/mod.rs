@@ -41,7 +41,7 @@ pub use body::Tracked;
 pub use pool::{Counted, Pool, IDLE_TIMEOUT, MAX_IDLE_PER_INSTANCE};
 use pool::{Sender, ToInstance};
 
-use super::listener::{is_local_exhaustion, Timeouts};
+use super::limits::{is_local_exhaustion, Timeouts};
 use super::routes::{Backend, RouteTable};
 use crate::metrics::code_class;
 
