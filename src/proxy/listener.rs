@@ -64,6 +64,7 @@ impl Proxy {
                 // File status flags belong to the socket, not the fd: set once for all.
                 l.set_nonblocking(true)?;
                 socket2::SockRef::from(l).set_nodelay(true)?;
+                set_client_keepalive(l)?;
                 (0..n)
                     .map(|_| l.try_clone())
                     .collect::<io::Result<Vec<_>>>()?
@@ -198,7 +199,22 @@ fn listen(addr: SocketAddrV4) -> io::Result<std::net::TcpListener> {
     socket.set_nodelay(true)?;
     socket.bind(&SocketAddr::V4(addr).into())?;
     socket.listen(4096)?;
-    Ok(socket.into())
+    let listener = socket.into();
+    set_client_keepalive(&listener)?;
+    Ok(listener)
+}
+
+/// TCP keepalive on client connections, inherited from the listener (no cost per connection):
+/// a client whose host vanished without a FIN or RST is noticed within about 7 minutes
+/// (5 min idle, then 4 probes 30 s apart) and both of its sockets are freed, instead of being
+/// held until fluxd restarts. The instance side gets none: that would cost syscalls on every
+/// connection, and a dead instance host is noticed as soon as the client sends again.
+fn set_client_keepalive(listener: &std::net::TcpListener) -> io::Result<()> {
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(300))
+        .with_interval(Duration::from_secs(30))
+        .with_retries(4);
+    socket2::SockRef::from(listener).set_tcp_keepalive(&keepalive)
 }
 
 /// Pause after a failed accept (or a failed socket for the upstream side): EMFILE and friends
@@ -454,6 +470,19 @@ fn reset(socket: TcpStream) {
 mod tests {
     use super::*;
     use std::io::{Read, Write};
+
+    #[test]
+    fn accepted_client_sockets_inherit_keepalive() {
+        let l = listen(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let _c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        l.set_nonblocking(false).unwrap();
+        let (accepted, _) = l.accept().unwrap();
+        let s = socket2::SockRef::from(&accepted);
+        assert!(s.keepalive().unwrap());
+        assert_eq!(s.keepalive_time().unwrap(), Duration::from_secs(300));
+        assert_eq!(s.keepalive_interval().unwrap(), Duration::from_secs(30));
+        assert_eq!(s.keepalive_retries().unwrap(), 4);
+    }
 
     /// A client, the proxy's two sockets (as tokio streams, to be made inside a runtime), and
     /// the instance: real loopback connections.
