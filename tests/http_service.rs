@@ -352,6 +352,14 @@ fn an_instance_that_never_answers_gets_504_after_the_response_timeout() {
     ]);
     fluxd.add_instance("web", "silent", silent_addr);
     fluxd.wait_routed(&ns, "web");
+    let routed = |want: &str| {
+        wait_until(Duration::from_secs(5), || {
+            fluxd.debug()["services"][0]["instances"]
+                .as_array()
+                .is_some_and(|a| a.len() == 1 && a[0]["instance"] == want)
+        })
+    };
+    assert!(routed("silent").is_some(), "{}", fluxd.debug());
 
     let (status, body, took) = ns.run(|| {
         let start = Instant::now();
@@ -387,4 +395,15 @@ fn an_instance_that_never_answers_gets_504_after_the_response_timeout() {
         })
     });
     assert!(ok.is_some(), "{}", fluxd.log());
+    // The timeout runs from the end of the request body: an upload slower than it (4 KiB in
+    // 1.2 s, against 700 ms) is answered, not cut (once the silent instance is out of routing).
+    assert!(routed("good").is_some(), "{}", fluxd.debug());
+    let upload = ns.run(|| {
+        let chunk = [7u8; 1024];
+        let chunks = [&chunk[..], &chunk[..], &chunk[..], &chunk[..]];
+        Client::connect(vip())
+            .and_then(|mut c| c.request_slowly("POST", "web", &chunks, Duration::from_millis(300)))
+            .map(|r| (r.status(), r.header("x-seen-body").to_string()))
+    });
+    assert_eq!(upload.unwrap(), (200, "4096".to_string()));
 }

@@ -14,7 +14,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
-use super::health::Health;
+use super::health::{now_ms, Health};
+use super::limits::is_local_exhaustion;
 use super::routes::{Backend, RouteTable};
 use super::verdict::CheckState;
 use crate::metrics::{CheckMetrics, InstanceLabels, Metrics};
@@ -155,12 +156,22 @@ impl Probe {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let result = probe(self.addr, &self.check).await;
+            let Some(result) = probe(self.addr, &self.check).await else {
+                // This host is out of fds or ports: no verdict on the instance either way.
+                if let Some(suppressed) = NO_RESULT_WARNINGS.check(now_ms(), 10_000) {
+                    tracing::warn!(
+                        suppressed,
+                        "health checks cannot run: this host is out of sockets"
+                    );
+                }
+                continue;
+            };
             match &result {
                 Ok(()) => self.metrics.passed.inc(),
                 Err(_) => self.metrics.failed.inc(),
             };
             let why = result.as_ref().err().cloned();
+            let was_failing = self.health.check_failing();
             let changed = self.health.check_result(&self.check, result);
             self.metrics
                 .failing
@@ -173,11 +184,13 @@ impl Probe {
                     reason = why.as_deref().unwrap_or(""),
                     "instance fails its health check: out of the pool on this host"
                 ),
-                Some(CheckState::Passing) => tracing::info!(
+                // Only a return is news; a first pass (Unknown -> Passing) is not worth a line
+                // per instance at start.
+                Some(CheckState::Passing) if was_failing => tracing::info!(
                     service = %self.service,
                     instance = %self.instance,
                     addr = %self.addr,
-                    "instance passes its health check: in the pool"
+                    "instance passes its health check again: back in the pool"
                 ),
                 _ => {}
             }
@@ -185,46 +198,90 @@ impl Probe {
     }
 }
 
+static NO_RESULT_WARNINGS: crate::throttle::Throttle = crate::throttle::Throttle::new();
+
+/// Why a check did not pass.
+enum Failure {
+    /// The instance's doing, in words for `fluxctl query`.
+    Instance(String),
+    /// This host could not make the check (out of fds, memory or local ports).
+    Local,
+}
+
 /// One check of `addr`, bounded by the check's timeout; `Err` says why it failed, in words an
 /// operator reads in `fluxctl query` (`http GET /healthz answered 503`, `tcp connect refused`,
-/// `tcp connect timed out after 1000 ms`).
-pub async fn probe(addr: SocketAddrV4, check: &HealthCheck) -> Result<(), String> {
+/// `tcp connect timed out after 1000 ms`). None when this host could not make the check at all
+/// (see [`is_local_exhaustion`]): that says nothing about the instance.
+pub async fn probe(addr: SocketAddrV4, check: &HealthCheck) -> Option<Result<(), String>> {
     let what = match (check.kind, &check.path) {
         (CheckKind::Tcp, _) => "tcp connect".to_string(),
         (CheckKind::Http, p) => format!("http GET {}", p.as_deref().unwrap_or("/")),
     };
     let timeout = Duration::from_millis(check.timeout_ms.into());
     match tokio::time::timeout(timeout, attempt(addr, check, &what)).await {
-        Ok(r) => r,
-        Err(_) => Err(format!("{what} timed out after {} ms", check.timeout_ms)),
+        Ok(Ok(mut stream)) => {
+            drain(&mut stream).await;
+            Some(Ok(()))
+        }
+        Ok(Err(Failure::Instance(why))) => Some(Err(why)),
+        Ok(Err(Failure::Local)) => None,
+        Err(_) => Some(Err(format!(
+            "{what} timed out after {} ms",
+            check.timeout_ms
+        ))),
     }
 }
 
-async fn attempt(addr: SocketAddrV4, check: &HealthCheck, what: &str) -> Result<(), String> {
+/// Reads what is left of the answer (briefly, and at most 64 KiB): closing with unread bytes
+/// would send the instance a reset after every check from every host, which instances may log
+/// as errors.
+async fn drain(stream: &mut TcpStream) {
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_millis(200), async {
+        for _ in 0..16 {
+            if !matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// The check itself; on a pass, the connection (to be drained before it is closed).
+async fn attempt(
+    addr: SocketAddrV4,
+    check: &HealthCheck,
+    what: &str,
+) -> Result<TcpStream, Failure> {
     let mut stream = TcpStream::connect(addr).await.map_err(|e| {
+        if is_local_exhaustion(&e) {
+            return Failure::Local;
+        }
         let how = match e.kind() {
             std::io::ErrorKind::ConnectionRefused => "refused".to_string(),
             _ => format!("failed: {e}"),
         };
-        match check.kind {
+        Failure::Instance(match check.kind {
             CheckKind::Tcp => format!("tcp connect {how}"),
             CheckKind::Http => format!("{what}: connect {how}"),
-        }
+        })
     })?;
     let Some(path) = check
         .path
         .as_deref()
         .filter(|_| check.kind == CheckKind::Http)
     else {
-        return Ok(());
+        // A tcp check reads nothing: closing sends a FIN, no reset.
+        return Ok(stream);
     };
+    let fail = |why: String| Failure::Instance(why);
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: fluxd-health-check\r\nAccept: */*\r\nConnection: close\r\n\r\n"
     );
     stream
         .write_all(request.as_bytes())
         .await
-        .map_err(|e| format!("{what}: {e}"))?;
+        .map_err(|e| fail(format!("{what}: {e}")))?;
     let mut buf = [0u8; MAX_STATUS_LINE];
     let mut len = 0;
     let line_end = loop {
@@ -232,20 +289,26 @@ async fn attempt(addr: SocketAddrV4, check: &HealthCheck, what: &str) -> Result<
             break i;
         }
         if len == buf.len() {
-            return Err(format!("{what}: no status line in the first {len} bytes"));
+            return Err(fail(format!(
+                "{what}: no status line in the first {len} bytes"
+            )));
         }
         match stream.read(&mut buf[len..]).await {
-            Ok(0) => return Err(format!("{what}: connection closed before a status line")),
+            Ok(0) => {
+                return Err(fail(format!(
+                    "{what}: connection closed before a status line"
+                )))
+            }
             Ok(n) => len += n,
-            Err(e) => return Err(format!("{what}: {e}")),
+            Err(e) => return Err(fail(format!("{what}: {e}"))),
         }
     };
-    let status =
-        status_code(&buf[..line_end]).ok_or_else(|| format!("{what}: not an HTTP status line"))?;
+    let status = status_code(&buf[..line_end])
+        .ok_or_else(|| fail(format!("{what}: not an HTTP status line")))?;
     if (200..400).contains(&status) {
-        Ok(())
+        Ok(stream)
     } else {
-        Err(format!("{what} answered {status}"))
+        Err(fail(format!("{what} answered {status}")))
     }
 }
 
@@ -412,22 +475,25 @@ mod tests {
     #[tokio::test]
     async fn http_checks_judge_the_status() {
         let (addr, req) = answering("HTTP/1.1 204 No Content\r\n\r\n").await;
-        assert_eq!(probe(addr, &http("/healthz")).await, Ok(()));
+        assert_eq!(
+            probe(addr, &http("/healthz")).await.expect("a verdict"),
+            Ok(())
+        );
         let req = req.await.unwrap();
         assert!(req.starts_with("GET /healthz HTTP/1.1\r\n"), "{req}");
         assert!(req.contains(&format!("Host: {addr}\r\n")), "{req}");
         assert!(req.contains("Connection: close\r\n"), "{req}");
 
         let (addr, _) = answering("HTTP/1.1 302 Found\r\nLocation: /\r\n\r\n").await;
-        assert_eq!(probe(addr, &http("/")).await, Ok(()));
+        assert_eq!(probe(addr, &http("/")).await.expect("a verdict"), Ok(()));
         let (addr, _) = answering("HTTP/1.1 503 Service Unavailable\r\n\r\n").await;
         assert_eq!(
-            probe(addr, &http("/healthz")).await,
+            probe(addr, &http("/healthz")).await.expect("a verdict"),
             Err("http GET /healthz answered 503".into())
         );
         let (addr, _) = answering("").await;
         assert_eq!(
-            probe(addr, &http("/x")).await,
+            probe(addr, &http("/x")).await.expect("a verdict"),
             Err("http GET /x: connection closed before a status line".into())
         );
     }
@@ -444,16 +510,16 @@ mod tests {
             ..HealthCheck::http("/healthz")
         };
         assert_eq!(
-            probe(addr, &check).await,
+            probe(addr, &check).await.expect("a verdict"),
             Err("http GET /healthz timed out after 50 ms".into())
         );
         drop(l);
         assert_eq!(
-            probe(addr, &HealthCheck::tcp()).await,
+            probe(addr, &HealthCheck::tcp()).await.expect("a verdict"),
             Err("tcp connect refused".into())
         );
         assert_eq!(
-            probe(addr, &check).await,
+            probe(addr, &check).await.expect("a verdict"),
             Err("http GET /healthz: connect refused".into())
         );
     }

@@ -238,6 +238,27 @@ impl Client {
             .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed"))
     }
 
+    /// Sends a request whose body goes in `chunks`, `gap` apart (a slow upload), and reads
+    /// its response.
+    pub fn request_slowly(
+        &mut self,
+        method: &str,
+        host: &str,
+        chunks: &[&[u8]],
+        gap: Duration,
+    ) -> std::io::Result<Message> {
+        let len: usize = chunks.iter().map(|c| c.len()).sum();
+        let head =
+            format!("{method} /upload HTTP/1.1\r\nhost: {host}\r\ncontent-length: {len}\r\n\r\n");
+        self.w.write_all(head.as_bytes())?;
+        for c in chunks {
+            std::thread::sleep(gap);
+            self.w.write_all(c)?;
+        }
+        read_message(&mut self.r)?
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed"))
+    }
+
     pub fn get(&mut self, host: &str) -> std::io::Result<Message> {
         self.request("GET", host, b"")
     }

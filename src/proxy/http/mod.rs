@@ -265,11 +265,23 @@ impl Ctx {
             return Err(Unanswered::Lost);
         };
         m.active.inc();
-        let answer = tokio::time::timeout(
-            self.response_timeout,
-            sender.try_send_request(request(parts, b)),
-        )
-        .await;
+        // The response timeout runs from the end of the request body: at once for a body held
+        // in memory, once the last byte has gone for a streamed one.
+        let body_sent = match &b {
+            Either::Left(streamed) => streamed.sent.clone(),
+            Either::Right(_) => None,
+        };
+        let response = sender.try_send_request(request(parts, b));
+        let too_late = async {
+            if let Some(sent) = body_sent {
+                sent.notified().await;
+            }
+            tokio::time::sleep(self.response_timeout).await;
+        };
+        let answer = tokio::select! {
+            answer = response => Ok(answer),
+            _ = too_late => Err(()),
+        };
         let Ok(answer) = answer else {
             // Dropping the sender closes the connection: the instance sees the request
             // abandoned rather than a late answer read by the next request.
@@ -473,6 +485,7 @@ impl ReqBody {
         Ok(ReqBody::Once(Some(Counted {
             inner: body,
             counter: None,
+            sent: None,
         })))
     }
 
@@ -485,6 +498,7 @@ impl ReqBody {
             }
             ReqBody::Once(b) => b.take().map(|mut b| {
                 b.counter = Some(sent.clone());
+                b.sent = Some(Arc::new(tokio::sync::Notify::new()));
                 Either::Left(b)
             }),
         }

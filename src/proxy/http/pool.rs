@@ -1,7 +1,7 @@
 //! An instance's kept-alive connections, and the request body sent over them.
 
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -58,10 +58,22 @@ impl Pool {
     }
 }
 
-/// A streamed request body: counts its bytes as they go, once it knows its instance.
+/// A streamed request body: counts its bytes as they go, once it knows its instance, and says
+/// when it has all gone (the response timeout starts then, as nginx's proxy_read_timeout
+/// does: an upload may take as long as it takes).
 pub struct Counted {
     pub(super) inner: Incoming,
     pub(super) counter: Option<Counter>,
+    pub(super) sent: Option<Arc<tokio::sync::Notify>>,
+}
+
+impl Counted {
+    fn ended(&self) {
+        if let Some(n) = &self.sent {
+            // A stored permit: the waiter may start waiting after this.
+            n.notify_one();
+        }
+    }
 }
 
 impl Body for Counted {
@@ -77,6 +89,10 @@ impl Body for Counted {
             if let Some(d) = f.data_ref() {
                 c.inc_by(d.len() as u64);
             }
+        }
+        // hyper stops polling once `is_end_stream` says so, without asking for the `None`.
+        if matches!(r, Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.ended();
         }
         r
     }
