@@ -103,9 +103,12 @@ struct Core {
 struct Login {
     user: String,
     password: String,
-    /// When the last fresh login succeeded; requests that failed with the old token just
-    /// before it need no login of their own.
-    last: Mutex<Option<Instant>>,
+    /// Bumped by every successful login: a request sent before the latest login that etcd
+    /// refused for its (old) token needs no login of its own, however late its answer came.
+    generation: std::sync::atomic::AtomicU64,
+    /// When a login was last tried, held across the attempt: one at a time, and none within
+    /// `RELOGIN_MIN_INTERVAL` of the last (etcd may still be electing, or the password changed).
+    last_try: Mutex<Option<Instant>>,
 }
 
 /// The host session. One lock covers the lease and the bound-record map, and every writing
@@ -215,7 +218,8 @@ impl EtcdStore {
                 Arc::new(Login {
                     user: user.clone(),
                     password: password.clone(),
-                    last: Mutex::new(None),
+                    generation: Default::default(),
+                    last_try: Mutex::new(None),
                 })
             }),
         };
@@ -329,6 +333,7 @@ impl EtcdStore {
             .collect();
         let request = etcd_client::Txn::new().when(compares).and_then(ops);
         let mut kv = self.core.client.kv_client();
+        let sent = self.core.login_generation();
         let answer = tokio::time::timeout_at(deadline, kv.txn(request)).await;
         let response = match answer {
             Ok(Ok(response)) => response,
@@ -344,9 +349,15 @@ impl EtcdStore {
                 ));
             }
             Ok(Err(e)) => {
-                let error = self.core.fail(e).await;
+                let refused = is_token_refused(&e);
+                let error = map_err(e);
                 if let (Some(s), StoreError::Unavailable(_)) = (session.as_mut(), &error) {
                     forget_touched(&mut s.bound, &txn.then);
+                }
+                // Logging in again may take a while: not with every writer waiting on the lock.
+                drop(session);
+                if refused {
+                    self.core.login_again(sent).await;
                 }
                 return Err(error);
             }
@@ -430,8 +441,11 @@ impl Store for EtcdStore {
                 "a transaction takes at most {MAX_TXN_OPS} conditions and {MAX_TXN_OPS} operations"
             )));
         }
-        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
-        once_more_if_token_refused(|| self.run_txn(txn.clone(), deadline)).await
+        // Each attempt its own deadline: the second comes after a login that took its time.
+        once_more_if_token_refused(|| {
+            self.run_txn(txn.clone(), tokio::time::Instant::now() + REQUEST_TIMEOUT)
+        })
+        .await
     }
 
     async fn watch(
@@ -503,11 +517,12 @@ impl Store for EtcdStore {
                 return Ok(());
             };
             let mut leases = self.core.client.lease_client();
+            let sent = self.core.login_generation();
             match leases.revoke(id).await {
                 Ok(_) => Ok(()),
                 // Already expired: the records are gone, which is what was asked.
                 Err(e) if is_lease_gone(&e) => Ok(()),
-                Err(e) => Err(self.core.fail(e).await),
+                Err(e) => Err(self.core.fail(e, sent).await),
             }
         };
         match tokio::time::timeout(REQUEST_TIMEOUT, revoke).await {
@@ -518,9 +533,17 @@ impl Store for EtcdStore {
 }
 
 impl Core {
-    /// etcd's error as a `StoreError`, after logging in again if etcd refused our token.
-    async fn fail(&self, e: etcd_client::Error) -> StoreError {
-        self.login_again_if_refused(&e).await;
+    /// Which login a request about to be sent goes out under (0 without a user).
+    fn login_generation(&self) -> u64 {
+        self.login
+            .as_ref()
+            .map_or(0, |l| l.generation.load(Ordering::SeqCst))
+    }
+
+    /// etcd's error as a `StoreError`, after logging in again if etcd refused our token; `sent`
+    /// is the `login_generation` the request went out under.
+    async fn fail(&self, e: etcd_client::Error, sent: u64) -> StoreError {
+        self.login_again_if_refused(&e, sent).await;
         map_err(e)
     }
 
@@ -529,27 +552,35 @@ impl Core {
         &self,
         request: impl Future<Output = std::result::Result<T, etcd_client::Error>>,
     ) -> Result<T> {
+        let sent = self.login_generation();
         match timed(request).await? {
             Ok(t) => Ok(t),
-            Err(e) => Err(self.fail(e).await),
+            Err(e) => Err(self.fail(e, sent).await),
         }
     }
 
-    async fn login_again_if_refused(&self, e: &etcd_client::Error) {
+    async fn login_again_if_refused(&self, e: &etcd_client::Error, sent: u64) {
+        if is_token_refused(e) {
+            self.login_again(sent).await;
+        }
+    }
+
+    /// Logs in again, unless a login succeeded since `sent` or one was tried just now.
+    async fn login_again(&self, sent: u64) {
         let Some(login) = &self.login else { return };
-        if !is_token_refused(e) {
+        let mut last_try = login.last_try.lock().await;
+        if login.generation.load(Ordering::SeqCst) != sent
+            || last_try.is_some_and(|t| t.elapsed() < RELOGIN_MIN_INTERVAL)
+        {
             return;
         }
-        let mut last = login.last.lock().await;
-        if last.is_some_and(|t| t.elapsed() < RELOGIN_MIN_INTERVAL) {
-            return;
-        }
+        *last_try = Some(Instant::now());
         let mut auth = self.client.auth_client();
         // etcd checks the token sent with Authenticate itself, so the stale one must go first.
         auth.remove_client_auth();
         match timed(auth.set_client_auth(login.user.clone(), login.password.clone())).await {
             Ok(Ok(())) => {
-                *last = Some(Instant::now());
+                login.generation.fetch_add(1, Ordering::SeqCst);
                 tracing::info!(user = %login.user, "logged in to etcd again: it no longer knew our token");
             }
             Ok(Err(err)) => {
@@ -630,10 +661,11 @@ impl Core {
             if listing.revision > 0 {
                 options = options.with_revision(listing.revision);
             }
+            let sent = self.login_generation();
             let response = match timed(kv.get(start.clone(), Some(options))).await? {
                 Ok(response) => response,
                 Err(e) if listing.revision > 0 && is_compacted(&e) => return Ok(None),
-                Err(e) => return Err(self.fail(e).await),
+                Err(e) => return Err(self.fail(e, sent).await),
             };
             if listing.revision == 0 {
                 listing.revision = response.header().map(|h| h.revision()).unwrap_or_default();
@@ -910,13 +942,14 @@ async fn watch_stream(
         // Lets a quiet prefix advance `next`, so a reconnect after a compaction needs no relist.
         .with_progress_notify();
     let mut client = core.client.watch_client();
+    let sent = core.login_generation();
     // The crate asserts that etcd's first answer creates the watch; in a task of its own that
     // assertion (should a server ever break it) costs one retry instead of this watch.
     let mut create = tokio::spawn(async move { client.watch(key, Some(options)).await });
     let (_watcher, mut stream) = match tokio::time::timeout(REQUEST_TIMEOUT, &mut create).await {
         Ok(Ok(Ok(created))) => created,
         Ok(Ok(Err(e))) if is_compacted(&e) => return WatchEnd::Compacted,
-        Ok(Ok(Err(e))) => return WatchEnd::Broken(core.fail(e).await.to_string()),
+        Ok(Ok(Err(e))) => return WatchEnd::Broken(core.fail(e, sent).await.to_string()),
         Ok(Err(e)) => return WatchEnd::Broken(format!("creating the watch failed: {e}")),
         Err(_) => {
             create.abort();
@@ -931,7 +964,7 @@ async fn watch_stream(
                 Ok(Some(response)) => response,
                 Ok(None) => return WatchEnd::Broken("watch stream ended".into()),
                 Err(e) if is_compacted(&e) => return WatchEnd::Compacted,
-                Err(e) => return WatchEnd::Broken(core.fail(e).await.to_string()),
+                Err(e) => return WatchEnd::Broken(core.fail(e, sent).await.to_string()),
             };
             if response.compact_revision() > 0 {
                 return WatchEnd::Compacted;
@@ -1057,10 +1090,11 @@ async fn renew(
     outage: &mut Outage,
 ) -> KeepEnd {
     let mut leases = core.client.lease_client();
+    let sent = core.login_generation();
     let (mut keeper, mut stream) = match timed(leases.keep_alive(id)).await {
         Ok(Ok(pair)) => pair,
         Ok(Err(e)) if is_lease_gone(&e) => return KeepEnd::LeaseGone(id),
-        Ok(Err(e)) => return KeepEnd::Broken(core.fail(e).await.to_string()),
+        Ok(Err(e)) => return KeepEnd::Broken(core.fail(e, sent).await.to_string()),
         Err(e) => return KeepEnd::Broken(e.to_string()),
     };
     // A re-put cut short by an outage is finished as soon as etcd answers again.
@@ -1089,7 +1123,7 @@ async fn renew(
             Ok(Ok(Some(_))) => return KeepEnd::LeaseGone(id),
             Ok(Ok(None)) => return KeepEnd::Broken("keep-alive stream ended".into()),
             Ok(Err(e)) if is_lease_gone(&e) => return KeepEnd::LeaseGone(id),
-            Ok(Err(e)) => return KeepEnd::Broken(core.fail(e).await.to_string()),
+            Ok(Err(e)) => return KeepEnd::Broken(core.fail(e, sent).await.to_string()),
             Err(_) => return KeepEnd::Broken(timeout_error().to_string()),
         }
     }
