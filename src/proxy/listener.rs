@@ -596,6 +596,40 @@ mod tests {
         drop(w.instance);
     }
 
+    /// Half-closed, and the client is slow to read: bytes waiting for it are not idleness.
+    #[test]
+    fn a_half_closed_connection_waiting_on_a_slow_reader_is_not_cut() {
+        let mut w = wires();
+        // Small buffers, so that what the client has not read yet waits in fluxd's pipe.
+        socket2::SockRef::from(&w.client)
+            .set_recv_buffer_size(8192)
+            .unwrap();
+        socket2::SockRef::from(&w.proxy_client)
+            .set_send_buffer_size(8192)
+            .unwrap();
+        w.client.write_all(b"request").unwrap();
+        w.client.shutdown(std::net::Shutdown::Write).unwrap();
+        let instance = w.instance;
+        let writer = std::thread::spawn(move || {
+            let mut instance = instance;
+            let mut got = Vec::new();
+            instance.read_to_end(&mut got).unwrap();
+            // More than the small buffers and the pipe hold together.
+            instance.write_all(&[5u8; 256 << 10]).unwrap();
+        });
+        let mut client = w.client;
+        let reader = std::thread::spawn(move || {
+            // Reads nothing for twice the limit, then everything.
+            std::thread::sleep(Duration::from_millis(600));
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).map(|_| got.len())
+        });
+        let result = run_forward(w.proxy_client, w.proxy_backend, Duration::from_millis(300));
+        writer.join().unwrap();
+        assert!(matches!(&result, Ok(Ok(_))), "{result:?}");
+        assert_eq!(reader.join().unwrap().unwrap(), 256 << 10);
+    }
+
     /// Half-closed but still moving bytes the other way: never cut, however long it goes on.
     #[test]
     fn a_half_closed_connection_that_keeps_moving_is_not_cut() {

@@ -39,18 +39,18 @@ pub async fn bidirectional(
     metrics: &InstanceMetrics,
     half_closed_idle: Duration,
 ) -> io::Result<Transferred> {
-    let moved = AtomicU64::new(0);
-    let up = one_way(client, backend, &metrics.bytes_to_instance, &moved);
-    let down = one_way(backend, client, &metrics.bytes_to_client, &moved);
+    let (up_way, down_way) = (Progress::default(), Progress::default());
+    let up = one_way(client, backend, &metrics.bytes_to_instance, &up_way);
+    let down = one_way(backend, client, &metrics.bytes_to_client, &down_way);
     tokio::pin!(up, down);
     let (client_to_backend, backend_to_client) = tokio::select! {
         r = &mut up => {
             let up = r?;
-            (up, until_idle(down, &moved, half_closed_idle).await?)
+            (up, until_idle(down, &down_way, half_closed_idle).await?)
         }
         r = &mut down => {
             let down = r?;
-            (until_idle(up, &moved, half_closed_idle).await?, down)
+            (until_idle(up, &up_way, half_closed_idle).await?, down)
         }
     };
     Ok(Transferred {
@@ -59,22 +59,32 @@ pub async fn bidirectional(
     })
 }
 
-/// Runs the one direction still open until it ends, or fails it once `moved` has not grown for
-/// `idle`. The timer is allocated only here, so a connection with both directions open carries
-/// none.
+/// One direction's progress, for the idle check of a half-closed connection.
+#[derive(Default)]
+struct Progress {
+    /// Bytes delivered so far.
+    moved: AtomicU64,
+    /// Bytes read but not yet delivered: the destination is slow to take them, which is not
+    /// idleness (as long as it takes them at all, TCP's own window probes keep it alive).
+    held: AtomicU64,
+}
+
+/// Runs the one direction still open until it ends, or fails it once it has delivered nothing
+/// and held nothing back for `idle`. The timer is allocated only here, so a connection with
+/// both directions open carries none.
 async fn until_idle(
     mut way: Pin<&mut impl Future<Output = io::Result<u64>>>,
-    moved: &AtomicU64,
+    progress: &Progress,
     idle: Duration,
 ) -> io::Result<u64> {
-    let mut seen = moved.load(Ordering::Relaxed);
+    let mut seen = progress.moved.load(Ordering::Relaxed);
     let mut timer = Box::pin(tokio::time::sleep(idle));
     loop {
         tokio::select! {
             r = way.as_mut() => return r,
             _ = timer.as_mut() => {
-                let now = moved.load(Ordering::Relaxed);
-                if now == seen {
+                let now = progress.moved.load(Ordering::Relaxed);
+                if now == seen && progress.held.load(Ordering::Relaxed) == 0 {
                     return Err(io::Error::new(
                         io::ErrorKind::TimedOut,
                         format!("half-closed and idle for {} s", idle.as_secs_f64()),
@@ -90,12 +100,12 @@ async fn until_idle(
 /// One direction: fill the pipe from `src` when it is empty, then drain it into `dst`. The pipe
 /// is held only between those two steps and goes back to the pool once empty.
 /// `counted` counts bytes as they leave the pipe, so live charts see long transfers progress;
-/// `moved` counts them for this connection's idle check.
+/// `progress` follows them for this connection's idle check.
 async fn one_way(
     src: &TcpStream,
     dst: &TcpStream,
     counted: &Counter,
-    moved: &AtomicU64,
+    progress: &Progress,
 ) -> io::Result<u64> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     let mut total = 0u64;
@@ -134,6 +144,7 @@ async fn one_way(
             }
         };
         total += in_pipe as u64;
+        progress.held.store(in_pipe as u64, Ordering::Relaxed);
         while in_pipe > 0 {
             // On error the pipe may hold bytes: it is dropped (closed) with the `?`, not reused.
             dst.writable().await?;
@@ -144,7 +155,8 @@ async fn one_way(
                 Ok(n) => {
                     in_pipe -= n;
                     counted.inc_by(n as u64);
-                    moved.fetch_add(n as u64, Ordering::Relaxed);
+                    progress.moved.fetch_add(n as u64, Ordering::Relaxed);
+                    progress.held.store(in_pipe as u64, Ordering::Relaxed);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
