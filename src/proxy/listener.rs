@@ -352,10 +352,57 @@ async fn forward(
 ) -> io::Result<splice::Transferred> {
     let result = splice::bidirectional(&client, &backend, metrics, half_closed_idle).await;
     if result.is_err() {
+        // What was already handed to a side's kernel goes out first (briefly): an instance that
+        // answers in full and then closes with the request unread sends a reset, and its answer
+        // must not be thrown away with it.
+        tokio::join!(flush(&client), flush(&backend));
         reset(backend);
         reset(client);
     }
     result
+}
+
+/// Waits, at most `FLUSH_LIMIT`, until the peer has acknowledged everything queued on `s`.
+async fn flush(s: &TcpStream) {
+    const FLUSH_LIMIT: Duration = Duration::from_secs(1);
+    let deadline = Instant::now() + FLUSH_LIMIT;
+    while unacknowledged(s).is_ok_and(|n| n > 0) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Bytes queued on `s` that its peer has not acknowledged yet (SIOCOUTQ); 0 once the
+/// connection is closed (a reset from the peer leaves the count standing, and nothing more will
+/// be acknowledged).
+fn unacknowledged(s: &impl std::os::fd::AsRawFd) -> io::Result<usize> {
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: TCP_INFO fills at most `len` bytes of `info`, a live local of that size.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    const TCP_CLOSE: u8 = 7;
+    if info.tcpi_state == TCP_CLOSE {
+        return Ok(0);
+    }
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (= SIOCOUTQ on sockets) writes one int through the pointer, which points
+    // to a live local; the fd stays open for the call (`s` is borrowed).
+    let r = unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n.max(0) as usize)
+    }
 }
 
 /// Tries the policy's pick, then every other instance, until one accepts and is still there;
@@ -568,6 +615,53 @@ mod tests {
             Err(io::ErrorKind::ConnectionReset),
             "the client must see a reset"
         );
+    }
+
+    /// An instance that answers in full and then closes with the rest of the request unread
+    /// (its kernel sends a reset, not a FIN): the client gets the whole answer before it hears
+    /// of the reset, even when it is slow to read it.
+    #[test]
+    fn an_answer_sent_before_a_reset_reaches_the_client_in_full() {
+        let mut w = wires();
+        socket2::SockRef::from(&w.client)
+            .set_recv_buffer_size(8192)
+            .unwrap();
+        socket2::SockRef::from(&w.proxy_client)
+            .set_send_buffer_size(8192)
+            .unwrap();
+        // 64 KiB of request, of which the instance reads 7 bytes before answering and closing.
+        w.client.write_all(&[1u8; 64 << 10]).unwrap();
+        let instance = w.instance;
+        let answerer = std::thread::spawn(move || {
+            let mut instance = instance;
+            let mut head = [0u8; 7];
+            instance.read_exact(&mut head).unwrap();
+            instance.write_all(&[5u8; 128 << 10]).unwrap();
+            // Its kernel drops what it has not sent when it resets: let all of it go first.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while unacknowledged(&instance).unwrap() > 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        let mut client = w.client;
+        let reader = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let mut got = 0;
+            let mut buf = [0u8; 16 << 10];
+            loop {
+                match client.read(&mut buf) {
+                    Ok(0) => return (got, None),
+                    Ok(n) => got += n,
+                    Err(e) => return (got, Some(e.kind())),
+                }
+            }
+        });
+        let result = run_forward(w.proxy_client, w.proxy_backend, Duration::from_secs(60));
+        answerer.join().unwrap();
+        assert!(matches!(&result, Ok(Err(_))), "{result:?}");
+        let (got, end) = reader.join().unwrap();
+        assert_eq!(got, 128 << 10, "answer cut short; ended with {end:?}");
+        assert_eq!(end, Some(io::ErrorKind::ConnectionReset));
     }
 
     /// The client is done sending and the instance neither answers nor closes: after the
