@@ -558,6 +558,19 @@ mod tests {
         }
     }
 
+    /// As `wires`, with small buffers towards the client, so that what the client has not read
+    /// yet waits in fluxd's pipe and send queue rather than in the client's kernel.
+    fn slow_client_wires() -> Wires {
+        let w = wires();
+        socket2::SockRef::from(&w.client)
+            .set_recv_buffer_size(8192)
+            .unwrap();
+        socket2::SockRef::from(&w.proxy_client)
+            .set_send_buffer_size(8192)
+            .unwrap();
+        w
+    }
+
     /// Runs `forward` between the proxy's two sockets, bounded by 5 s.
     fn run_forward(
         proxy_client: std::net::TcpStream,
@@ -622,13 +635,7 @@ mod tests {
     /// of the reset, even when it is slow to read it.
     #[test]
     fn an_answer_sent_before_a_reset_reaches_the_client_in_full() {
-        let mut w = wires();
-        socket2::SockRef::from(&w.client)
-            .set_recv_buffer_size(8192)
-            .unwrap();
-        socket2::SockRef::from(&w.proxy_client)
-            .set_send_buffer_size(8192)
-            .unwrap();
+        let mut w = slow_client_wires();
         // 64 KiB of request, of which the instance reads 7 bytes before answering and closing.
         w.client.write_all(&[1u8; 64 << 10]).unwrap();
         let instance = w.instance;
@@ -693,14 +700,7 @@ mod tests {
     /// Half-closed, and the client is slow to read: bytes waiting for it are not idleness.
     #[test]
     fn a_half_closed_connection_waiting_on_a_slow_reader_is_not_cut() {
-        let mut w = wires();
-        // Small buffers, so that what the client has not read yet waits in fluxd's pipe.
-        socket2::SockRef::from(&w.client)
-            .set_recv_buffer_size(8192)
-            .unwrap();
-        socket2::SockRef::from(&w.proxy_client)
-            .set_send_buffer_size(8192)
-            .unwrap();
+        let mut w = slow_client_wires();
         w.client.write_all(b"request").unwrap();
         w.client.shutdown(std::net::Shutdown::Write).unwrap();
         let instance = w.instance;
