@@ -476,7 +476,8 @@ fn page_marks_the_store_down_while_etcd_is_stopped() {
     );
     assert!(
         counts.keys().all(|k| !k.starts_with("error")),
-        "connections failed while etcd was down: {counts:?}"
+        "connections failed while etcd was down: {counts:?}\n{}",
+        fluxd.log()
     );
     drop(backends);
 }
