@@ -2,7 +2,7 @@
 //! panic; an accepted config holds only values `fluxd run` would accept.
 #![no_main]
 
-use flux::config::Config;
+use flux::daemon::config::Config;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,6 +1,7 @@
 //! Serves the API on a unix socket (the local API fluxctl uses), read-only over plain TCP
 //! (`--http`), and in full over TLS with a bearer token (`--api-listen`), until shutdown.
 
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -46,6 +47,15 @@ pub fn bind_unix(path: &Path, group: &str) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
+/// The remote API (`--api-listen`): TLS with a bearer token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteApi {
+    pub listen: SocketAddr,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub token_file: PathBuf,
+}
+
 /// The remote API's TLS acceptor and token, read from the files named by `--api-*-file`.
 pub struct RemoteTls {
     pub acceptor: tokio_rustls::TlsAcceptor,
@@ -56,7 +66,7 @@ pub struct RemoteTls {
 const MIN_TOKEN_LEN: usize = 16;
 
 impl RemoteTls {
-    pub fn load(r: &crate::config::RemoteApi) -> anyhow::Result<RemoteTls> {
+    pub fn load(r: &RemoteApi) -> anyhow::Result<RemoteTls> {
         use tokio_rustls::rustls;
         let read = |p: &Path, key: &str| {
             std::fs::read(p).with_context(|| format!("{key}: cannot read {}", p.display()))

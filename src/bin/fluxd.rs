@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
-use flux::config::{Config, LogFormat, RunArgs};
+use flux::daemon::config::{Config, LogFormat, RunArgs};
 
 #[derive(Parser)]
 #[command(

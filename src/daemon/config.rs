@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use serde::Deserialize;
 
-use crate::api::client::Endpoint;
+use crate::api::server::RemoteApi;
 use crate::model::{validate, NetworkMode};
 
 /// `fluxd run` flags. Each is optional here so that an unset flag can fall through to the
@@ -180,15 +180,6 @@ struct FileConfig {
     etcd_password_file: Option<PathBuf>,
 }
 
-/// The remote API (`--api-listen`): TLS with a bearer token.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RemoteApi {
-    pub listen: SocketAddr,
-    pub cert_file: PathBuf,
-    pub key_file: PathBuf,
-    pub token_file: PathBuf,
-}
-
 /// How fluxd authenticates to etcd: files, read when the store is opened.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EtcdAccess {
@@ -247,6 +238,20 @@ pub struct Config {
     pub etcd_access: EtcdAccess,
 }
 
+/// Where a setting can come from, flags first: clap has already put `FLUXD_*` variables into
+/// `args`.
+struct Sources<'a> {
+    args: &'a RunArgs,
+    file: &'a FileConfig,
+}
+
+/// The setting `$f` from the flags (or environment), else from the file.
+macro_rules! pick {
+    ($s:expr, $f:ident) => {
+        $s.args.$f.clone().or($s.file.$f.clone())
+    };
+}
+
 impl Config {
     pub fn load(args: &RunArgs) -> anyhow::Result<Config> {
         let file = match &args.config {
@@ -264,188 +269,260 @@ impl Config {
     }
 
     fn resolve(args: &RunArgs, file: FileConfig) -> anyhow::Result<Config> {
-        macro_rules! pick {
-            ($f:ident) => {
-                args.$f.clone().or(file.$f.clone())
-            };
-        }
-        let store = parse_store(&pick!(store).unwrap_or_else(|| "embedded".into()))?;
-        let api = match Endpoint::parse(
-            &pick!(api).unwrap_or_else(|| "unix:///run/fluxd/fluxd.sock".into()),
-        )? {
-            Endpoint::Unix(p) => p,
-            Endpoint::Tcp(_) | Endpoint::Https(_) => {
-                bail!("api: fluxd serves its local API on a unix:// socket only (see --api-listen)")
-            }
-        };
-        let http_s = pick!(http).unwrap_or_else(|| "127.0.0.1:7070".into());
-        let http: SocketAddr = http_s
-            .parse()
-            .map_err(|_| anyhow::anyhow!("http: expected ADDR:PORT (got \"{http_s}\")"))?;
-        let host_name = match pick!(host_name) {
-            Some(h) => h,
-            None => nix::unistd::gethostname()
-                .context("host_name: cannot read the hostname; set --host-name")?
-                .to_string_lossy()
-                .into_owned(),
-        };
-        validate::host_name("host_name", &host_name)?;
-        let host_ip = match pick!(host_ip) {
-            Some(s) => s
-                .parse()
-                .map_err(|_| anyhow::anyhow!("host_ip: expected an IPv4 address (got \"{s}\")"))?,
-            None => detect_host_ip(),
-        };
-        let network_mode = match pick!(network_mode).as_deref() {
-            None | Some("local") => NetworkMode::Local,
-            Some("global") => NetworkMode::Global,
-            Some(other) => bail!("network_mode: must be local or global (got \"{other}\")"),
-        };
-        let etcd_prefix = pick!(etcd_prefix).unwrap_or_else(|| "/flux/".into());
-        if !etcd_prefix.starts_with('/') || !etcd_prefix.ends_with('/') {
-            bail!("etcd_prefix: must start and end with '/' (got \"{etcd_prefix}\")");
-        }
-        let ttl = pick!(host_ttl).unwrap_or(15);
-        if !(2..=300).contains(&ttl) {
-            bail!("host_ttl: must be 2-300 seconds (got {ttl})");
-        }
-        let log_format = match pick!(log_format).as_deref() {
-            None | Some("text") => LogFormat::Text,
-            Some("json") => LogFormat::Json,
-            Some(other) => bail!("log_format: must be text or json (got \"{other}\")"),
-        };
-        let proxy_port = pick!(proxy_port).unwrap_or(7171);
-        if proxy_port == 0 {
-            bail!("proxy_port: must be 1-65535 (got 0)");
-        }
-        let bridge_interfaces: Vec<String> = pick!(bridge_interfaces)
-            .unwrap_or_else(|| "docker0,br-+".into())
-            .split(',')
-            .filter(|s| !s.is_empty())
-            .map(str::to_string)
-            .collect();
-        for i in &bridge_interfaces {
-            let ok = i.len() <= 15
-                && i.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'+'));
-            if !ok {
-                bail!("bridge_interfaces: not an interface name (got \"{i}\")");
-            }
-        }
-        let connect_timeout_ms = pick!(connect_timeout_ms).unwrap_or(2500);
-        if !(10..=60_000).contains(&connect_timeout_ms) {
-            bail!("connect_timeout_ms: must be 10-60000 (got {connect_timeout_ms})");
-        }
-        let http_response_timeout_ms = pick!(http_response_timeout_ms).unwrap_or(60_000);
-        if !(100..=3_600_000).contains(&http_response_timeout_ms) {
-            bail!("http_response_timeout_ms: must be 100-3600000 (got {http_response_timeout_ms})");
-        }
-        let half_close_timeout_ms = pick!(half_close_timeout_ms).unwrap_or(120_000);
-        if !(100..=86_400_000).contains(&half_close_timeout_ms) {
-            bail!("half_close_timeout_ms: must be 100-86400000 (got {half_close_timeout_ms})");
-        }
-        let max_connections = pick!(max_connections).unwrap_or(8000);
-        if max_connections == 0 {
-            bail!("max_connections: must be at least 1");
-        }
-        let drain_seconds = pick!(drain_seconds).unwrap_or(10);
-        if drain_seconds > 3600 {
-            bail!("drain_seconds: must be 0-3600 (got {drain_seconds})");
-        }
-        let mut vip_ranges = Vec::new();
-        for r in pick!(vip_range).unwrap_or_default() {
-            let net: ipnet::Ipv4Net = r.parse().map_err(|_| {
-                anyhow::anyhow!("vip_range: expected an IPv4 CIDR like 198.18.0.0/16 (got \"{r}\")")
-            })?;
-            let ip = net.network();
-            if ip.is_loopback()
-                || ip.is_unspecified()
-                || ip.is_multicast()
-                || ip.is_link_local()
-                || net.prefix_len() < 8
-            {
-                bail!("vip_range: {r} would capture real traffic (loopback, multicast, link-local or wider than /8)");
-            }
-            vip_ranges.push(net.trunc());
-        }
-        let mut protected_ranges = Vec::new();
-        for r in pick!(protected_range).unwrap_or_default() {
-            let net: ipnet::Ipv4Net = r.trim().parse().map_err(|_| {
-                anyhow::anyhow!(
-                    "--protected-range: expected an IPv4 CIDR like 10.0.0.0/8 (got \"{r}\")"
-                )
-            })?;
-            protected_ranges.push(net.trunc());
-        }
-        let api_group = pick!(api_group).unwrap_or_else(|| "flux".into());
-        if api_group.is_empty() || api_group.contains(['/', ':', ' ']) {
-            bail!("api_group: not a group name (got \"{api_group}\")");
-        }
-        let remote_api = match pick!(api_listen) {
-            None => None,
-            Some(a) => {
-                let listen: SocketAddr = a
-                    .parse()
-                    .map_err(|_| anyhow::anyhow!("api_listen: expected ADDR:PORT (got \"{a}\")"))?;
-                let need = |v: Option<PathBuf>, key: &str| {
-                    v.ok_or_else(|| anyhow::anyhow!("{key}: required with api_listen"))
-                };
-                Some(RemoteApi {
-                    listen,
-                    cert_file: need(pick!(api_cert_file), "api_cert_file")?,
-                    key_file: need(pick!(api_key_file), "api_key_file")?,
-                    token_file: need(pick!(api_token_file), "api_token_file")?,
-                })
-            }
-        };
-        let etcd_access = EtcdAccess {
-            ca_file: pick!(etcd_ca_file),
-            cert_file: pick!(etcd_cert_file),
-            key_file: pick!(etcd_key_file),
-            user: pick!(etcd_user),
-            password_file: pick!(etcd_password_file),
-        };
-        if etcd_access.cert_file.is_some() != etcd_access.key_file.is_some() {
-            bail!(
-                "etcd_cert_file: a client certificate needs both etcd_cert_file and etcd_key_file"
-            );
-        }
-        if etcd_access.cert_file.is_some() && etcd_access.ca_file.is_none() {
-            bail!("etcd_cert_file: a client certificate needs TLS: set etcd_ca_file too");
-        }
-        if etcd_access.user.is_some() != etcd_access.password_file.is_some() {
-            bail!("etcd_user: etcd auth needs both etcd_user and etcd_password_file");
-        }
+        let s = Sources { args, file: &file };
+        let (host_name, host_ip, network_mode) = host_identity(&s)?;
         Ok(Config {
-            api_group,
-            remote_api,
-            etcd_access,
-            vip_ranges,
-            protected_ranges,
-            proxy_port,
-            keep_rules: pick!(keep_rules).unwrap_or(false),
-            bridge_interfaces,
-            connect_timeout: Duration::from_millis(connect_timeout_ms),
-            http_response_timeout: Duration::from_millis(http_response_timeout_ms),
-            half_close_timeout: Duration::from_millis(half_close_timeout_ms),
-            max_connections,
-            drain: Duration::from_secs(drain_seconds),
-            store,
-            state_dir: pick!(state_dir).unwrap_or_else(|| "/var/lib/fluxd".into()),
-            api,
-            http,
+            store: parse_store(&pick!(s, store).unwrap_or_else(|| "embedded".into()))?,
+            state_dir: pick!(s, state_dir).unwrap_or_else(|| "/var/lib/fluxd".into()),
+            api: parse_api(
+                &pick!(s, api).unwrap_or_else(|| "unix:///run/fluxd/fluxd.sock".into()),
+            )?,
+            http: parse_http(&pick!(s, http).unwrap_or_else(|| "127.0.0.1:7070".into()))?,
             host_name,
             host_ip,
             docker: parse_docker(
-                &pick!(docker).unwrap_or_else(|| "unix:///var/run/docker.sock".into()),
+                &pick!(s, docker).unwrap_or_else(|| "unix:///var/run/docker.sock".into()),
             )?,
             network_mode,
-            dataplane: !pick!(no_dataplane).unwrap_or(false),
-            etcd_prefix,
-            host_ttl: Duration::from_secs(ttl),
-            log_format,
+            dataplane: !pick!(s, no_dataplane).unwrap_or(false),
+            etcd_prefix: parse_etcd_prefix(
+                pick!(s, etcd_prefix).unwrap_or_else(|| "/flux/".into()),
+            )?,
+            host_ttl: Duration::from_secs(in_range(
+                "host_ttl",
+                pick!(s, host_ttl),
+                15,
+                2..=300,
+                "seconds",
+            )?),
+            log_format: parse_log_format(pick!(s, log_format).as_deref())?,
+            proxy_port: parse_proxy_port(pick!(s, proxy_port).unwrap_or(7171))?,
+            keep_rules: pick!(s, keep_rules).unwrap_or(false),
+            bridge_interfaces: parse_bridge_interfaces(
+                &pick!(s, bridge_interfaces).unwrap_or_else(|| "docker0,br-+".into()),
+            )?,
+            connect_timeout: Duration::from_millis(in_range(
+                "connect_timeout_ms",
+                pick!(s, connect_timeout_ms),
+                2500,
+                10..=60_000,
+                "",
+            )?),
+            http_response_timeout: Duration::from_millis(in_range(
+                "http_response_timeout_ms",
+                pick!(s, http_response_timeout_ms),
+                60_000,
+                100..=3_600_000,
+                "",
+            )?),
+            half_close_timeout: Duration::from_millis(in_range(
+                "half_close_timeout_ms",
+                pick!(s, half_close_timeout_ms),
+                120_000,
+                100..=86_400_000,
+                "",
+            )?),
+            max_connections: parse_max_connections(pick!(s, max_connections).unwrap_or(8000))?,
+            drain: Duration::from_secs(in_range(
+                "drain_seconds",
+                pick!(s, drain_seconds),
+                10,
+                0..=3600,
+                "",
+            )?),
+            vip_ranges: parse_vip_ranges(pick!(s, vip_range).unwrap_or_default())?,
+            protected_ranges: parse_protected_ranges(
+                pick!(s, protected_range).unwrap_or_default(),
+            )?,
+            api_group: parse_api_group(pick!(s, api_group).unwrap_or_else(|| "flux".into()))?,
+            remote_api: remote_api(&s)?,
+            etcd_access: etcd_access(&s)?,
         })
     }
+}
+
+/// This host's name, IP and network mode: how it appears to the other hosts.
+fn host_identity(s: &Sources) -> anyhow::Result<(String, Ipv4Addr, NetworkMode)> {
+    let host_name = match pick!(s, host_name) {
+        Some(h) => h,
+        None => nix::unistd::gethostname()
+            .context("host_name: cannot read the hostname; set --host-name")?
+            .to_string_lossy()
+            .into_owned(),
+    };
+    validate::host_name("host_name", &host_name)?;
+    let host_ip = match pick!(s, host_ip) {
+        Some(ip) => ip
+            .parse()
+            .map_err(|_| anyhow::anyhow!("host_ip: expected an IPv4 address (got \"{ip}\")"))?,
+        None => detect_host_ip(),
+    };
+    let network_mode = match pick!(s, network_mode).as_deref() {
+        None | Some("local") => NetworkMode::Local,
+        Some("global") => NetworkMode::Global,
+        Some(other) => bail!("network_mode: must be local or global (got \"{other}\")"),
+    };
+    Ok((host_name, host_ip, network_mode))
+}
+
+/// A number setting with its default, refused outside `range` (`unit` only words the error).
+fn in_range(
+    key: &str,
+    value: Option<u64>,
+    default: u64,
+    range: std::ops::RangeInclusive<u64>,
+    unit: &str,
+) -> anyhow::Result<u64> {
+    let v = value.unwrap_or(default);
+    if !range.contains(&v) {
+        let unit = if unit.is_empty() {
+            String::new()
+        } else {
+            format!(" {unit}")
+        };
+        bail!(
+            "{key}: must be {}-{}{unit} (got {v})",
+            range.start(),
+            range.end()
+        );
+    }
+    Ok(v)
+}
+
+fn parse_http(s: &str) -> anyhow::Result<SocketAddr> {
+    s.parse()
+        .map_err(|_| anyhow::anyhow!("http: expected ADDR:PORT (got \"{s}\")"))
+}
+
+fn parse_etcd_prefix(prefix: String) -> anyhow::Result<String> {
+    if !prefix.starts_with('/') || !prefix.ends_with('/') {
+        bail!("etcd_prefix: must start and end with '/' (got \"{prefix}\")");
+    }
+    Ok(prefix)
+}
+
+fn parse_log_format(s: Option<&str>) -> anyhow::Result<LogFormat> {
+    match s {
+        None | Some("text") => Ok(LogFormat::Text),
+        Some("json") => Ok(LogFormat::Json),
+        Some(other) => bail!("log_format: must be text or json (got \"{other}\")"),
+    }
+}
+
+fn parse_proxy_port(port: u16) -> anyhow::Result<u16> {
+    if port == 0 {
+        bail!("proxy_port: must be 1-65535 (got 0)");
+    }
+    Ok(port)
+}
+
+fn parse_max_connections(n: usize) -> anyhow::Result<usize> {
+    if n == 0 {
+        bail!("max_connections: must be at least 1");
+    }
+    Ok(n)
+}
+
+/// Comma-separated interface names, `+` as iptables' wildcard.
+fn parse_bridge_interfaces(s: &str) -> anyhow::Result<Vec<String>> {
+    let names: Vec<String> = s
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
+    for i in &names {
+        let ok = i.len() <= 15
+            && i.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'+'));
+        if !ok {
+            bail!("bridge_interfaces: not an interface name (got \"{i}\")");
+        }
+    }
+    Ok(names)
+}
+
+/// VIP ranges, refusing any that would capture real traffic whatever the services say.
+fn parse_vip_ranges(ranges: Vec<String>) -> anyhow::Result<Vec<ipnet::Ipv4Net>> {
+    let mut out = Vec::new();
+    for r in ranges {
+        let net: ipnet::Ipv4Net = r.parse().map_err(|_| {
+            anyhow::anyhow!("vip_range: expected an IPv4 CIDR like 198.18.0.0/16 (got \"{r}\")")
+        })?;
+        let ip = net.network();
+        if ip.is_loopback()
+            || ip.is_unspecified()
+            || ip.is_multicast()
+            || ip.is_link_local()
+            || net.prefix_len() < 8
+        {
+            bail!("vip_range: {r} would capture real traffic (loopback, multicast, link-local or wider than /8)");
+        }
+        out.push(net.trunc());
+    }
+    Ok(out)
+}
+
+fn parse_protected_ranges(ranges: Vec<String>) -> anyhow::Result<Vec<ipnet::Ipv4Net>> {
+    ranges
+        .iter()
+        .map(|r| {
+            r.trim()
+                .parse::<ipnet::Ipv4Net>()
+                .map(|n| n.trunc())
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "--protected-range: expected an IPv4 CIDR like 10.0.0.0/8 (got \"{r}\")"
+                    )
+                })
+        })
+        .collect()
+}
+
+fn parse_api_group(group: String) -> anyhow::Result<String> {
+    if group.is_empty() || group.contains(['/', ':', ' ']) {
+        bail!("api_group: not a group name (got \"{group}\")");
+    }
+    Ok(group)
+}
+
+/// `--api-listen` with the three files it needs, or None.
+fn remote_api(s: &Sources) -> anyhow::Result<Option<RemoteApi>> {
+    let Some(a) = pick!(s, api_listen) else {
+        return Ok(None);
+    };
+    let listen: SocketAddr = a
+        .parse()
+        .map_err(|_| anyhow::anyhow!("api_listen: expected ADDR:PORT (got \"{a}\")"))?;
+    let need = |v: Option<PathBuf>, key: &str| {
+        v.ok_or_else(|| anyhow::anyhow!("{key}: required with api_listen"))
+    };
+    Ok(Some(RemoteApi {
+        listen,
+        cert_file: need(pick!(s, api_cert_file), "api_cert_file")?,
+        key_file: need(pick!(s, api_key_file), "api_key_file")?,
+        token_file: need(pick!(s, api_token_file), "api_token_file")?,
+    }))
+}
+
+/// TLS and user settings for etcd, refusing halves of a pair.
+fn etcd_access(s: &Sources) -> anyhow::Result<EtcdAccess> {
+    let access = EtcdAccess {
+        ca_file: pick!(s, etcd_ca_file),
+        cert_file: pick!(s, etcd_cert_file),
+        key_file: pick!(s, etcd_key_file),
+        user: pick!(s, etcd_user),
+        password_file: pick!(s, etcd_password_file),
+    };
+    if access.cert_file.is_some() != access.key_file.is_some() {
+        bail!("etcd_cert_file: a client certificate needs both etcd_cert_file and etcd_key_file");
+    }
+    if access.cert_file.is_some() && access.ca_file.is_none() {
+        bail!("etcd_cert_file: a client certificate needs TLS: set etcd_ca_file too");
+    }
+    if access.user.is_some() != access.password_file.is_some() {
+        bail!("etcd_user: etcd auth needs both etcd_user and etcd_password_file");
+    }
+    Ok(access)
 }
 
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
@@ -456,6 +533,17 @@ fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
 
 fn parse_file(text: &str) -> Result<FileConfig, String> {
     toml::from_str(text).map_err(|e| e.message().to_string())
+}
+
+/// `unix:///PATH`: the local API is a unix socket only (the remote API is `--api-listen`).
+fn parse_api(s: &str) -> anyhow::Result<PathBuf> {
+    match s.strip_prefix("unix://") {
+        Some(p) if p.starts_with('/') => Ok(PathBuf::from(p)),
+        _ if s.starts_with("http://") || s.starts_with("https://") => {
+            bail!("api: fluxd serves its local API on a unix:// socket only (see --api-listen)")
+        }
+        _ => bail!("api: expected unix:///PATH (got \"{s}\")"),
+    }
 }
 
 /// `unix:///PATH` or `none`.
@@ -618,7 +706,7 @@ mod tests {
     /// every key uncommented; and it names every key a config file takes.
     #[test]
     fn packaged_config() {
-        let text = include_str!("../packaging/fluxd.toml");
+        let text = include_str!("../../packaging/fluxd.toml");
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("fluxd.toml");
         std::fs::write(&f, text).unwrap();

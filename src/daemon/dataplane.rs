@@ -1,0 +1,145 @@
+//! The data plane's start and stop: the proxy bound before any rule points at it, the
+//! controller's first sync done before fluxd says it is ready, the rules removed (or kept) last.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::Arc;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use netfilter::{CommandRunner, Netfilter};
+use tokio::sync::watch;
+
+use super::config::Config;
+use super::memory;
+use super::store::etcd_addresses;
+use crate::catalog::State;
+use crate::controller::{Controller, Rules, Status};
+use crate::docker::LocalInstances;
+use crate::proxy::activation::{self, ListenEnv};
+use crate::proxy::routes::RouteTable;
+use crate::proxy::{Proxy, ProxyConfig};
+
+/// The running data plane: proxy and controller tasks, and what they share with the API.
+pub(super) struct Dataplane {
+    pub(super) status: Arc<Status>,
+    pub(super) tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The proxy socket came from systemd: it outlives this fluxd and queues new connections
+    /// for the next one, so the rules that lead to it stay.
+    inherited_socket: bool,
+}
+
+impl Dataplane {
+    /// Waits for the tasks (they watch the same stop signal; the proxy drains), then removes
+    /// the rules unless told to keep them, or unless the proxy socket outlives this process,
+    /// so that a restart leaves no VIP unrouted.
+    pub(super) async fn stop(self, keep_rules: bool) {
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        if keep_rules {
+            tracing::info!("keeping flux's rules installed (--keep-rules)");
+            return;
+        }
+        if self.inherited_socket {
+            tracing::info!(
+                "keeping flux's rules installed: the proxy socket from systemd queues new connections for the next fluxd (stopping fluxd.socket runs fluxd cleanup)"
+            );
+            return;
+        }
+        let status = self.status.clone();
+        let removed = tokio::task::spawn_blocking(move || match &status.rules {
+            Some(r) => r.netfilter.remove(),
+            None => Ok(()),
+        })
+        .await;
+        match removed {
+            Ok(Ok(())) => tracing::info!("removed flux's rules"),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "could not remove flux's rules; run fluxd cleanup")
+            }
+            Err(e) => tracing::error!(error = %e, "rule removal task failed"),
+        }
+    }
+}
+
+/// Binds the proxy, installs the rules for the current store state, then follows the store.
+/// The listener is bound before any rule points at it, so no redirected connection is refused.
+pub(super) async fn start_dataplane(
+    config: &Config,
+    states: watch::Receiver<Arc<State>>,
+    local: Option<watch::Receiver<Option<Arc<LocalInstances>>>>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<Dataplane> {
+    let routes = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
+    let inherited = activation::proxy_socket(&ListenEnv::from_process(), config.proxy_port)?;
+    let proxy = Proxy::bind(
+        ProxyConfig {
+            listen: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, config.proxy_port),
+            connect_timeout: config.connect_timeout,
+            http_response_timeout: config.http_response_timeout,
+            half_close_timeout: config.half_close_timeout,
+            max_connections: config.max_connections,
+            drain: config.drain,
+        },
+        routes.clone(),
+        inherited,
+    )
+    .with_context(|| format!("proxy_port: cannot listen on port {}", config.proxy_port))?;
+    let inherited_socket = proxy.inherited;
+    // Only a repair depends on conntrack (see controller::clear_unredirected): without it,
+    // say so once and route anyway.
+    let conntrack =
+        tokio::task::spawn_blocking(|| Netfilter::new(CommandRunner::new()).check_conntrack())
+            .await?;
+    if let Err(e) = &conntrack {
+        tracing::warn!(error = %e, "conntrack entries will not be cleared when a VIP is routed");
+    }
+    let rules = Rules {
+        conntrack: std::sync::atomic::AtomicBool::new(conntrack.is_ok()),
+        netfilter: Netfilter::new(CommandRunner::new()),
+        reader: Netfilter::new(CommandRunner::with_prefix(vec![
+            "nice".into(),
+            "-n".into(),
+            "19".into(),
+        ])),
+        proxy_port: config.proxy_port,
+        bridge_interfaces: config.bridge_interfaces.clone(),
+        vip_ranges: config.vip_ranges.clone(),
+        protected_ranges: config.protected_ranges.clone(),
+        protected_addresses: etcd_addresses(&config.store).await,
+    };
+    let status = Status::new(routes, Some(rules));
+    let mut controller = Controller::new(status.clone(), config.host_name.clone(), local);
+    let first = states.borrow().clone();
+    controller.initial_sync(first).await;
+    let tasks = vec![
+        tokio::spawn(proxy.run(stop.clone())),
+        tokio::spawn(controller.run(states, stop.clone())),
+        tokio::spawn(sample_history(status.clone(), stop)),
+    ];
+    Ok(Dataplane {
+        status,
+        tasks,
+        inherited_socket,
+    })
+}
+
+/// Feeds the UI's history every interval until stop, and gives memory back to the kernel once
+/// a burst of connections is over.
+async fn sample_history(status: Arc<Status>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(
+        crate::metrics::history::INTERVAL_MS,
+    ));
+    let mut trimmer = memory::Trimmer::default();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                status.sample();
+                if trimmer.observe(status.open_connections()) {
+                    tracing::debug!("returned free memory to the kernel after a burst");
+                }
+            }
+            _ = stop.changed() => return,
+        }
+    }
+}
