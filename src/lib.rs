@@ -8,7 +8,6 @@ pub mod catalog;
 pub mod cli;
 pub mod controller;
 pub mod daemon;
-pub mod debug;
 pub mod docker;
 pub mod docs;
 pub mod edge;

@@ -11,7 +11,7 @@
 pub mod client;
 mod cluster;
 pub mod debug;
-pub mod routes;
+pub mod handlers;
 pub mod server;
 pub mod views;
 

@@ -13,7 +13,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::UnixListener;
 use tokio::sync::watch;
 
-use super::routes::{handle, Api};
+use super::handlers::{handle, Api};
 
 pub use super::SOCKET_GROUP;
 
@@ -244,13 +244,13 @@ async fn accept_failed(e: std::io::Error) {
 async fn read_only(
     api: Arc<Api>,
     req: hyper::Request<hyper::body::Incoming>,
-) -> hyper::Response<super::routes::Body> {
+) -> hyper::Response<super::handlers::Body> {
     use hyper::{Method, Response, StatusCode};
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Response::builder()
             .status(StatusCode::METHOD_NOT_ALLOWED)
             .header("allow", "GET, HEAD")
-            .body(super::routes::Body::from(
+            .body(super::handlers::Body::from(
                 "read-only: use fluxctl on the host\n",
             ))
             .expect("static headers are valid");
@@ -260,7 +260,7 @@ async fn read_only(
             .status(StatusCode::OK)
             .header("content-type", content_type)
             .header("cache-control", "no-cache")
-            .body(super::routes::Body::from(bytes))
+            .body(super::handlers::Body::from(bytes))
             .expect("static headers are valid");
     }
     handle(api, req).await
@@ -287,7 +287,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
-fn unauthorized() -> hyper::Response<super::routes::Body> {
+fn unauthorized() -> hyper::Response<super::handlers::Body> {
     let body = serde_json::to_vec(&super::views::ErrorBody {
         error: "unauthorized: missing or wrong API token (--token-file or FLUX_TOKEN)".into(),
         field: None,
@@ -297,7 +297,7 @@ fn unauthorized() -> hyper::Response<super::routes::Body> {
         .status(hyper::StatusCode::UNAUTHORIZED)
         .header("www-authenticate", "Bearer")
         .header("content-type", "application/json")
-        .body(super::routes::Body::from(body))
+        .body(super::handlers::Body::from(body))
         .expect("static headers are valid")
 }
 

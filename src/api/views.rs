@@ -19,7 +19,7 @@ pub enum InstanceState {
     #[serde(rename = "failed")]
     Failed,
     /// Its active health check fails: out of the pool on this host whatever connects do (unless
-    /// every instance of the service fails it: then all are tried, see `proxy::routes`).
+    /// every instance of the service fails it: then all are tried, see `proxy::route_table`).
     #[serde(rename = "failing")]
     Failing,
     /// Matches a rule but has no usable address, so gets no traffic.

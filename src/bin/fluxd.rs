@@ -111,7 +111,7 @@ fn main() -> ExitCode {
             });
             ExitCode::from(rt.block_on(flux::edge::run(config)))
         }
-        Command::Debug(a) => rt.block_on(flux::debug::main(&a.api, &a.remote, a.json)),
+        Command::Debug(a) => rt.block_on(flux::cli::fluxd_debug::main(&a.api, &a.remote, a.json)),
         Command::Cleanup => {
             match netfilter::Netfilter::new(netfilter::CommandRunner::new()).remove() {
                 Ok(()) => {

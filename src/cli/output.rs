@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use crate::api::views::InstanceView;
+use crate::api::views::{InstanceState, InstanceView, ServiceInfo};
 use crate::model::Selector;
 
 /// Left-aligned columns separated by two spaces, header first.
@@ -187,6 +187,103 @@ pub fn render_template(t: &str, v: &InstanceView) -> String {
     }
     out.push_str(rest);
     out.replace("\\n", "\n").replace("\\t", "\t")
+}
+
+/// `fluxctl list`: one line per service.
+pub fn list_text(services: &[ServiceInfo]) -> String {
+    let rows: Vec<Vec<String>> = services
+        .iter()
+        .map(|s| {
+            let live = s
+                .instances
+                .iter()
+                .filter(|i| i.state == InstanceState::Live)
+                .count();
+            vec![
+                s.service.name.clone(),
+                s.service.address.to_string(),
+                s.service.protocol.to_string(),
+                s.rules.len().to_string(),
+                s.instances.len().to_string(),
+                live.to_string(),
+                s.service
+                    .health
+                    .as_ref()
+                    .map(|h| h.spec())
+                    .unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    let mut out = table(
+        &[
+            "NAME",
+            "ADDRESS",
+            "PROTOCOL",
+            "RULES",
+            "INSTANCES",
+            "LIVE",
+            "HEALTH-CHECK",
+        ],
+        &rows,
+    );
+    for s in services {
+        if let Some(why) = &s.refused {
+            out.push_str(&format!(
+                "{}: not routed on this host: VIP {why}\n",
+                s.service.name
+            ));
+        }
+    }
+    out
+}
+
+/// `fluxctl info`: one service with its rules and instances.
+pub fn info_text(s: &ServiceInfo) -> String {
+    let svc = &s.service;
+    let mut out = format!(
+        "service {}  address {}  protocol {}  instance-port {}  balance {}\n",
+        svc.name,
+        svc.address,
+        svc.protocol,
+        svc.default_instance_port(),
+        svc.balance
+    );
+    if let Some(h) = &svc.health {
+        out.push_str(&format!("health check: {}\n", h.describe()));
+    }
+    if let Some(why) = &s.refused {
+        out.push_str(&format!("not routed on this host: VIP {why}\n"));
+    }
+    let addressed = || s.instances.iter().filter(|i| i.instance.address.is_some());
+    if addressed().next().is_some() && addressed().all(|i| i.state == InstanceState::Failing) {
+        out.push_str(
+            "every instance fails its health check: all are tried as if unchecked (panic mode)\n",
+        );
+    }
+    if s.rules.is_empty() {
+        out.push_str("rules: none\n");
+    } else {
+        let rows: Vec<Vec<String>> = s
+            .rules
+            .iter()
+            .map(|r| {
+                vec![
+                    r.name.clone(),
+                    selector(&r.selector),
+                    r.instance_port
+                        .map(|p| p.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                ]
+            })
+            .collect();
+        out.push_str(&table(&["RULE", "SELECTOR", "INSTANCE-PORT"], &rows));
+    }
+    if s.instances.is_empty() {
+        out.push_str("instances: none\n");
+    } else {
+        out.push_str(&instance_table(&s.instances));
+    }
+    out
 }
 
 #[cfg(test)]

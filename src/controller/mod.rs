@@ -17,8 +17,8 @@ use crate::catalog::State;
 use crate::docker::LocalInstances;
 use crate::metrics::history::History;
 use crate::metrics::Metrics;
-use crate::proxy::check::Checker;
-use crate::proxy::routes::RouteTable;
+use crate::proxy::health::checker::Checker;
+use crate::proxy::route_table::RouteTable;
 
 /// How often installed rules are compared with the desired ones.
 pub const DRIFT_CHECK: Duration = Duration::from_secs(2);

@@ -13,7 +13,7 @@ use crate::model::{Instance, Service};
 use crate::model::{Origin, Protocol};
 use crate::proxy::health::Health;
 use crate::proxy::http::pool::Pool;
-use crate::proxy::routes::{Backend, RouteTable, ServiceRoute};
+use crate::proxy::route_table::{Backend, RouteTable, ServiceRoute};
 
 /// What survives a rebuild of the routing table for one instance: its health and its series.
 #[derive(Clone)]

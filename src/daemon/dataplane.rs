@@ -16,7 +16,7 @@ use crate::catalog::State;
 use crate::controller::{Controller, Rules, Status};
 use crate::docker::LocalInstances;
 use crate::proxy::activation::{self, ListenEnv};
-use crate::proxy::routes::RouteTable;
+use crate::proxy::route_table::RouteTable;
 use crate::proxy::{Proxy, ProxyConfig};
 
 /// The running data plane: proxy and controller tasks, and what they share with the API.

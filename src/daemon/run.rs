@@ -17,7 +17,7 @@ use super::config::Config;
 use super::dataplane::{start_dataplane, Dataplane};
 use super::store::open_store;
 use super::systemd;
-use crate::api::{routes::Api, server};
+use crate::api::{handlers::Api, server};
 use crate::catalog::follow::Follower;
 use crate::catalog::{Catalog, State};
 use crate::docker::{Agent, AgentConfig, LocalInstances};

@@ -2,16 +2,16 @@
 //! input path (CLI, API, store, Docker) goes through.
 
 mod addr;
-pub mod check;
 mod error;
+pub mod health_check;
 mod host;
 mod instance;
 mod rule;
 mod service;
 pub mod validate;
 
-pub use check::{CheckKind, HealthCheck};
 pub use error::InvalidInput;
+pub use health_check::{CheckKind, HealthCheck};
 pub use host::{Host, NetworkMode};
 pub use instance::{ContainerInfo, Instance, Origin};
 pub use rule::{Rule, Selector};

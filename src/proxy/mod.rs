@@ -2,14 +2,13 @@
 //! the per-instance health (passive, and the active checker), and zero-copy forwarding.
 
 pub mod activation;
-pub mod check;
 pub mod health;
 pub mod http;
 pub mod limits;
 mod listener;
 pub mod pipe;
-pub mod routes;
+pub mod route_table;
 pub mod splice;
-pub mod verdict;
+mod tcp;
 
 pub use listener::{Proxy, ProxyConfig};

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::pool::Sender;
-use crate::proxy::routes::Backend;
+use crate::proxy::route_table::Backend;
 
 pub(super) struct Done {
     pub(super) backend: Arc<Backend>,

@@ -42,7 +42,7 @@ pub use pool::{Counted, Pool, IDLE_TIMEOUT, MAX_IDLE_PER_INSTANCE};
 use pool::{Sender, ToInstance};
 
 use super::limits::{is_local_exhaustion, Timeouts};
-use super::routes::{Backend, RouteTable};
+use super::route_table::{Backend, RouteTable};
 use crate::metrics::code_class;
 
 /// Idempotent requests with a body up to this size are buffered so that they can be retried.

@@ -14,12 +14,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
-use super::health::{now_ms, Health};
-use super::limits::is_local_exhaustion;
-use super::routes::{Backend, RouteTable};
 use super::verdict::CheckState;
+use super::{now_ms, Health};
 use crate::metrics::{CheckMetrics, InstanceLabels, Metrics};
 use crate::model::{CheckKind, HealthCheck};
+use crate::proxy::limits::is_local_exhaustion;
+use crate::proxy::route_table::{Backend, RouteTable};
 
 /// Most bytes read looking for an HTTP status line; a health endpoint's first line is short.
 const MAX_STATUS_LINE: usize = 1024;
@@ -349,7 +349,7 @@ mod tests {
             pool: Default::default(),
         });
         let route = Arc::new(
-            super::super::routes::ServiceRoute::new(
+            crate::proxy::route_table::ServiceRoute::new(
                 "s".into(),
                 crate::model::Protocol::Tcp,
                 crate::model::Balance::RoundRobin,

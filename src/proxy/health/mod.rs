@@ -3,11 +3,17 @@
 //! (services with a `health` check): the checker's verdict, and while it is failing the instance
 //! is out of the pool whatever connects do. What connections read is kept in atomics, because
 //! every connection reads it and no lock belongs on that path.
+//!
+//! `checker` runs the active checks (one task per checked instance) and `verdict` is the pure
+//! state machine that turns their answers into passing / failing.
+
+pub mod checker;
+pub mod verdict;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use super::verdict::{CheckState, CheckView, Verdict};
+use self::verdict::{CheckState, CheckView, Verdict};
 use crate::model::HealthCheck;
 
 use crate::metrics::InstanceMetrics;

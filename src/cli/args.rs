@@ -1,0 +1,322 @@
+//! fluxctl's command line, as clap reads it: every flag is taken as text and checked with the
+//! model's own checks, so a bad value gets the same one-line error from fluxctl as from fluxd.
+
+use std::collections::BTreeMap;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::model::health_check::parse_duration_ms;
+use crate::model::{
+    validate, Balance, HealthCheck, InvalidInput, Protocol, Rule, Selector, Service, Validate,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "fluxctl",
+    version,
+    about = "Define flux services and rules; see which containers serve them"
+)]
+pub struct Cli {
+    /// fluxd's API: unix:///PATH, http://HOST:PORT (read-only) or https://HOST:PORT (the
+    /// remote API: needs a token).
+    #[arg(
+        long,
+        global = true,
+        env = "FLUX_API",
+        default_value = "unix:///run/fluxd/fluxd.sock"
+    )]
+    pub api: String,
+    #[command(flatten)]
+    pub remote: crate::api::client::RemoteFlags,
+    /// Print one JSON document on stdout instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Add or remove services.
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// List services with their instance counts.
+    List,
+    /// Show services with their rules and instances (all services if no name is given).
+    Info {
+        /// Service name.
+        name: Option<String>,
+    },
+    /// Add or replace a selection rule: containers matching it become instances.
+    Select(SelectArgs),
+    /// Remove a selection rule (its instances leave the service).
+    Deselect {
+        /// Service name.
+        service: String,
+        /// Rule name.
+        rule: String,
+    },
+    /// Which containers are instances, and which are live as seen from this host.
+    Query(QueryArgs),
+    /// Add or remove static instances (backends that are not containers).
+    #[command(subcommand)]
+    Instance(InstanceCmd),
+    /// Print a shell completion script for fluxctl.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: crate::docs::Shell,
+    },
+    /// Write fluxctl's man pages (one per command) into a directory.
+    Man {
+        /// Directory to write the pages into (created if missing).
+        dir: std::path::PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ServiceCmd {
+    /// Define a service: a VIP:port that clients connect to.
+    Add(ServiceAddArgs),
+    /// Remove services with their rules and static instances.
+    Rm {
+        /// Services to remove.
+        names: Vec<String>,
+        /// Remove every service.
+        #[arg(long, conflicts_with = "names")]
+        all: bool,
+    },
+    /// Same as `fluxctl list`.
+    List,
+}
+
+/// `fluxctl service add`.
+#[derive(Args)]
+pub struct ServiceAddArgs {
+    /// Service name: [a-z0-9][a-z0-9-]{0,62}.
+    pub name: String,
+    /// The service address (VIP) clients connect to, IP:PORT.
+    #[arg(long)]
+    pub address: String,
+    /// tcp (default) or http.
+    #[arg(long)]
+    pub protocol: Option<String>,
+    /// Container port to connect to (default: the VIP's port).
+    #[arg(long)]
+    pub instance_port: Option<String>,
+    /// round-robin (default), random or least-conn.
+    #[arg(long)]
+    pub balance: Option<String>,
+    #[command(flatten)]
+    pub health: Box<HealthArgs>,
+}
+
+impl ServiceAddArgs {
+    /// The service these flags describe, checked; errors name the flag.
+    pub fn to_service(&self) -> Result<Service, InvalidInput> {
+        let service = Service {
+            name: self.name.clone(),
+            address: validate::parse_socket_addr("address", &self.address)?,
+            protocol: self
+                .protocol
+                .as_deref()
+                .map(str::parse)
+                .transpose()?
+                .unwrap_or(Protocol::Tcp),
+            instance_port: self
+                .instance_port
+                .as_deref()
+                .map(|p| validate::parse_port("instance_port", p))
+                .transpose()?,
+            balance: self
+                .balance
+                .as_deref()
+                .map(str::parse)
+                .transpose()?
+                .unwrap_or(Balance::RoundRobin),
+            health: self.health.to_check()?,
+        };
+        service.validate()?;
+        Ok(service)
+    }
+}
+
+#[derive(Args)]
+pub struct SelectorArgs {
+    /// Image repository, without tag.
+    #[arg(long)]
+    pub image: Option<String>,
+    /// Image tag.
+    #[arg(long)]
+    pub tag: Option<String>,
+    /// Container labels, k=v,k=v.
+    #[arg(long)]
+    pub labels: Option<String>,
+    /// Container environment, k=v,k=v.
+    #[arg(long)]
+    pub env: Option<String>,
+}
+
+impl SelectorArgs {
+    pub fn to_selector(&self) -> Result<Selector, InvalidInput> {
+        let pairs =
+            |field: &str, v: &Option<String>| -> Result<BTreeMap<String, String>, InvalidInput> {
+                match v {
+                    Some(s) => validate::parse_pairs(field, s),
+                    None => Ok(BTreeMap::new()),
+                }
+            };
+        Ok(Selector {
+            image: self.image.clone(),
+            tag: self.tag.clone(),
+            labels: pairs("labels", &self.labels)?,
+            env: pairs("env", &self.env)?,
+        })
+    }
+}
+
+/// The active health check of `service add`.
+#[derive(Args, Default)]
+pub struct HealthArgs {
+    /// Active health check of every instance: tcp (connect succeeds) or http:/PATH (GET PATH
+    /// answers 2xx or 3xx); failing instances leave the pool [default: none, passive only].
+    #[arg(long, value_name = "tcp|http:/PATH")]
+    pub health: Option<String>,
+    /// Time between checks of one instance, like 2s or 500ms (100ms-1h) [default: 2s].
+    #[arg(long, value_name = "DURATION")]
+    pub health_interval: Option<String>,
+    /// How long one check may take, less than the interval [default: 1s].
+    #[arg(long, value_name = "DURATION")]
+    pub health_timeout: Option<String>,
+    /// Failed checks in a row that take an instance out of the pool (1-100) [default: 3].
+    #[arg(long, value_name = "N")]
+    pub health_fall: Option<String>,
+    /// Passed checks in a row that put a failing instance back (1-100) [default: 2].
+    #[arg(long, value_name = "N")]
+    pub health_rise: Option<String>,
+}
+
+impl HealthArgs {
+    /// The check these flags describe; None without `--health`. Errors name the flag.
+    pub fn to_check(&self) -> Result<Option<HealthCheck>, InvalidInput> {
+        let Some(spec) = &self.health else {
+            let given = [
+                ("health-interval", &self.health_interval),
+                ("health-timeout", &self.health_timeout),
+                ("health-fall", &self.health_fall),
+                ("health-rise", &self.health_rise),
+            ];
+            if let Some((flag, v)) = given.iter().find(|(_, v)| v.is_some()) {
+                return Err(InvalidInput::new(*flag, "needs --health tcp|http:/PATH")
+                    .value(v.as_deref().unwrap_or_default()));
+            }
+            return Ok(None);
+        };
+        let mut check: HealthCheck = spec.parse()?;
+        if let Some(d) = &self.health_interval {
+            check.interval_ms = parse_duration_ms("health-interval", d)?;
+        }
+        if let Some(d) = &self.health_timeout {
+            check.timeout_ms = parse_duration_ms("health-timeout", d)?;
+        }
+        let count = |flag: &str, v: &str| {
+            v.parse::<u32>()
+                .map_err(|_| InvalidInput::new(flag, "must be 1-100").value(v))
+        };
+        if let Some(n) = &self.health_fall {
+            check.fall = count("health-fall", n)?;
+        }
+        if let Some(n) = &self.health_rise {
+            check.rise = count("health-rise", n)?;
+        }
+        check.validate().map_err(|e| {
+            let flag = match e.field.as_str() {
+                "health.interval_ms" => "health-interval",
+                "health.timeout_ms" => "health-timeout",
+                "health.fall" => "health-fall",
+                "health.rise" => "health-rise",
+                _ => "health",
+            };
+            InvalidInput {
+                field: flag.into(),
+                ..e
+            }
+        })?;
+        Ok(Some(check))
+    }
+}
+
+#[derive(Args)]
+pub struct SelectArgs {
+    /// Service name.
+    pub service: String,
+    /// Rule name (an existing rule of that name is replaced).
+    pub rule: String,
+    #[command(flatten)]
+    pub selector: SelectorArgs,
+    /// Container port for containers this rule matches (overrides the service's).
+    #[arg(long)]
+    pub instance_port: Option<String>,
+}
+
+impl SelectArgs {
+    /// The rule these flags describe, checked; errors name the flag.
+    pub fn to_rule(&self) -> Result<Rule, InvalidInput> {
+        let rule = Rule {
+            service: self.service.clone(),
+            name: self.rule.clone(),
+            selector: self.selector.to_selector()?,
+            instance_port: self
+                .instance_port
+                .as_deref()
+                .map(|p| validate::parse_port("instance_port", p))
+                .transpose()?,
+        };
+        rule.validate()?;
+        Ok(rule)
+    }
+}
+
+#[derive(Args)]
+pub struct QueryArgs {
+    /// Only instances of this service.
+    #[arg(long)]
+    pub service: Option<String>,
+    /// Only instances on this host.
+    #[arg(long)]
+    pub host: Option<String>,
+    /// live, failed, failing (active health check) or no-address.
+    #[arg(long)]
+    pub state: Option<String>,
+    /// Only instances selected by this rule.
+    #[arg(long)]
+    pub rule: Option<String>,
+    #[command(flatten)]
+    pub selector: SelectorArgs,
+    /// Print only instance names, one per line.
+    #[arg(long, short, conflicts_with_all = ["format"])]
+    pub quiet: bool,
+    /// Print each instance with a template, e.g. '{{address}} {{state}}'.
+    #[arg(long)]
+    pub format: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub enum InstanceCmd {
+    /// Register IP:PORT as an instance of a service.
+    Add {
+        /// Service name.
+        service: String,
+        /// Instance name.
+        name: String,
+        /// The backend's address, IP:PORT.
+        #[arg(long)]
+        address: String,
+    },
+    /// Remove a static instance.
+    Rm {
+        /// Service name.
+        service: String,
+        /// Instance name.
+        name: String,
+    },
+}

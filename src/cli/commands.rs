@@ -1,0 +1,160 @@
+//! fluxctl's commands other than `query`: each turns its checked flags into one API request
+//! and prints the answer (text for people, `--json` for scripts).
+
+use super::args::{SelectArgs, ServiceAddArgs};
+use super::output::{info_text, list_text, selector};
+use super::{body, print, Failure};
+use crate::api::client::Client;
+use crate::api::views::{InstanceView, ServiceInfo};
+use crate::model::{validate, Instance, Rule, Validate};
+
+pub(super) async fn service_add(
+    client: &Client,
+    json: bool,
+    args: &ServiceAddArgs,
+) -> Result<(), Failure> {
+    let service = args.to_service()?;
+    let info: ServiceInfo = client.post("/v1/services", body(&service)).await?;
+    print(json, &info, || {
+        format!(
+            "added service {} at {}\n",
+            info.service.name, info.service.address
+        )
+    });
+    Ok(())
+}
+
+pub(super) async fn service_rm(
+    client: &Client,
+    json: bool,
+    names: Vec<String>,
+    all: bool,
+) -> Result<(), Failure> {
+    let names = if all {
+        let all: Vec<ServiceInfo> = client.get("/v1/services").await?;
+        all.into_iter().map(|s| s.service.name).collect()
+    } else if names.is_empty() {
+        return Err(Failure::Usage(
+            "service rm: give service names or --all".into(),
+        ));
+    } else {
+        for n in &names {
+            validate::name("name", n)?;
+        }
+        names
+    };
+    let mut removed = Vec::new();
+    for n in &names {
+        let _: serde_json::Value = client.delete(&format!("/v1/services/{n}")).await?;
+        removed.push(n.clone());
+    }
+    print(json, &serde_json::json!({ "removed": removed }), || {
+        removed
+            .iter()
+            .map(|n| format!("removed service {n}\n"))
+            .collect()
+    });
+    Ok(())
+}
+
+pub(super) async fn list(client: &Client, json: bool) -> Result<(), Failure> {
+    let services: Vec<ServiceInfo> = client.get("/v1/services").await?;
+    print(json, &services, || list_text(&services));
+    Ok(())
+}
+
+pub(super) async fn info(client: &Client, json: bool, name: Option<String>) -> Result<(), Failure> {
+    let services: Vec<ServiceInfo> = match name {
+        Some(n) => {
+            validate::name("service", &n)?;
+            vec![client.get(&format!("/v1/services/{n}")).await?]
+        }
+        None => client.get("/v1/services").await?,
+    };
+    print(json, &services, || {
+        services
+            .iter()
+            .map(info_text)
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    Ok(())
+}
+
+pub(super) async fn select(client: &Client, json: bool, args: &SelectArgs) -> Result<(), Failure> {
+    let rule = args.to_rule()?;
+    let stored: Rule = client
+        .put(
+            &format!("/v1/services/{}/rules/{}", rule.service, rule.name),
+            body(&rule),
+        )
+        .await?;
+    print(json, &stored, || {
+        format!(
+            "selected {} for {}: {}\n",
+            stored.name,
+            stored.service,
+            selector(&stored.selector)
+        )
+    });
+    Ok(())
+}
+
+pub(super) async fn deselect(
+    client: &Client,
+    json: bool,
+    service: &str,
+    rule: &str,
+) -> Result<(), Failure> {
+    validate::name("service", service)?;
+    validate::name("rule", rule)?;
+    let _: serde_json::Value = client
+        .delete(&format!("/v1/services/{service}/rules/{rule}"))
+        .await?;
+    print(json, &serde_json::json!({ "removed": rule }), || {
+        format!("deselected {rule} from {service}\n")
+    });
+    Ok(())
+}
+
+pub(super) async fn instance_add(
+    client: &Client,
+    json: bool,
+    service: &str,
+    name: &str,
+    address: &str,
+) -> Result<(), Failure> {
+    let instance = Instance::new_static(
+        service,
+        name,
+        validate::parse_socket_addr("address", address)?,
+    );
+    instance.validate()?;
+    let view: InstanceView = client
+        .post(
+            &format!("/v1/services/{service}/instances"),
+            body(&instance),
+        )
+        .await?;
+    print(json, &view, || {
+        format!("added instance {name} of {service} at {address}\n")
+    });
+    Ok(())
+}
+
+pub(super) async fn instance_rm(
+    client: &Client,
+    json: bool,
+    service: &str,
+    name: &str,
+) -> Result<(), Failure> {
+    validate::name("service", service)?;
+    validate::name("name", name)?;
+    let _: serde_json::Value = client
+        .delete(&format!("/v1/services/{service}/instances/{name}"))
+        .await?;
+    print(json, &serde_json::json!({ "removed": name }), || {
+        format!("removed instance {name} of {service}\n")
+    });
+    Ok(())
+}
