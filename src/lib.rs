@@ -17,3 +17,4 @@ pub mod proxy;
 pub mod store;
 pub mod throttle;
 pub mod ui;
+pub mod version;

@@ -152,3 +152,77 @@ fn clean_stop_removes_socket() {
     d.stop();
     assert!(!d.socket.exists());
 }
+
+#[test]
+fn version_names_the_build_of_fluxctl_and_of_fluxd() {
+    let d = Fluxd::embedded();
+    let text = d.ok(&["version"]);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(lines[0].starts_with("fluxctl 0."), "{text}");
+    assert!(lines[1].starts_with("fluxd   0."), "{text}");
+    let v = d.json(&["version"]);
+    // The commit the binaries were built from: this checkout's, when it is one.
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    for who in ["fluxctl", "fluxd"] {
+        assert_eq!(v[who]["version"], env!("CARGO_PKG_VERSION"), "{v}");
+        assert_eq!(v[who]["commit"], head.as_str(), "{v}");
+    }
+    assert!(lines[0].contains(&format!("(build {head}")), "{text}");
+    // Without a daemon: fluxctl still says what it is, and says why fluxd is missing.
+    let gone = support::fluxd::fluxctl(&d.dir.join("nothing.sock"), &["version"]);
+    assert_eq!(gone.status.code(), Some(0));
+    let out = String::from_utf8_lossy(&gone.stdout);
+    assert!(
+        out.starts_with("fluxctl 0.") && out.lines().count() == 1,
+        "{out}"
+    );
+    assert!(
+        String::from_utf8_lossy(&gone.stderr).contains("fluxd"),
+        "{gone:?}"
+    );
+}
+
+#[test]
+fn list_verbose_shows_each_services_rules() {
+    let d = Fluxd::embedded();
+    d.ok(&["service", "add", "web", "--address", "10.128.0.1:80"]);
+    d.ok(&["service", "add", "db", "--address", "10.128.0.2:5432"]);
+    d.ok(&["select", "web", "v1", "--image", "nginx", "--tag", "1.25"]);
+    d.ok(&[
+        "select",
+        "web",
+        "canary",
+        "--labels",
+        "track=canary",
+        "--instance-port",
+        "8080",
+    ]);
+    let plain = d.ok(&["list"]);
+    assert!(!plain.contains("rule "), "{plain}");
+    let verbose = d.ok(&["list", "-v"]);
+    let lines: Vec<&str> = verbose.lines().collect();
+    let web = lines.iter().position(|l| l.starts_with("web ")).unwrap();
+    let db = lines.iter().position(|l| l.starts_with("db ")).unwrap();
+    // Each rule under its own service's row, nothing under a service without rules.
+    assert_eq!(
+        lines[web + 1..web + 3],
+        [
+            "  rule canary: labels=track=canary instance-port=8080",
+            "  rule v1: image=nginx tag=1.25",
+        ],
+        "{verbose}"
+    );
+    assert!(
+        db + 1 == lines.len() || !lines[db + 1].starts_with("  rule"),
+        "{verbose}"
+    );
+    assert_eq!(d.ok(&["service", "list", "--verbose"]), verbose);
+}

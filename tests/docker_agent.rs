@@ -136,6 +136,37 @@ fn image_selection_host_and_container_clients() {
         );
     }
 
+    // Filters take what users type, as in flux 0.2: a short image name (stored canonical),
+    // an image with its tag, the host's IP for its name, `-s`, `-q`, Go template fields.
+    let sorted = |out: String| {
+        let mut v: Vec<String> = out.lines().map(str::to_string).collect();
+        v.sort();
+        v
+    };
+    let q = |args: &[&str]| sorted(h.fluxd.ok(args));
+    assert_eq!(q(&["query", "-s", "web", "--image", "webimg", "-q"]), want);
+    assert_eq!(
+        q(&["query", "--image", "library/webimg:latest", "-q"]),
+        want
+    );
+    assert!(q(&["query", "--image", "webimg:v9", "-q"]).is_empty());
+    let bridge_ip = h.docker.bridge_ip.to_string();
+    assert_eq!(q(&["query", "--host", &bridge_ip, "-q"]), want);
+    assert_eq!(q(&["query", "--host", "h1", "-q"]), want);
+    assert!(q(&["query", "--host", "198.19.99.99", "-q"]).is_empty());
+    let templated = q(&["query", "-s", "web", "--format", "{{.Name}} {{.Image}}"]);
+    let expect: Vec<String> = want
+        .iter()
+        .map(|n| format!("{n} docker.io/library/webimg"))
+        .collect();
+    assert_eq!(templated, expect);
+    let clash = h
+        .fluxd
+        .ctl(&["query", "--image", "webimg:v1", "--tag", "v2"]);
+    assert_eq!(clash.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&clash.stderr);
+    assert!(err.contains("tag") && err.lines().count() == 1, "{err}");
+
     // From a host process: all three serve, the other image never does.
     let counts = spread(&h, vip(), 150);
     for i in 0..3 {

@@ -10,7 +10,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 
-use super::views::{ErrorBody, InstanceQuery, InstanceView, ServiceInfo};
+use super::views::{ErrorBody, HostView, InstanceQuery, InstanceView, ServiceInfo};
 use crate::catalog::{Catalog, CatalogError, State};
 use crate::controller::Status;
 use crate::metrics::history::GroupBy;
@@ -179,13 +179,7 @@ async fn route(api: &Api, req: Request<Incoming>) -> Answer {
             ))
         }
         (&Method::GET, ["v1", "instances"]) => query_instances(api, &query).await,
-        (&Method::GET, ["v1", "hosts"]) => {
-            let state = api.state().await?;
-            Ok(json(
-                StatusCode::OK,
-                &state.hosts.values().collect::<Vec<_>>(),
-            ))
-        }
+        (&Method::GET, ["v1", "hosts"]) => list_hosts(api).await,
         (&Method::GET, ["v1", "store"]) => {
             // The revision tells an operator (and the tests) whether anything was written.
             let listing = api.catalog.store().list("").await?;
@@ -222,12 +216,45 @@ fn host_view(api: &Api) -> serde_json::Value {
         .map(|d| d.as_millis() as u64);
     serde_json::json!({
         "name": api.host_name,
+        "build": crate::version::Build::this(),
         "store": {
             "reachable": since_ms.is_none(),
             "unreachable_since_ms": since_ms,
             "followed_revision": api.followed.borrow().revision,
         },
     })
+}
+
+async fn list_hosts(api: &Api) -> Answer {
+    let state = api.state().await?;
+    // One store request per host, concurrently: a cluster of a hundred hosts answers in one
+    // round trip's time. A host whose last renewal cannot be read is shown without it.
+    let seen = futures::future::join_all(
+        state
+            .hosts
+            .keys()
+            .map(|name| api.catalog.host_last_seen(name)),
+    )
+    .await;
+    let views: Vec<HostView> = state
+        .hosts
+        .values()
+        .zip(seen)
+        .map(|(h, seen)| HostView {
+            host: (**h).clone(),
+            instances: state
+                .instances
+                .values()
+                .filter(|i| i.host.as_deref() == Some(h.name.as_str()))
+                .count(),
+            last_seen_unix_ms: seen
+                .ok()
+                .flatten()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_millis() as u64),
+        })
+        .collect();
+    Ok(json(StatusCode::OK, &views))
 }
 
 async fn list_services(api: &Api) -> Answer {
@@ -318,7 +345,7 @@ async fn query_instances(api: &Api, query: &str) -> Answer {
         .instances
         .values()
         .map(|i| InstanceView::with_health(i, api.health(i)))
-        .filter(|v| q.matches(v))
+        .filter(|v| q.matches(v, &state.hosts))
         .collect();
     Ok(json(StatusCode::OK, &views))
 }

@@ -2,11 +2,13 @@
 //! fluxctl and the web UI read these shapes; scripts read them through `--json`.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::State;
-use crate::model::{Instance, InvalidInput, Rule, Selector, Service};
+use crate::docker::image::{canonical_repository, split_filter};
+use crate::model::{Host, Instance, InvalidInput, Rule, Selector, Service};
 use crate::proxy::health::HealthView;
 
 /// How an instance looks from this host.
@@ -115,6 +117,34 @@ impl ServiceInfo {
     }
 }
 
+/// Whether `i` was enrolled by the host named `host`, or by the host whose IP `host` is.
+fn on_host(i: &Instance, host: &str, hosts: &BTreeMap<String, Arc<Host>>) -> bool {
+    let Some(name) = &i.host else {
+        return false;
+    };
+    if name == host {
+        return true;
+    }
+    match host.parse::<std::net::Ipv4Addr>() {
+        Ok(ip) => hosts.get(name).is_some_and(|h| h.ip == ip),
+        Err(_) => false,
+    }
+}
+
+/// A live host as `GET /v1/hosts` and `fluxctl info` show it: its record, how many instances
+/// it enrolled, and when it last proved alive to the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostView {
+    #[serde(flatten)]
+    pub host: Host,
+    /// Container instances this host's agent enrolled, over all services.
+    pub instances: usize,
+    /// When its fluxd last renewed its session (to the second with etcd; now for this host
+    /// with the embedded store); absent when the store cannot tell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen_unix_ms: Option<u64>,
+}
+
 /// The body of every error answer; `field` is absent for errors that are not about input.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -157,8 +187,11 @@ impl InstanceQuery {
         q.finish()
     }
 
+    /// Reads the query string. Filters are taken as users type them: `image` in any form
+    /// Docker accepts (`nginx` = `docker.io/library/nginx`), with an optional `:TAG`.
     pub fn parse(query: &str) -> Result<Self, InvalidInput> {
         let mut out = InstanceQuery::default();
+        let mut image_tag = None;
         for (k, v) in form_urlencoded::parse(query.as_bytes()) {
             let v = v.into_owned();
             match k.as_ref() {
@@ -166,7 +199,11 @@ impl InstanceQuery {
                 "host" => out.host = Some(v),
                 "rule" => out.rule = Some(v),
                 "state" => out.state = Some(InstanceState::parse(&v)?),
-                "image" => out.selector.image = Some(v),
+                "image" => {
+                    let (repository, tag) = split_filter(&v);
+                    out.selector.image = Some(repository);
+                    image_tag = tag;
+                }
                 "tag" => out.selector.tag = Some(v),
                 "label" | "env" => {
                     let (a, b) = v.split_once('=').ok_or_else(|| {
@@ -187,16 +224,34 @@ impl InstanceQuery {
                 }
             }
         }
+        match (image_tag, &out.selector.tag) {
+            (Some(t), Some(tag)) if t != *tag => {
+                return Err(InvalidInput::new(
+                    "tag",
+                    format!("differs from the tag in --image (:{t})"),
+                )
+                .value(tag))
+            }
+            (Some(t), _) => out.selector.tag = Some(t),
+            (None, _) => {}
+        }
         Ok(out)
     }
 
-    pub fn matches(&self, view: &InstanceView) -> bool {
+    /// Whether `view` passes every filter. `host` is a host name or a host's IP, looked up in
+    /// `hosts` (the live hosts' records).
+    pub fn matches(&self, view: &InstanceView, hosts: &BTreeMap<String, Arc<Host>>) -> bool {
         let i = &view.instance;
         let eq = |want: &Option<String>, have: Option<&String>| {
             want.as_ref().is_none_or(|w| Some(w) == have)
         };
         let c = i.container.as_ref();
-        let image_ok = eq(&self.selector.image, c.map(|c| &c.image));
+        // Records hold the canonical form already; older ones may not.
+        let image_ok = self
+            .selector
+            .image
+            .as_ref()
+            .is_none_or(|w| c.is_some_and(|c| canonical_repository(&c.image) == *w));
         let tag_ok = eq(&self.selector.tag, c.map(|c| &c.tag));
         let labels_ok = self
             .selector
@@ -207,7 +262,7 @@ impl InstanceQuery {
         // can only match static instances' absence of it: refuse nothing, match nothing.
         let env_ok = self.selector.env.is_empty();
         eq(&self.service, Some(&i.service))
-            && eq(&self.host, i.host.as_ref())
+            && self.host.as_ref().is_none_or(|h| on_host(i, h, hosts))
             && eq(&self.rule, i.rule.as_ref())
             && self.state.is_none_or(|s| s == view.state)
             && image_ok

@@ -8,7 +8,7 @@ use flux::daemon::config::{Config, LogFormat, RunArgs};
 #[derive(Parser)]
 #[command(
     name = "fluxd",
-    version,
+    version = flux::version::LONG,
     about = "flux: service routing for Docker hosts (the per-host daemon)"
 )]
 struct Cli {

@@ -210,6 +210,11 @@ impl Catalog {
     }
 
     /// Publishes this host, bound to its session so that it vanishes when the host dies.
+    /// When the host's fluxd last proved alive to the store (see `Store::last_renewed`).
+    pub async fn host_last_seen(&self, name: &str) -> Result<Option<std::time::SystemTime>> {
+        Ok(self.store.last_renewed(&keys::host(name)).await?)
+    }
+
     pub async fn register_host(&self, host: &Host) -> Result<()> {
         let txn = Txn {
             when: vec![],

@@ -13,7 +13,7 @@ use crate::model::{
 #[derive(Parser)]
 #[command(
     name = "fluxctl",
-    version,
+    version = crate::version::LONG,
     about = "Define flux services and rules; see which containers serve them"
 )]
 pub struct Cli {
@@ -41,12 +41,21 @@ pub enum Command {
     #[command(subcommand)]
     Service(ServiceCmd),
     /// List services with their instance counts.
-    List,
-    /// Show services with their rules and instances (all services if no name is given).
+    List {
+        /// Also list each service's selection rules.
+        #[arg(long, short)]
+        verbose: bool,
+    },
+    /// Show services with their rules and instances; without a name, every service and first
+    /// the live hosts.
     Info {
         /// Service name.
         name: Option<String>,
     },
+    /// The live hosts: name, IP, when last seen, instances, fluxd version.
+    Hosts,
+    /// Print fluxctl's version and build, and those of the fluxd it talks to.
+    Version,
     /// Add or replace a selection rule: containers matching it become instances.
     Select(SelectArgs),
     /// Remove a selection rule (its instances leave the service).
@@ -86,7 +95,11 @@ pub enum ServiceCmd {
         all: bool,
     },
     /// Same as `fluxctl list`.
-    List,
+    List {
+        /// Also list each service's selection rules.
+        #[arg(long, short)]
+        verbose: bool,
+    },
 }
 
 /// `fluxctl service add`.
@@ -279,9 +292,9 @@ impl SelectArgs {
 #[derive(Args)]
 pub struct QueryArgs {
     /// Only instances of this service.
-    #[arg(long)]
+    #[arg(long, short)]
     pub service: Option<String>,
-    /// Only instances on this host.
+    /// Only instances on this host: its name or its IP.
     #[arg(long)]
     pub host: Option<String>,
     /// live, failed, failing (active health check) or no-address.
@@ -295,7 +308,8 @@ pub struct QueryArgs {
     /// Print only instance names, one per line.
     #[arg(long, short, conflicts_with_all = ["format"])]
     pub quiet: bool,
-    /// Print each instance with a template, e.g. '{{address}} {{state}}'.
+    /// Print each instance with a template: '{{address}} {{state}}', or in flux 0.2's Go
+    /// template spelling '{{.Address}} {{.State}}', '{{json .}}'.
     #[arg(long)]
     pub format: Option<String>,
 }

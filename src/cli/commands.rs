@@ -2,11 +2,14 @@
 //! and prints the answer (text for people, `--json` for scripts).
 
 use super::args::{SelectArgs, ServiceAddArgs};
-use super::output::{info_text, list_text, selector};
+use std::time::SystemTime;
+
+use super::output::{hosts_text, info_text, list_text, selector};
 use super::{body, print, Failure};
 use crate::api::client::Client;
-use crate::api::views::{InstanceView, ServiceInfo};
+use crate::api::views::{HostView, InstanceView, ServiceInfo};
 use crate::model::{validate, Instance, Rule, Validate};
+use crate::version::Build;
 
 pub(super) async fn service_add(
     client: &Client,
@@ -57,26 +60,74 @@ pub(super) async fn service_rm(
     Ok(())
 }
 
-pub(super) async fn list(client: &Client, json: bool) -> Result<(), Failure> {
+pub(super) async fn list(client: &Client, json: bool, verbose: bool) -> Result<(), Failure> {
     let services: Vec<ServiceInfo> = client.get("/v1/services").await?;
-    print(json, &services, || list_text(&services));
+    print(json, &services, || list_text(&services, verbose));
     Ok(())
 }
 
+pub(super) async fn hosts(client: &Client, json: bool) -> Result<(), Failure> {
+    let hosts: Vec<HostView> = client.get("/v1/hosts").await?;
+    print(json, &hosts, || hosts_text(&hosts, SystemTime::now()));
+    Ok(())
+}
+
+/// fluxctl's own build always; fluxd's when it answers. An unreachable fluxd is said on stderr
+/// and is no failure: the command's first job is to say what this fluxctl is.
+pub(super) async fn version(client: &Client, json: bool) -> Result<(), Failure> {
+    let daemon = match client.get::<serde_json::Value>("/v1/host").await {
+        Ok(host) => serde_json::from_value::<Build>(host["build"].clone()).ok(),
+        Err(e) => {
+            eprintln!("fluxctl: fluxd: {e}");
+            None
+        }
+    };
+    let client_build = Build::this();
+    print(
+        json,
+        &serde_json::json!({ "fluxctl": client_build, "fluxd": daemon }),
+        || {
+            let mut out = format!("fluxctl {client_build}\n");
+            if let Some(d) = &daemon {
+                out.push_str(&format!("fluxd   {d}\n"));
+            }
+            out
+        },
+    );
+    Ok(())
+}
+
+/// `--json` stays the list of services it always was (scripts read it); the hosts are in
+/// `fluxctl hosts --json`.
 pub(super) async fn info(client: &Client, json: bool, name: Option<String>) -> Result<(), Failure> {
-    let services: Vec<ServiceInfo> = match name {
+    let (services, hosts): (Vec<ServiceInfo>, Vec<HostView>) = match name {
         Some(n) => {
             validate::name("service", &n)?;
-            vec![client.get(&format!("/v1/services/{n}")).await?]
+            (
+                vec![client.get(&format!("/v1/services/{n}")).await?],
+                vec![],
+            )
         }
-        None => client.get("/v1/services").await?,
+        None if json => (client.get("/v1/services").await?, vec![]),
+        None => (
+            client.get("/v1/services").await?,
+            client.get("/v1/hosts").await?,
+        ),
     };
     print(json, &services, || {
-        services
-            .iter()
-            .map(info_text)
-            .collect::<Vec<_>>()
-            .join("\n")
+        let mut out = String::new();
+        if !hosts.is_empty() {
+            out.push_str(&hosts_text(&hosts, SystemTime::now()));
+            out.push('\n');
+        }
+        out.push_str(
+            &services
+                .iter()
+                .map(info_text)
+                .collect::<Vec<_>>()
+                .join("\n"),
+        );
+        out
     });
     Ok(())
 }

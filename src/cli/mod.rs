@@ -75,8 +75,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Service(ServiceCmd::Rm { names, all }) => {
             commands::service_rm(&client, json, names, all).await
         }
-        Command::List | Command::Service(ServiceCmd::List) => commands::list(&client, json).await,
+        Command::List { verbose } | Command::Service(ServiceCmd::List { verbose }) => {
+            commands::list(&client, json, verbose).await
+        }
         Command::Info { name } => commands::info(&client, json, name).await,
+        Command::Hosts => commands::hosts(&client, json).await,
+        Command::Version => commands::version(&client, json).await,
         Command::Select(a) => commands::select(&client, json, &a).await,
         Command::Deselect { service, rule } => {
             commands::deselect(&client, json, &service, &rule).await

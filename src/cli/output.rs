@@ -2,8 +2,9 @@
 //! `--format` template for shell loops.
 
 use std::fmt::Write;
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::api::views::{InstanceState, InstanceView, ServiceInfo};
+use crate::api::views::{HostView, InstanceState, InstanceView, ServiceInfo};
 use crate::model::Selector;
 
 /// Left-aligned columns separated by two spaces, header first.
@@ -111,7 +112,8 @@ pub fn check_summary(v: &InstanceView) -> Option<String> {
     Some(check.summary())
 }
 
-/// Fields a `--format` template may name, as `{{field}}`.
+/// Fields a `--format` template may name, as `{{field}}` or, in flux 0.2's Go template
+/// spelling, `{{.Field}}` (any case).
 pub const TEMPLATE_FIELDS: [&str; 11] = [
     "service",
     "name",
@@ -126,6 +128,56 @@ pub const TEMPLATE_FIELDS: [&str; 11] = [
     "check",
 ];
 
+/// What one `{{...}}` of a template stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placeholder {
+    /// A field's text: `{{name}}`, `{{.Name}}`.
+    Field(&'static str),
+    /// `{{json .}}`: the whole instance as one line of JSON (what `--json` prints per instance).
+    JsonAll,
+    /// `{{json .Name}}`: one field as a JSON string.
+    JsonField(&'static str),
+}
+
+/// Reads the text between `{{` and `}}`.
+fn placeholder(token: &str) -> Result<Placeholder, crate::model::InvalidInput> {
+    let token = token.trim();
+    let unknown = || {
+        crate::model::InvalidInput::new(
+            "format",
+            format!(
+                "unknown field {{{{{token}}}}}; known: {} (or .Name, json .)",
+                TEMPLATE_FIELDS.join(", ")
+            ),
+        )
+    };
+    let field = |name: &str| {
+        TEMPLATE_FIELDS
+            .iter()
+            .copied()
+            .find(|f| f.eq_ignore_ascii_case(name))
+            .ok_or_else(unknown)
+    };
+    if let Some(arg) = token
+        .strip_prefix("json")
+        .filter(|a| a.starts_with([' ', '\t']))
+    {
+        return match arg.trim() {
+            "." => Ok(Placeholder::JsonAll),
+            a => match a.strip_prefix('.') {
+                Some(name) => field(name).map(Placeholder::JsonField),
+                None => field(a).map(Placeholder::JsonField),
+            },
+        };
+    }
+    match token.strip_prefix('.') {
+        Some(name) => field(name).map(Placeholder::Field),
+        // The plain spelling is lower case only, as it always was.
+        None if TEMPLATE_FIELDS.contains(&token) => field(token).map(Placeholder::Field),
+        None => Err(unknown()),
+    }
+}
+
 /// Checks a template once, before any output, so a typo is a usage error and not a half
 /// printed list.
 pub fn check_template(t: &str) -> Result<(), crate::model::InvalidInput> {
@@ -135,39 +187,43 @@ pub fn check_template(t: &str) -> Result<(), crate::model::InvalidInput> {
         let end = after
             .find("}}")
             .ok_or_else(|| crate::model::InvalidInput::new("format", "unclosed {{").value(t))?;
-        let field = after[..end].trim();
-        if !TEMPLATE_FIELDS.contains(&field) {
-            return Err(crate::model::InvalidInput::new(
-                "format",
-                format!(
-                    "unknown field {{{{{field}}}}}; known: {}",
-                    TEMPLATE_FIELDS.join(", ")
-                ),
-            ));
-        }
+        placeholder(&after[..end])?;
         rest = &after[end + 2..];
     }
     Ok(())
 }
 
-/// Fills `{{field}}` placeholders; `\n` and `\t` escapes are honoured for shell convenience.
-pub fn render_template(t: &str, v: &InstanceView) -> String {
+/// One field of an instance as text (empty when it has none).
+fn field_text(f: &str, v: &InstanceView) -> String {
     let i = &v.instance;
     let c = i.container.as_ref();
-    let value = |f: &str| -> String {
-        match f {
-            "service" => i.service.clone(),
-            "name" => i.name.clone(),
-            "host" => i.host.clone().unwrap_or_default(),
-            "address" => i.address.map(|a| a.to_string()).unwrap_or_default(),
-            "state" => v.state.as_str().to_string(),
-            "rule" => i.rule.clone().unwrap_or_default(),
-            "image" => c.map(|c| c.image.clone()).unwrap_or_default(),
-            "tag" => c.map(|c| c.tag.clone()).unwrap_or_default(),
-            "container" => c.map(|c| c.id.clone()).unwrap_or_default(),
-            "origin" => format!("{:?}", i.origin).to_lowercase(),
-            "check" => check_summary(v).unwrap_or_default(),
-            _ => String::new(),
+    match f {
+        "service" => i.service.clone(),
+        "name" => i.name.clone(),
+        "host" => i.host.clone().unwrap_or_default(),
+        "address" => i.address.map(|a| a.to_string()).unwrap_or_default(),
+        "state" => v.state.as_str().to_string(),
+        "rule" => i.rule.clone().unwrap_or_default(),
+        "image" => c.map(|c| c.image.clone()).unwrap_or_default(),
+        "tag" => c.map(|c| c.tag.clone()).unwrap_or_default(),
+        "container" => c.map(|c| c.id.clone()).unwrap_or_default(),
+        "origin" => format!("{:?}", i.origin).to_lowercase(),
+        "check" => check_summary(v).unwrap_or_default(),
+        _ => String::new(),
+    }
+}
+
+/// Fills the placeholders of a template checked by [`check_template`]; `\n` and `\t` escapes
+/// are honoured for shell convenience.
+pub fn render_template(t: &str, v: &InstanceView) -> String {
+    let value = |token: &str| -> String {
+        match placeholder(token) {
+            Ok(Placeholder::Field(f)) => field_text(f, v),
+            Ok(Placeholder::JsonAll) => serde_json::to_string(v).unwrap_or_default(),
+            Ok(Placeholder::JsonField(f)) => {
+                serde_json::to_string(&field_text(f, v)).unwrap_or_default()
+            }
+            Err(_) => String::new(),
         }
     };
     let mut out = String::new();
@@ -177,7 +233,7 @@ pub fn render_template(t: &str, v: &InstanceView) -> String {
         let after = &rest[start + 2..];
         match after.find("}}") {
             Some(end) => {
-                out.push_str(&value(after[..end].trim()));
+                out.push_str(&value(&after[..end]));
                 rest = &after[end + 2..];
             }
             None => {
@@ -190,7 +246,7 @@ pub fn render_template(t: &str, v: &InstanceView) -> String {
 }
 
 /// `fluxctl list`: one line per service.
-pub fn list_text(services: &[ServiceInfo]) -> String {
+pub fn list_text(services: &[ServiceInfo], verbose: bool) -> String {
     let rows: Vec<Vec<String>> = services
         .iter()
         .map(|s| {
@@ -226,6 +282,9 @@ pub fn list_text(services: &[ServiceInfo]) -> String {
         ],
         &rows,
     );
+    if verbose {
+        out = with_rules_under_rows(&out, services);
+    }
     for s in services {
         if let Some(why) = &s.refused {
             out.push_str(&format!(
@@ -235,6 +294,65 @@ pub fn list_text(services: &[ServiceInfo]) -> String {
         }
     }
     out
+}
+
+/// `fluxctl list -v`: each service's row followed by its rules, indented, one per line.
+fn with_rules_under_rows(table: &str, services: &[ServiceInfo]) -> String {
+    let mut lines = table.lines();
+    let mut out = String::new();
+    if let Some(header) = lines.next() {
+        out.push_str(header);
+        out.push('\n');
+    }
+    for (row, s) in lines.zip(services) {
+        out.push_str(row);
+        out.push('\n');
+        for r in &s.rules {
+            out.push_str(&format!("  rule {}: {}", r.name, selector(&r.selector)));
+            if let Some(p) = r.instance_port {
+                out.push_str(&format!(" instance-port={p}"));
+            }
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// The live hosts, as `fluxctl hosts` and `fluxctl info` print them.
+pub fn hosts_text(hosts: &[HostView], now: SystemTime) -> String {
+    let rows: Vec<Vec<String>> = hosts
+        .iter()
+        .map(|h| {
+            let version = match &h.host.commit {
+                Some(c) => format!("{} ({c})", h.host.version),
+                None => h.host.version.clone(),
+            };
+            vec![
+                h.host.name.clone(),
+                h.host.ip.to_string(),
+                h.last_seen_unix_ms
+                    .map(|ms| ago(now, ms))
+                    .unwrap_or_else(|| "-".into()),
+                h.instances.to_string(),
+                version,
+            ]
+        })
+        .collect();
+    table(&["HOST", "IP", "LAST-SEEN", "INSTANCES", "VERSION"], &rows)
+}
+
+/// `3s ago`, `2m5s ago`, `1h2m ago`: how long before `now` the Unix time `ms` was.
+fn ago(now: SystemTime, ms: u64) -> String {
+    let now_ms = now
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let s = now_ms.saturating_sub(ms) / 1000;
+    match s {
+        0..=59 => format!("{s}s ago"),
+        60..=3599 => format!("{}m{}s ago", s / 60, s % 60),
+        _ => format!("{}h{}m ago", s / 3600, s % 3600 / 60),
+    }
 }
 
 /// `fluxctl info`: one service with its rules and instances.
@@ -297,9 +415,46 @@ mod tests {
     }
 
     #[test]
+    fn ages_read_as_people_say_them() {
+        let now = UNIX_EPOCH + std::time::Duration::from_secs(10_000);
+        let at = |s: u64| (10_000 - s) * 1000;
+        assert_eq!(ago(now, at(0)), "0s ago");
+        assert_eq!(ago(now, at(59)), "59s ago");
+        assert_eq!(ago(now, at(125)), "2m5s ago");
+        assert_eq!(ago(now, at(3720)), "1h2m ago");
+        // A clock that ran ahead on the other host is "now", not a wrap-around.
+        assert_eq!(ago(now, 20_000_000), "0s ago");
+    }
+
+    #[test]
     fn templates() {
         assert!(check_template("{{address}} {{ state }}").is_ok());
         assert!(check_template("{{nope}}").is_err());
         assert!(check_template("{{address").is_err());
+        // flux 0.2's Go template spelling.
+        assert!(check_template("{{.Name}} {{.State}} {{ json . }} {{json .Address}}").is_ok());
+        assert!(check_template("{{.name}}").is_ok());
+        assert!(check_template("{{.Nope}}").is_err());
+        assert!(check_template("{{json}}").is_err());
+        assert!(check_template("{{json .Nope}}").is_err());
+        // Plain fields stay lower case, as before.
+        assert!(check_template("{{Name}}").is_err());
+    }
+
+    #[test]
+    fn go_template_spelling_renders_like_the_plain_one() {
+        let v = InstanceView::new(&crate::model::Instance::new_static(
+            "web",
+            "b1",
+            "10.0.0.5:80".parse().unwrap(),
+        ));
+        assert_eq!(
+            render_template("{{.Name}} {{.State}} {{name}}\\t{{.ADDRESS}}", &v),
+            "b1 live b1\t10.0.0.5:80"
+        );
+        assert_eq!(render_template("{{json .Name}}", &v), "\"b1\"");
+        let all: serde_json::Value =
+            serde_json::from_str(&render_template("{{json .}}", &v)).unwrap();
+        assert_eq!(all, serde_json::to_value(&v).unwrap());
     }
 }

@@ -122,7 +122,8 @@ async fn publish_host(
         name: config.host_name.clone(),
         ip: config.host_ip,
         network_mode: config.network_mode,
-        version: env!("CARGO_PKG_VERSION").to_string(),
+        version: crate::version::VERSION.to_string(),
+        commit: Some(crate::version::COMMIT.to_string()),
         started_at: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())

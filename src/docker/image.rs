@@ -39,6 +39,21 @@ impl ImageRef {
     }
 }
 
+/// What a user typed as an image filter, `nginx` or `nginx:1.25` or
+/// `registry:5000/team/app:v2`: the canonical repository and the tag if one was given (unlike
+/// [`ImageRef::parse`], no tag means any tag, not `latest`).
+pub fn split_filter(reference: &str) -> (String, Option<String>) {
+    let name = reference.split_once('@').map_or(reference, |(n, _)| n);
+    let last_slash = name.rfind('/').map(|i| i + 1).unwrap_or(0);
+    match name[last_slash..].rfind(':') {
+        Some(i) => (
+            canonical_repository(&name[..last_slash + i]),
+            Some(name[last_slash + i + 1..].to_string()),
+        ),
+        None => (canonical_repository(name), None),
+    }
+}
+
 /// `nginx` -> `docker.io/library/nginx`; `team/app` -> `docker.io/team/app`; a first component
 /// with a '.' or ':' or equal to `localhost` is a registry and is kept.
 pub fn canonical_repository(repo: &str) -> String {
@@ -80,6 +95,25 @@ pub fn is_image_id(reference: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn filters_take_short_names_and_tags() {
+        let hub = "docker.io/library/nginx".to_string();
+        assert_eq!(split_filter("nginx"), (hub.clone(), None));
+        assert_eq!(split_filter("docker.io/library/nginx"), (hub.clone(), None));
+        assert_eq!(
+            split_filter("library/nginx:1.25"),
+            (hub, Some("1.25".into()))
+        );
+        assert_eq!(
+            split_filter("registry:5000/team/app"),
+            ("registry:5000/team/app".into(), None)
+        );
+        assert_eq!(
+            split_filter("registry:5000/team/app:v2"),
+            ("registry:5000/team/app".into(), Some("v2".into()))
+        );
+    }
 
     fn p(s: &str) -> (String, String) {
         let r = ImageRef::parse(s);

@@ -25,6 +25,10 @@ pub struct Host {
     pub network_mode: NetworkMode,
     /// fluxd version, so mixed versions during an upgrade are visible.
     pub version: String,
+    /// The commit fluxd was built from (`unknown` outside a git checkout); absent in records
+    /// of older fluxd versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
     /// Unix time the daemon started; tells restarts apart.
     pub started_at: u64,
     /// Where other hosts reach this fluxd's read-only HTTP API (the UI gathers every host's

@@ -200,6 +200,20 @@ impl Store for EmbeddedStore {
         Ok(mem.kvs.get(key).map(|e| e.to_kv(key)))
     }
 
+    /// The only live session is this handle's own, alive as long as this process is: its
+    /// records were seen now. Records of an earlier process's session (kept until their TTL
+    /// after a crash) were last seen before this process started: unknown.
+    async fn last_renewed(&self, key: &str) -> Result<Option<std::time::SystemTime>> {
+        let mem = self.inner.mem();
+        mem.check_open()?;
+        let own = |e: &Entry| e.lease != NO_LEASE && mem.session == Some(e.lease);
+        Ok(mem
+            .kvs
+            .get(key)
+            .filter(|e| own(e))
+            .map(|_| std::time::SystemTime::now()))
+    }
+
     async fn list(&self, prefix: &str) -> Result<Listing> {
         let mem = self.inner.mem();
         mem.check_open()?;

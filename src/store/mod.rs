@@ -130,6 +130,11 @@ pub trait Store: Send + Sync {
     /// background until `close`. Bound puts before this fail with `Invalid`.
     async fn start_session(&self, ttl: Duration) -> Result<()>;
 
+    /// When the host session that `key` is bound to last proved its host alive (a renewal), or
+    /// None when the key does not exist or is not host-bound. This is how "last seen" of a
+    /// host is known without the host writing anything: etcd tracks each lease's renewals.
+    async fn last_renewed(&self, key: &str) -> Result<Option<std::time::SystemTime>>;
+
     /// Since when this store's watches have been failing (the followed picture may be stale),
     /// or `None` while they work. A local store is never unreachable.
     fn unreachable_since(&self) -> Option<std::time::SystemTime> {

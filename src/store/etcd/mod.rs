@@ -218,6 +218,33 @@ impl Store for EtcdStore {
         Ok(response.kvs().first().and_then(|kv| self.core.convert(kv)))
     }
 
+    /// From the key's lease: etcd reports the TTL it granted and what is left of it, and a
+    /// renewal resets what is left, so their difference is the time since the last renewal
+    /// (to the second, etcd's unit).
+    async fn last_renewed(&self, key: &str) -> Result<Option<SystemTime>> {
+        self.check_open()?;
+        let response = once_more_if_token_refused(|| async {
+            let mut kv = self.core.client.kv_client();
+            self.core.call(kv.get(self.core.abs(key), None)).await
+        })
+        .await?;
+        let lease = match response.kvs().first() {
+            Some(kv) if kv.lease() != 0 => kv.lease(),
+            _ => return Ok(None),
+        };
+        let ttl = once_more_if_token_refused(|| async {
+            let mut leases = self.core.client.lease_client();
+            self.core.call(leases.time_to_live(lease, None)).await
+        })
+        .await?;
+        // A lease that ran out is reported with TTL -1; its records are about to vanish.
+        if ttl.ttl() < 0 {
+            return Ok(None);
+        }
+        let since = Duration::from_secs((ttl.granted_ttl() - ttl.ttl()).max(0) as u64);
+        Ok(SystemTime::now().checked_sub(since))
+    }
+
     async fn list(&self, prefix: &str) -> Result<Listing> {
         self.check_open()?;
         once_more_if_token_refused(|| self.core.list(prefix)).await
