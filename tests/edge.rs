@@ -356,6 +356,67 @@ fn no_live_instance_answers_the_configured_503_page() {
 }
 
 #[test]
+fn a_service_without_an_address_is_published_by_the_edge_alone() {
+    let ns = Netns::new("edge");
+    let fluxd = Fluxd::dataplane(&ns.name, &[]);
+    // No VIP: it needs the port its instances listen on.
+    let out = fluxd.ctl(&["service", "add", "site", "--address", "none"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("instance_port") && err.lines().count() == 1,
+        "{err}"
+    );
+    for name in ["site", "other"] {
+        fluxd.ok(&[
+            "service",
+            "add",
+            name,
+            "--address",
+            "none",
+            "--instance-port",
+            "9001",
+            "--protocol",
+            "http",
+        ]);
+    }
+    // Two services without a VIP do not clash over it, and one with a VIP still routes.
+    service(&fluxd, "web", "198.18.0.10:80");
+    let b1 = HttpBackend::start(&ns, "b1", 9001, 200);
+    add(&fluxd, "site", &b1);
+    let list = fluxd.ok(&["list"]);
+    assert!(
+        list.lines()
+            .any(|l| l.split_whitespace().take(2).eq(["site", "none"])),
+        "{list}"
+    );
+    assert!(fluxd.ok(&["info", "site"]).contains("address none"));
+    assert_eq!(fluxd.json(&["info", "site"])[0]["address"], "none");
+
+    let nginx = Nginx::start(&ns);
+    let edge = Edge::start(
+        &fluxd.socket,
+        &nginx,
+        &["--service", &format!("site={WEB}")],
+    );
+    wait_answer(&ns, WEB, 200, "b1", &edge, &nginx);
+
+    // No rule and no set member for it; web's VIP is there.
+    fluxd.wait_routed(&ns, "web");
+    let debug = fluxd.debug();
+    let members: Vec<&str> = debug["vips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["service"].as_str().unwrap())
+        .collect();
+    assert_eq!(members, ["web"], "{debug}");
+    assert!(!debug["rules"].to_string().contains("site"), "{debug}");
+    fluxd.ok(&["service", "rm", "site", "other"]);
+    assert!(!fluxd.ok(&["list"]).contains("site"));
+}
+
+#[test]
 fn bad_flags_are_one_line_naming_the_flag() {
     let dir = tempfile::tempdir().unwrap();
     let conf = dir.path().join("flux.conf");

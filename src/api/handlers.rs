@@ -279,12 +279,10 @@ async fn service_info(api: &Api, name: &str) -> Answer {
 
 async fn add_service(api: &Api, req: Request<Incoming>) -> Answer {
     let service: Service = model::decode(&body(req).await?)?;
-    if !api.vip_ranges.is_empty()
-        && !api
-            .vip_ranges
-            .iter()
-            .any(|r| r.contains(service.address.ip()))
-    {
+    // A service without a VIP takes no address from any range.
+    let outside =
+        |vip: std::net::SocketAddrV4| !api.vip_ranges.iter().any(|r| r.contains(vip.ip()));
+    if !api.vip_ranges.is_empty() && service.address.is_some_and(outside) {
         let ranges: Vec<String> = api.vip_ranges.iter().map(|r| r.to_string()).collect();
         return Err(InvalidInput::new(
             "address",
@@ -293,7 +291,7 @@ async fn add_service(api: &Api, req: Request<Incoming>) -> Answer {
                 ranges.join(", ")
             ),
         )
-        .value(service.address.to_string()))?;
+        .value(service.address_text()))?;
     }
     api.catalog.add_service(&service).await?;
     // A service just created has no rules or instances yet: no need to re-read the catalog,

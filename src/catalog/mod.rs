@@ -57,14 +57,16 @@ impl Catalog {
     /// Creates a service and claims its VIP:port in one transaction.
     pub async fn add_service(&self, service: &Service) -> Result<()> {
         let skey = keys::service(&service.name);
-        let vkey = keys::vip(&service.address);
-        let txn = Txn {
-            when: vec![Cond::Absent(skey.clone()), Cond::Absent(vkey.clone())],
-            then: vec![
-                put(&skey, model::encode(service)),
-                put(&vkey, service.name.as_bytes().to_vec()),
-            ],
+        // The claim that makes the VIP unique, in the same transaction; none without a VIP.
+        let vkey = service.address.as_ref().map(keys::vip);
+        let mut txn = Txn {
+            when: vec![Cond::Absent(skey.clone())],
+            then: vec![put(&skey, model::encode(service))],
         };
+        if let Some(vkey) = &vkey {
+            txn.when.push(Cond::Absent(vkey.clone()));
+            txn.then.push(put(vkey, service.name.as_bytes().to_vec()));
+        }
         if self.store.txn(txn).await?.succeeded {
             return Ok(());
         }
@@ -74,15 +76,18 @@ impl Catalog {
                     .value(&service.name),
             ));
         }
-        let owner = self
-            .store
-            .get(&vkey)
-            .await?
-            .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
-            .unwrap_or_default();
+        let owner = match &vkey {
+            Some(vkey) => self
+                .store
+                .get(vkey)
+                .await?
+                .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+                .unwrap_or_default(),
+            None => String::new(),
+        };
         Err(CatalogError::Conflict(
             InvalidInput::new("address", format!("already used by service {owner}"))
-                .value(service.address.to_string()),
+                .value(service.address_text()),
         ))
     }
 
@@ -100,8 +105,11 @@ impl Catalog {
             Op::DeletePrefix(keys::instances_of(name)),
         ];
         // A record that no longer parses still gets removed; only its claim can't be found.
-        if let Ok(s) = model::decode::<Service>(&kv.value) {
-            then.push(Op::Delete(keys::vip(&s.address)));
+        if let Some(vip) = model::decode::<Service>(&kv.value)
+            .ok()
+            .and_then(|s| s.address)
+        {
+            then.push(Op::Delete(keys::vip(&vip)));
         }
         let txn = Txn {
             when: vec![Cond::ModRevision(skey, kv.mod_revision)],

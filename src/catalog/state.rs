@@ -102,13 +102,12 @@ impl State {
     ) -> Result<(), String> {
         match record {
             Record::Service(s) => {
-                if let Some(owner) = vips.get(&s.address) {
-                    return Err(format!(
-                        "address {} is already used by service {owner}",
-                        s.address
-                    ));
+                if let Some(vip) = s.address {
+                    if let Some(owner) = vips.get(&vip) {
+                        return Err(format!("address {vip} is already used by service {owner}"));
+                    }
+                    vips.insert(vip, s.name.clone());
                 }
-                vips.insert(s.address, s.name.clone());
                 self.services.insert(s.name.clone(), s);
             }
             Record::Rule(r) => {
@@ -278,13 +277,13 @@ mod tests {
         );
         let mut cache = Decoded::default();
         let s = State::from_kvs([web("10.0.0.1:80", 1), api.clone()].iter(), 2, &mut cache);
-        assert_eq!(s.services["web"].address.to_string(), "10.0.0.1:80");
+        assert_eq!(s.services["web"].address_text(), "10.0.0.1:80");
         // Same revision, different bytes: the cached decode stands (revisions identify values).
         let s = State::from_kvs([web("10.0.0.9:80", 1), api.clone()].iter(), 2, &mut cache);
-        assert_eq!(s.services["web"].address.to_string(), "10.0.0.1:80");
+        assert_eq!(s.services["web"].address_text(), "10.0.0.1:80");
         // A new revision is decoded again.
         let s = State::from_kvs([web("10.0.0.3:80", 3)].iter(), 3, &mut cache);
-        assert_eq!(s.services["web"].address.to_string(), "10.0.0.3:80");
+        assert_eq!(s.services["web"].address_text(), "10.0.0.3:80");
         // Keys that are gone leave the cache once they outnumber the present ones.
         let many: Vec<KeyValue> = (0..200)
             .map(|i| kv(&format!("hosts/h{i}"), "{}", 10 + i))

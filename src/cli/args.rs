@@ -107,7 +107,8 @@ pub enum ServiceCmd {
 pub struct ServiceAddArgs {
     /// Service name: [a-z0-9][a-z0-9-]{0,62}.
     pub name: String,
-    /// The service address (VIP) clients connect to, IP:PORT.
+    /// The service address (VIP) clients connect to, IP:PORT; or `none` for a service only
+    /// `fluxd edge` publishes (no VIP, no rule; needs --instance-port).
     #[arg(long)]
     pub address: String,
     /// tcp (default) or http.
@@ -128,7 +129,10 @@ impl ServiceAddArgs {
     pub fn to_service(&self) -> Result<Service, InvalidInput> {
         let service = Service {
             name: self.name.clone(),
-            address: validate::parse_socket_addr("address", &self.address)?,
+            address: match self.address.as_str() {
+                "none" => None,
+                a => Some(validate::parse_socket_addr("address", a)?),
+            },
             protocol: self
                 .protocol
                 .as_deref()

@@ -21,7 +21,8 @@ pub(super) async fn service_add(
     print(json, &info, || {
         format!(
             "added service {} at {}\n",
-            info.service.name, info.service.address
+            info.service.name,
+            info.service.address_text()
         )
     });
     Ok(())

@@ -257,7 +257,7 @@ pub fn list_text(services: &[ServiceInfo], verbose: bool) -> String {
                 .count();
             vec![
                 s.service.name.clone(),
-                s.service.address.to_string(),
+                s.service.address_text(),
                 s.service.protocol.to_string(),
                 s.rules.len().to_string(),
                 s.instances.len().to_string(),
@@ -361,7 +361,7 @@ pub fn info_text(s: &ServiceInfo) -> String {
     let mut out = format!(
         "service {}  address {}  protocol {}  instance-port {}  balance {}\n",
         svc.name,
-        svc.address,
+        svc.address_text(),
         svc.protocol,
         svc.default_instance_port(),
         svc.balance

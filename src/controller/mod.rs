@@ -223,7 +223,7 @@ impl Controller {
                 state
                     .services
                     .values()
-                    .map(|s| (s.name.as_str(), s.address)),
+                    .filter_map(|s| Some((s.name.as_str(), s.address?))),
                 &rules.vip_ranges,
                 &self.addresses,
                 &rules.protected_ranges,

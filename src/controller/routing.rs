@@ -55,7 +55,11 @@ pub fn route_table(state: &State, built: &mut Built, metrics: &Metrics) -> Route
             prev => build_service(service, &instances, prev.map(|p| p.kept), metrics),
         };
         table.by_name.insert(name.clone(), b.route.clone());
-        table.services.insert(service.address, b.route.clone());
+        // A service without a VIP (edge only) is routed by name, for its health, but no
+        // connection can arrive for it.
+        if let Some(vip) = service.address {
+            table.services.insert(vip, b.route.clone());
+        }
         next.insert(name.clone(), b);
     }
     for gone in built.services.values() {
@@ -166,9 +170,11 @@ pub fn desired_rules(
             .services
             .values()
             .filter(|s| verdict.allows(&s.name))
-            .map(|s| netfilter::Redirect {
-                service: s.name.clone(),
-                vip: s.address,
+            .filter_map(|s| {
+                Some(netfilter::Redirect {
+                    service: s.name.clone(),
+                    vip: s.address?,
+                })
             })
             .collect(),
         proxy_port,

@@ -40,3 +40,30 @@ pub mod option {
         }
     }
 }
+
+/// A service address: `IP:PORT`, or `none` for a service without a VIP (one only `fluxd edge`
+/// publishes). Spelt out rather than left out, so that a body that forgot the field is still
+/// refused, and so that scripts always find a string there.
+pub mod vip {
+    use super::*;
+
+    /// The spelling of "no VIP" in records, API bodies and on the command line.
+    pub const NONE: &str = "none";
+
+    pub fn serialize<S: Serializer>(a: &Option<SocketAddrV4>, s: S) -> Result<S::Ok, S::Error> {
+        match a {
+            Some(a) => s.collect_str(a),
+            None => s.serialize_str(NONE),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddrV4>, D::Error> {
+        let s = String::deserialize(d)?;
+        if s == NONE {
+            return Ok(None);
+        }
+        super::super::validate::parse_socket_addr("", &s)
+            .map(Some)
+            .map_err(|e| D::Error::custom(format!("{} or none", message(&e))))
+    }
+}

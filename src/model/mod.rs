@@ -106,6 +106,30 @@ mod tests {
     }
 
     #[test]
+    fn a_service_may_have_no_address_but_then_an_instance_port() {
+        let s: Service =
+            decode(br#"{"name":"edge","address":"none","instance_port":8080}"#).unwrap();
+        assert_eq!(s.address, None);
+        assert_eq!(s.default_instance_port(), 8080);
+        assert_eq!(s.address_text(), "none");
+        assert!(String::from_utf8(encode(&s))
+            .unwrap()
+            .contains(r#""address":"none""#));
+        assert_eq!(decode::<Service>(&encode(&s)).unwrap(), s);
+        let e = decode::<Service>(br#"{"name":"edge","address":"none"}"#).unwrap_err();
+        assert_eq!(e.field, "instance_port", "{e}");
+        // Forgetting the field is not the same as saying none.
+        let e = decode::<Service>(br#"{"name":"edge","instance_port":8080}"#).unwrap_err();
+        assert_eq!(e.field, "address", "{e}");
+        let e = decode::<Service>(br#"{"name":"edge","address":"nowhere"}"#).unwrap_err();
+        assert_eq!(e.field, "address", "{e}");
+        assert!(e.reason.contains("or none"), "{e}");
+        // Records written before the field could be none load as they always did.
+        let old: Service = decode(br#"{"name":"web","address":"10.128.0.1:80"}"#).unwrap();
+        assert_eq!(old.address, Some("10.128.0.1:80".parse().unwrap()));
+    }
+
+    #[test]
     fn health_is_optional_and_checked() {
         // A record without a check encodes exactly as before the field existed.
         let s: Service = decode(br#"{"name":"web","address":"10.128.0.1:80"}"#).unwrap();

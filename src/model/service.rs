@@ -79,9 +79,10 @@ impl std::str::FromStr for Balance {
 pub struct Service {
     /// Unique name, `[a-z0-9][a-z0-9-]{0,62}`.
     pub name: String,
-    /// The VIP clients connect to; the same on every host.
-    #[serde(with = "super::addr")]
-    pub address: SocketAddrV4,
+    /// The VIP clients connect to; the same on every host. None (`"none"`) for a service that
+    /// only `fluxd edge` publishes: no VIP, no rule, no claim.
+    #[serde(with = "super::addr::vip")]
+    pub address: Option<SocketAddrV4>,
     #[serde(default)]
     pub protocol: Protocol,
     /// Container port to connect to; the VIP's port when absent. A rule may override it.
@@ -96,16 +97,36 @@ pub struct Service {
 }
 
 impl Service {
-    /// The port instances listen on, before any rule's override.
+    /// The port instances listen on, before any rule's override: the service's own, else the
+    /// VIP's (a service without a VIP must have one of its own, see `validate`).
     pub fn default_instance_port(&self) -> u16 {
-        self.instance_port.unwrap_or(self.address.port())
+        self.instance_port
+            .or(self.address.map(|a| a.port()))
+            .unwrap_or_default()
+    }
+
+    /// The address as users write it: `IP:PORT` or `none`.
+    pub fn address_text(&self) -> String {
+        match self.address {
+            Some(a) => a.to_string(),
+            None => super::addr::vip::NONE.to_string(),
+        }
     }
 }
 
 impl Validate for Service {
     fn validate(&self) -> Result<(), InvalidInput> {
         validate::name("name", &self.name)?;
-        validate::vip("address", &self.address)?;
+        match &self.address {
+            Some(a) => validate::vip("address", a)?,
+            None if self.instance_port.is_none() => {
+                return Err(InvalidInput::new(
+                    "instance_port",
+                    "required when address is none (there is no VIP port to default to)",
+                ))
+            }
+            None => {}
+        }
         if let Some(p) = self.instance_port {
             validate::port("instance_port", p)?;
         }

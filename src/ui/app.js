@@ -118,6 +118,11 @@
     return (v >= 10 ? v.toFixed(0) : v >= 1 ? v.toFixed(1) : v.toFixed(2)) + " ms";
   }
 
+  // A service without a VIP is one only `fluxd edge` publishes.
+  function addressText(address) {
+    return address === "none" ? "none (edge only)" : address;
+  }
+
   function fmtTime(ms) {
     if (!ms) return "–";
     const d = new Date(ms);
@@ -348,7 +353,7 @@
         }
         return h("tr", { "data-service": svc.name, "data-total": total, "data-live": live, "data-health": cls },
           h("td", {}, h("a", { href: serviceHref(svc.name), text: svc.name })),
-          h("td", { class: "mono", text: svc.address }),
+          h("td", { class: "mono", text: addressText(svc.address) }),
           h("td", { text: svc.protocol || "tcp" }),
           h("td", { class: "num instances", text: total + " / " + live + " live" }),
           h("td", {}, h("span", { class: "badge " + cls, text: text }), refusedMarker(svc)),
@@ -412,7 +417,7 @@
     const header = [
       h("h1", { id: "service-name", text: info.name }),
       h("div", { class: "sub" },
-        h("span", { class: "mono", text: info.address }),
+        h("span", { class: "mono", text: addressText(info.address) }),
         h("span", { text: info.protocol || "tcp" }),
         info.instance_port ? h("span", { text: "instance port " + info.instance_port }) : null,
         info.balance ? h("span", { text: String(info.balance) }) : null,
