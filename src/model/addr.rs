@@ -1,5 +1,6 @@
-//! Serde for `IP:PORT` fields (optional ones, and service addresses that may be `none`), so that a bad address is refused with the same message whether
-//! it came from the CLI, the API or the store.
+//! Serde for `IP:PORT` fields (optional ones, and service addresses that may be `none`), so
+//! that a bad address is refused with the same message whether it came from the CLI, the API
+//! or the store.
 
 use std::net::SocketAddrV4;
 
