@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod backend;
+pub mod base_image;
 pub mod browser;
 pub mod docker;
 pub mod etcd;
