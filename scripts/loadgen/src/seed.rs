@@ -59,7 +59,7 @@ pub async fn run(a: Args) -> std::io::Result<Value> {
         let name = format!("{}-{i}", a.prefix);
         let service = Service {
             name: name.clone(),
-            address: vip(i)?,
+            address: Some(vip(i)?),
             protocol: Protocol::Tcp,
             instance_port: None,
             balance: Balance::RoundRobin,
