@@ -366,6 +366,7 @@ impl Agent {
                         image: c.image.repository.clone(),
                         tag: c.image.tag.clone(),
                         labels: publishable_labels(&c.labels),
+                        address_note: None,
                     }),
                     address: c.address(self.config.mode, self.config.host_ip, port),
                 };
