@@ -196,6 +196,18 @@ mod tests {
         let a = c.address(&ctx(NetworkMode::Global, true), 80);
         assert_eq!(a.address, None);
         assert_eq!(a.note.as_deref(), Some("container has no IPv4 address"));
+        // An address no record may hold (found by fuzzing: a multicast one) is skipped.
+        let r: ContainerInspectResponse = serde_json::from_value(json!({
+            "Id": "0123456789abcdef",
+            "State": { "Running": true },
+            "NetworkSettings": { "Networks": { "bridge": { "IPAddress": "238.17.0.2" } } },
+        }))
+        .unwrap();
+        let c = Container::from_inspect(&r, None).unwrap();
+        assert_eq!(c.skipped.len(), 1, "{:?}", c.skipped);
+        let a = c.address(&ctx(NetworkMode::Global, false), 80);
+        assert_eq!(a.address, None);
+        assert_eq!(a.note.as_deref(), Some("container has no IPv4 address"));
     }
 
     #[test]

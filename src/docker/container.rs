@@ -28,7 +28,7 @@ pub struct Container {
     /// What Docker published for each `PORT/tcp`, in Docker's order. A port with no entry
     /// (or an empty one) is not published.
     pub published: BTreeMap<u16, Vec<Binding>>,
-    /// The container's IPv4 address on its first network that has one.
+    /// The container's IPv4 address on its first network that has a usable one.
     pub ip: Option<Ipv4Addr>,
     /// What was left out of the above because Docker reported it in a shape flux cannot use,
     /// for the agent's log.
@@ -73,8 +73,9 @@ impl Binding {
     }
 }
 
-/// An address an instance may be published with (see `validate::backend`): a binding on any
-/// other address is malformed, not a reason to write a record every reader refuses.
+/// An address an instance may be published with (see `validate::backend`): a binding (or a
+/// container IP) on any other address is malformed, not a reason to write a record every reader
+/// refuses.
 fn usable_host_ip(ip: Ipv4Addr) -> bool {
     !(ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast())
 }
@@ -172,9 +173,17 @@ impl Container {
             .map(|n| n.iter().collect())
             .unwrap_or_default();
         networks.sort_by_key(|(name, _)| name.as_str());
-        let ip = networks
-            .iter()
-            .find_map(|(_, e)| e.ip_address.as_ref()?.parse::<Ipv4Addr>().ok());
+        let ip = networks.iter().find_map(|(name, e)| {
+            let ip = e.ip_address.as_ref()?.parse::<Ipv4Addr>().ok()?;
+            if usable_host_ip(ip) {
+                return Some(ip);
+            }
+            skipped.push(format!(
+                "address {ip} on network {} is not usable",
+                shown(name)
+            ));
+            None
+        });
         Some(Container {
             name: c
                 .name
