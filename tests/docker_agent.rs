@@ -369,6 +369,12 @@ fn container_without_published_port_is_listed_as_no_address() {
             .contains(&short(&id))
     });
     assert!(listed.is_some(), "{}", h.fluxd.ok(&["query"]));
+    // And says why.
+    let q = h.fluxd.json(&["query", "--service", "web"]);
+    assert_eq!(
+        q[0]["container"]["address_note"], "port 8080/tcp is not published",
+        "{q}"
+    );
     // It gets no traffic: the VIP has no live instance, so the client is reset.
     assert!(h.ns.run(|| who_serves(vip()).is_err()));
 }

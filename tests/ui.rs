@@ -730,3 +730,58 @@ fn failing_health_check_shows_its_reason() {
         "{text}"
     );
 }
+
+/// A container instance's address note (here: why it has no address) is shown beside its state
+/// on the service page. The record is written into etcd as a host's agent would write it, so no
+/// Docker is needed.
+#[test]
+fn address_note_is_shown_beside_no_address() {
+    let ns = Netns::new("ui-note");
+    let etcd = Etcd::start_in(&ns.name, "127.0.0.1".parse().unwrap());
+    let store = format!("etcd://{}", etcd.endpoint.trim_start_matches("http://"));
+    let fluxd = Fluxd::in_netns(&ns.name, "h1", &["--http", HTTP, "--store", &store]);
+    fluxd.ok(&["service", "add", "web", "--address", VIP]);
+    let note = "port 80/tcp is published only on 127.0.0.1:49153, which other hosts cannot reach";
+    let record = serde_json::json!({
+        "service": "web", "name": "0123456789ab", "origin": "container", "host": "h2",
+        "rule": "all",
+        "container": {
+            "id": "0123456789ab0123456789ab", "name": "loop", "image": "docker.io/library/webimg",
+            "tag": "latest", "address_note": note,
+        },
+    });
+    let put = etcd.ctl_output(&[
+        "put",
+        "/flux/instances/web/0123456789ab",
+        &record.to_string(),
+    ]);
+    assert!(
+        put.status.success(),
+        "{}",
+        String::from_utf8_lossy(&put.stderr)
+    );
+    let listed = wait_until(Duration::from_secs(5), || {
+        fluxd.ok(&[
+            "query",
+            "--service",
+            "web",
+            "--state",
+            "no-address",
+            "--quiet",
+        ]) == "0123456789ab\n"
+    });
+    assert!(listed.is_some(), "{}", fluxd.ok(&["query"]));
+
+    let page = browser::load(
+        &ns,
+        &Load::new(url("#/service/web")).screenshot(out_dir().join("note-no-address.png")),
+    );
+    save(&page, "note-no-address.html");
+    let rows = page.dom.with_attr("tr", "data-instance");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].attr("data-state"), Some("no address"));
+    let notes = page.dom.with_attr("span", "data-note");
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert_eq!(notes[0].attr("data-note"), Some(note));
+    assert_eq!(page.dom.text_after(&notes[0]).trim(), note);
+}

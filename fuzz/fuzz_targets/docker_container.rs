@@ -5,11 +5,12 @@
 #![no_main]
 
 use bollard::models::ContainerInspectResponse;
+use flux::docker::address::AddressContext;
 use flux::docker::agent::publishable_labels;
 use flux::docker::container::Container;
 use flux::docker::image::{canonical_repository, is_image_id, ImageRef};
 use flux::docker::matching::matches;
-use flux::model::{validate, NetworkMode, Selector};
+use flux::model::{validate, NetworkMode, Selector, MAX_ADDRESS_NOTE};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -37,9 +38,29 @@ fuzz_target!(|data: &[u8]| {
         c.image.repository
     );
     let _ = c.short_id();
+    // Whatever Docker reported, the chosen address and note make a record readers accept.
     for port in c.published.keys().chain([&80u16]) {
-        let _ = c.address(NetworkMode::Local, "192.0.2.1".parse().unwrap(), *port);
-        let _ = c.address(NetworkMode::Global, "192.0.2.1".parse().unwrap(), *port);
+        for mode in [NetworkMode::Local, NetworkMode::Global] {
+            for only_host in [true, false] {
+                let ctx = AddressContext {
+                    mode,
+                    host_ip: "192.0.2.1".parse().unwrap(),
+                    only_host,
+                };
+                let a = c.address(&ctx, *port);
+                if let Some(addr) = a.address {
+                    assert!(validate::backend("address", &addr).is_ok(), "{addr}");
+                } else {
+                    assert!(a.note.is_some(), "no address and no note for {port}");
+                }
+                if let Some(n) = &a.note {
+                    assert!(
+                        n.len() <= MAX_ADDRESS_NOTE && !n.chars().any(char::is_control),
+                        "{n:?}"
+                    );
+                }
+            }
+        }
     }
 
     let published = publishable_labels(&c.labels);

@@ -84,16 +84,22 @@ pub fn instance_row(v: &InstanceView) -> Vec<String> {
     ]
 }
 
-/// The instance table: the usual columns, and a last `CHECK` column (the active check's state
-/// and why it fails) when any of the instances has an active check.
+/// The instance table: the usual columns, then a `CHECK` column (the active check's state and
+/// why it fails) when any of the instances has an active check, and a last `NOTE` column (why
+/// an instance has no address, or an unusual one) when any has a note. Tables without either
+/// stay as they always were.
 pub fn instance_table(views: &[InstanceView]) -> String {
     let checked = views.iter().any(|v| check_summary(v).is_some());
+    let noted = views.iter().any(|v| note(v).is_some());
     let rows: Vec<Vec<String>> = views
         .iter()
         .map(|v| {
             let mut row = instance_row(v);
             if checked {
                 row.push(check_summary(v).unwrap_or_else(|| "-".into()));
+            }
+            if noted {
+                row.push(note(v).unwrap_or("-").to_string());
             }
             row
         })
@@ -102,7 +108,15 @@ pub fn instance_table(views: &[InstanceView]) -> String {
     if checked {
         header.push("CHECK");
     }
+    if noted {
+        header.push("NOTE");
+    }
     table(&header, &rows)
+}
+
+/// The agent's note on the instance's address (container instances only).
+pub fn note(v: &InstanceView) -> Option<&str> {
+    v.instance.container.as_ref()?.address_note.as_deref()
 }
 
 /// `http GET /healthz answered 503, 3 in a row, since 12:03:04 UTC` (or `passing`, ...), for
@@ -114,7 +128,7 @@ pub fn check_summary(v: &InstanceView) -> Option<String> {
 
 /// Fields a `--format` template may name, as `{{field}}` or, in flux 0.2's Go template
 /// spelling, `{{.Field}}` (any case).
-pub const TEMPLATE_FIELDS: [&str; 11] = [
+pub const TEMPLATE_FIELDS: [&str; 12] = [
     "service",
     "name",
     "host",
@@ -126,6 +140,7 @@ pub const TEMPLATE_FIELDS: [&str; 11] = [
     "container",
     "origin",
     "check",
+    "note",
 ];
 
 /// What one `{{...}}` of a template stands for.
@@ -209,6 +224,7 @@ fn field_text(f: &str, v: &InstanceView) -> String {
         "container" => c.map(|c| c.id.clone()).unwrap_or_default(),
         "origin" => format!("{:?}", i.origin).to_lowercase(),
         "check" => check_summary(v).unwrap_or_default(),
+        "note" => note(v).unwrap_or_default().to_string(),
         _ => String::new(),
     }
 }
@@ -428,7 +444,7 @@ mod tests {
 
     #[test]
     fn templates() {
-        assert!(check_template("{{address}} {{ state }}").is_ok());
+        assert!(check_template("{{address}} {{ state }} {{note}}").is_ok());
         assert!(check_template("{{nope}}").is_err());
         assert!(check_template("{{address").is_err());
         // flux 0.2's Go template spelling.
@@ -456,5 +472,40 @@ mod tests {
         let all: serde_json::Value =
             serde_json::from_str(&render_template("{{json .}}", &v)).unwrap();
         assert_eq!(all, serde_json::to_value(&v).unwrap());
+    }
+
+    fn container_view(name: &str, note: Option<&str>) -> InstanceView {
+        let json = serde_json::json!({
+            "service": "web", "name": name, "origin": "container", "host": "h1", "rule": "all",
+            "container": {
+                "id": "0123456789abcdef", "name": "c", "image": "docker.io/library/webimg",
+                "tag": "latest", "address_note": note,
+            },
+        });
+        let i: crate::model::Instance = serde_json::from_value(json).unwrap();
+        InstanceView::new(&i)
+    }
+
+    #[test]
+    fn note_column_only_when_an_instance_has_a_note() {
+        let plain = container_view("aaaaaaaaaaaa", None);
+        let t = instance_table(std::slice::from_ref(&plain));
+        assert!(!t.contains("NOTE"), "{t}");
+        let noted = container_view("bbbbbbbbbbbb", Some("port 80/tcp is not published"));
+        let t = instance_table(&[plain.clone(), noted.clone()]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].ends_with("  NOTE"), "{t}");
+        assert!(lines[1].ends_with("  -"), "{t}");
+        assert!(
+            lines[2].ends_with(
+                "no address  all   docker.io/library/webimg  latest  port 80/tcp is not published"
+            ),
+            "{t}"
+        );
+        assert_eq!(
+            render_template("{{name}}: {{note}}", &noted),
+            "bbbbbbbbbbbb: port 80/tcp is not published"
+        );
+        assert_eq!(render_template("{{note}}", &plain), "");
     }
 }

@@ -10,7 +10,7 @@ use crate::catalog::State;
 use crate::docker::LocalInstances;
 use crate::metrics::{InstanceLabels, InstanceMetrics, Metrics};
 use crate::model::{Instance, Service};
-use crate::model::{Origin, Protocol};
+use crate::model::{NetworkMode, Origin, Protocol};
 use crate::proxy::health::Health;
 use crate::proxy::http::pool::Pool;
 use crate::proxy::route_table::{Backend, RouteTable, ServiceRoute};
@@ -193,15 +193,18 @@ pub fn desired_rules(
 /// The catalog state with this host's container instances as the Docker agent sees them rather
 /// than as the store last said: a local container is routable the moment the agent knows it,
 /// even while the store is unreachable. Until the agent has listed Docker once, the store's
-/// record stands.
+/// record stands. Other hosts' instances at addresses only their own host reaches are left out
+/// (see `only_on_its_host`).
 pub fn with_local(state: &State, host: &str, local: Option<&LocalInstances>) -> State {
     let mut merged = state.clone();
+    merged.instances.retain(|_, i| {
+        let replaced =
+            local.is_some() && i.origin == Origin::Container && i.host.as_deref() == Some(host);
+        !replaced && !only_on_its_host(state, host, i)
+    });
     let Some(local) = local else {
         return merged;
     };
-    merged
-        .instances
-        .retain(|_, i| !(i.origin == Origin::Container && i.host.as_deref() == Some(host)));
     for i in local.values() {
         if merged.services.contains_key(&i.service) {
             merged
@@ -210,4 +213,83 @@ pub fn with_local(state: &State, host: &str, local: Option<&LocalInstances>) -> 
         }
     }
     merged
+}
+
+/// A container instance of another host in `local` mode at an address other than that host's
+/// IP: its agent used a port published only on, say, 127.0.0.1 there, believing itself the only
+/// host, and rewrites the record as `no address` once it sees this host. Until then, connecting
+/// to that address from here would reach whatever listens at it on this host.
+fn only_on_its_host(state: &State, own: &str, i: &Instance) -> bool {
+    if i.origin != Origin::Container {
+        return false;
+    }
+    let Some(name) = i.host.as_deref().filter(|h| *h != own) else {
+        return false;
+    };
+    match (i.address, state.hosts.get(name)) {
+        (Some(addr), Some(h)) => h.network_mode == NetworkMode::Local && *addr.ip() != h.ip,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{decode, Host};
+
+    fn instance(name: &str, host: &str, address: &str) -> (String, String, Arc<Instance>) {
+        let json = serde_json::json!({
+            "service": "web", "name": name, "origin": "container", "host": host,
+            "container": { "id": name, "name": name, "image": "i", "tag": "t" },
+            "address": address,
+        });
+        let i: Instance = decode(json.to_string().as_bytes()).unwrap();
+        ("web".into(), name.into(), Arc::new(i))
+    }
+
+    fn host(name: &str, ip: &str, mode: NetworkMode) -> Arc<Host> {
+        Arc::new(Host {
+            name: name.into(),
+            ip: ip.parse().unwrap(),
+            network_mode: mode,
+            version: "0".into(),
+            commit: None,
+            started_at: 0,
+            http: None,
+        })
+    }
+
+    #[test]
+    fn other_hosts_addresses_only_they_reach_are_not_routed_here() {
+        let mut state = State::default();
+        let web: Service = decode(br#"{"name":"web","address":"198.18.0.10:80"}"#).unwrap();
+        state.services.insert("web".into(), Arc::new(web));
+        state
+            .hosts
+            .insert("h1".into(), host("h1", "192.0.2.1", NetworkMode::Local));
+        state
+            .hosts
+            .insert("h2".into(), host("h2", "192.0.2.2", NetworkMode::Local));
+        state
+            .hosts
+            .insert("h3".into(), host("h3", "192.0.2.3", NetworkMode::Global));
+        for (service, name, i) in [
+            instance("mine", "h1", "127.0.0.1:49153"),
+            instance("h2-lo", "h2", "127.0.0.1:49153"),
+            instance("h2-bridge", "h2", "172.17.0.1:49154"),
+            instance("h2-ok", "h2", "192.0.2.2:49155"),
+            instance("h3-ok", "h3", "10.32.0.5:80"),
+            instance("gone-host", "h4", "127.0.0.1:49156"),
+        ] {
+            state.instances.insert((service, name), i);
+        }
+        let names =
+            |s: &State| -> Vec<String> { s.instances.keys().map(|(_, n)| n.clone()).collect() };
+        // Before the agent's first listing this host's own record stands; after, its view.
+        let merged = with_local(&state, "h1", None);
+        assert_eq!(names(&merged), ["gone-host", "h2-ok", "h3-ok", "mine"]);
+        let local = LocalInstances::new();
+        let merged = with_local(&state, "h1", Some(&local));
+        assert_eq!(names(&merged), ["gone-host", "h2-ok", "h3-ok"]);
+    }
 }

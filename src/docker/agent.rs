@@ -15,6 +15,7 @@ use futures::StreamExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::address::AddressContext;
 use super::container::Container;
 use super::image::is_image_id;
 use super::matching::matches;
@@ -339,6 +340,13 @@ impl Agent {
     /// Every (service, container) pair that a rule selects, as the instance to publish.
     fn desired(&self, state: &State) -> BTreeMap<String, Instance> {
         let mut out = BTreeMap::new();
+        // Reconcile runs on every new catalog state, so a host joining or leaving re-decides
+        // the addresses that only this host can reach at once.
+        let ctx = AddressContext {
+            mode: self.config.mode,
+            host_ip: self.config.host_ip,
+            only_host: only_host(state, &self.config.host),
+        };
         for c in self.containers.values() {
             if !c.serving || self.stopping.contains_key(&c.id) {
                 continue;
@@ -354,6 +362,7 @@ impl Agent {
                 let port = rule
                     .instance_port
                     .unwrap_or_else(|| service.default_instance_port());
+                let addressed = c.address(&ctx, port);
                 let instance = Instance {
                     service: service.name.clone(),
                     name: c.short_id(),
@@ -366,14 +375,21 @@ impl Agent {
                         image: c.image.repository.clone(),
                         tag: c.image.tag.clone(),
                         labels: publishable_labels(&c.labels),
+                        address_note: addressed.note,
                     }),
-                    address: c.address(self.config.mode, self.config.host_ip, port),
+                    address: addressed.address,
                 };
                 out.insert(keys::instance(&service.name, &instance.name), instance);
             }
         }
         out
     }
+}
+
+/// Whether the catalog knows no host but this one: true on the embedded store, and on etcd while
+/// no other fluxd is alive.
+fn only_host(state: &State, own: &str) -> bool {
+    state.hosts.keys().all(|h| h == own)
 }
 
 async fn sleep_until_opt(due: Option<Instant>) {
@@ -406,7 +422,13 @@ async fn inspect(docker: &Docker, id: &str) -> Option<Container> {
     } else {
         None
     };
-    Container::from_inspect(&c, resolved.as_deref())
+    let container = Container::from_inspect(&c, resolved.as_deref())?;
+    // Debug only: a container keeps its odd bindings for its whole life, and its instance's
+    // note already tells the user when they cost it its address.
+    for why in &container.skipped {
+        tracing::debug!(container = %container.name, reason = %why, "port binding skipped");
+    }
+    Some(container)
 }
 
 /// Labels that are valid selector pairs and short enough to publish; the rest (malformed or

@@ -1,14 +1,15 @@
-//! What flux needs to know of one container, taken from `docker inspect`, and the address an
-//! instance of it gets. Labels and env come from outside (whoever ran the container), so they
-//! are carried as given and only checked where they are used.
+//! What flux needs to know of one container, taken from `docker inspect`. Labels, env and port
+//! bindings come from outside (whoever ran the container, and Docker), so they are carried as
+//! given, odd ones included, and only judged where they are used (`address` chooses among the
+//! bindings).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use bollard::models::{ContainerInspectResponse, HealthStatusEnum};
+use bollard::models::{ContainerInspectResponse, HealthStatusEnum, PortBinding, PortMap};
 
+use super::address::{self, AddressContext, Addressed};
 use super::image::ImageRef;
-use crate::model::NetworkMode;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Container {
@@ -21,10 +22,105 @@ pub struct Container {
     pub env: BTreeMap<String, String>,
     /// Running, not paused, and not unhealthy or still starting by its own healthcheck.
     pub serving: bool,
-    /// Host ports Docker published, by `PORT/tcp`.
-    pub published: HashMap<u16, u16>,
-    /// The container's IPv4 address on its first network that has one.
+    /// `HostConfig.NetworkMode` is `host`: the container listens on the host's own addresses,
+    /// and Docker publishes nothing for it.
+    pub host_network: bool,
+    /// What Docker published for each `PORT/tcp`, in Docker's order. A port with no entry
+    /// (or an empty one) is not published.
+    pub published: BTreeMap<u16, Vec<Binding>>,
+    /// The container's IPv4 address on its first network that has a usable one.
     pub ip: Option<Ipv4Addr>,
+    /// What was left out of the above because Docker reported it in a shape flux cannot use,
+    /// for the agent's log.
+    pub skipped: Vec<String>,
+}
+
+/// One host binding of a container port, as Docker reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Binding {
+    /// On every address of the host (`0.0.0.0`, or no address given).
+    Any(u16),
+    /// On one IPv4 address of the host only (`-p 127.0.0.1::80`).
+    On(SocketAddrV4),
+    /// On an IPv6 address: of no use to IPv4 VIPs.
+    Ipv6,
+    /// Not understood (no port, port 0, an address that is no address); why, for the note.
+    Malformed(String),
+}
+
+impl Binding {
+    fn parse(b: &PortBinding) -> Binding {
+        let ip_text = b.host_ip.as_deref().unwrap_or("");
+        let ip = match ip_text {
+            "" | "0.0.0.0" => None,
+            t if t.contains(':') => return Binding::Ipv6,
+            t => match t.parse::<Ipv4Addr>() {
+                Ok(ip) if usable_host_ip(ip) => Some(ip),
+                _ => return Binding::Malformed(format!("host IP {} is not usable", shown(t))),
+            },
+        };
+        let port_text = b.host_port.as_deref().unwrap_or("");
+        let port = match port_text.parse::<u16>() {
+            Ok(p) if p != 0 => p,
+            _ => {
+                return Binding::Malformed(format!("host port {} is not a port", shown(port_text)))
+            }
+        };
+        match ip {
+            None => Binding::Any(port),
+            Some(ip) => Binding::On(SocketAddrV4::new(ip, port)),
+        }
+    }
+}
+
+/// An address an instance may be published with (see `validate::backend`): a binding (or a
+/// container IP) on any other address is malformed, not a reason to write a record every reader
+/// refuses.
+fn usable_host_ip(ip: Ipv4Addr) -> bool {
+    !(ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast())
+}
+
+/// Text from Docker quoted (control characters escaped) and cut short, for notes and logs.
+fn shown(s: &str) -> String {
+    const MAX: usize = 40;
+    let cut: String = s.chars().take(MAX).collect();
+    let more = if s.chars().count() > MAX { "..." } else { "" };
+    format!("{cut:?}{more}")
+}
+
+/// `PORT/tcp` entries of Docker's port map. Other protocols are not flux's business; a key that
+/// is not `PORT/PROTO` is skipped with a reason.
+fn published_tcp(ports: &PortMap, skipped: &mut Vec<String>) -> BTreeMap<u16, Vec<Binding>> {
+    let mut out = BTreeMap::new();
+    for (spec, bindings) in ports {
+        let Some((port, proto)) = spec.split_once('/') else {
+            skipped.push(format!("port {} has no protocol", shown(spec)));
+            continue;
+        };
+        if proto != "tcp" {
+            continue;
+        }
+        let port = match port.parse::<u16>() {
+            Ok(p) if p != 0 => p,
+            _ => {
+                skipped.push(format!("port {} is not a port", shown(spec)));
+                continue;
+            }
+        };
+        let bindings: Vec<Binding> = bindings
+            .iter()
+            .flatten()
+            .map(|b| {
+                let parsed = Binding::parse(b);
+                if let Binding::Malformed(why) = &parsed {
+                    skipped.push(format!("binding of {port}/tcp: {why}"));
+                }
+                parsed
+            })
+            .collect();
+        out.insert(port, bindings);
+    }
+    out
 }
 
 impl Container {
@@ -62,34 +158,32 @@ impl Container {
             Some(HealthStatusEnum::UNHEALTHY | HealthStatusEnum::STARTING)
         );
         let net = c.network_settings.as_ref();
+        let mut skipped = Vec::new();
         let published = net
             .and_then(|n| n.ports.as_ref())
-            .map(|ports| {
-                ports
-                    .iter()
-                    .filter_map(|(spec, bindings)| {
-                        let port: u16 = spec.strip_suffix("/tcp")?.parse().ok()?;
-                        let host_port = bindings
-                            .as_ref()?
-                            .iter()
-                            .filter(|b| {
-                                // IPv6-only bindings are of no use to IPv4 VIPs.
-                                b.host_ip.as_deref().is_none_or(|ip| !ip.contains(':'))
-                            })
-                            .find_map(|b| b.host_port.as_ref()?.parse::<u16>().ok())?;
-                        Some((port, host_port))
-                    })
-                    .collect()
-            })
+            .map(|ports| published_tcp(ports, &mut skipped))
             .unwrap_or_default();
+        let host_network = c
+            .host_config
+            .as_ref()
+            .and_then(|h| h.network_mode.as_deref())
+            == Some("host");
         let mut networks: Vec<_> = net
             .and_then(|n| n.networks.as_ref())
             .map(|n| n.iter().collect())
             .unwrap_or_default();
         networks.sort_by_key(|(name, _)| name.as_str());
-        let ip = networks
-            .iter()
-            .find_map(|(_, e)| e.ip_address.as_ref()?.parse::<Ipv4Addr>().ok());
+        let ip = networks.iter().find_map(|(name, e)| {
+            let ip = e.ip_address.as_ref()?.parse::<Ipv4Addr>().ok()?;
+            if usable_host_ip(ip) {
+                return Some(ip);
+            }
+            skipped.push(format!(
+                "address {ip} on network {} is not usable",
+                shown(name)
+            ));
+            None
+        });
         Some(Container {
             name: c
                 .name
@@ -101,8 +195,10 @@ impl Container {
             labels,
             env,
             serving: running && !paused && healthy,
+            host_network,
             published,
             ip,
+            skipped,
             id,
         })
     }
@@ -112,15 +208,9 @@ impl Container {
         self.id.chars().take(12).collect()
     }
 
-    /// Where to connect for `port`, or None ("no address"): in `local` mode the host's IP and
-    /// the port Docker published for it, in `global` mode the container's own IP.
-    pub fn address(&self, mode: NetworkMode, host_ip: Ipv4Addr, port: u16) -> Option<SocketAddrV4> {
-        match mode {
-            NetworkMode::Local => self
-                .published
-                .get(&port)
-                .map(|hp| SocketAddrV4::new(host_ip, *hp)),
-            NetworkMode::Global => self.ip.map(|ip| SocketAddrV4::new(ip, port)),
-        }
+    /// Where to connect for the instance port `port`, or why there is nowhere (see
+    /// `address::choose` for the rules).
+    pub fn address(&self, ctx: &AddressContext, port: u16) -> Addressed {
+        address::choose(self, ctx, port)
     }
 }

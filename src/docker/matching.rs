@@ -29,7 +29,7 @@ pub fn matches(selector: &Selector, c: &Container) -> bool {
 mod tests {
     use super::*;
     use crate::docker::image::ImageRef;
-    use std::collections::{BTreeMap, HashMap};
+    use std::collections::BTreeMap;
 
     fn container(image: &str, labels: &[(&str, &str)], env: &[(&str, &str)]) -> Container {
         let m = |kv: &[(&str, &str)]| -> BTreeMap<String, String> {
@@ -44,8 +44,10 @@ mod tests {
             labels: m(labels),
             env: m(env),
             serving: true,
-            published: HashMap::new(),
+            host_network: false,
+            published: BTreeMap::new(),
             ip: None,
+            skipped: Vec::new(),
         }
     }
 

@@ -13,7 +13,7 @@ pub mod validate;
 pub use error::InvalidInput;
 pub use health_check::{CheckKind, HealthCheck};
 pub use host::{Host, NetworkMode};
-pub use instance::{ContainerInfo, Instance, Origin};
+pub use instance::{ContainerInfo, Instance, Origin, MAX_ADDRESS_NOTE};
 pub use rule::{Rule, Selector};
 pub use service::{Balance, Protocol, Service};
 

@@ -18,6 +18,8 @@
 //   .refused[data-refused]          in a service's row and on its page (#refused) when this
 //                                   host does not route it (VIP guard); data-refused = reason
 //   #instances tr[data-instance]    one row per instance, with data-state
+//   .note[data-note]                in an instance's state cell: why it has no address, or an
+//                                   unusual one (the agent's container.address_note)
 //   #group                          the group-by <select>
 //   #scope                          "host" (this fluxd's clients) or "cluster" (every host's)
 //   #hosts-status span[data-host]   in the cluster view, one per host, data-ok true/false
@@ -443,9 +445,10 @@
         h("td", { class: "mono", text: c.image || "–" }),
         h("td", { class: "tag", text: c.tag || "–" }),
         h("td", { class: "mono", text: i.address || "–" }),
-        h("td", {}, h("span", { class: "badge " + String(i.state).replace(/\s+/g, "-"), text: i.state, title: checkText(hl.check) || undefined }),
+        h("td", {}, h("span", { class: "badge " + String(i.state).replace(/\s+/g, "-"), text: i.state, title: checkText(hl.check) || c.address_note || undefined }),
           hl.check && hl.check.state === "failing"
-            ? h("span", { class: "check muted", "data-check": hl.check.reason || "failed", text: " " + checkText(hl.check) }) : null),
+            ? h("span", { class: "check muted", "data-check": hl.check.reason || "failed", text: " " + checkText(hl.check) }) : null,
+          c.address_note ? h("span", { class: "note muted", "data-note": c.address_note, text: " " + c.address_note }) : null),
         h("td", { text: fmtAgo(hl.last_success_unix_ms) }),
         h("td", { class: "num", text: hl.active === undefined ? "–" : String(hl.active) }),
         h("td", { class: "num", text: hl.connections === undefined ? "–" : String(hl.connections) }),

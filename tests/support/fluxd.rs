@@ -60,6 +60,18 @@ impl Fluxd {
         f
     }
 
+    /// Starts fluxd without a data plane inside the namespace `ns`, as host `host_name`: a
+    /// further host of a cluster in a namespace whose data plane another fluxd already runs
+    /// (one set of rules per namespace), for tests that need the host present in the store.
+    pub fn control_in_netns(ns: &str, host_name: &str, extra: &[&str]) -> Fluxd {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut f = Fluxd::new(tmp.path().to_path_buf(), host_name, extra);
+        f.netns = Some(ns.to_string());
+        f._tmp = Some(tmp);
+        f.start();
+        f
+    }
+
     /// As `in_netns`, not started yet.
     pub fn unstarted_in_netns(ns: &str, host_name: &str, extra: &[&str]) -> Fluxd {
         let tmp = tempfile::tempdir().unwrap();
