@@ -82,7 +82,16 @@ fn passive_opens(ns: &Netns) -> u64 {
 
 /// Packets the refusal rule in FLUX-REJECT has matched.
 fn rejected_packets(ns: &Netns) -> u64 {
-    let out = ns.exec(&["iptables", "-t", "filter", "-L", "FLUX-REJECT", "-v", "-x", "-n"]);
+    let out = ns.exec(&[
+        "iptables",
+        "-t",
+        "filter",
+        "-L",
+        "FLUX-REJECT",
+        "-v",
+        "-x",
+        "-n",
+    ]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.lines()
         .find(|l| l.contains("REJECT") && l.contains("flux-empty"))
@@ -125,9 +134,8 @@ fn assert_refused_at_once(ns: &Netns, fluxd: &Fluxd, vip: SocketAddrV4) {
 
 /// Waits until connections to `vip` are refused (after a change of instances).
 fn wait_refused(ns: &Netns, fluxd: &Fluxd, vip: SocketAddrV4) {
-    let refused = ns.run(move || {
-        wait_until(Duration::from_secs(5), || attempt(vip) == Outcome::Refused)
-    });
+    let refused =
+        ns.run(move || wait_until(Duration::from_secs(5), || attempt(vip) == Outcome::Refused));
     assert!(
         refused.is_some(),
         "never refused: {:?}\n{}\n{}",
@@ -157,9 +165,16 @@ fn a_tcp_service_with_no_instance_refuses_until_it_has_one() {
         "{debug}"
     );
     assert!(
-        debug["rules"].as_array().unwrap().iter().any(|r| r["table"] == "filter"
-            && r["chain"] == "FLUX-REJECT"
-            && r["rule"].as_str().unwrap().contains("--reject-with tcp-reset")),
+        debug["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["table"] == "filter"
+                && r["chain"] == "FLUX-REJECT"
+                && r["rule"]
+                    .as_str()
+                    .unwrap()
+                    .contains("--reject-with tcp-reset")),
         "{debug}"
     );
     let text = String::from_utf8(
@@ -224,7 +239,15 @@ fn an_instance_that_fails_still_counts_as_an_instance() {
 fn an_http_service_with_no_instance_still_answers_503() {
     let ns = Netns::new("noinst-http");
     let fluxd = Fluxd::dataplane(&ns.name, &[]);
-    fluxd.ok(&["service", "add", "api", "--address", VIP, "--protocol", "http"]);
+    fluxd.ok(&[
+        "service",
+        "add",
+        "api",
+        "--address",
+        VIP,
+        "--protocol",
+        "http",
+    ]);
     fluxd.ok(&["service", "add", "idle", "--address", "198.18.0.21:80"]);
     // The tcp one is refused, the http one redirected as before.
     let ready = wait_until(Duration::from_secs(5), || {
@@ -282,12 +305,18 @@ fn a_clean_stop_restores_the_filter_table() {
     let before = ns.filter_table();
     let mut fluxd = Fluxd::dataplane(&ns.name, &[]);
     fluxd.ok(&["service", "add", "idle", "--address", VIP]);
-    let listed = wait_until(Duration::from_secs(5), || ns.empty_set().contains("flux:idle"));
+    let listed = wait_until(Duration::from_secs(5), || {
+        ns.empty_set().contains("flux:idle")
+    });
     assert!(listed.is_some(), "{}", fluxd.log());
     assert!(ns.filter_table().contains("FLUX-REJECT"));
     fluxd.stop();
     assert_eq!(ns.filter_table(), before);
-    assert_eq!(ns.empty_set(), "", "the set of refused VIPs outlived a clean stop");
+    assert_eq!(
+        ns.empty_set(),
+        "",
+        "the set of refused VIPs outlived a clean stop"
+    );
 }
 
 /// Without ipset (allowed when every VIP lies in a `--vip-range`) nothing can be refused: a
@@ -316,8 +345,7 @@ fn without_ipset_a_service_with_no_instance_is_accepted_then_reset() {
             std::os::unix::fs::symlink(path.trim(), bin.path().join(program)).unwrap();
         }
     }
-    let mut fluxd =
-        Fluxd::unstarted_in_netns(&ns.name, "h1", &["--vip-range", "198.18.0.0/16"]);
+    let mut fluxd = Fluxd::unstarted_in_netns(&ns.name, "h1", &["--vip-range", "198.18.0.0/16"]);
     fluxd.set_env("PATH", &bin.path().display().to_string());
     fluxd.start();
     fluxd.ok(&["service", "add", "idle", "--address", VIP]);
@@ -326,7 +354,11 @@ fn without_ipset_a_service_with_no_instance_is_accepted_then_reset() {
     });
     assert!(ranged.is_some(), "{}", fluxd.log());
     assert_eq!(ns.run(|| attempt(vip())), Outcome::AcceptedThenClosed);
-    assert!(!ns.filter_table().contains("FLUX-REJECT"), "{}", ns.filter_table());
+    assert!(
+        !ns.filter_table().contains("FLUX-REJECT"),
+        "{}",
+        ns.filter_table()
+    );
     assert_eq!(fluxd.debug()["refuses_empty"], false);
     assert_eq!(fluxd.debug()["drift"]["clean"], true);
     let log = fluxd.log();
