@@ -297,6 +297,62 @@ fn a_vip_inside_a_vip_range_with_no_instance_is_refused_too() {
     assert_eq!(fluxd.debug()["drift"]["clean"], true);
 }
 
+/// Someone flushing the filter chain, deleting its hook or emptying `flux-empty`: fluxd's
+/// periodic check sees the drift and repairs it, and the VIP is refused again.
+#[test]
+fn damage_to_the_refusal_is_drift_and_is_repaired() {
+    let ns = Netns::new("noinst-drift");
+    let fluxd = Fluxd::dataplane(&ns.name, &[]);
+    fluxd.ok(&["service", "add", "idle", "--address", VIP]);
+    let listed = wait_until(Duration::from_secs(5), || {
+        ns.empty_set().contains("flux:idle")
+    });
+    assert!(listed.is_some(), "{}", fluxd.log());
+    assert_eq!(fluxd.debug()["drift"]["clean"], true);
+    for damage in [
+        &["iptables", "-F", "FLUX-REJECT"][..],
+        &[
+            "iptables",
+            "-D",
+            "OUTPUT",
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "NEW",
+            "-m",
+            "comment",
+            "--comment",
+            "flux hook",
+            "-j",
+            "FLUX-REJECT",
+        ],
+        &["ipset", "flush", "flux-empty"],
+    ] {
+        let mut saw_drift = false;
+        // The check runs every 2 s: it may repair before debug is asked, so try a few times.
+        for _ in 0..3 {
+            let out = ns.exec(damage);
+            assert!(out.status.success(), "{damage:?}: {out:?}");
+            if fluxd.debug()["drift"]["clean"] == false {
+                saw_drift = true;
+            }
+            let repaired = wait_until(Duration::from_secs(5), || {
+                fluxd.debug()["drift"]["clean"] == true
+            });
+            assert!(
+                repaired.is_some(),
+                "{damage:?} not repaired: {}",
+                fluxd.log()
+            );
+            if saw_drift {
+                break;
+            }
+        }
+        assert!(saw_drift, "fluxd debug never showed {damage:?} as drift");
+        assert_refused_at_once(&ns, &fluxd, vip());
+    }
+}
+
 /// A clean stop takes the filter chain, its hooks and the set of refused VIPs away with the
 /// rest, leaving the filter table as it was.
 #[test]
