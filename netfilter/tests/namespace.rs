@@ -1023,6 +1023,17 @@ fn refusal_damage_is_detected_and_repaired() {
             ],
             |d| d.empty_set_missing && d.missing_members.len() == 1,
         ),
+        (
+            "empty set replaced by one of another type",
+            vec![
+                filter(&["-F", "FLUX-REJECT"]),
+                vec!["iptables", "-t", "nat", "-F", "FLUX-SERVICES"],
+                vec!["ipset", "destroy", "flux-empty"],
+                vec!["ipset", "create", "flux-empty", "hash:ip"],
+                vec!["ipset", "add", "flux-empty", "198.18.0.12"],
+            ],
+            |d| d.empty_set_incompatible && d.missing_reject_rules.len() == 1,
+        ),
     ];
     let Some(ns) = Netns::new() else { return };
     ns.exec(&[
