@@ -266,6 +266,7 @@ fn clean_stop_restores_the_nat_table() {
     let before = ns.nat_table();
     let mut fluxd = Fluxd::dataplane(&ns.name, &[]);
     fluxd.ok(&["service", "add", "web", "--address", VIP]);
+    fluxd.add_instance("web", "b0", "127.0.0.1:9000");
     let installed = wait_until(Duration::from_secs(5), || ns.vip_set().contains("flux:web"));
     assert!(installed.is_some(), "{}", ns.vip_set());
     fluxd.stop();

@@ -130,6 +130,38 @@ fn container_on_an_unhooked_bridge_does_not_reach_the_service() {
     assert!(replies.is_empty(), "reached the VIP: {replies:?}");
 }
 
+/// Issue 14: a container's connection to a service with no instance is refused at once (the
+/// filter hook on docker0, ahead of Docker's own FORWARD rules), not accepted and reset; with
+/// docker0 not hooked it is left alone (it goes where the VIP routes: nowhere here).
+#[test]
+fn container_is_refused_at_once_by_a_service_with_no_instance() {
+    for (flags, refused) in [
+        (&[][..], true),
+        (&["--bridge-interfaces", "br-+"][..], false),
+    ] {
+        let s = setup("dk-refuse", flags);
+        s.fluxd
+            .ok(&["service", "add", "idle", "--address", "198.18.0.21:80"]);
+        let listed = wait_until(Duration::from_secs(10), || {
+            s.ns.empty_set().contains("flux:idle")
+        });
+        assert!(listed.is_some(), "{}", s.fluxd.log());
+        let script = "nc -w 2 198.18.0.21 80 </dev/null; echo exit=$?";
+        let out = s.docker.docker(&["run", "--rm", IMAGE, "sh", "-c", script]);
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(!stdout.contains("exit=0"), "connected: {stdout} {stderr}");
+        assert_eq!(
+            stderr.contains("Connection refused"),
+            refused,
+            "{flags:?}: {stdout} {stderr}\nfilter:\n{}",
+            s.ns.filter_table()
+        );
+    }
+}
+
 #[test]
 fn published_port_and_container_ip_reach_a_name_server() {
     let ns = Netns::new("dk-pub");

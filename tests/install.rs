@@ -45,12 +45,13 @@ fn files_under(root: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// The namespace's nat table and the names of its ipsets.
-fn kernel_state(ns: &Netns) -> (String, String) {
+/// The namespace's nat table, the names of its ipsets and its filter table.
+fn kernel_state(ns: &Netns) -> (String, String, String) {
     let sets = ns.exec(&["ipset", "list", "-n"]);
     (
         ns.nat_table(),
         String::from_utf8_lossy(&sets.stdout).into_owned(),
+        ns.filter_table(),
     )
 }
 
@@ -75,6 +76,12 @@ fn install_then_uninstall_leaves_nothing() {
             "198.18.99.1",
             "-j",
             "OTHER",
+        ],
+    );
+    in_ns(
+        &ns,
+        &[
+            "iptables", "-A", "INPUT", "-p", "tcp", "--dport", "22", "-j", "ACCEPT",
         ],
     );
     in_ns(&ns, &["ipset", "create", "other-set", "hash:ip"]);
@@ -158,6 +165,19 @@ fn install_then_uninstall_leaves_nothing() {
         &["service", "add", "web", "--address", "198.18.8.1:80"],
     );
     assert!(out.status.success());
+    // An instance, so the VIP is routed (a service with none is refused instead).
+    let out = fluxctl(
+        &sock,
+        &[
+            "instance",
+            "add",
+            "web",
+            "b0",
+            "--address",
+            "127.0.0.1:9000",
+        ],
+    );
+    assert!(out.status.success());
     let set = wait_until(Duration::from_secs(10), || {
         ns.vip_set().contains("198.18.8.1,tcp:80")
     });
@@ -177,6 +197,10 @@ fn install_then_uninstall_leaves_nothing() {
         ns.vip_set().contains("198.18.8.1,tcp:80") && ns.nat_table().contains("FLUX-SERVICES"),
         "--keep-rules left no rules: {}",
         fluxd_log()
+    );
+    assert!(
+        ns.filter_table().contains("FLUX-REJECT"),
+        "--keep-rules left no filter rules"
     );
 
     let uninstall = script("uninstall");
@@ -198,6 +222,7 @@ fn install_then_uninstall_leaves_nothing() {
     let after = kernel_state(&ns);
     assert_eq!(after.0, before.0, "nat table differs after uninstall");
     assert_eq!(after.1, before.1, "ipsets differ after uninstall");
+    assert_eq!(after.2, before.2, "filter table differs after uninstall");
 }
 
 /// An edited config survives uninstall (without --purge), and a re-install keeps it.

@@ -115,6 +115,8 @@ fn notify_ready_after_rules_watchdog_and_stopping() {
         let mut first = Fluxd::new(dir.to_path_buf(), "h1", &[]);
         first.start();
         first.ok(&["service", "add", "web", "--address", "198.18.7.1:80"]);
+        // An instance, so the VIP is routed (a service with none is refused instead).
+        first.add_instance("web", "b0", "127.0.0.1:9000");
         first.stop();
     }
 

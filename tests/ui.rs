@@ -642,6 +642,8 @@ fn refused_vip_is_marked_not_routed_on_this_host() {
     let fluxd = Fluxd::dataplane(&ns.name, &["--http", HTTP]);
     fluxd.ok(&["service", "add", "mine", "--address", "198.18.5.5:80"]);
     fluxd.ok(&["service", "add", "web", "--address", VIP]);
+    // An instance, so `web` is routed (a service with none is refused instead).
+    fluxd.add_instance("web", "b0", "127.0.0.1:9000");
     fluxd.wait_routed(&ns, "web");
     let reason = "is 198.18.5.5, an address of g0";
 

@@ -40,6 +40,21 @@ fn add_good_service(ns: &Netns, fluxd: &Fluxd) -> Backend {
     b
 }
 
+/// Service `name` at `vip` with a static instance (the good backend's address), so that once
+/// the guard lets it through it is routed (a `flux-vips` member), not refused for want of an
+/// instance (a `flux-empty` member).
+fn add_backed_service(fluxd: &Fluxd, name: &str, vip: &str) {
+    fluxd.ok(&["service", "add", name, "--address", vip]);
+    fluxd.add_instance(name, "i0", "127.0.0.1:9000");
+}
+
+/// Whether `service`'s VIP is a member of either of flux's sets: a service the guard refuses
+/// must be in neither (not redirected, not refused either).
+fn in_a_set(ns: &Netns, service: &str) -> bool {
+    let comment = format!("flux:{service}\"");
+    ns.vip_set().contains(&comment) || ns.empty_set().contains(&comment)
+}
+
 /// The `refused` entry of `fluxd debug --json` for `service`.
 fn debug_refusal(fluxd: &Fluxd, service: &str) -> Option<serde_json::Value> {
     fluxd.debug()["refused"]
@@ -67,10 +82,10 @@ fn own_address_vip_is_refused_until_the_address_goes() {
     let ns = Netns::new("guard-own");
     add_own_address(&ns);
     let fluxd = Fluxd::dataplane(&ns.name, &[]);
-    fluxd.ok(&["service", "add", "mine", "--address", OWN_VIP]);
+    add_backed_service(&fluxd, "mine", OWN_VIP);
     let _b = add_good_service(&ns, &fluxd);
 
-    let set = ns.vip_set();
+    let set = format!("{}\n{}", ns.vip_set(), ns.empty_set());
     assert!(!set.contains("flux:mine"), "{set}");
     assert!(!set.contains("198.18.5.5,tcp:80"), "{set}");
     let reason = format!("is {OWN}, an address of g0");
@@ -119,9 +134,7 @@ fn own_address_vip_is_refused_until_the_address_goes() {
 
     // And it comes back: refused again, the good service untouched throughout.
     ns.ip(&["addr", "add", &format!("{OWN}/32"), "dev", "g0"]);
-    let refused = wait_until(Duration::from_secs(6), || {
-        !ns.vip_set().contains("flux:mine")
-    });
+    let refused = wait_until(Duration::from_secs(6), || !in_a_set(&ns, "mine"));
     assert!(refused.is_some(), "{}", ns.vip_set());
     assert!(ns.vip_set().contains("flux:good"));
     assert_eq!(fluxd.debug()["drift"]["clean"], true);
@@ -131,9 +144,9 @@ fn own_address_vip_is_refused_until_the_address_goes() {
 fn protected_range_refuses_vips_inside() {
     let ns = Netns::new("guard-prot");
     let fluxd = Fluxd::dataplane(&ns.name, &["--protected-range", "198.18.7.0/24"]);
-    fluxd.ok(&["service", "add", "lan", "--address", "198.18.7.20:443"]);
+    add_backed_service(&fluxd, "lan", "198.18.7.20:443");
     let _b = add_good_service(&ns, &fluxd);
-    assert!(!ns.vip_set().contains("flux:lan"), "{}", ns.vip_set());
+    assert!(!in_a_set(&ns, "lan"), "{}", ns.vip_set());
     let r = debug_refusal(&fluxd, "lan").expect("no refusal in fluxd debug");
     assert_eq!(r["reason"], "in protected range 198.18.7.0/24", "{r}");
     assert_eq!(
@@ -147,12 +160,12 @@ fn vip_range_holding_an_own_address_gets_no_rule() {
     let ns = Netns::new("guard-range");
     add_own_address(&ns);
     let fluxd = Fluxd::dataplane(&ns.name, &["--vip-range", "198.18.0.0/16"]);
-    fluxd.ok(&["service", "add", "mine", "--address", OWN_VIP]);
+    add_backed_service(&fluxd, "mine", OWN_VIP);
     // Its safe VIPs fall back to set members.
     let _b = add_good_service(&ns, &fluxd);
     let nat = ns.nat_table();
     assert!(!nat.contains("flux vip range"), "{nat}");
-    assert!(!ns.vip_set().contains("flux:mine"), "{}", ns.vip_set());
+    assert!(!in_a_set(&ns, "mine"), "{}", ns.vip_set());
     let ranges = fluxd.debug()["refused_ranges"].clone();
     assert_eq!(ranges[0]["range"], "198.18.0.0/16", "{ranges}");
     assert_eq!(
@@ -191,7 +204,7 @@ fn default_gateway_and_dns_resolver_are_refused() {
         "g0",
     ]);
     let fluxd = Fluxd::dataplane(&ns.name, &[]);
-    fluxd.ok(&["service", "add", "gw", "--address", "198.18.6.254:80"]);
+    add_backed_service(&fluxd, "gw", "198.18.6.254:80");
     // The machine's resolver (resolv.conf is not per namespace), when it is one a VIP could be.
     let resolver = std::fs::read_to_string("/etc/resolv.conf")
         .unwrap_or_default()
@@ -200,7 +213,7 @@ fn default_gateway_and_dns_resolver_are_refused() {
         .filter_map(|a| a.trim().parse::<std::net::Ipv4Addr>().ok())
         .find(|a| !a.is_loopback() && !a.is_link_local() && !a.is_unspecified());
     if let Some(r) = resolver {
-        fluxd.ok(&["service", "add", "dns", "--address", &format!("{r}:53")]);
+        add_backed_service(&fluxd, "dns", &format!("{r}:53"));
     }
     let _b = add_good_service(&ns, &fluxd);
 
@@ -209,13 +222,13 @@ fn default_gateway_and_dns_resolver_are_refused() {
         r["reason"], "is 198.18.6.254, this host's default gateway (via g0)",
         "{r}"
     );
-    assert!(!ns.vip_set().contains("flux:gw"), "{}", ns.vip_set());
+    assert!(!in_a_set(&ns, "gw"), "{}", ns.vip_set());
     match resolver {
         Some(r) => {
             let why = debug_refusal(&fluxd, "dns").expect("resolver VIP not refused");
             let want = format!("is {r}, a DNS resolver in /etc/resolv.conf");
             assert_eq!(why["reason"], want.as_str(), "{why}");
-            assert!(!ns.vip_set().contains("flux:dns"), "{}", ns.vip_set());
+            assert!(!in_a_set(&ns, "dns"), "{}", ns.vip_set());
         }
         None => eprintln!("no usable IPv4 nameserver in /etc/resolv.conf; resolver case skipped"),
     }

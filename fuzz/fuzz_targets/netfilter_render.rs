@@ -1,15 +1,19 @@
-//! Rendering flux's nat rules and VIP set from service names (anyone who can add a service
-//! chooses one), VIPs, bridge interfaces and VIP ranges, then reading them back as
-//! `iptables-save` / `ipset save` text. No panic; no rendered line holds a line break or a
-//! quote outside its comment, nor anything but plain rule characters; every comment names a
-//! real service or flux itself; the ruleset read back shows no drift and annotates each set
-//! member with the service that owns it. Arbitrary save text is parsed without panic too.
+//! Rendering flux's nat and filter rules and its two sets from service names (anyone who can
+//! add a service chooses one), VIPs (redirected, or refused for want of an instance), bridge
+//! interfaces and VIP ranges, then reading them back as `iptables-save` / `ipset save` text. No
+//! panic; no rendered line holds a line break or a quote outside its comment, nor anything but
+//! plain rule characters; every comment names a real service or flux itself; no VIP is in both
+//! sets; the ruleset read back shows no drift and annotates each member of either set with the
+//! service that owns it. Arbitrary save text is parsed without panic too.
 #![no_main]
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use libfuzzer_sys::fuzz_target;
-use netfilter::{annotate, annotate_set, render, Desired, Drift, Installed, Redirect, VipRange};
+use netfilter::{
+    annotate, annotate_empty_set, annotate_set, render, Desired, Drift, Installed, Redirect,
+    VipRange,
+};
 
 /// Little-endian cursor over the input; runs out into zeros.
 struct Bytes<'a>(&'a [u8]);
@@ -79,11 +83,13 @@ fuzz_target!(|data: &[u8]| {
         installed.parse_set(set);
         let _ = annotate(&installed);
         let _ = annotate_set(&installed);
+        let _ = annotate_empty_set(&installed);
         return;
     }
     let mut b = Bytes(data);
     let mut desired = Desired {
         proxy_port: b.u16(),
+        reject_empty: b.u8() & 1 == 1,
         ..Desired::default()
     };
     for _ in 0..b.u8() % 8 {
@@ -95,24 +101,48 @@ fuzz_target!(|data: &[u8]| {
             prefix_len: b.u8() % 33,
         });
     }
-    while !b.0.is_empty() && desired.redirects.len() < 32 {
-        desired.redirects.push(Redirect {
+    while !b.0.is_empty() && desired.redirects.len() + desired.rejects.len() < 32 {
+        // The low bit says which list: redirected or refused (no instance).
+        let refused = b.u8() & 1 == 1;
+        let entry = Redirect {
             service: b.string(),
             vip: SocketAddrV4::new(b.ip(), b.u16()),
-        });
+        };
+        if refused {
+            desired.rejects.push(entry);
+        } else {
+            desired.redirects.push(entry);
+        }
     }
     let ruleset = render(&desired);
     let services: Vec<&str> = desired
         .redirects
         .iter()
+        .chain(&desired.rejects)
         .map(|r| r.service.as_str())
         .collect();
 
-    for line in ruleset.service_rules().iter().chain(ruleset.hooks()) {
+    for line in ruleset
+        .service_rules()
+        .iter()
+        .chain(ruleset.hooks())
+        .chain(ruleset.reject_rules())
+        .chain(ruleset.filter_hooks())
+    {
         let comment = check_line(line);
         assert!(comment.starts_with("flux "), "{line:?}");
     }
-    for line in ruleset.set_members() {
+    assert_eq!(ruleset.rejects_empty(), desired.reject_empty);
+    if !desired.reject_empty {
+        assert!(ruleset.empty_members().is_empty() && ruleset.filter_hooks().is_empty());
+    }
+    for vip in ruleset.empty_vips() {
+        assert!(
+            !ruleset.routed_vips().contains(vip),
+            "{vip} both redirected and refused"
+        );
+    }
+    for line in ruleset.set_members().iter().chain(ruleset.empty_members()) {
         let comment = check_line(line);
         let service = comment
             .strip_prefix("flux:")
@@ -123,21 +153,35 @@ fuzz_target!(|data: &[u8]| {
         assert!(!line.contains('\r'));
     }
 
-    // Read back as the kernel would print it: no drift, and members annotated correctly.
-    let mut save = ruleset.restore_input();
-    save = save.replace("COMMIT\n", "");
-    for hook in ruleset.hooks() {
-        save.push_str(hook);
-        save.push('\n');
+    // Read back as the kernel would print it: no drift, and members annotated correctly. Each
+    // table's section of the restore input gets its hooks before its COMMIT.
+    let mut save = String::new();
+    for section in ruleset.restore_input().split_inclusive("COMMIT\n") {
+        let hooks = if section.starts_with("*filter") {
+            ruleset.filter_hooks()
+        } else {
+            ruleset.hooks()
+        };
+        save.push_str(section.trim_end_matches("COMMIT\n"));
+        for hook in hooks {
+            save.push_str(hook);
+            save.push('\n');
+        }
+        save.push_str("COMMIT\n");
     }
-    save.push_str("COMMIT\n");
     let mut installed = Installed::parse(&save);
-    let mut set = String::from(
-        "create flux-vips hash:ip,port family inet hashsize 1024 maxelem 1048576 comment\n",
-    );
-    for m in ruleset.set_members() {
-        set.push_str(m);
-        set.push('\n');
+    let mut set = String::new();
+    for (name, members) in [
+        ("flux-vips", ruleset.set_members()),
+        ("flux-empty", ruleset.empty_members()),
+    ] {
+        set.push_str(&format!(
+            "create {name} hash:ip,port family inet hashsize 1024 maxelem 1048576 comment\n"
+        ));
+        for m in members {
+            set.push_str(m);
+            set.push('\n');
+        }
     }
     installed.parse_set(&set);
     let drift = Drift::between(&ruleset, &installed);
@@ -147,14 +191,21 @@ fuzz_target!(|data: &[u8]| {
     );
     let annotated = annotate_set(&installed);
     assert_eq!(annotated.len(), ruleset.set_members().len());
-    for a in &annotated {
+    let refused = annotate_empty_set(&installed);
+    assert_eq!(refused.len(), ruleset.empty_members().len());
+    for a in annotated.iter().chain(&refused) {
         let service = a
             .service
             .as_deref()
             .expect("member annotated with its service");
         assert!(services.contains(&service));
     }
-    for (vip, m) in ruleset.routed_vips().iter().zip(ruleset.set_members()) {
+    for (vip, m) in ruleset
+        .routed_vips()
+        .iter()
+        .zip(ruleset.set_members())
+        .chain(ruleset.empty_vips().iter().zip(ruleset.empty_members()))
+    {
         assert!(m.contains(&format!(" {},tcp:{} ", vip.ip(), vip.port())));
     }
 });

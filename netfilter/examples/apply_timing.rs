@@ -28,7 +28,7 @@ fn desired(n: u32) -> Desired {
             .collect(),
         proxy_port: PROXY_PORT,
         bridge_interfaces: vec!["docker0".into(), "br-+".into()],
-        vip_ranges: vec![],
+        ..Desired::default()
     }
 }
 

@@ -1,13 +1,15 @@
-//! Installed rules and VIP set members labelled for people, for `fluxd debug`.
+//! Installed rules and set members labelled for people, for `fluxd debug`.
 
 use crate::installed::Installed;
 use crate::rule;
-use crate::SERVICE_COMMENT_PREFIX;
+use crate::{EMPTY_SET, SERVICE_COMMENT_PREFIX, VIP_SET};
 
 /// One installed rule and the service it serves, so an operator reading the kernel's rules can
 /// tell which service (if any) each one belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AnnotatedRule {
+    /// The table the rule is in, `nat` or `filter` (both have an `OUTPUT` chain).
+    pub table: &'static str,
     /// The chain the rule is in.
     pub chain: String,
     /// The rule as `iptables-save` prints it.
@@ -17,15 +19,24 @@ pub struct AnnotatedRule {
     pub service: Option<String>,
 }
 
-/// Labels every installed flux rule: the hooks first (where traffic enters), then the services
-/// chain in kernel order, then anything in the canary chain.
+/// Labels every installed flux rule: nat's hooks first (where traffic enters), then the services
+/// chain in kernel order, then anything in the canary chain; then filter's hooks and the reject
+/// chain.
 pub fn annotate(installed: &Installed) -> Vec<AnnotatedRule> {
-    installed
+    let nat = installed
         .hooks
         .iter()
         .chain(&installed.service_rules)
         .chain(&installed.canary_rules)
-        .map(|line| AnnotatedRule {
+        .map(|line| ("nat", line));
+    let filter = installed
+        .filter_hooks
+        .iter()
+        .chain(&installed.reject_rules)
+        .map(|line| ("filter", line));
+    nat.chain(filter)
+        .map(|(table, line)| AnnotatedRule {
+            table,
             chain: rule::split_append(line)
                 .map(|(chain, _)| chain.to_string())
                 .unwrap_or_default(),
@@ -36,7 +47,7 @@ pub fn annotate(installed: &Installed) -> Vec<AnnotatedRule> {
         .collect()
 }
 
-/// One member of the installed VIP set and the service it serves.
+/// One member of one of flux's installed sets and the service it serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AnnotatedMember {
     /// The set element, `198.18.0.10,tcp:80`.
@@ -50,11 +61,22 @@ pub struct AnnotatedMember {
 /// Labels every member of the installed VIP set, sorted by element so that two reads of the
 /// same set (which `ipset save` prints in hash order) look the same.
 pub fn annotate_set(installed: &Installed) -> Vec<AnnotatedMember> {
-    let mut members: Vec<AnnotatedMember> = installed
-        .set_members
+    annotate_members(VIP_SET, &installed.set_members)
+}
+
+/// Labels every member of the installed [`EMPTY_SET`]: the VIPs refused because their service
+/// has no instance, sorted by element.
+pub fn annotate_empty_set(installed: &Installed) -> Vec<AnnotatedMember> {
+    annotate_members(EMPTY_SET, &installed.empty_members)
+}
+
+fn annotate_members(set: &str, lines: &[String]) -> Vec<AnnotatedMember> {
+    let mut members: Vec<AnnotatedMember> = lines
         .iter()
         .map(|line| AnnotatedMember {
-            element: rule::member_element(line).unwrap_or_default().to_string(),
+            element: rule::member_element(set, line)
+                .unwrap_or_default()
+                .to_string(),
             member: line.clone(),
             service: rule::member_comment(line)
                 .and_then(|c| c.strip_prefix(SERVICE_COMMENT_PREFIX).map(str::to_string)),
@@ -78,7 +100,7 @@ mod tests {
     #[test]
     fn names_services_of_set_members() {
         let installed = Installed {
-            set: Some(rule::set_create()),
+            set: Some(rule::set_create(VIP_SET)),
             set_members: vec![
                 r#"add flux-vips 198.18.0.10,tcp:80 comment "flux:web""#.into(),
                 "add flux-vips 198.18.0.9,tcp:80".into(),
@@ -101,6 +123,31 @@ mod tests {
     }
 
     #[test]
+    fn names_services_of_refused_vips() {
+        let installed = Installed {
+            set_members: vec![r#"add flux-vips 198.18.0.10,tcp:80 comment "flux:web""#.into()],
+            empty_set: Some(rule::set_create(EMPTY_SET)),
+            empty_members: vec![
+                r#"add flux-empty 198.18.0.12,tcp:80 comment "flux:idle""#.into(),
+                "add flux-empty 198.18.0.11,tcp:22".into(),
+            ],
+            ..Installed::default()
+        };
+        let summary: Vec<(String, Option<String>)> = annotate_empty_set(&installed)
+            .into_iter()
+            .map(|m| (m.element, m.service))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("198.18.0.11,tcp:22".to_string(), None),
+                ("198.18.0.12,tcp:80".to_string(), Some("idle".to_string())),
+            ]
+        );
+        assert_eq!(annotate_set(&installed).len(), 1);
+    }
+
+    #[test]
     fn names_services_from_comments() {
         let installed = Installed {
             services_chain: true,
@@ -113,17 +160,25 @@ mod tests {
             canary_rules: vec![],
             ..Installed::default()
         };
-        let annotated = annotate(&installed);
-        let summary: Vec<(&str, Option<&str>)> = annotated
+        let with_filter = Installed {
+            reject_chain: true,
+            reject_rules: vec![rule::reject_rule()],
+            filter_hooks: vec![rule::filter_output_hook()],
+            ..installed.clone()
+        };
+        let annotated = annotate(&with_filter);
+        let summary: Vec<(&str, &str, Option<&str>)> = annotated
             .iter()
-            .map(|a| (a.chain.as_str(), a.service.as_deref()))
+            .map(|a| (a.table, a.chain.as_str(), a.service.as_deref()))
             .collect();
         assert_eq!(
             summary,
             [
-                ("OUTPUT", None),
-                ("FLUX-SERVICES", Some("web")),
-                ("FLUX-SERVICES", None),
+                ("nat", "OUTPUT", None),
+                ("nat", "FLUX-SERVICES", Some("web")),
+                ("nat", "FLUX-SERVICES", None),
+                ("filter", "OUTPUT", None),
+                ("filter", "FLUX-REJECT", None),
             ]
         );
     }

@@ -7,53 +7,64 @@ use crate::netfilter::Netfilter;
 use crate::render::Ruleset;
 use crate::rule;
 use crate::Error;
-use crate::{CANARY_CHAIN, SERVICES_CHAIN, VIP_SET};
+use crate::{CANARY_CHAIN, EMPTY_SET, REJECT_CHAIN, SERVICES_CHAIN, VIP_SET};
 
 impl Netfilter {
-    /// Makes flux's chains hold exactly `ruleset`, its hooks exist exactly once and its VIP set
+    /// Makes flux's chains hold exactly `ruleset`, its hooks exist exactly once and its sets
     /// hold exactly the rendered members. Rules and sets outside flux's are not touched.
     ///
-    /// Reads the kernel first (`iptables-save -t nat`, `ipset save flux-vips`), then sends
-    /// only the difference, so one added service costs one `ipset restore` line whatever the
-    /// number of services:
+    /// Reads the kernel first (`iptables-save -t nat`, `-t filter`, `ipset save` of both sets),
+    /// then sends only the difference, so one added service costs one `ipset restore` line
+    /// whatever the number of services:
     ///
-    /// 1. the set, in one `ipset restore -exist` call: created if missing (before the rule
-    ///    that references it), stale members deleted, missing members added; a member whose
-    ///    comment changed (the VIP moved to another service) is re-added, which with `-exist`
-    ///    replaces its comment in place, so the VIP is never out of the set;
-    /// 2. the chains and hooks, in one `iptables-restore --noflush` transaction, only when
-    ///    they differ from the rendered ones (all of it takes effect or none of it);
-    /// 3. a set the ruleset no longer uses (every VIP inside a `--vip-range`) is destroyed,
-    ///    after step 2 removed the rule that referenced it.
+    /// 1. the sets, in one `ipset restore -exist` call: created if missing (before the rules
+    ///    that reference them), then every missing member added to either set, then every
+    ///    stale member deleted from either. Adds before deletes, so a VIP moving between
+    ///    `flux-vips` and `flux-empty` (its service lost or gained its last instance) is for a
+    ///    moment in both (refused: the return rule comes first), never in neither (which would
+    ///    send its connections wherever the VIP routes). A member whose comment changed (the
+    ///    VIP moved to another service) is re-added, which with `-exist` replaces its comment
+    ///    in place, so the VIP is never out of the set;
+    /// 2. the chains and hooks, in one `iptables-restore --noflush` call, only where they
+    ///    differ from the rendered ones: the filter table, then nat (each table is one
+    ///    transaction: all of it takes effect or none of it);
+    /// 3. a set the ruleset no longer uses (every VIP inside a `--vip-range`; refusals turned
+    ///    off) is destroyed, after step 2 removed the rules that referenced it.
     ///
     /// What ipset does not guarantee: `ipset restore` is not a transaction. It applies its
     /// input line by line and stops at the first failing line, keeping the lines before it,
     /// so a failed apply can leave part of the member delta installed (never a member flux did
-    /// not render, never a half-written member). The next apply reads the set again and sends
+    /// not render, never a half-written member). The next apply reads the sets again and sends
     /// what is still missing; the daemon retries at its next drift check. A set someone
-    /// created under flux's name with another type is replaced, which needs the chain emptied
-    /// first: VIPs are unrouted for that moment.
+    /// created under flux's name with another type is replaced, which needs flux's chains
+    /// emptied first: VIPs are unrouted for that moment.
     ///
     /// If someone changes the hooks between the read and the write, the iptables transaction
     /// fails and the next apply starts from a fresh read.
     pub fn apply(&self, ruleset: &Ruleset) -> Result<(), Error> {
         let mut installed = self.installed()?;
-        if ruleset.uses_set() {
-            if installed
-                .set
-                .as_deref()
+        let incompatible = |set: &Option<String>| {
+            set.as_deref()
                 .is_some_and(|create| !rule::set_compatible(create))
-            {
-                // Nothing can be destroyed while a rule references it.
-                self.restore(&format!(
-                    "*nat\n:{SERVICES_CHAIN} - [0:0]\n:{CANARY_CHAIN} - [0:0]\nCOMMIT\n"
-                ))?;
-                self.ipset(&["destroy", VIP_SET], None)?;
-                installed = self.installed()?;
+        };
+        let replace: Vec<&str> = [
+            (ruleset.uses_set(), &installed.set, VIP_SET),
+            (ruleset.rejects_empty(), &installed.empty_set, EMPTY_SET),
+        ]
+        .into_iter()
+        .filter(|(used, set, _)| *used && incompatible(set))
+        .map(|(_, _, name)| name)
+        .collect();
+        if !replace.is_empty() {
+            // Nothing can be destroyed while a rule references it.
+            self.restore(&emptied_chains(&installed))?;
+            for set in replace {
+                self.ipset(&["destroy", set], None)?;
             }
-            if let Some(input) = set_plan(ruleset, &installed) {
-                self.ipset(&["restore", "-exist"], Some(&input))?;
-            }
+            installed = self.installed()?;
+        }
+        if let Some(input) = set_plan(ruleset, &installed) {
+            self.ipset(&["restore", "-exist"], Some(&input))?;
         }
         if let Some(input) = plan(ruleset, &installed) {
             self.restore(&input)?;
@@ -61,16 +72,33 @@ impl Netfilter {
         if !ruleset.uses_set() && installed.set.is_some() {
             self.ipset(&["destroy", VIP_SET], None)?;
         }
+        if !ruleset.rejects_empty() && installed.empty_set.is_some() {
+            self.ipset(&["destroy", EMPTY_SET], None)?;
+        }
         Ok(())
     }
+}
+
+/// Restore input that empties flux's chains (those that exist, in filter), so that no rule of
+/// flux's references its sets any more.
+fn emptied_chains(installed: &Installed) -> String {
+    let mut input = String::new();
+    if installed.reject_chain {
+        input.push_str(&format!("*filter\n:{REJECT_CHAIN} - [0:0]\nCOMMIT\n"));
+    }
+    input.push_str(&format!(
+        "*nat\n:{SERVICES_CHAIN} - [0:0]\n:{CANARY_CHAIN} - [0:0]\nCOMMIT\n"
+    ));
+    input
 }
 
 impl Netfilter {
     /// Moves the kernel from `from`, the ruleset the caller last applied successfully, to `to`,
     /// without reading the kernel first: when only set members differ (services added, removed
-    /// or moved) this is one `ipset restore -exist` with the member delta, a few milliseconds
-    /// whatever the number of services. Anything else (chain rules, hooks, whether the set is
-    /// used) goes through a full [`Netfilter::apply`].
+    /// or moved, services losing their last instance or getting their first) this is one
+    /// `ipset restore -exist` with the member delta of both sets, a few milliseconds whatever
+    /// the number of services. Anything else (chain rules, hooks, which sets are used) goes
+    /// through a full [`Netfilter::apply`].
     ///
     /// Why not always read first: `ipset save` looks up the protocol name of every member in
     /// `/etc/protocols` (glibc reopens the file per lookup), about 65 ms for 10,000 members.
@@ -83,17 +111,19 @@ impl Netfilter {
     /// pass the last ruleset they applied, and use [`Netfilter::apply`] after any drift.
     pub fn apply_change(&self, from: &Ruleset, to: &Ruleset) -> Result<(), Error> {
         if from.uses_set() != to.uses_set()
+            || from.rejects_empty() != to.rejects_empty()
             || from.service_rules() != to.service_rules()
             || from.hooks() != to.hooks()
+            || from.reject_rules() != to.reject_rules()
+            || from.filter_hooks() != to.filter_hooks()
         {
             return self.apply(to);
         }
-        if !to.uses_set() {
-            return Ok(()); // ranges only: nothing differs
-        }
         let assumed = Installed {
-            set: Some(rule::set_create()),
+            set: Some(rule::set_create(VIP_SET)),
             set_members: from.set_members().to_vec(),
+            empty_set: Some(rule::set_create(EMPTY_SET)),
+            empty_members: from.empty_members().to_vec(),
             ..Installed::default()
         };
         match set_plan(to, &assumed) {
@@ -103,82 +133,160 @@ impl Netfilter {
     }
 }
 
-/// The `ipset restore -exist` input that turns the installed set into the rendered one, or
-/// `None` when they already match. Members are compared by element: one flux did not render
-/// is deleted, one missing or with another comment is (re-)added.
+/// The `ipset restore -exist` input that turns the installed sets into the rendered ones, or
+/// `None` when they already match: the sets that are missing created, then every add, then
+/// every delete (see [`Netfilter::apply`] for why in that order). Only the sets the ruleset uses
+/// are looked at. Members are compared by element: one flux did not render is deleted, one
+/// missing or with another comment is (re-)added.
 pub(crate) fn set_plan(ruleset: &Ruleset, installed: &Installed) -> Option<String> {
-    let mut input = String::new();
-    if installed.set.is_none() {
-        input.push_str(&rule::set_create());
-        input.push('\n');
+    let mut sets = Vec::new();
+    if ruleset.uses_set() {
+        sets.push((
+            VIP_SET,
+            &installed.set,
+            &installed.set_members,
+            ruleset.set_members(),
+        ));
     }
-    let have: HashMap<&str, &str> = installed
-        .set_members
-        .iter()
-        .filter_map(|line| Some((rule::member_element(line)?, line.as_str())))
-        .collect();
-    let want: HashMap<&str, &str> = ruleset
-        .set_members()
-        .iter()
-        .filter_map(|line| Some((rule::member_element(line)?, line.as_str())))
-        .collect();
+    if ruleset.rejects_empty() {
+        sets.push((
+            EMPTY_SET,
+            &installed.empty_set,
+            &installed.empty_members,
+            ruleset.empty_members(),
+        ));
+    }
+    let (mut creates, mut adds, mut dels) = (String::new(), String::new(), String::new());
+    for (set, create, have, want) in sets {
+        if create.is_none() {
+            creates.push_str(&rule::set_create(set));
+            creates.push('\n');
+        }
+        member_delta(set, have, want, &mut adds, &mut dels);
+    }
+    let input = creates + &adds + &dels;
+    (!input.is_empty()).then_some(input)
+}
+
+/// The `add` lines that bring `want` into `set` and the `del` lines that take out what `have`
+/// holds beyond it.
+fn member_delta(set: &str, have: &[String], want: &[String], adds: &mut String, dels: &mut String) {
+    let have: HashMap<&str, &str> = by_element(set, have);
+    let wanted: HashMap<&str, &str> = by_element(set, want);
+    for line in want {
+        let current = rule::member_element(set, line).and_then(|e| have.get(e));
+        if current != Some(&line.as_str()) {
+            adds.push_str(line);
+            adds.push('\n');
+        }
+    }
     // Sorted, so the same difference always gives the same input.
     let mut stale: Vec<&str> = have
         .keys()
         .copied()
-        .filter(|element| !want.contains_key(element))
+        .filter(|element| !wanted.contains_key(element))
         .collect();
     stale.sort_unstable();
     for element in stale {
-        input.push_str(&format!("del {VIP_SET} {element}\n"));
+        dels.push_str(&format!("del {set} {element}\n"));
     }
-    for line in ruleset.set_members() {
-        let current = rule::member_element(line).and_then(|e| have.get(e));
-        if current != Some(&line.as_str()) {
-            input.push_str(line);
-            input.push('\n');
-        }
-    }
-    (!input.is_empty()).then_some(input)
+}
+
+/// Member lines of `set` by their element.
+fn by_element<'a>(set: &str, lines: &'a [String]) -> HashMap<&'a str, &'a str> {
+    lines
+        .iter()
+        .filter_map(|line| Some((rule::member_element(set, line)?, line.as_str())))
+        .collect()
 }
 
 /// The restore input that turns `installed` into `ruleset`, or `None` when flux's chains
-/// already hold exactly the rendered rules and every hook is there once: the chain contents
-/// (declaring a chain flushes it), then hook changes. Stale and duplicate hooks are deleted;
-/// missing ones are inserted at the top of their chain, ahead of other people's rules that
-/// might otherwise accept or rewrite VIP traffic first.
+/// already hold exactly the rendered rules and every hook is there once: per table, the chain
+/// contents (declaring a chain flushes it), then hook changes, for the tables that differ.
+/// Stale and duplicate hooks are deleted; missing ones are inserted at the top of their chain,
+/// ahead of other people's rules that might otherwise accept or rewrite VIP traffic first.
+///
+/// The filter table goes first while refusing (a failure in nat then leaves empty services
+/// refused), nat first when not (the return rule goes before the refusal it made way for).
 pub(crate) fn plan(ruleset: &Ruleset, installed: &Installed) -> Option<String> {
-    let mut hook_commands = String::new();
-    let mut wanted: HashMap<&str, usize> = HashMap::new();
-    for hook in ruleset.hooks() {
-        *wanted.entry(hook).or_default() += 1;
-    }
-    for hook in &installed.hooks {
-        match wanted.get_mut(hook.as_str()) {
-            Some(n) if *n > 0 => *n -= 1,
-            _ => push_command(&mut hook_commands, "-D", hook, ""),
-        }
-    }
-    // Each insert goes to position 1, so inserting in reverse leaves them in rendered order.
-    for hook in ruleset.hooks().iter().rev() {
-        if let Some(n) = wanted.get_mut(hook.as_str()) {
-            if *n > 0 {
-                *n -= 1;
-                push_command(&mut hook_commands, "-I", hook, "1 ");
-            }
-        }
-    }
+    let nat = nat_plan(ruleset, installed);
+    let filter = filter_plan(ruleset, installed);
+    let input: String = if ruleset.rejects_empty() {
+        filter.into_iter().chain(nat).collect()
+    } else {
+        nat.into_iter().chain(filter).collect()
+    };
+    (!input.is_empty()).then_some(input)
+}
 
+/// The nat table's part of [`plan`], with its `COMMIT`.
+fn nat_plan(ruleset: &Ruleset, installed: &Installed) -> Option<String> {
+    let hook_commands = hook_commands(ruleset.hooks(), &installed.hooks);
     let chains_match = installed.services_chain
         && installed.canary_chain
         && installed.service_rules == ruleset.service_rules();
     if chains_match && hook_commands.is_empty() {
         return None;
     }
-    let mut input = ruleset.chain_contents();
+    let mut input = ruleset.nat_contents();
     input.push_str(&hook_commands);
     input.push_str("COMMIT\n");
     Some(input)
+}
+
+/// The filter table's part of [`plan`], with its `COMMIT`: the reject chain and its hooks
+/// while refusing, and otherwise the removal of any left from before.
+fn filter_plan(ruleset: &Ruleset, installed: &Installed) -> Option<String> {
+    let hook_commands = hook_commands(ruleset.filter_hooks(), &installed.filter_hooks);
+    let mut input = if ruleset.rejects_empty() {
+        let chain_matches =
+            installed.reject_chain && installed.reject_rules == ruleset.reject_rules();
+        if chain_matches && hook_commands.is_empty() {
+            return None;
+        }
+        let mut input = ruleset.filter_contents();
+        input.push_str(&hook_commands);
+        input
+    } else {
+        if !installed.reject_chain && hook_commands.is_empty() {
+            return None;
+        }
+        // The hooks go first: a chain must be unreferenced before it can be deleted.
+        let mut input = String::from("*filter\n");
+        input.push_str(&hook_commands);
+        if installed.reject_chain {
+            input.push_str(&format!("-F {REJECT_CHAIN}\n-X {REJECT_CHAIN}\n"));
+        }
+        input
+    };
+    input.push_str("COMMIT\n");
+    Some(input)
+}
+
+/// The `-D` and `-I` commands that leave each of `wanted` in its chain exactly once, given the
+/// hooks `installed`: stale and duplicate hooks deleted, missing ones inserted at the top.
+fn hook_commands(wanted_hooks: &[String], installed: &[String]) -> String {
+    let mut commands = String::new();
+    let mut wanted: HashMap<&str, usize> = HashMap::new();
+    for hook in wanted_hooks {
+        *wanted.entry(hook).or_default() += 1;
+    }
+    for hook in installed {
+        match wanted.get_mut(hook.as_str()) {
+            Some(n) if *n > 0 => *n -= 1,
+            _ => push_command(&mut commands, "-D", hook, ""),
+        }
+    }
+    // Each insert goes to position 1, so inserting in reverse leaves them in rendered order.
+    for hook in wanted_hooks.iter().rev() {
+        if let Some(n) = wanted.get_mut(hook.as_str()) {
+            if *n > 0 {
+                *n -= 1;
+                push_command(&mut commands, "-I", hook, "1 ");
+            }
+        }
+    }
+    commands
 }
 
 /// Appends `-I CHAIN 1 SPEC` / `-D CHAIN SPEC` for a rule saved as `-A CHAIN SPEC`.
@@ -213,7 +321,19 @@ mod tests {
             redirects,
             proxy_port: 7100,
             bridge_interfaces: bridges.iter().map(|s| s.to_string()).collect(),
-            vip_ranges: vec![],
+            ..Desired::default()
+        })
+    }
+
+    /// `routed` redirected and `empty` refused.
+    fn refusing(routed: Vec<Redirect>, empty: Vec<Redirect>, bridges: &[&str]) -> Ruleset {
+        render(&Desired {
+            redirects: routed,
+            rejects: empty,
+            reject_empty: true,
+            proxy_port: 7100,
+            bridge_interfaces: bridges.iter().map(|s| s.to_string()).collect(),
+            ..Desired::default()
         })
     }
 
@@ -227,8 +347,13 @@ mod tests {
             canary_chain: true,
             service_rules: rs.service_rules().to_vec(),
             hooks: rs.hooks().to_vec(),
-            set: Some(rule::set_create()),
+            set: Some(rule::set_create(VIP_SET)),
             set_members: rs.set_members().to_vec(),
+            reject_chain: rs.rejects_empty(),
+            reject_rules: rs.reject_rules().to_vec(),
+            filter_hooks: rs.filter_hooks().to_vec(),
+            empty_set: rs.rejects_empty().then(|| rule::set_create(EMPTY_SET)),
+            empty_members: rs.empty_members().to_vec(),
             ..Installed::default()
         }
     }
@@ -243,7 +368,8 @@ mod tests {
     #[test]
     fn first_apply_inserts_every_hook_at_the_top() {
         let input = plan(&ruleset(&["docker0", "br-+"]), &Installed::default()).expect("changes");
-        assert!(input.starts_with(&ruleset(&[]).chain_contents()));
+        assert!(input.starts_with(&ruleset(&[]).nat_contents()));
+        assert!(!input.contains("*filter"), "not refusing: filter untouched");
         assert!(input.ends_with("COMMIT\n"));
         assert_eq!(
             hook_lines(&input),
@@ -328,8 +454,8 @@ mod tests {
         assert_eq!(
             set_plan(&rs, &installed).as_deref(),
             Some(concat!(
-                "del flux-vips 198.18.0.99,udp:53\n",
                 "add flux-vips 198.18.0.10,tcp:80 comment \"flux:web\"\n",
+                "del flux-vips 198.18.0.99,udp:53\n",
             ))
         );
     }
@@ -346,6 +472,161 @@ mod tests {
         installed.service_rules.pop();
         installed.canary_chain = false;
         assert!(plan(&rs, &installed).is_some());
+    }
+
+    #[test]
+    fn first_refusing_apply_writes_filter_then_nat() {
+        let rs = refusing(
+            vec![redirect("web", "198.18.0.10:80")],
+            vec![redirect("idle", "198.18.0.11:80")],
+            &["docker0"],
+        );
+        assert_eq!(
+            set_plan(&rs, &Installed::default()).as_deref(),
+            Some(concat!(
+                "create flux-vips hash:ip,port family inet hashsize 1024 maxelem 1048576 comment\n",
+                "create flux-empty hash:ip,port family inet hashsize 1024 maxelem 1048576 comment\n",
+                "add flux-vips 198.18.0.10,tcp:80 comment \"flux:web\"\n",
+                "add flux-empty 198.18.0.11,tcp:80 comment \"flux:idle\"\n",
+            ))
+        );
+        let input = plan(&rs, &Installed::default()).expect("changes");
+        let filter_end = input.find("COMMIT\n").expect("filter part") + "COMMIT\n".len();
+        let (filter, nat) = input.split_at(filter_end);
+        assert_eq!(
+            filter,
+            concat!(
+                "*filter\n:FLUX-REJECT - [0:0]\n",
+                "-A FLUX-REJECT -p tcp -m set --match-set flux-empty dst,dst -m comment --comment \"flux no instance\" -j REJECT --reject-with tcp-reset\n",
+                "-I FORWARD 1 -i docker0 -m conntrack --ctstate NEW -m comment --comment \"flux hook\" -j FLUX-REJECT\n",
+                "-I INPUT 1 -i docker0 -m conntrack --ctstate NEW -m comment --comment \"flux hook\" -j FLUX-REJECT\n",
+                "-I OUTPUT 1 -m conntrack --ctstate NEW -m comment --comment \"flux hook\" -j FLUX-REJECT\n",
+                "COMMIT\n",
+            )
+        );
+        assert!(nat.starts_with(&rs.nat_contents()), "{nat}");
+        assert_eq!(hook_lines(nat).len(), 2);
+        assert_eq!(plan(&rs, &installed_as(&rs)), None);
+        assert_eq!(set_plan(&rs, &installed_as(&rs)), None);
+    }
+
+    /// A VIP moving between the sets is added to its new set before it leaves the old one: in
+    /// both for a moment (refused), never in neither (unrouted).
+    #[test]
+    fn a_vip_moving_between_sets_is_added_before_it_is_deleted() {
+        let routed = refusing(
+            vec![
+                redirect("web", "198.18.0.10:80"),
+                redirect("idle", "198.18.0.11:80"),
+            ],
+            vec![redirect("gone", "198.18.0.12:80")],
+            &[],
+        );
+        let emptied = refusing(
+            vec![
+                redirect("web", "198.18.0.10:80"),
+                redirect("gone", "198.18.0.12:80"),
+            ],
+            vec![redirect("idle", "198.18.0.11:80")],
+            &[],
+        );
+        assert_eq!(plan(&emptied, &installed_as(&routed)), None);
+        assert_eq!(
+            set_plan(&emptied, &installed_as(&routed)).as_deref(),
+            Some(concat!(
+                "add flux-vips 198.18.0.12,tcp:80 comment \"flux:gone\"\n",
+                "add flux-empty 198.18.0.11,tcp:80 comment \"flux:idle\"\n",
+                "del flux-vips 198.18.0.11,tcp:80\n",
+                "del flux-empty 198.18.0.12,tcp:80\n",
+            ))
+        );
+    }
+
+    #[test]
+    fn a_flushed_filter_chain_rewrites_only_filter() {
+        let rs = refusing(vec![], vec![redirect("idle", "198.18.0.11:80")], &[]);
+        let mut installed = installed_as(&rs);
+        installed.reject_rules.clear();
+        assert_eq!(
+            plan(&rs, &installed).as_deref(),
+            Some(format!("{}COMMIT\n", rs.filter_contents()).as_str())
+        );
+        let mut installed = installed_as(&rs);
+        installed.filter_hooks.clear();
+        assert_eq!(
+            hook_lines(&plan(&rs, &installed).expect("hook missing")),
+            [
+                r#"-I OUTPUT 1 -m conntrack --ctstate NEW -m comment --comment "flux hook" -j FLUX-REJECT"#
+            ]
+        );
+    }
+
+    #[test]
+    fn leftover_refusal_rules_are_removed_after_nat_when_not_refusing() {
+        let rs = ruleset(&[]);
+        let leftover = refusing(vec![], vec![redirect("idle", "198.18.0.11:80")], &[]);
+        let installed = Installed {
+            service_rules: leftover.service_rules().to_vec(),
+            ..installed_as(&leftover)
+        };
+        let input = plan(&rs, &installed).expect("changes");
+        assert_eq!(
+            input,
+            format!(
+                "{}COMMIT\n*filter\n\
+                 -D OUTPUT -m conntrack --ctstate NEW -m comment --comment \"flux hook\" -j FLUX-REJECT\n\
+                 -F FLUX-REJECT\n-X FLUX-REJECT\nCOMMIT\n",
+                rs.nat_contents()
+            )
+        );
+        // The unused set is left for apply to destroy, not emptied member by member.
+        assert_eq!(set_plan(&rs, &installed_as(&rs)), None);
+    }
+
+    /// Records every command and answers each with empty output.
+    struct Recorder(std::sync::Mutex<Vec<(String, Option<String>)>>);
+
+    impl crate::Runner for std::sync::Arc<Recorder> {
+        fn run(&self, program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, Error> {
+            let command = std::iter::once(program)
+                .chain(args.iter().copied())
+                .collect::<Vec<_>>()
+                .join(" ");
+            self.0
+                .lock()
+                .expect("no panic while held")
+                .push((command, stdin.map(str::to_string)));
+            Ok(String::new())
+        }
+    }
+
+    #[test]
+    fn apply_change_moves_a_vip_between_sets_with_one_ipset_call() {
+        let recorder = std::sync::Arc::new(Recorder(Default::default()));
+        let nf = Netfilter::new(recorder.clone());
+        let routed = refusing(vec![redirect("web", "198.18.0.10:80")], vec![], &[]);
+        let emptied = refusing(vec![], vec![redirect("web", "198.18.0.10:80")], &[]);
+        nf.apply_change(&routed, &emptied).expect("change");
+        let calls = std::mem::take(&mut *recorder.0.lock().unwrap());
+        assert_eq!(
+            calls,
+            [(
+                "ipset restore -exist".to_string(),
+                Some(
+                    "add flux-empty 198.18.0.10,tcp:80 comment \"flux:web\"\n\
+                     del flux-vips 198.18.0.10,tcp:80\n"
+                        .to_string()
+                )
+            )]
+        );
+        // Turning refusals on or off is no member delta: a full apply, which reads first.
+        let not_refusing = render_with(vec![redirect("web", "198.18.0.10:80")], &[]);
+        nf.apply_change(&not_refusing, &routed).expect("change");
+        let calls = std::mem::take(&mut *recorder.0.lock().unwrap());
+        assert_eq!(calls[0].0, "iptables-save -t nat");
+        assert!(calls
+            .iter()
+            .any(|(c, _)| c == "iptables-restore -w 5 --noflush"));
     }
 
     #[test]

@@ -268,6 +268,7 @@ mod tests {
             proxy_port: 7171,
             bridge_interfaces: vec![],
             vip_ranges: ranges.to_vec(),
+            ..Desired::default()
         })
     }
 
@@ -363,6 +364,33 @@ mod tests {
         );
         // Leaving a range for the set is no new routing.
         assert!(Routed::between(Some(&ranged), &before).is_empty());
+    }
+
+    /// A service getting its first instance moves its VIP from the refused set to the routed
+    /// one: newly routed, so attempts made before are cleared (harmless: a refused SYN leaves
+    /// no entry behind, since it is dropped before its entry is confirmed).
+    #[test]
+    fn a_vip_leaving_the_refused_set_is_newly_routed() {
+        let with = |routed: &[&str], empty: &[&str]| {
+            let entry = |(i, v): (usize, &&str)| Redirect {
+                service: format!("s{i}"),
+                vip: addr(v),
+            };
+            render(&Desired {
+                redirects: routed.iter().enumerate().map(entry).collect(),
+                rejects: empty.iter().enumerate().map(entry).collect(),
+                reject_empty: true,
+                proxy_port: 7171,
+                ..Desired::default()
+            })
+        };
+        let empty = with(&[], &["198.18.0.10:80"]);
+        let routed = with(&["198.18.0.10:80"], &[]);
+        assert_eq!(
+            Routed::between(Some(&empty), &routed).vips,
+            [addr("198.18.0.10:80")]
+        );
+        assert!(Routed::between(Some(&routed), &empty).is_empty());
     }
 
     /// Records every command and answers from a script.

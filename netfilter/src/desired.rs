@@ -3,7 +3,8 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-/// One service address whose connections flux's proxy must receive.
+/// One service address: in [`Desired::redirects`], one whose connections flux's proxy must
+/// receive; in [`Desired::rejects`], one whose connections must be refused.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Redirect {
     /// Written into the rule's comment so an operator (and `fluxd debug`) can tell which
@@ -14,12 +15,21 @@ pub struct Redirect {
     pub vip: SocketAddrV4,
 }
 
-/// The complete state flux wants in the nat table. Always the full set, never a delta: applying
-/// it makes the kernel match it whatever was there before.
+/// The complete state flux wants in the nat and filter tables. Always the full set, never a
+/// delta: applying it makes the kernel match it whatever was there before.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Desired {
     /// Every VIP to capture; order does not matter, [`crate::render`] sorts them.
     pub redirects: Vec<Redirect>,
+    /// The VIPs of services with no instance to send to: refused at once (a TCP reset to the
+    /// client's first packet) instead of redirected to a proxy that could only accept and then
+    /// reset the connection. VIP ranges do not cover them: the refusal comes first. Order does
+    /// not matter.
+    pub rejects: Vec<Redirect>,
+    /// Whether [`Desired::rejects`] are refused, which needs ipset (the refusal matches the
+    /// [`crate::EMPTY_SET`] set). When false they are redirected like [`Desired::redirects`],
+    /// and neither the set nor its rules are installed (and any left from before are removed).
+    pub reject_empty: bool,
     /// The local port fluxd's listener accepts redirected connections on.
     pub proxy_port: u16,
     /// Interfaces whose incoming traffic is redirected (e.g. `docker0`, `br-+`, with iptables'

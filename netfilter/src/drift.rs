@@ -6,7 +6,7 @@ use std::fmt;
 use crate::installed::Installed;
 use crate::render::Ruleset;
 
-/// Every way flux's rules and VIP set in the kernel differ from the desired ones. Clean means
+/// Every way flux's rules and sets in the kernel differ from the desired ones. Clean means
 /// identical, rule for rule and member for member, so a clean drift after apply proves the
 /// kernel holds what was rendered.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -23,18 +23,32 @@ pub struct Drift {
     /// Same rules, different order. Rendered rules never overlap, but the kernel should still
     /// hold exactly what was rendered.
     pub misordered: bool,
-    /// Desired hooks the kernel lacks: some traffic is not redirected at all.
+    /// Desired hooks the kernel lacks, in nat (some traffic is not redirected at all) or in
+    /// filter (some connections to services with no instance are not refused).
     pub missing_hooks: Vec<String>,
     /// Hooks that should not be there: duplicates, or for bridges no longer configured.
     pub extra_hooks: Vec<String>,
+    /// The ruleset refuses services with no instance but the filter chain is gone.
+    pub reject_chain_missing: bool,
+    /// Desired rules of the filter chain the kernel lacks (e.g. after `iptables -F
+    /// FLUX-REJECT`): connections to services with no instance are not refused.
+    pub missing_reject_rules: Vec<String>,
+    /// Rules in flux's filter chain that flux did not render.
+    pub extra_reject_rules: Vec<String>,
     /// The ruleset matches the VIP set but it does not exist (`ipset destroy`, a reboot of
     /// ipset state): every set-matched VIP is unrouted.
     pub set_missing: bool,
     /// A set of flux's name exists but cannot hold flux's members (another type or family, or
     /// no comment extension); apply replaces it.
     pub set_incompatible: bool,
-    /// Desired set members the kernel lacks (e.g. after `ipset flush flux-vips`). A member
-    /// whose comment differs counts as missing (and its installed form as extra).
+    /// The ruleset refuses services with no instance but [`crate::EMPTY_SET`] does not exist:
+    /// nothing is refused (and nothing returned from the services chain).
+    pub empty_set_missing: bool,
+    /// A set of [`crate::EMPTY_SET`]'s name exists but cannot hold flux's members.
+    pub empty_set_incompatible: bool,
+    /// Desired set members the kernel lacks (e.g. after `ipset flush flux-vips`), of either
+    /// set (each line names its set). A member whose comment differs counts as missing (and
+    /// its installed form as extra).
     pub missing_members: Vec<String>,
     /// Set members flux did not render: stale, or added by someone.
     pub extra_members: Vec<String>,
@@ -50,12 +64,27 @@ impl Drift {
         let misordered = missing_rules.is_empty()
             && extra_rules.is_empty()
             && desired.service_rules() != installed.service_rules.as_slice();
-        let (missing_hooks, extra_hooks) = difference(desired.hooks(), &installed.hooks);
+        let (mut missing_hooks, mut extra_hooks) = difference(desired.hooks(), &installed.hooks);
+        let (missing, extra) = difference(desired.filter_hooks(), &installed.filter_hooks);
+        missing_hooks.extend(missing);
+        extra_hooks.extend(extra);
+        // The chain's one rendered rule cannot be out of order, so only the contents count.
+        let (missing_reject_rules, extra_reject_rules) =
+            difference(desired.reject_rules(), &installed.reject_rules);
         // A set the ruleset does not use is not compared: nothing matches it.
-        let (missing_members, extra_members) = if desired.uses_set() {
+        let (mut missing_members, mut extra_members) = if desired.uses_set() {
             difference(desired.set_members(), &installed.set_members)
         } else {
             (vec![], vec![])
+        };
+        if desired.rejects_empty() {
+            let (missing, extra) = difference(desired.empty_members(), &installed.empty_members);
+            missing_members.extend(missing);
+            extra_members.extend(extra);
+        }
+        let incompatible = |set: &Option<String>| {
+            set.as_deref()
+                .is_some_and(|create| !crate::rule::set_compatible(create))
         };
         Drift {
             canary_missing: !installed.canary_chain,
@@ -65,12 +94,13 @@ impl Drift {
             misordered,
             missing_hooks,
             extra_hooks,
+            reject_chain_missing: desired.rejects_empty() && !installed.reject_chain,
+            missing_reject_rules,
+            extra_reject_rules,
             set_missing: desired.uses_set() && installed.set.is_none(),
-            set_incompatible: desired.uses_set()
-                && installed
-                    .set
-                    .as_deref()
-                    .is_some_and(|create| !crate::rule::set_compatible(create)),
+            set_incompatible: desired.uses_set() && incompatible(&installed.set),
+            empty_set_missing: desired.rejects_empty() && installed.empty_set.is_none(),
+            empty_set_incompatible: desired.rejects_empty() && incompatible(&installed.empty_set),
             missing_members,
             extra_members,
         }
@@ -102,9 +132,20 @@ impl fmt::Display for Drift {
         if self.set_incompatible {
             parts.push(format!("set {} has the wrong type", crate::VIP_SET));
         }
+        if self.reject_chain_missing {
+            parts.push("reject chain missing".to_string());
+        }
+        if self.empty_set_missing {
+            parts.push(format!("set {} missing", crate::EMPTY_SET));
+        }
+        if self.empty_set_incompatible {
+            parts.push(format!("set {} has the wrong type", crate::EMPTY_SET));
+        }
         for (count, what) in [
             (self.missing_rules.len(), "service rules missing"),
             (self.extra_rules.len(), "unexpected service rules"),
+            (self.missing_reject_rules.len(), "reject rules missing"),
+            (self.extra_reject_rules.len(), "unexpected reject rules"),
             (self.missing_hooks.len(), "hooks missing"),
             (self.extra_hooks.len(), "unexpected hooks"),
             (self.missing_members.len(), "set members missing"),
@@ -166,7 +207,25 @@ mod tests {
             ],
             proxy_port: 7100,
             bridge_interfaces: vec!["docker0".into()],
-            vip_ranges: vec![],
+            ..Desired::default()
+        })
+    }
+
+    /// `a` routed, `idle` refused (no instance).
+    fn refusing() -> Ruleset {
+        render(&Desired {
+            redirects: vec![Redirect {
+                service: "a".into(),
+                vip: "198.18.0.1:80".parse().expect("valid"),
+            }],
+            rejects: vec![Redirect {
+                service: "idle".into(),
+                vip: "198.18.0.3:80".parse().expect("valid"),
+            }],
+            reject_empty: true,
+            proxy_port: 7100,
+            bridge_interfaces: vec!["docker0".into()],
+            ..Desired::default()
         })
     }
 
@@ -177,9 +236,124 @@ mod tests {
             service_rules: rs.service_rules().to_vec(),
             canary_rules: vec![],
             hooks: rs.hooks().to_vec(),
-            set: Some(crate::rule::set_create()),
+            set: Some(crate::rule::set_create(crate::VIP_SET)),
             set_members: rs.set_members().to_vec(),
+            reject_chain: rs.rejects_empty(),
+            reject_rules: rs.reject_rules().to_vec(),
+            filter_hooks: rs.filter_hooks().to_vec(),
+            empty_set: rs
+                .rejects_empty()
+                .then(|| crate::rule::set_create(crate::EMPTY_SET)),
+            empty_members: rs.empty_members().to_vec(),
         }
+    }
+
+    #[test]
+    fn refusing_state_read_back_is_clean() {
+        let rs = refusing();
+        assert!(!rs.empty_members().is_empty() && !rs.filter_hooks().is_empty());
+        let drift = Drift::between(&rs, &installed_as(&rs));
+        assert!(drift.is_clean(), "{drift}");
+    }
+
+    #[test]
+    fn damage_to_the_filter_chain_and_its_hooks_is_drift() {
+        let rs = refusing();
+        let mut flushed = installed_as(&rs);
+        flushed.reject_rules.clear();
+        let drift = Drift::between(&rs, &flushed);
+        assert_eq!(drift.missing_reject_rules, rs.reject_rules());
+        assert_eq!(drift.to_string(), "1 reject rules missing");
+
+        let mut unhooked = installed_as(&rs);
+        let forward = unhooked.filter_hooks.pop().expect("three filter hooks");
+        unhooked
+            .reject_rules
+            .insert(0, "-A FLUX-REJECT -j RETURN".into());
+        let drift = Drift::between(&rs, &unhooked);
+        assert_eq!(drift.missing_hooks, [forward]);
+        assert_eq!(drift.extra_reject_rules, ["-A FLUX-REJECT -j RETURN"]);
+        assert_eq!(
+            drift.to_string(),
+            "1 unexpected reject rules, 1 hooks missing"
+        );
+
+        let wiped = Installed {
+            reject_chain: false,
+            reject_rules: vec![],
+            filter_hooks: vec![],
+            ..installed_as(&rs)
+        };
+        let drift = Drift::between(&rs, &wiped);
+        assert!(drift.reject_chain_missing && drift.missing_hooks.len() == 3);
+        assert!(drift.missing_rules.is_empty() && !drift.canary_missing);
+    }
+
+    #[test]
+    fn damage_to_the_empty_set_is_drift() {
+        let rs = refusing();
+        let mut installed = installed_as(&rs);
+        installed.empty_members = vec!["add flux-empty 198.18.0.9,tcp:22".into()];
+        let drift = Drift::between(&rs, &installed);
+        assert_eq!(drift.missing_members, rs.empty_members());
+        assert_eq!(drift.extra_members, ["add flux-empty 198.18.0.9,tcp:22"]);
+
+        installed.empty_set = Some("create flux-empty hash:ip family inet".into());
+        assert!(Drift::between(&rs, &installed).empty_set_incompatible);
+        installed.empty_set = None;
+        installed.empty_members.clear();
+        let drift = Drift::between(&rs, &installed);
+        assert!(drift.empty_set_missing && drift.missing_members.len() == 1);
+        assert!(!drift.set_missing);
+        assert_eq!(
+            drift.to_string(),
+            "set flux-empty missing, 1 set members missing"
+        );
+    }
+
+    #[test]
+    fn a_vip_in_the_wrong_set_is_drift() {
+        let rs = refusing();
+        let mut installed = installed_as(&rs);
+        // `idle` in the VIP set instead: redirected to a proxy with nothing to send it to.
+        installed.set_members.push(crate::rule::set_member(
+            crate::VIP_SET,
+            "idle",
+            "198.18.0.3:80".parse().unwrap(),
+        ));
+        installed.empty_members.clear();
+        let drift = Drift::between(&rs, &installed);
+        assert_eq!(drift.missing_members, rs.empty_members());
+        assert_eq!(drift.extra_members.len(), 1);
+        assert!(drift.extra_members[0].starts_with("add flux-vips 198.18.0.3,tcp:80"));
+    }
+
+    #[test]
+    fn the_return_rule_after_the_redirect_is_drift() {
+        let rs = refusing();
+        let mut installed = installed_as(&rs);
+        installed.service_rules.reverse();
+        let drift = Drift::between(&rs, &installed);
+        assert!(drift.misordered && !drift.is_clean());
+    }
+
+    #[test]
+    fn leftover_refusal_rules_are_drift_when_not_refusing() {
+        let rs = ruleset();
+        let leftover = refusing();
+        let installed = Installed {
+            reject_chain: true,
+            reject_rules: leftover.reject_rules().to_vec(),
+            filter_hooks: leftover.filter_hooks().to_vec(),
+            empty_set: Some(crate::rule::set_create(crate::EMPTY_SET)),
+            empty_members: leftover.empty_members().to_vec(),
+            ..installed_as(&rs)
+        };
+        let drift = Drift::between(&rs, &installed);
+        assert_eq!(drift.extra_hooks.len(), 3);
+        assert_eq!(drift.extra_reject_rules, leftover.reject_rules());
+        // An unused set is not compared: nothing matches it once the rules are gone.
+        assert!(drift.extra_members.is_empty() && !drift.empty_set_missing);
     }
 
     #[test]
@@ -250,6 +424,7 @@ mod tests {
                 addr: "198.18.0.0".parse().expect("valid"),
                 prefix_len: 16,
             }],
+            ..Desired::default()
         };
         let rs = render(&desired);
         let installed = installed_as(&rs);
@@ -298,6 +473,7 @@ mod tests {
                 addr: "198.18.0.0".parse().expect("valid"),
                 prefix_len: 16,
             }],
+            ..Desired::default()
         });
         assert_eq!(rs.service_rules().len(), 2);
         let mut installed = installed_as(&rs);

@@ -1,7 +1,8 @@
-//! flux's nat rules: a few iptables rules plus an ipset of service VIPs.
+//! flux's nat rules: a few iptables rules plus an ipset of service VIPs, and the filter rule that
+//! refuses connections to services with no instance.
 //!
 //! The controller hands over the complete desired state; this crate turns it into the full
-//! contents of flux's own chains and the members of flux's VIP set ([`render`], pure), makes the
+//! contents of flux's own chains and the members of flux's sets ([`render`], pure), makes the
 //! kernel match it ([`Netfilter::apply`]), reads back what the kernel holds
 //! ([`Netfilter::installed`]), says how the two differ ([`Drift`]) and takes everything away
 //! again ([`Netfilter::remove`]). Apply starts from a fresh read of the kernel, so a missed
@@ -17,10 +18,21 @@
 //! `--vip-range`, one rule per range follows the set rule (and when every VIP is inside a range
 //! the set and its rule are not used at all, so ipset need not even be installed).
 //!
-//! flux owns two chains in the `nat` table, the hook rules that jump to them (recognised by
-//! their `flux hook` comment) and the `flux-vips` set. Every other chain, rule and set belongs
-//! to someone else (Docker, the operator's firewall) and is never rewritten, reordered or
-//! deleted.
+//! A service with no instance to send to is not redirected to the proxy (which could only
+//! accept the connection and reset it): its VIP is a member of a second set, [`EMPTY_SET`]
+//! (`flux-empty`, same form), instead of `flux-vips`. The first rule of the services chain
+//! returns for those VIPs, so no VIP range rule redirects them either, and a `REJECT
+//! --reject-with tcp-reset` rule matching the set in flux's filter chain ([`REJECT_CHAIN`],
+//! hooked from the filter table's `OUTPUT`, and `INPUT` and `FORWARD` per bridge) refuses the
+//! connection's first packet, so the client's `connect()` fails at once with `ECONNREFUSED`, as
+//! flux 0.2's per-service REJECT rule did and as kube-proxy does for a service without
+//! endpoints. This needs ipset: with [`Desired::reject_empty`] off, empty services are
+//! redirected like the others.
+//!
+//! flux owns two chains in the `nat` table and one in the `filter` table, the hook rules that
+//! jump to them (recognised by their `flux hook` comment) and the `flux-vips` and `flux-empty`
+//! sets. Every other chain, rule and set belongs to someone else (Docker, the operator's
+//! firewall) and is never rewritten, reordered or deleted.
 //!
 //! The crate knows nothing of Docker or the store; it does not judge whether a VIP is safe to
 //! capture either, which the controller decides before calling [`render`].
@@ -30,6 +42,8 @@
 //!
 //! let desired = Desired {
 //!     redirects: vec![Redirect { service: "web".into(), vip: "198.18.0.10:80".parse()? }],
+//!     rejects: vec![Redirect { service: "idle".into(), vip: "198.18.0.11:80".parse()? }],
+//!     reject_empty: true,
 //!     proxy_port: 7100,
 //!     bridge_interfaces: vec!["docker0".into(), "br-+".into()],
 //!     vip_ranges: vec![],
@@ -63,7 +77,7 @@ mod rule;
 mod runner;
 mod validate;
 
-pub use annotate::{annotate, annotate_set, AnnotatedMember, AnnotatedRule};
+pub use annotate::{annotate, annotate_empty_set, annotate_set, AnnotatedMember, AnnotatedRule};
 pub use conntrack::Routed;
 pub use desired::{Desired, Redirect, VipRange};
 pub use drift::Drift;
@@ -94,3 +108,14 @@ pub const VIP_SET: &str = "flux-vips";
 
 /// The comment on the rule that matches [`VIP_SET`]; no service name, since it serves them all.
 pub const SET_RULE_COMMENT: &str = "flux vips";
+
+/// The ipset (same type as [`VIP_SET`]) holding the VIP of each service with no instance: those
+/// VIPs are refused at once rather than redirected.
+pub const EMPTY_SET: &str = "flux-empty";
+
+/// The chain in the `filter` table that refuses connections to members of [`EMPTY_SET`].
+pub const REJECT_CHAIN: &str = "FLUX-REJECT";
+
+/// The comment on the two rules that match [`EMPTY_SET`]: the `RETURN` ahead of the redirects
+/// and the `REJECT`.
+pub const EMPTY_RULE_COMMENT: &str = "flux no instance";

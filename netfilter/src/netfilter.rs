@@ -5,7 +5,7 @@ use crate::installed::Installed;
 use crate::render::Ruleset;
 use crate::runner::Runner;
 use crate::Error;
-use crate::VIP_SET;
+use crate::{EMPTY_SET, VIP_SET};
 
 /// How long `iptables-restore` waits for the xtables lock that iptables-legacy (and tools like
 /// Docker running iptables at the same moment) take; iptables-nft accepts and ignores it.
@@ -31,16 +31,24 @@ impl Netfilter {
         }
     }
 
-    /// Reads flux's chains, hooks and VIP set from the kernel. A missing set (or a missing
-    /// `ipset` program, which leaves no set to read) reads as [`Installed::set`] `None`.
+    /// Reads flux's chains, hooks and sets from the kernel. A missing set (or a missing
+    /// `ipset` program, which leaves no set to read) reads as [`Installed::set`] (or
+    /// [`Installed::empty_set`]) `None`. Always both tables and both sets, whatever is in use:
+    /// what an earlier fluxd left behind must be seen to be removed.
     pub fn installed(&self) -> Result<Installed, Error> {
+        // One table each: a plain `iptables-save` would also read tables flux has nothing in
+        // (mangle, raw), any of which another tool may have made unreadable to iptables.
         let save = self.runner.run("iptables-save", &["-t", "nat"], None)?;
         let mut installed = Installed::parse(&save);
-        match self.ipset(&["save", VIP_SET], None) {
-            Ok(set) => installed.parse_set(&set),
-            Err(Error::IpsetMissing) => {}
-            Err(Error::Failed { stderr, .. }) if stderr.contains("does not exist") => {}
-            Err(other) => return Err(other),
+        let save = self.runner.run("iptables-save", &["-t", "filter"], None)?;
+        installed.parse_tables(&save);
+        for set in [VIP_SET, EMPTY_SET] {
+            match self.ipset(&["save", set], None) {
+                Ok(saved) => installed.parse_set(&saved),
+                Err(Error::IpsetMissing) => break,
+                Err(Error::Failed { stderr, .. }) if stderr.contains("does not exist") => {}
+                Err(other) => return Err(other),
+            }
         }
         Ok(installed)
     }

@@ -7,15 +7,16 @@ use std::net::SocketAddrV4;
 use crate::desired::{Desired, Redirect};
 use crate::rule;
 use crate::validate::{interface_problem, redirect_problem};
-use crate::{CANARY_CHAIN, SERVICES_CHAIN};
+use crate::{CANARY_CHAIN, EMPTY_SET, REJECT_CHAIN, SERVICES_CHAIN, VIP_SET};
 
-/// The complete contents of flux's chains, the members of its VIP set and the hooks into the
+/// The complete contents of flux's chains, the members of its sets and the hooks into the
 /// chains, as `iptables-save` and `ipset save` would print them once installed. Built only by
 /// [`render`], so every line in it has passed its checks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ruleset {
-    /// `-A FLUX-SERVICES ...` lines: the set rule (when the set is used), then one rule per VIP
-    /// range, so that the same desired state always gives the same text.
+    /// `-A FLUX-SERVICES ...` lines: the return of refused VIPs (when they are refused), the set
+    /// rule (when the set is used), then one rule per VIP range, so that the same desired state
+    /// always gives the same text.
     service_rules: Vec<String>,
     /// `add flux-vips IP,tcp:PORT comment "flux:SERVICE"` lines, sorted by VIP: one per
     /// redirect not covered by a VIP range.
@@ -32,6 +33,21 @@ pub struct Ruleset {
     routed_vips: Vec<SocketAddrV4>,
     /// The VIP ranges with a rule, sorted, each once.
     vip_ranges: Vec<crate::VipRange>,
+    /// Whether services with no instance are refused ([`Desired::reject_empty`]): then
+    /// [`crate::EMPTY_SET`], the return rule, the filter chain and its hooks are all installed,
+    /// even with no such service, so that a service losing its last instance changes only set
+    /// members.
+    rejects_empty: bool,
+    /// `add flux-empty IP,tcp:PORT comment "flux:SERVICE"` lines, sorted by VIP: one per
+    /// refused VIP, whether inside a VIP range or not.
+    empty_members: Vec<String>,
+    /// The VIP:ports of those members, sorted.
+    empty_vips: Vec<SocketAddrV4>,
+    /// `-A FLUX-REJECT ...` lines: the one `REJECT` rule when refusing, else none.
+    reject_rules: Vec<String>,
+    /// `-A OUTPUT|INPUT|FORWARD ...` hooks of the filter table into [`crate::REJECT_CHAIN`],
+    /// in the order they should end up in.
+    filter_hooks: Vec<String>,
     /// What [`render`] left out, for the controller to report.
     rejected: Vec<Rejected>,
 }
@@ -43,6 +59,13 @@ pub enum Rejected {
     /// A redirect that was not rendered.
     Redirect {
         /// The redirect as given.
+        redirect: Redirect,
+        /// Why, for the operator.
+        reason: String,
+    },
+    /// A refusal of a service with no instance ([`Desired::rejects`]) that was not rendered.
+    Refusal {
+        /// The entry as given.
         redirect: Redirect,
         /// Why, for the operator.
         reason: String,
@@ -62,6 +85,11 @@ impl fmt::Display for Rejected {
             Rejected::Redirect { redirect, reason } => write!(
                 f,
                 "redirect of {} for service {:?} skipped: {reason}",
+                redirect.vip, redirect.service
+            ),
+            Rejected::Refusal { redirect, reason } => write!(
+                f,
+                "refusal of {} for service {:?} (no instance) skipped: {reason}",
                 redirect.vip, redirect.service
             ),
             Rejected::BridgeInterface { name, reason } => {
@@ -87,7 +115,7 @@ impl Ruleset {
         self.uses_set
     }
 
-    /// The hook rules that should exist (once each) in `OUTPUT` and `PREROUTING`.
+    /// The hook rules that should exist (once each) in nat's `OUTPUT` and `PREROUTING`.
     pub fn hooks(&self) -> &[String] {
         &self.hooks
     }
@@ -102,30 +130,77 @@ impl Ruleset {
         &self.vip_ranges
     }
 
+    /// Whether services with no instance are refused, so [`crate::EMPTY_SET`] must exist and
+    /// the filter chain be hooked.
+    pub fn rejects_empty(&self) -> bool {
+        self.rejects_empty
+    }
+
+    /// The members [`crate::EMPTY_SET`] should hold, sorted by VIP, as `ipset save` prints them.
+    pub fn empty_members(&self) -> &[String] {
+        &self.empty_members
+    }
+
+    /// The VIP:ports refused because their service has no instance, sorted.
+    pub fn empty_vips(&self) -> &[SocketAddrV4] {
+        &self.empty_vips
+    }
+
+    /// The lines flux's filter chain [`crate::REJECT_CHAIN`] should hold, in order.
+    pub fn reject_rules(&self) -> &[String] {
+        &self.reject_rules
+    }
+
+    /// The hook rules that should exist (once each) in filter's `OUTPUT`, `INPUT` and
+    /// `FORWARD`.
+    pub fn filter_hooks(&self) -> &[String] {
+        &self.filter_hooks
+    }
+
     /// What was left out of the ruleset and why.
     pub fn rejected(&self) -> &[Rejected] {
         &self.rejected
     }
 
-    /// Input for `iptables-restore --noflush` that replaces the contents of flux's chains in one
-    /// transaction (the set's members are not in it: see [`crate::Netfilter::apply`]). Declaring a chain flushes it, so the result holds exactly these rules
-    /// whatever was there before, and no other chain is touched. The hooks are not in it: they
-    /// live in shared chains where a blind `-I` would duplicate them, so
-    /// [`crate::Netfilter::apply`] adds only those missing.
+    /// Input for `iptables-restore --noflush` that replaces the contents of flux's chains (the
+    /// sets' members are not in it: see [`crate::Netfilter::apply`]). Declaring a chain flushes
+    /// it, so the result holds exactly these rules whatever was there before, and no other chain
+    /// is touched. The hooks are not in it: they live in shared chains where a blind `-I` would
+    /// duplicate them, so [`crate::Netfilter::apply`] adds only those missing.
+    ///
+    /// The filter table comes first: iptables-restore commits each table on its own and stops
+    /// at the first that fails, so a failure in nat leaves empty services refused rather than
+    /// neither refused nor redirected.
     pub fn restore_input(&self) -> String {
-        let mut input = self.chain_contents();
+        let mut input = String::new();
+        if self.rejects_empty {
+            input.push_str(&self.filter_contents());
+            input.push_str("COMMIT\n");
+        }
+        input.push_str(&self.nat_contents());
         input.push_str("COMMIT\n");
         input
     }
 
-    /// The restore input up to (not including) its `COMMIT`, so apply can add hook commands to
-    /// the same transaction.
-    pub(crate) fn chain_contents(&self) -> String {
+    /// The nat part of the restore input up to (not including) its `COMMIT`, so apply can add
+    /// hook commands to the same transaction.
+    pub(crate) fn nat_contents(&self) -> String {
         let mut input = String::with_capacity(64 + 140 * self.service_rules.len());
         input.push_str("*nat\n");
         input.push_str(&format!(":{SERVICES_CHAIN} - [0:0]\n"));
         input.push_str(&format!(":{CANARY_CHAIN} - [0:0]\n"));
         for line in &self.service_rules {
+            input.push_str(line);
+            input.push('\n');
+        }
+        input
+    }
+
+    /// The filter part of the restore input up to its `COMMIT`: flux's reject chain, declared
+    /// (and so flushed), with its rules.
+    pub(crate) fn filter_contents(&self) -> String {
+        let mut input = format!("*filter\n:{REJECT_CHAIN} - [0:0]\n");
+        for line in &self.reject_rules {
             input.push_str(line);
             input.push('\n');
         }
@@ -138,27 +213,52 @@ impl Ruleset {
 pub fn render(desired: &Desired) -> Ruleset {
     let mut rejected = Vec::new();
     let owners = render_members(desired, &mut rejected);
-    let routed_vips: Vec<SocketAddrV4> = owners.keys().copied().collect();
+    let routed_vips: Vec<SocketAddrV4> = owners.routed.keys().copied().collect();
     let set_members: Vec<String> = owners
-        .into_iter()
-        .map(|(vip, service)| rule::set_member(service, vip))
+        .routed
+        .iter()
+        .map(|(vip, service)| rule::set_member(VIP_SET, service, *vip))
+        .collect();
+    let empty_vips: Vec<SocketAddrV4> = owners.empty.keys().copied().collect();
+    let empty_members: Vec<String> = owners
+        .empty
+        .iter()
+        .map(|(vip, service)| rule::set_member(EMPTY_SET, service, *vip))
         .collect();
     let uses_set = desired.vip_ranges.is_empty() || !set_members.is_empty();
+    let rejects_empty = desired.reject_empty;
     let mut ranges = desired.vip_ranges.clone();
     ranges.sort();
     ranges.dedup();
-    // The set rule first, so a VIP outside every range is matched by its member; the ranges'
+    // The return of refused VIPs first, so neither their own member nor a range takes them;
+    // then the set rule, so a VIP outside every range is matched by its member; the ranges'
     // rules after it.
-    let service_rules = uses_set
-        .then(|| rule::set_rule(desired.proxy_port))
+    let service_rules = rejects_empty
+        .then(rule::empty_return_rule)
         .into_iter()
+        .chain(uses_set.then(|| rule::set_rule(desired.proxy_port)))
         .chain(
             ranges
                 .iter()
                 .map(|r| rule::range_rule(r, desired.proxy_port)),
         )
         .collect();
-    let hooks = render_hooks(&desired.bridge_interfaces, &mut rejected);
+    let bridges = valid_bridges(&desired.bridge_interfaces, &mut rejected);
+    let hooks = std::iter::once(rule::output_hook())
+        .chain(bridges.iter().map(|b| rule::prerouting_hook(b)))
+        .collect();
+    let (reject_rules, filter_hooks) = if rejects_empty {
+        let hooks = std::iter::once(rule::filter_output_hook())
+            .chain(["INPUT", "FORWARD"].into_iter().flat_map(|chain| {
+                bridges
+                    .iter()
+                    .map(move |b| rule::filter_bridge_hook(chain, b))
+            }))
+            .collect();
+        (vec![rule::reject_rule()], hooks)
+    } else {
+        (vec![], vec![])
+    };
     Ruleset {
         service_rules,
         set_members,
@@ -166,58 +266,112 @@ pub fn render(desired: &Desired) -> Ruleset {
         hooks,
         routed_vips,
         vip_ranges: ranges,
+        rejects_empty,
+        empty_members,
+        empty_vips,
+        reject_rules,
+        filter_hooks,
         rejected,
     }
 }
 
-/// The redirects outside every VIP range, by VIP, each with the service that keeps it.
-fn render_members<'a>(
-    desired: &'a Desired,
-    rejected: &mut Vec<Rejected>,
-) -> BTreeMap<SocketAddrV4, &'a str> {
-    let mut redirects: Vec<&Redirect> = desired.redirects.iter().collect();
-    redirects.sort();
-    redirects.dedup();
+/// What a VIP gets. `Route` sorts first, so of two identical entries (a service listed both to
+/// route and to refuse) the route is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Route,
+    Refuse,
+}
+
+/// Each set's members by VIP, with the service that keeps it.
+struct Owners<'a> {
+    routed: BTreeMap<SocketAddrV4, &'a str>,
+    empty: BTreeMap<SocketAddrV4, &'a str>,
+}
+
+/// The redirects outside every VIP range and the refusals, by VIP, each with the service that
+/// keeps it. A VIP belongs to one service and lands in one set at most: were it in both, it
+/// would be refused although routable.
+fn render_members<'a>(desired: &'a Desired, rejected: &mut Vec<Rejected>) -> Owners<'a> {
+    // Without the refusal's set, a service with no instance is redirected like any other (the
+    // proxy resets its connections).
+    let refuse = if desired.reject_empty {
+        Kind::Refuse
+    } else {
+        Kind::Route
+    };
+    let mut entries: Vec<(&Redirect, Kind)> = desired
+        .redirects
+        .iter()
+        .map(|r| (r, Kind::Route))
+        .chain(desired.rejects.iter().map(|r| (r, refuse)))
+        .collect();
+    entries.sort();
+    entries.dedup_by(|a, b| a.0 == b.0);
     // A set holds a VIP:port once; the service whose name sorts first keeps it so the outcome
     // does not depend on the order the controller listed them in.
-    let mut owner: BTreeMap<SocketAddrV4, &str> = BTreeMap::new();
-    for redirect in redirects {
-        if desired
-            .vip_ranges
-            .iter()
-            .any(|r| r.contains(*redirect.vip.ip()))
+    let mut owner: BTreeMap<SocketAddrV4, (&str, Option<Kind>)> = BTreeMap::new();
+    for (redirect, kind) in entries {
+        if kind == Kind::Route
+            && desired
+                .vip_ranges
+                .iter()
+                .any(|r| r.contains(*redirect.vip.ip()))
         {
-            continue; // the range rule covers it
+            // The range rule covers it; it still holds its VIP against a refusal by another
+            // service. Nothing is rendered from it, so there is nothing to check.
+            owner
+                .entry(redirect.vip)
+                .or_insert((&redirect.service, None));
+            continue;
         }
-        let taken_by = owner.get(&redirect.vip).copied();
-        match redirect_problem(redirect, desired.proxy_port, taken_by) {
-            Some(reason) => rejected.push(Rejected::Redirect {
-                redirect: redirect.clone(),
-                reason,
+        let taken_by = owner.get(&redirect.vip).map(|(service, _)| *service);
+        let proxy_port = (kind == Kind::Route).then_some(desired.proxy_port);
+        match redirect_problem(redirect, proxy_port, taken_by) {
+            Some(reason) => rejected.push(match kind {
+                Kind::Route => Rejected::Redirect {
+                    redirect: redirect.clone(),
+                    reason,
+                },
+                Kind::Refuse => Rejected::Refusal {
+                    redirect: redirect.clone(),
+                    reason,
+                },
             }),
             None => {
-                owner.insert(redirect.vip, &redirect.service);
+                owner.insert(redirect.vip, (&redirect.service, Some(kind)));
             }
         }
     }
-    owner
+    let of = |wanted: Kind| {
+        owner
+            .iter()
+            .filter(|(_, (_, kind))| *kind == Some(wanted))
+            .map(|(vip, (service, _))| (*vip, *service))
+            .collect()
+    };
+    Owners {
+        routed: of(Kind::Route),
+        empty: of(Kind::Refuse),
+    }
 }
 
-fn render_hooks(interfaces: &[String], rejected: &mut Vec<Rejected>) -> Vec<String> {
+/// The bridge interfaces that can be hooked, sorted, each once; the others are reported.
+fn valid_bridges<'a>(interfaces: &'a [String], rejected: &mut Vec<Rejected>) -> Vec<&'a str> {
     let mut names: Vec<&String> = interfaces.iter().collect();
     names.sort();
     names.dedup();
-    let mut hooks = vec![rule::output_hook()];
+    let mut valid = Vec::new();
     for name in names {
         match interface_problem(name) {
             Some(reason) => rejected.push(Rejected::BridgeInterface {
                 name: name.clone(),
                 reason: reason.to_string(),
             }),
-            None => hooks.push(rule::prerouting_hook(name)),
+            None => valid.push(name.as_str()),
         }
     }
-    hooks
+    valid
 }
 
 #[cfg(test)]
@@ -236,8 +390,180 @@ mod tests {
             redirects,
             proxy_port: 7100,
             bridge_interfaces: bridges.iter().map(|s| s.to_string()).collect(),
-            vip_ranges: vec![],
+            ..Desired::default()
         }
+    }
+
+    /// `desired` with `rejects` refused.
+    fn refusing(redirects: Vec<Redirect>, rejects: Vec<Redirect>, bridges: &[&str]) -> Desired {
+        Desired {
+            rejects,
+            reject_empty: true,
+            ..desired(redirects, bridges)
+        }
+    }
+
+    const RETURN_RULE: &str = r#"-A FLUX-SERVICES -p tcp -m set --match-set flux-empty dst,dst -m comment --comment "flux no instance" -j RETURN"#;
+    const REJECT_RULE: &str = r#"-A FLUX-REJECT -p tcp -m set --match-set flux-empty dst,dst -m comment --comment "flux no instance" -j REJECT --reject-with tcp-reset"#;
+
+    #[test]
+    fn services_with_no_instance_are_refused_not_redirected() {
+        let rs = render(&refusing(
+            vec![redirect("web", "198.18.0.10:80")],
+            vec![redirect("idle", "198.18.0.11:80")],
+            &["docker0"],
+        ));
+        assert!(rs.rejects_empty() && rs.uses_set());
+        assert!(rs.rejected().is_empty());
+        // The return comes first: nothing after it may redirect a refused VIP.
+        assert_eq!(rs.service_rules(), [RETURN_RULE, SET_RULE]);
+        assert_eq!(
+            rs.set_members(),
+            [r#"add flux-vips 198.18.0.10,tcp:80 comment "flux:web""#]
+        );
+        assert_eq!(
+            rs.empty_members(),
+            [r#"add flux-empty 198.18.0.11,tcp:80 comment "flux:idle""#]
+        );
+        assert_eq!(rs.routed_vips(), ["198.18.0.10:80".parse().unwrap()]);
+        assert_eq!(rs.empty_vips(), ["198.18.0.11:80".parse().unwrap()]);
+        assert_eq!(rs.reject_rules(), [REJECT_RULE]);
+        assert_eq!(
+            rs.filter_hooks(),
+            [
+                r#"-A OUTPUT -m conntrack --ctstate NEW -m comment --comment "flux hook" -j FLUX-REJECT"#,
+                r#"-A INPUT -i docker0 -m conntrack --ctstate NEW -m comment --comment "flux hook" -j FLUX-REJECT"#,
+                r#"-A FORWARD -i docker0 -m conntrack --ctstate NEW -m comment --comment "flux hook" -j FLUX-REJECT"#,
+            ]
+        );
+        // The nat hooks are unchanged.
+        assert_eq!(rs.hooks().len(), 2);
+        assert_eq!(
+            rs.restore_input(),
+            format!(
+                "*filter\n:FLUX-REJECT - [0:0]\n{REJECT_RULE}\nCOMMIT\n\
+                 *nat\n:FLUX-SERVICES - [0:0]\n:FLUX-CANARY - [0:0]\n{RETURN_RULE}\n{SET_RULE}\nCOMMIT\n"
+            )
+        );
+    }
+
+    #[test]
+    fn refusing_with_no_empty_service_still_installs_the_rules() {
+        // So that a service losing its last instance changes set members only.
+        let rs = render(&refusing(
+            vec![redirect("web", "198.18.0.10:80")],
+            vec![],
+            &[],
+        ));
+        assert!(rs.empty_members().is_empty());
+        assert_eq!(rs.service_rules(), [RETURN_RULE, SET_RULE]);
+        assert_eq!(rs.reject_rules(), [REJECT_RULE]);
+        assert_eq!(rs.filter_hooks().len(), 1);
+    }
+
+    #[test]
+    fn without_reject_empty_refusals_are_redirected() {
+        let mut d = refusing(
+            vec![redirect("web", "198.18.0.10:80")],
+            vec![redirect("idle", "198.18.0.11:80")],
+            &["docker0"],
+        );
+        d.reject_empty = false;
+        let rs = render(&d);
+        assert!(!rs.rejects_empty());
+        assert_eq!(rs.service_rules(), [SET_RULE]);
+        assert_eq!(rs.set_members().len(), 2);
+        assert!(rs.set_members()[1].contains("flux:idle"));
+        assert!(rs.empty_members().is_empty() && rs.empty_vips().is_empty());
+        assert!(rs.reject_rules().is_empty() && rs.filter_hooks().is_empty());
+        assert!(!rs.restore_input().contains("*filter"));
+    }
+
+    #[test]
+    fn refused_vips_inside_a_range_are_members_and_returned_before_the_range_rule() {
+        let mut d = refusing(
+            vec![redirect("web", "198.18.0.10:80")],
+            vec![redirect("idle", "198.18.0.11:80")],
+            &[],
+        );
+        d.vip_ranges = vec![range()];
+        let rs = render(&d);
+        assert!(!rs.uses_set(), "every routed VIP is in the range");
+        assert_eq!(rs.service_rules(), [RETURN_RULE, RANGE_RULE]);
+        assert!(rs.set_members().is_empty());
+        assert_eq!(
+            rs.empty_members(),
+            [r#"add flux-empty 198.18.0.11,tcp:80 comment "flux:idle""#]
+        );
+    }
+
+    #[test]
+    fn a_vip_is_in_one_set_at_most() {
+        // Listed both ways for the same service: routed.
+        let rs = render(&refusing(
+            vec![redirect("web", "198.18.0.10:80")],
+            vec![redirect("web", "198.18.0.10:80")],
+            &[],
+        ));
+        assert_eq!(rs.set_members().len(), 1);
+        assert!(rs.empty_members().is_empty());
+        assert!(rs.rejected().is_empty());
+        // Two services: the first by name keeps it, whichever set it goes to.
+        let rs = render(&refusing(
+            vec![redirect("zeta", "198.18.0.10:80")],
+            vec![redirect("alpha", "198.18.0.10:80")],
+            &[],
+        ));
+        assert!(rs.set_members().is_empty());
+        assert_eq!(rs.empty_members().len(), 1);
+        assert!(matches!(
+            rs.rejected(),
+            [Rejected::Redirect { redirect, reason }]
+                if redirect.service == "zeta" && reason.contains("alpha")
+        ));
+        let rs = render(&refusing(
+            vec![redirect("alpha", "198.18.0.10:80")],
+            vec![redirect("zeta", "198.18.0.10:80")],
+            &[],
+        ));
+        assert_eq!(rs.set_members().len(), 1);
+        assert!(rs.empty_members().is_empty());
+        assert!(rs.rejected()[0]
+            .to_string()
+            .starts_with("refusal of 198.18.0.10:80"));
+        // Inside a range too: the range's service holds its VIP against a refusal.
+        let mut d = refusing(
+            vec![redirect("alpha", "198.18.0.10:80")],
+            vec![redirect("zeta", "198.18.0.10:80")],
+            &[],
+        );
+        d.vip_ranges = vec![range()];
+        let rs = render(&d);
+        assert!(rs.empty_members().is_empty(), "{:?}", rs.empty_members());
+    }
+
+    #[test]
+    fn refusals_are_checked_like_redirects_but_need_no_proxy_port() {
+        let mut d = refusing(
+            vec![],
+            vec![
+                redirect("ok", "198.18.0.1:80"),
+                redirect("bad\" -j ACCEPT", "198.18.0.2:80"),
+                redirect("zero", "198.18.0.3:0"),
+            ],
+            &[],
+        );
+        d.proxy_port = 0;
+        let rs = render(&d);
+        assert_eq!(
+            rs.empty_members(),
+            [r#"add flux-empty 198.18.0.1,tcp:80 comment "flux:ok""#]
+        );
+        assert_eq!(rs.rejected().len(), 2);
+        assert!(rs
+            .rejected()
+            .iter()
+            .all(|r| matches!(r, Rejected::Refusal { .. })));
     }
 
     const SET_RULE: &str = r#"-A FLUX-SERVICES -p tcp -m set --match-set flux-vips dst,dst -m comment --comment "flux vips" -j REDIRECT --to-ports 7100"#;

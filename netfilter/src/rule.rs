@@ -7,7 +7,10 @@
 
 use std::net::SocketAddrV4;
 
-use crate::{HOOK_COMMENT, SERVICES_CHAIN, SERVICE_COMMENT_PREFIX, SET_RULE_COMMENT, VIP_SET};
+use crate::{
+    EMPTY_RULE_COMMENT, EMPTY_SET, HOOK_COMMENT, REJECT_CHAIN, SERVICES_CHAIN,
+    SERVICE_COMMENT_PREFIX, SET_RULE_COMMENT, VIP_SET,
+};
 
 /// The rule that sends connections to every VIP in [`VIP_SET`] to the proxy: `dst,dst` matches
 /// the destination address and port against the set's `ip,port` members. Written in the order
@@ -19,10 +22,32 @@ pub(crate) fn set_rule(proxy_port: u16) -> String {
     )
 }
 
-/// The `ipset restore` command that creates [`VIP_SET`]. `maxelem` well above any realistic
-/// number of services (the hash grows as needed; the default cap is 65,536).
-pub(crate) fn set_create() -> String {
-    format!("create {VIP_SET} hash:ip,port family inet hashsize 1024 maxelem 1048576 comment")
+/// The first rule of the services chain: a connection to a VIP in [`EMPTY_SET`] leaves the
+/// chain before any redirect (its set member or a VIP range's rule) can take it, so that the
+/// filter table's [`reject_rule`] sees its real destination and refuses it.
+pub(crate) fn empty_return_rule() -> String {
+    format!(
+        "-A {SERVICES_CHAIN} -p tcp -m set --match-set {EMPTY_SET} dst,dst \
+         -m comment --comment \"{EMPTY_RULE_COMMENT}\" -j RETURN"
+    )
+}
+
+/// The rule that refuses connections to every VIP in [`EMPTY_SET`] with a TCP reset, so the
+/// client's `connect()` fails at once with `ECONNREFUSED`. The filter table runs after nat in
+/// every hook, so a redirected connection (its destination rewritten to the proxy) never
+/// matches it.
+pub(crate) fn reject_rule() -> String {
+    format!(
+        "-A {REJECT_CHAIN} -p tcp -m set --match-set {EMPTY_SET} dst,dst \
+         -m comment --comment \"{EMPTY_RULE_COMMENT}\" -j REJECT --reject-with tcp-reset"
+    )
+}
+
+/// The `ipset restore` command that creates `set` ([`VIP_SET`] or [`EMPTY_SET`]). `maxelem`
+/// well above any realistic number of services (the hash grows as needed; the default cap is
+/// 65,536).
+pub(crate) fn set_create(set: &str) -> String {
+    format!("create {set} hash:ip,port family inet hashsize 1024 maxelem 1048576 comment")
 }
 
 /// Whether an existing set (its `create` line from `ipset save`) can hold flux's members: the
@@ -34,11 +59,11 @@ pub(crate) fn set_compatible(create: &str) -> bool {
         && words.contains(&"comment")
 }
 
-/// One VIP as a member of [`VIP_SET`], as `ipset save` prints it; also the `ipset restore`
-/// command that adds it (with `-exist`, replacing the comment of a member already there).
-pub(crate) fn set_member(service: &str, vip: SocketAddrV4) -> String {
+/// One VIP as a member of `set`, as `ipset save` prints it; also the `ipset restore` command
+/// that adds it (with `-exist`, replacing the comment of a member already there).
+pub(crate) fn set_member(set: &str, service: &str, vip: SocketAddrV4) -> String {
     format!(
-        "add {VIP_SET} {element} comment \"{SERVICE_COMMENT_PREFIX}{service}\"",
+        "add {set} {element} comment \"{SERVICE_COMMENT_PREFIX}{service}\"",
         element = member_element_of(vip),
     )
 }
@@ -49,11 +74,11 @@ pub(crate) fn member_element_of(vip: SocketAddrV4) -> String {
 }
 
 /// The element of a saved member line (`add SET ELEMENT ...`), if the line is a member of
-/// [`VIP_SET`].
-pub(crate) fn member_element(line: &str) -> Option<&str> {
+/// `set`.
+pub(crate) fn member_element<'a>(set: &str, line: &'a str) -> Option<&'a str> {
     let rest = line
         .strip_prefix("add ")?
-        .strip_prefix(VIP_SET)?
+        .strip_prefix(set)?
         .strip_prefix(' ')?;
     rest.split(' ').next().filter(|e| !e.is_empty())
 }
@@ -88,6 +113,27 @@ pub(crate) fn prerouting_hook(interface: &str) -> String {
     )
 }
 
+/// The filter hook for connections opened by the host's own processes. Only a connection's
+/// first packets (`NEW`) jump to the chain: the filter table sees every packet, and every
+/// proxied byte would otherwise pay for a set lookup (kube-proxy hooks its filter chains the
+/// same way).
+pub(crate) fn filter_output_hook() -> String {
+    format!(
+        "-A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"{HOOK_COMMENT}\" \
+         -j {REJECT_CHAIN}"
+    )
+}
+
+/// The filter hook for connections from containers on `interface`, in `chain`: `FORWARD` for
+/// a VIP routed onwards (the usual case), `INPUT` for one routed to this host itself. Only
+/// the bridges, as in nat: traffic arriving from the LAN is never flux's to refuse.
+pub(crate) fn filter_bridge_hook(chain: &str, interface: &str) -> String {
+    format!(
+        "-A {chain} -i {interface} -m conntrack --ctstate NEW \
+         -m comment --comment \"{HOOK_COMMENT}\" -j {REJECT_CHAIN}"
+    )
+}
+
 /// Splits `-A CHAIN SPEC` into the chain and the rule specification, so a saved rule can be
 /// turned into a `-I`/`-D` command for the same rule.
 pub(crate) fn split_append(line: &str) -> Option<(&str, &str)> {
@@ -98,12 +144,20 @@ pub(crate) fn split_append(line: &str) -> Option<(&str, &str)> {
     }
 }
 
-/// Whether a rule in a shared chain is one of flux's hooks. Both the comment and the jump must
-/// match: a rule someone else wrote that happens to jump to flux's chain is not flux's to delete.
+/// Whether a rule in a shared chain of the nat table is one of flux's hooks. Both the comment
+/// and the jump must match: a rule someone else wrote that happens to jump to flux's chain is
+/// not flux's to delete.
 pub(crate) fn is_hook(chain: &str, line: &str) -> bool {
     (chain == "PREROUTING" || chain == "OUTPUT")
         && comment(line).as_deref() == Some(HOOK_COMMENT)
         && line.ends_with(&format!(" -j {SERVICES_CHAIN}"))
+}
+
+/// [`is_hook`] for the filter table's hooks into [`REJECT_CHAIN`].
+pub(crate) fn is_filter_hook(chain: &str, line: &str) -> bool {
+    matches!(chain, "INPUT" | "FORWARD" | "OUTPUT")
+        && comment(line).as_deref() == Some(HOOK_COMMENT)
+        && line.ends_with(&format!(" -j {REJECT_CHAIN}"))
 }
 
 /// The text of a rule's `--comment`, unquoted. iptables 1.8 always quotes it and escapes `"` and
@@ -165,29 +219,85 @@ mod tests {
             "OUTPUT",
             r#"-A OUTPUT -m comment --comment "flux hook" -j ACCEPT"#
         ));
+        assert!(!is_hook("OUTPUT", &filter_output_hook()));
+    }
+
+    #[test]
+    fn recognises_only_flux_filter_hooks() {
+        assert!(is_filter_hook("OUTPUT", &filter_output_hook()));
+        assert!(is_filter_hook(
+            "FORWARD",
+            &filter_bridge_hook("FORWARD", "br-+")
+        ));
+        assert!(is_filter_hook(
+            "INPUT",
+            &filter_bridge_hook("INPUT", "docker0")
+        ));
+        assert!(!is_filter_hook("PREROUTING", &filter_output_hook()));
+        assert!(!is_filter_hook("OUTPUT", &output_hook()));
+        assert!(!is_filter_hook("OUTPUT", "-A OUTPUT -j FLUX-REJECT"));
+    }
+
+    /// The exact text `iptables-save` printed for these rules (iptables 1.8.9, nf_tables), so
+    /// the round trip is exact and the drift check does not loop.
+    #[test]
+    fn reject_rules_read_as_iptables_save_prints_them() {
+        assert_eq!(
+            empty_return_rule(),
+            r#"-A FLUX-SERVICES -p tcp -m set --match-set flux-empty dst,dst -m comment --comment "flux no instance" -j RETURN"#
+        );
+        assert_eq!(
+            reject_rule(),
+            r#"-A FLUX-REJECT -p tcp -m set --match-set flux-empty dst,dst -m comment --comment "flux no instance" -j REJECT --reject-with tcp-reset"#
+        );
+        assert_eq!(
+            filter_output_hook(),
+            r#"-A OUTPUT -m conntrack --ctstate NEW -m comment --comment "flux hook" -j FLUX-REJECT"#
+        );
+        assert_eq!(
+            filter_bridge_hook("FORWARD", "br-+"),
+            r#"-A FORWARD -i br-+ -m conntrack --ctstate NEW -m comment --comment "flux hook" -j FLUX-REJECT"#
+        );
     }
 
     #[test]
     fn reads_set_members() {
-        let line = set_member("web", "198.18.0.10:80".parse().expect("valid"));
+        let line = set_member(VIP_SET, "web", "198.18.0.10:80".parse().expect("valid"));
         assert_eq!(
             line,
             r#"add flux-vips 198.18.0.10,tcp:80 comment "flux:web""#
         );
-        assert_eq!(member_element(&line), Some("198.18.0.10,tcp:80"));
+        assert_eq!(member_element(VIP_SET, &line), Some("198.18.0.10,tcp:80"));
+        assert_eq!(member_element(EMPTY_SET, &line), None);
         assert_eq!(member_comment(&line), Some("flux:web"));
         assert_eq!(
-            member_element("add flux-vips 198.18.0.1,udp:53"),
+            member_element(VIP_SET, "add flux-vips 198.18.0.1,udp:53"),
             Some("198.18.0.1,udp:53")
         );
         assert_eq!(member_comment("add flux-vips 198.18.0.1,udp:53"), None);
-        assert_eq!(member_element("add flux-vips-other 1.2.3.4,tcp:1"), None);
-        assert_eq!(member_element("create flux-vips hash:ip,port"), None);
+        assert_eq!(
+            member_element(VIP_SET, "add flux-vips-other 1.2.3.4,tcp:1"),
+            None
+        );
+        assert_eq!(
+            member_element(VIP_SET, "create flux-vips hash:ip,port"),
+            None
+        );
+        let empty = set_member(EMPTY_SET, "idle", "198.18.0.11:80".parse().expect("valid"));
+        assert_eq!(
+            empty,
+            r#"add flux-empty 198.18.0.11,tcp:80 comment "flux:idle""#
+        );
+        assert_eq!(
+            member_element(EMPTY_SET, &empty),
+            Some("198.18.0.11,tcp:80")
+        );
     }
 
     #[test]
     fn judges_existing_sets_by_type_family_and_comments() {
-        assert!(set_compatible(&set_create()));
+        assert!(set_compatible(&set_create(VIP_SET)));
+        assert!(set_compatible(&set_create(EMPTY_SET)));
         assert!(set_compatible(
             "create flux-vips hash:ip,port family inet hashsize 1024 maxelem 65536 comment bucketsize 12 initval 0x1"
         ));

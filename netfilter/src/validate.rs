@@ -6,28 +6,24 @@
 
 use crate::desired::Redirect;
 
-/// Why `redirect` cannot be rendered, if it cannot; `taken_by` is the service already holding
-/// its VIP.
+/// Why `redirect` cannot be rendered, if it cannot. `proxy_port` is where it is redirected to,
+/// `None` for a refusal (which needs no proxy); `taken_by` is the service already holding its
+/// VIP.
 pub(crate) fn redirect_problem(
     redirect: &Redirect,
-    proxy_port: u16,
+    proxy_port: Option<u16>,
     taken_by: Option<&str>,
 ) -> Option<String> {
     if let Some(reason) = service_name_problem(&redirect.service) {
         return Some(reason.to_string());
     }
-    if proxy_port == 0 {
+    if proxy_port == Some(0) {
         return Some("no proxy port to redirect to".to_string());
     }
     if redirect.vip.port() == 0 {
         return Some("port 0 matches no connection".to_string());
     }
-    taken_by.map(|first| {
-        format!(
-            "{} is already redirected for service {first:?}",
-            redirect.vip
-        )
-    })
+    taken_by.map(|first| format!("{} is already taken by service {first:?}", redirect.vip))
 }
 
 /// Only characters that need no quoting or escaping, so the name cannot break out of the

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use netfilter::{
-    annotate, annotate_set, render, CommandRunner, Desired, Error, Netfilter, Redirect, Runner,
-    VipRange,
+    annotate, annotate_empty_set, annotate_set, render, CommandRunner, Desired, Error, Netfilter,
+    Redirect, Runner, VipRange,
 };
 use support::netns::{normalise, Netns};
 use support::traffic;
@@ -30,7 +30,12 @@ const FOREIGN: &str = r#"*nat
 -A OTHER -j RETURN
 COMMIT
 *filter
+:DOCKER-USER - [0:0]
 -A INPUT -p tcp -m tcp --dport 22 -j ACCEPT
+-A FORWARD -j DOCKER-USER
+-A FORWARD -o docker0 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A OUTPUT -d 198.18.0.99/32 -p tcp -m tcp --dport 80 -m comment --comment "someone else" -j ACCEPT
+-A DOCKER-USER -j RETURN
 COMMIT
 "#;
 
@@ -46,7 +51,28 @@ fn desired(redirects: Vec<Redirect>, bridges: &[&str]) -> Desired {
         redirects,
         proxy_port: PROXY_PORT,
         bridge_interfaces: bridges.iter().map(|s| s.to_string()).collect(),
-        vip_ranges: vec![],
+        ..Desired::default()
+    }
+}
+
+/// `desired` refusing `rejects` (services with no instance).
+fn refusing(redirects: Vec<Redirect>, rejects: Vec<Redirect>, bridges: &[&str]) -> Desired {
+    Desired {
+        rejects,
+        reject_empty: true,
+        ..desired(redirects, bridges)
+    }
+}
+
+/// [`sample`] plus two services with no instance.
+fn refusing_sample() -> Desired {
+    Desired {
+        rejects: vec![
+            redirect("idle", "198.18.0.12:80"),
+            redirect("Idle_2.b", "198.18.2.2:8443"),
+        ],
+        reject_empty: true,
+        ..sample()
     }
 }
 
@@ -116,7 +142,12 @@ fn apply_twice_changes_nothing() {
     nf.apply(&rs).expect("second apply");
     assert_eq!(
         taken(&programs),
-        ["iptables-save -t nat", "ipset save flux-vips"],
+        [
+            "iptables-save -t nat",
+            "iptables-save -t filter",
+            "ipset save flux-vips",
+            "ipset save flux-empty"
+        ],
         "an unchanged state is only read"
     );
     assert_eq!((ns.save(), ns.sets()), once);
@@ -281,6 +312,25 @@ fn damage_is_detected_and_repaired() {
 
 #[test]
 fn others_rules_survive_apply_and_remove() {
+    others_rules_survive(
+        sample(),
+        r#"-A OUTPUT -d 198.18.0.99/32 -p tcp -m tcp --dport 80 -m comment --comment "someone else" -j ACCEPT"#,
+    );
+}
+
+/// The same with the filter chain, its hooks and the second set: apply and remove leave
+/// everyone else's filter rules exactly as they were, and remove takes all of flux's away.
+#[test]
+fn others_rules_survive_a_refusing_apply_and_remove() {
+    others_rules_survive(
+        refusing_sample(),
+        r#"-A OUTPUT -m conntrack --ctstate NEW -m comment --comment "flux hook" -j FLUX-REJECT"#,
+    );
+}
+
+/// Applies `desired` over foreign rules and sets, checks the first rule of filter's OUTPUT
+/// (flux's hook goes ahead of others'), removes it, checks nothing else changed.
+fn others_rules_survive(desired: Desired, first_filter_output: &str) {
     let Some(ns) = Netns::new() else { return };
     let nf = ns.netfilter();
     ns.restore(FOREIGN);
@@ -290,18 +340,30 @@ fn others_rules_survive_apply_and_remove() {
     let sets_before = ns.sets();
     let before_nat = normalise(&ns.exec(&["iptables-save", "-t", "nat"]));
 
-    nf.apply(&render(&sample())).expect("apply");
+    nf.apply(&render(&desired)).expect("apply");
     let applied = ns.save();
     assert_eq!(
         without_flux(&applied),
         before,
         "apply changed others' rules"
     );
-    let first_output = applied.lines().find(|l| l.starts_with("-A OUTPUT"));
+    let nat = normalise(&ns.exec(&["iptables-save", "-t", "nat"]));
+    let first_output = nat.lines().find(|l| l.starts_with("-A OUTPUT"));
     assert_eq!(
         first_output,
         Some(r#"-A OUTPUT -m comment --comment "flux hook" -j FLUX-SERVICES"#),
         "hook goes ahead of others' rules"
+    );
+    let filter = ns.exec(&["iptables-save", "-t", "filter"]);
+    assert_eq!(
+        filter.lines().find(|l| l.starts_with("-A OUTPUT")),
+        Some(first_filter_output),
+        "{filter}"
+    );
+    assert_eq!(
+        filter.contains("FLUX-REJECT"),
+        desired.reject_empty,
+        "{filter}"
     );
 
     assert!(ns.sets().contains("someone-elses 198.18.0.10"));
@@ -443,7 +505,9 @@ fn ten_thousand_services_change_by_one_member() {
         taken(&programs),
         [
             "iptables-save -t nat",
+            "iptables-save -t filter",
             "ipset save flux-vips",
+            "ipset save flux-empty",
             "ipset restore -exist",
             "iptables-restore --noflush"
         ]
@@ -463,7 +527,9 @@ fn ten_thousand_services_change_by_one_member() {
         taken(&programs),
         [
             "iptables-save -t nat",
+            "iptables-save -t filter",
             "ipset save flux-vips",
+            "ipset save flux-empty",
             "ipset restore -exist"
         ]
     );
@@ -731,4 +797,429 @@ fn clears_only_unredirected_attempts_to_newly_routed_vips() {
         after.contains("sport=41002"),
         "redirected entry deleted: {after}"
     );
+}
+
+/// Connects to `vip` from the calling thread (inside a namespace) with a short timeout and
+/// says how it went: refused at once, connected, or anything else (a timeout, unreachable).
+fn try_connect(vip: SocketAddrV4) -> Result<std::net::TcpStream, std::io::ErrorKind> {
+    std::net::TcpStream::connect_timeout(&vip.into(), std::time::Duration::from_millis(500))
+        .map_err(|e| e.kind())
+}
+
+/// Whether a connection is waiting on `listener` (non-blocking accept).
+fn pending(listener: &TcpListener) -> bool {
+    listener.set_nonblocking(true).expect("non-blocking");
+    listener.accept().is_ok()
+}
+
+/// A service with no instance: its VIP is a member of flux-empty (not flux-vips), the rules
+/// read back exactly, and a real connect() to it is refused at once (ECONNREFUSED) without
+/// reaching the proxy port, while a routed VIP next to it is still redirected.
+#[test]
+fn refusing_install_reads_back_exactly_and_refuses_connections() {
+    let Some(ns) = Netns::new() else { return };
+    ns.exec(&[
+        "ip",
+        "route",
+        "add",
+        "198.18.0.0/16",
+        "dev",
+        "lo",
+        "src",
+        "127.0.0.1",
+    ]);
+    let nf = ns.netfilter();
+    let rs = render(&refusing_sample());
+    assert!(rs.rejected().is_empty(), "{:?}", rs.rejected());
+    nf.apply(&rs).expect("apply");
+
+    let installed = nf.installed().expect("installed");
+    assert_eq!(installed.service_rules, rs.service_rules());
+    assert!(installed.service_rules[0].ends_with("-j RETURN"));
+    assert!(installed.reject_chain);
+    assert_eq!(installed.reject_rules, rs.reject_rules());
+    let mut hooks = installed.filter_hooks.clone();
+    let mut want = rs.filter_hooks().to_vec();
+    hooks.sort();
+    want.sort();
+    assert_eq!(hooks, want);
+    assert_eq!(hooks.len(), 7, "OUTPUT, and INPUT and FORWARD per bridge");
+    let mut members = installed.empty_members.clone();
+    members.sort();
+    let mut want = rs.empty_members().to_vec();
+    want.sort();
+    assert_eq!(members, want);
+    assert!(
+        !installed.set_members.iter().any(|m| m.contains("idle")),
+        "a refused VIP is not in flux-vips"
+    );
+    assert!(nf.drift(&rs).expect("drift").is_clean());
+
+    let empty: Vec<_> = annotate_empty_set(&installed)
+        .into_iter()
+        .map(|m| (m.element, m.service))
+        .collect();
+    assert_eq!(
+        empty,
+        [
+            ("198.18.0.12,tcp:80".to_string(), Some("idle".to_string())),
+            (
+                "198.18.2.2,tcp:8443".to_string(),
+                Some("Idle_2.b".to_string())
+            ),
+        ]
+    );
+    let reject = annotate(&installed)
+        .into_iter()
+        .find(|a| a.chain == "FLUX-REJECT")
+        .expect("reject rule annotated");
+    assert_eq!(reject.table, "filter");
+
+    let idle: SocketAddrV4 = "198.18.0.12:80".parse().expect("valid");
+    let web: SocketAddrV4 = "198.18.0.10:80".parse().expect("valid");
+    ns.enter(|| {
+        let listener = TcpListener::bind(("0.0.0.0", PROXY_PORT)).expect("bind proxy port");
+        let started = Instant::now();
+        let refused = try_connect(idle);
+        assert_eq!(refused.err(), Some(std::io::ErrorKind::ConnectionRefused));
+        assert!(started.elapsed() < std::time::Duration::from_millis(100));
+        assert!(
+            !pending(&listener),
+            "a refused connection reached the proxy"
+        );
+        listener.set_nonblocking(false).expect("blocking");
+        let _client = traffic::connect(web).expect("routed VIP still redirected");
+        assert_eq!(traffic::accept_original_dst(&listener), Some(web));
+    });
+}
+
+/// A VIP inside a VIP range whose service has no instance is refused too: the return rule
+/// ahead of the range rule keeps the range from redirecting it.
+#[test]
+fn a_refused_vip_inside_a_range_is_not_redirected_by_the_range() {
+    let Some(ns) = Netns::new() else { return };
+    ns.exec(&[
+        "ip",
+        "route",
+        "add",
+        "198.18.0.0/16",
+        "dev",
+        "lo",
+        "src",
+        "127.0.0.1",
+    ]);
+    let ranged = Desired {
+        vip_ranges: vec![VipRange {
+            addr: "198.18.0.0".parse().expect("valid"),
+            prefix_len: 16,
+        }],
+        ..refusing(
+            vec![redirect("web", "198.18.0.10:80")],
+            vec![redirect("idle", "198.18.0.12:80")],
+            &[],
+        )
+    };
+    let nf = ns.netfilter();
+    let rs = render(&ranged);
+    nf.apply(&rs).expect("apply");
+    assert!(nf.drift(&rs).expect("drift").is_clean());
+    assert!(!ns.sets().contains("flux-vips"), "no VIP outside the range");
+    let idle: SocketAddrV4 = "198.18.0.12:80".parse().expect("valid");
+    let other: SocketAddrV4 = "198.18.0.13:80".parse().expect("valid");
+    ns.enter(|| {
+        let listener = TcpListener::bind(("0.0.0.0", PROXY_PORT)).expect("bind proxy port");
+        assert_eq!(
+            try_connect(idle).err(),
+            Some(std::io::ErrorKind::ConnectionRefused)
+        );
+        assert!(
+            !pending(&listener),
+            "the range rule redirected a refused VIP"
+        );
+        listener.set_nonblocking(false).expect("blocking");
+        // Any other VIP of the range still goes to the proxy.
+        let _client = traffic::connect(other).expect("range still redirected");
+        assert_eq!(traffic::accept_original_dst(&listener), Some(other));
+    });
+}
+
+/// Each way the refusal's rules or set can be damaged behind flux's back is drift, and one
+/// apply repairs it to the very same kernel state, refusing again.
+#[test]
+fn refusal_damage_is_detected_and_repaired() {
+    type Check = fn(&netfilter::Drift) -> bool;
+    let filter = |args: &[&'static str]| {
+        let mut v = vec!["iptables", "-t", "filter"];
+        v.extend_from_slice(args);
+        v
+    };
+    let cases: Vec<(&str, Vec<Vec<&str>>, Check)> = vec![
+        (
+            "filter chain flushed",
+            vec![filter(&["-F", "FLUX-REJECT"])],
+            |d| d.missing_reject_rules.len() == 1 && d.missing_hooks.is_empty(),
+        ),
+        (
+            "filter hook deleted",
+            vec![filter(&[
+                "-D",
+                "OUTPUT",
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "NEW",
+                "-m",
+                "comment",
+                "--comment",
+                "flux hook",
+                "-j",
+                "FLUX-REJECT",
+            ])],
+            |d| {
+                d.missing_hooks
+                    == [
+                        r#"-A OUTPUT -m conntrack --ctstate NEW -m comment --comment "flux hook" -j FLUX-REJECT"#,
+                    ]
+                    && d.missing_reject_rules.is_empty()
+            },
+        ),
+        ("whole filter table flushed", vec![filter(&["-F"])], |d| {
+            d.missing_reject_rules.len() == 1 && d.missing_hooks.len() == 1
+        }),
+        (
+            "filter chain deleted",
+            vec![filter(&["-F"]), filter(&["-X", "FLUX-REJECT"])],
+            |d| d.reject_chain_missing && d.missing_hooks.len() == 1,
+        ),
+        (
+            "foreign rule ahead of the refusal",
+            vec![filter(&["-I", "FLUX-REJECT", "1", "-j", "RETURN"])],
+            |d| d.extra_reject_rules == ["-A FLUX-REJECT -j RETURN"],
+        ),
+        (
+            "return rule deleted",
+            vec![vec!["iptables", "-t", "nat", "-D", "FLUX-SERVICES", "1"]],
+            |d| d.missing_rules.len() == 1 && d.missing_rules[0].ends_with("-j RETURN"),
+        ),
+        (
+            "empty set flushed",
+            vec![vec!["ipset", "flush", "flux-empty"]],
+            |d| d.missing_members.len() == 1 && d.missing_members[0].contains("flux-empty"),
+        ),
+        (
+            "refused VIP added to the VIP set, foreign member in the empty set",
+            vec![
+                vec!["ipset", "add", "flux-vips", "198.18.0.12,tcp:80"],
+                vec!["ipset", "add", "flux-empty", "198.18.0.10,tcp:80"],
+            ],
+            |d| d.extra_members.len() == 2 && d.missing_members.is_empty(),
+        ),
+        (
+            "empty set destroyed",
+            vec![
+                filter(&["-F", "FLUX-REJECT"]),
+                vec!["iptables", "-t", "nat", "-F", "FLUX-SERVICES"],
+                vec!["ipset", "destroy", "flux-empty"],
+            ],
+            |d| d.empty_set_missing && d.missing_members.len() == 1,
+        ),
+        (
+            "empty set replaced by one of another type",
+            vec![
+                filter(&["-F", "FLUX-REJECT"]),
+                vec!["iptables", "-t", "nat", "-F", "FLUX-SERVICES"],
+                vec!["ipset", "destroy", "flux-empty"],
+                vec!["ipset", "create", "flux-empty", "hash:ip"],
+                vec!["ipset", "add", "flux-empty", "198.18.0.12"],
+            ],
+            |d| d.empty_set_incompatible && d.missing_reject_rules.len() == 1,
+        ),
+    ];
+    let Some(ns) = Netns::new() else { return };
+    ns.exec(&[
+        "ip",
+        "route",
+        "add",
+        "198.18.0.0/16",
+        "dev",
+        "lo",
+        "src",
+        "127.0.0.1",
+    ]);
+    let nf = ns.netfilter();
+    let rs = render(&refusing(
+        vec![redirect("web", "198.18.0.10:80")],
+        vec![redirect("idle", "198.18.0.12:80")],
+        &[],
+    ));
+    nf.apply(&rs).expect("apply");
+    let clean = (ns.save(), ns.sets());
+    let idle: SocketAddrV4 = "198.18.0.12:80".parse().expect("valid");
+    for (what, commands, check) in cases {
+        for args in commands {
+            ns.exec(&args);
+        }
+        let drift = nf.drift(&rs).expect("drift");
+        assert!(check(&drift), "{what}: unexpected drift {drift:?}");
+        nf.apply(&rs).expect("repair");
+        assert!(
+            nf.drift(&rs).expect("drift").is_clean(),
+            "{what}: not repaired"
+        );
+        assert_eq!(
+            (ns.save(), ns.sets()),
+            clean,
+            "{what}: repaired state differs"
+        );
+        let refused = ns.enter(|| try_connect(idle).err());
+        assert_eq!(
+            refused,
+            Some(std::io::ErrorKind::ConnectionRefused),
+            "{what}: not refused after repair"
+        );
+    }
+}
+
+/// A service losing its last instance and getting one back, as the controller sends it
+/// (member deltas by `apply_change`): refused, then redirected, then refused again; turning
+/// refusals off takes the filter chain, its hooks and the set away.
+#[test]
+fn a_vip_moves_between_the_sets_and_refusals_can_be_turned_off() {
+    let Some(ns) = Netns::new() else { return };
+    ns.exec(&[
+        "ip",
+        "route",
+        "add",
+        "198.18.0.0/16",
+        "dev",
+        "lo",
+        "src",
+        "127.0.0.1",
+    ]);
+    let (nf, programs) = counting(&ns);
+    let vip: SocketAddrV4 = "198.18.0.10:80".parse().expect("valid");
+    let routed = render(&refusing(
+        vec![redirect("web", "198.18.0.10:80")],
+        vec![],
+        &[],
+    ));
+    let empty = render(&refusing(
+        vec![],
+        vec![redirect("web", "198.18.0.10:80")],
+        &[],
+    ));
+    nf.apply(&routed).expect("apply");
+    let listener = ns.enter(|| TcpListener::bind(("0.0.0.0", PROXY_PORT)).expect("bind"));
+
+    taken(&programs);
+    nf.apply_change(&routed, &empty).expect("no instance left");
+    assert_eq!(taken(&programs), ["ipset restore -exist"]);
+    assert!(nf.drift(&empty).expect("drift").is_clean());
+    assert_eq!(
+        ns.enter(|| try_connect(vip).err()),
+        Some(std::io::ErrorKind::ConnectionRefused)
+    );
+    assert!(!pending(&listener));
+
+    nf.apply_change(&empty, &routed).expect("an instance again");
+    assert!(nf.drift(&routed).expect("drift").is_clean());
+    listener.set_nonblocking(false).expect("blocking");
+    let _client = ns
+        .enter(|| traffic::connect(vip))
+        .expect("redirected again");
+    assert_eq!(traffic::accept_original_dst(&listener), Some(vip));
+
+    nf.apply_change(&routed, &empty).expect("no instance again");
+    let off = render(&desired(vec![redirect("web", "198.18.0.10:80")], &[]));
+    nf.apply_change(&empty, &off).expect("refusals off");
+    assert!(nf.drift(&off).expect("drift").is_clean());
+    let save = ns.save();
+    assert!(
+        !save.contains("FLUX-REJECT") && !save.contains("flux-empty"),
+        "{save}"
+    );
+    assert!(!ns.sets().contains("flux-empty"));
+    let _client = ns
+        .enter(|| traffic::connect(vip))
+        .expect("redirected when not refusing");
+    assert_eq!(traffic::accept_original_dst(&listener), Some(vip));
+}
+
+/// remove with refusals installed takes away both tables' chains and hooks and both sets;
+/// someone else's jump to the filter chain stops it after nat is gone, and the rest goes
+/// once that jump is deleted.
+#[test]
+fn remove_takes_the_filter_chain_and_set_away() {
+    let Some(ns) = Netns::new() else { return };
+    ns.restore(FOREIGN);
+    let before = (ns.save(), ns.sets());
+    let nf = ns.netfilter();
+    nf.apply(&render(&refusing_sample())).expect("apply");
+    ns.exec(&["iptables", "-A", "FORWARD", "-j", "FLUX-REJECT"]);
+    let err = nf.remove().expect_err("filter chain still referenced");
+    assert!(
+        matches!(&err, Error::Restore { text, .. } if text == "-X FLUX-REJECT"),
+        "{err}"
+    );
+    assert!(!ns.exec(&["iptables-save", "-t", "nat"]).contains("FLUX-"));
+    ns.exec(&["iptables", "-D", "FORWARD", "-j", "FLUX-REJECT"]);
+    nf.remove().expect("remove");
+    assert_eq!((ns.save(), ns.sets()), before);
+}
+
+/// Containers on a bridge flux hooks are refused (the FORWARD hook); on a bridge it does not,
+/// their connections go where the VIP routes, as with the redirect.
+#[test]
+fn refuses_connections_from_a_hooked_bridge_only() {
+    let Some(host) = Netns::new() else { return };
+    let Some(container) = Netns::new() else {
+        return;
+    };
+    for args in [
+        &["ip", "link", "add", "br-flux0", "type", "bridge"][..],
+        &[
+            "ip", "link", "add", "veth-h", "type", "veth", "peer", "name", "veth-c",
+        ],
+        &["ip", "link", "set", "veth-c", "netns", container.name()],
+        &["ip", "link", "set", "veth-h", "master", "br-flux0", "up"],
+        &["ip", "addr", "add", "198.19.1.1/24", "dev", "br-flux0"],
+        &["ip", "link", "set", "br-flux0", "up"],
+        // The VIP range routed onwards, as a default route would on a real host.
+        &["ip", "route", "add", "198.18.0.0/16", "dev", "lo"],
+        &["sysctl", "-qw", "net.ipv4.ip_forward=1"],
+    ] {
+        host.exec(args);
+    }
+    for args in [
+        &["ip", "addr", "add", "198.19.1.2/24", "dev", "veth-c"][..],
+        &["ip", "link", "set", "veth-c", "up"],
+        &["ip", "route", "add", "default", "via", "198.19.1.1"],
+    ] {
+        container.exec(args);
+    }
+    let vip: SocketAddrV4 = "198.18.0.12:80".parse().expect("valid");
+    let nf = host.netfilter();
+    nf.apply(&render(&refusing(
+        vec![],
+        vec![redirect("idle", "198.18.0.12:80")],
+        &["docker0"],
+    )))
+    .expect("apply without this bridge");
+    let unhooked = container.enter(|| try_connect(vip).err());
+    assert_ne!(
+        unhooked,
+        Some(std::io::ErrorKind::ConnectionRefused),
+        "traffic from an unhooked interface was refused"
+    );
+
+    nf.apply(&render(&refusing(
+        vec![],
+        vec![redirect("idle", "198.18.0.12:80")],
+        &["br-+"],
+    )))
+    .expect("apply with the bridge");
+    let started = Instant::now();
+    let hooked = container.enter(|| try_connect(vip).err());
+    assert_eq!(hooked, Some(std::io::ErrorKind::ConnectionRefused));
+    assert!(started.elapsed() < std::time::Duration::from_millis(200));
 }

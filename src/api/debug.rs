@@ -1,6 +1,6 @@
 //! `fluxd debug`'s view: what is installed in the kernel (each rule, and each member of the VIP
-//! set, annotated with its service), whether it matches what flux wants (drift), the listener, and each instance's
-//! health as this host sees it.
+//! set and of the set of refused VIPs, annotated with its service), whether it matches what flux
+//! wants (drift), the listener, and each instance's health as this host sees it.
 
 use serde::{Deserialize, Serialize};
 
@@ -17,10 +17,19 @@ pub struct DebugView {
     /// Where redirected connections arrive.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listener: Option<String>,
+    /// flux's rules in the nat and filter tables.
     pub rules: Vec<RuleView>,
     /// Members of flux's VIP set, each with the service it serves.
     #[serde(default)]
     pub vips: Vec<MemberView>,
+    /// Members of the set of refused VIPs (`flux-empty`): services with no instance, whose
+    /// connections are refused at once.
+    #[serde(default)]
+    pub no_instance: Vec<MemberView>,
+    /// Whether services with no instance are refused (needs ipset); when not, the proxy
+    /// accepts their connections and resets them.
+    #[serde(default)]
+    pub refuses_empty: bool,
     pub drift: DriftView,
     /// Drift repairs since fluxd started.
     pub repairs: u64,
@@ -39,10 +48,18 @@ pub struct DebugView {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RuleView {
+    /// `nat` or `filter`.
+    #[serde(default = "nat")]
+    pub table: String,
     pub chain: String,
     pub rule: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
+}
+
+/// The table of rules from a fluxd that did not say (it had rules in nat only).
+fn nat() -> String {
+    "nat".into()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -87,6 +104,8 @@ impl DebugView {
             listener: None,
             rules: vec![],
             vips: vec![],
+            no_instance: vec![],
+            refuses_empty: false,
             drift: DriftView::default(),
             repairs: 0,
             services: vec![],
@@ -125,6 +144,7 @@ impl DebugView {
         view.services.sort_by(|a, b| a.service.cmp(&b.service));
         if let Some(rules) = &status.rules {
             view.listener = Some(format!("0.0.0.0:{}", rules.proxy_port));
+            view.refuses_empty = rules.reject_empty;
         }
         // Reading the kernel's rules runs iptables-save and ipset: off the async threads.
         let kernel = tokio::task::spawn_blocking(move || {
@@ -147,18 +167,23 @@ impl DebugView {
                 view.rules = netfilter::annotate(&installed)
                     .into_iter()
                     .map(|a| RuleView {
+                        table: a.table.to_string(),
                         chain: a.chain,
                         rule: a.rule,
                         service: a.service,
                     })
                     .collect();
-                view.vips = netfilter::annotate_set(&installed)
-                    .into_iter()
-                    .map(|m| MemberView {
-                        element: m.element,
-                        service: m.service,
-                    })
-                    .collect();
+                let members = |annotated: Vec<netfilter::AnnotatedMember>| {
+                    annotated
+                        .into_iter()
+                        .map(|m| MemberView {
+                            element: m.element,
+                            service: m.service,
+                        })
+                        .collect()
+                };
+                view.vips = members(netfilter::annotate_set(&installed));
+                view.no_instance = members(netfilter::annotate_empty_set(&installed));
                 match drift {
                     Some(Ok(d)) => {
                         view.drift.clean = d.is_clean();
@@ -194,6 +219,18 @@ fn drift_lines(d: &netfilter::Drift) -> Vec<String> {
     }
     out.extend(d.missing_hooks.iter().map(|r| format!("missing hook: {r}")));
     out.extend(d.extra_hooks.iter().map(|r| format!("extra hook:   {r}")));
+    if d.reject_chain_missing {
+        out.push(format!(
+            "chain {} (filter) is missing",
+            netfilter::REJECT_CHAIN
+        ));
+    }
+    out.extend(
+        d.missing_reject_rules
+            .iter()
+            .map(|r| format!("missing: {r}")),
+    );
+    out.extend(d.extra_reject_rules.iter().map(|r| format!("extra:   {r}")));
     if d.set_missing {
         out.push(format!("set {} is missing", netfilter::VIP_SET));
     }
@@ -201,6 +238,15 @@ fn drift_lines(d: &netfilter::Drift) -> Vec<String> {
         out.push(format!(
             "set {} has the wrong type (not hash:ip,port with comments)",
             netfilter::VIP_SET
+        ));
+    }
+    if d.empty_set_missing {
+        out.push(format!("set {} is missing", netfilter::EMPTY_SET));
+    }
+    if d.empty_set_incompatible {
+        out.push(format!(
+            "set {} has the wrong type (not hash:ip,port with comments)",
+            netfilter::EMPTY_SET
         ));
     }
     out.extend(

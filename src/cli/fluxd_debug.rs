@@ -5,7 +5,22 @@ use std::process::ExitCode;
 
 use crate::api::client::{Client, ClientError, Endpoint, RemoteFlags};
 use crate::api::debug::DebugView;
+use crate::api::debug::MemberView;
 use crate::cli::output::table;
+
+/// A set's members, each with its service.
+fn members(members: &[MemberView]) -> String {
+    let rows: Vec<Vec<String>> = members
+        .iter()
+        .map(|m| {
+            vec![
+                m.service.clone().unwrap_or_else(|| "-".into()),
+                m.element.clone(),
+            ]
+        })
+        .collect();
+    table(&["SERVICE", "VIP"], &rows)
+}
 
 pub async fn main(api: &str, remote: &RemoteFlags, json: bool) -> ExitCode {
     let client = match Endpoint::parse(api)
@@ -54,18 +69,25 @@ fn render(v: &DebugView) -> String {
         v.listener.as_deref().unwrap_or("-"),
         v.revision
     );
-    out.push_str("\nINSTALLED RULES (nat)\n");
-    let rows: Vec<Vec<String>> = v
-        .rules
-        .iter()
-        .map(|r| {
-            vec![
-                r.service.clone().unwrap_or_else(|| "-".into()),
-                r.rule.clone(),
-            ]
-        })
-        .collect();
-    out.push_str(&table(&["SERVICE", "RULE"], &rows));
+    for name in ["nat", "filter"] {
+        let rows: Vec<Vec<String>> = v
+            .rules
+            .iter()
+            .filter(|r| r.table == name)
+            .map(|r| {
+                vec![
+                    r.service.clone().unwrap_or_else(|| "-".into()),
+                    r.rule.clone(),
+                ]
+            })
+            .collect();
+        // nat always, even empty (that itself says something); filter only when flux has
+        // rules there.
+        if name == "nat" || !rows.is_empty() {
+            let _ = writeln!(out, "\nINSTALLED RULES ({name})");
+            out.push_str(&table(&["SERVICE", "RULE"], &rows));
+        }
+    }
     if !v.vips.is_empty() {
         let _ = writeln!(
             out,
@@ -73,17 +95,21 @@ fn render(v: &DebugView) -> String {
             netfilter::VIP_SET,
             v.vips.len()
         );
-        let rows: Vec<Vec<String>> = v
-            .vips
-            .iter()
-            .map(|m| {
-                vec![
-                    m.service.clone().unwrap_or_else(|| "-".into()),
-                    m.element.clone(),
-                ]
-            })
-            .collect();
-        out.push_str(&table(&["SERVICE", "VIP"], &rows));
+        out.push_str(&members(&v.vips));
+    }
+    if !v.no_instance.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nREJECTED (no instance): set {} ({} members), connections refused at once",
+            netfilter::EMPTY_SET,
+            v.no_instance.len()
+        );
+        out.push_str(&members(&v.no_instance));
+    }
+    if v.dataplane && !v.refuses_empty {
+        out.push_str(
+            "\nservices with no instance are not refused (no ipset): the proxy accepts and resets their connections\n",
+        );
     }
     if !v.refused.is_empty() {
         out.push_str("\nREFUSED VIPS (VIP guard: not routed on this host)\n");
@@ -166,4 +192,62 @@ fn render(v: &DebugView) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(refuses_empty: bool) -> DebugView {
+        serde_json::from_value(serde_json::json!({
+            "host": "h1",
+            "dataplane": true,
+            "listener": "0.0.0.0:7171",
+            "rules": [
+                {"table": "nat", "chain": "FLUX-SERVICES", "rule": "-A FLUX-SERVICES -p tcp -m set --match-set flux-empty dst,dst -m comment --comment \"flux no instance\" -j RETURN"},
+                {"chain": "OUTPUT", "rule": "-A OUTPUT -m comment --comment \"flux hook\" -j FLUX-SERVICES"},
+                {"table": "filter", "chain": "FLUX-REJECT", "rule": "-A FLUX-REJECT -p tcp -m set --match-set flux-empty dst,dst -m comment --comment \"flux no instance\" -j REJECT --reject-with tcp-reset"}
+            ],
+            "vips": [{"element": "198.18.0.10,tcp:80", "service": "web"}],
+            "no_instance": [{"element": "198.18.0.11,tcp:80", "service": "idle"}],
+            "refuses_empty": refuses_empty,
+            "drift": {"clean": true, "differences": []},
+            "repairs": 0,
+            "services": [],
+            "skipped": [],
+            "revision": 7
+        }))
+        .expect("a valid view")
+    }
+
+    #[test]
+    fn shows_the_filter_rules_and_the_refused_vips() {
+        let text = render(&view(true));
+        let nat = text.find("INSTALLED RULES (nat)").expect(&text);
+        let filter = text.find("INSTALLED RULES (filter)").expect(&text);
+        let refused = text
+            .find("REJECTED (no instance): set flux-empty (1 members)")
+            .expect(&text);
+        assert!(nat < filter && filter < refused, "{text}");
+        // A rule without a table came from a fluxd with nat rules only.
+        assert!(text[nat..filter].contains("-j FLUX-SERVICES"), "{text}");
+        assert!(text[filter..refused].contains("REJECT --reject-with tcp-reset"));
+        assert!(text[refused..]
+            .lines()
+            .any(|l| l.starts_with("idle") && l.ends_with("198.18.0.11,tcp:80")));
+        assert!(!text.contains("not refused"), "{text}");
+    }
+
+    #[test]
+    fn says_when_services_with_no_instance_are_not_refused() {
+        let mut v = view(false);
+        v.rules.retain(|r| r.table == "nat");
+        v.no_instance.clear();
+        let text = render(&v);
+        assert!(!text.contains("INSTALLED RULES (filter)"), "{text}");
+        assert!(
+            text.contains("services with no instance are not refused (no ipset)"),
+            "{text}"
+        );
+    }
 }

@@ -40,6 +40,29 @@ pub struct Rules {
     /// Whether `conntrack` can be run: without it, connection attempts made before a VIP was
     /// routed are not cleared when it becomes routed (the daemon warns once at start).
     pub conntrack: std::sync::atomic::AtomicBool,
+    /// Whether services with no instance are refused (see [`can_refuse_empty`]).
+    pub reject_empty: bool,
+}
+
+/// Whether connections to services with no instance can be refused at once: that matches the
+/// `flux-empty` ipset, so it needs ipset, which fluxd can otherwise do without when every VIP
+/// lies in a `--vip-range`. Checked once at start; without ipset, says so once, and those
+/// services' connections are accepted and then reset by the proxy.
+pub async fn can_refuse_empty() -> bool {
+    let check = tokio::task::spawn_blocking(|| {
+        netfilter::Netfilter::new(netfilter::CommandRunner::new()).check_ipset()
+    })
+    .await;
+    let error = match check {
+        Ok(Ok(())) => return true,
+        Ok(Err(e)) => e.to_string(),
+        Err(e) => e.to_string(),
+    };
+    tracing::warn!(
+        error = %error,
+        "services with no instance will accept connections and reset them, not refuse them"
+    );
+    false
 }
 
 /// What the controller has done, for the API (`fluxd debug`, `fluxctl query`).
@@ -213,9 +236,13 @@ impl Controller {
             }
             self.reported = state.skipped.clone();
         }
-        let table = routing::route_table(&state, &mut self.built, &self.status.metrics);
+        let table = Arc::new(routing::route_table(
+            &state,
+            &mut self.built,
+            &self.status.metrics,
+        ));
         self.checker.sync(&table);
-        self.status.routes.store(Arc::new(table));
+        self.status.routes.store(table.clone());
         tracing::debug!(took = ?t.elapsed(), "routes built");
         self.read_addresses();
         if let Some(rules) = &self.status.rules {
@@ -229,11 +256,16 @@ impl Controller {
                 &rules.protected_ranges,
             );
             report_guard(&self.status.guard.load(), &verdict);
+            // From the table just stored: the proxy already has the instances a VIP leaving
+            // `flux-empty` is routed to, and a VIP entering it may still see connections
+            // redirected before the change, which the proxy resets.
             let desired = netfilter::render(&routing::desired_rules(
                 &state,
+                &table,
                 rules.proxy_port,
                 &rules.bridge_interfaces,
                 &verdict,
+                rules.reject_empty,
             ));
             self.status.guard.store(Arc::new(verdict));
             let changed = self

@@ -159,24 +159,37 @@ fn labels_of(i: &Instance) -> InstanceLabels {
 /// The rules for `state`, leaving out what the VIP guard refused: a refused service gets no
 /// set member (the proxy table may keep it, but no traffic reaches it), a refused VIP range no
 /// rule (its VIPs then get set members like any VIP outside the ranges).
+///
+/// A `tcp` service with no backend in `routes` (no instance with an address, on any host) is
+/// refused rather than redirected (`rejects`), when `reject_empty`: the proxy could only accept
+/// its connections and reset them, while a refusal tells the client at once. An instance that
+/// failed, or fails its active check, still counts: the proxy tries it as a last resort. An
+/// `http` service is always redirected, so its clients get a `503` they can read.
 pub fn desired_rules(
     state: &State,
+    routes: &RouteTable,
     proxy_port: u16,
     bridge_interfaces: &[String],
     verdict: &guard::Verdict,
+    reject_empty: bool,
 ) -> netfilter::Desired {
+    let (rejects, redirects) = state
+        .services
+        .values()
+        .filter(|s| verdict.allows(&s.name))
+        .filter_map(|s| {
+            // A service without a VIP (edge only) has nothing to redirect or refuse.
+            let entry = netfilter::Redirect {
+                service: s.name.clone(),
+                vip: s.address?,
+            };
+            Some((has_no_instance(s, routes), entry))
+        })
+        .partition::<Vec<_>, _>(|(empty, _)| *empty);
     netfilter::Desired {
-        redirects: state
-            .services
-            .values()
-            .filter(|s| verdict.allows(&s.name))
-            .filter_map(|s| {
-                Some(netfilter::Redirect {
-                    service: s.name.clone(),
-                    vip: s.address?,
-                })
-            })
-            .collect(),
+        redirects: redirects.into_iter().map(|(_, r)| r).collect(),
+        rejects: rejects.into_iter().map(|(_, r)| r).collect(),
+        reject_empty,
         proxy_port,
         bridge_interfaces: bridge_interfaces.to_vec(),
         vip_ranges: verdict
@@ -188,6 +201,15 @@ pub fn desired_rules(
             })
             .collect(),
     }
+}
+
+/// Whether `service` is a `tcp` service the proxy has no instance to send to.
+fn has_no_instance(service: &Service, routes: &RouteTable) -> bool {
+    service.protocol == Protocol::Tcp
+        && routes
+            .by_name
+            .get(&service.name)
+            .is_none_or(|route| route.backends.is_empty())
 }
 
 /// The catalog state with this host's container instances as the Docker agent sees them rather
@@ -235,7 +257,7 @@ fn only_on_its_host(state: &State, own: &str, i: &Instance) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{decode, Host};
+    use crate::model::{decode, Balance, HealthCheck, Host};
 
     fn instance(name: &str, host: &str, address: &str) -> (String, String, Arc<Instance>) {
         let json = serde_json::json!({
@@ -291,5 +313,146 @@ mod tests {
         let local = LocalInstances::new();
         let merged = with_local(&state, "h1", Some(&local));
         assert_eq!(names(&merged), ["gone-host", "h2-ok", "h3-ok"]);
+    }
+
+    fn service(name: &str, vip: &str, protocol: Protocol) -> Arc<Service> {
+        Arc::new(Service {
+            name: name.into(),
+            address: Some(vip.parse().unwrap()),
+            protocol,
+            instance_port: None,
+            balance: Balance::default(),
+            health: None,
+        })
+    }
+
+    /// A state with: `web` (one instance), `idle` (none), `nowhere` (a container with no
+    /// address), `api` (an http service with none), `checked` (one instance failing its active
+    /// check), `mine` (no instance, refused by the VIP guard).
+    fn state() -> State {
+        let mut state = State::default();
+        for s in [
+            service("web", "198.18.0.10:80", Protocol::Tcp),
+            service("idle", "198.18.0.11:80", Protocol::Tcp),
+            service("nowhere", "198.18.0.12:80", Protocol::Tcp),
+            service("api", "198.18.0.13:80", Protocol::Http),
+            service("checked", "198.18.0.14:80", Protocol::Tcp),
+            service("mine", "198.18.0.15:80", Protocol::Tcp),
+        ] {
+            state.services.insert(s.name.clone(), s);
+        }
+        let mut add = |i: Instance| {
+            state
+                .instances
+                .insert((i.service.clone(), i.name.clone()), Arc::new(i));
+        };
+        add(Instance::new_static(
+            "web",
+            "w1",
+            "192.0.2.1:80".parse().unwrap(),
+        ));
+        add(Instance::new_static(
+            "checked",
+            "c1",
+            "192.0.2.2:80".parse().unwrap(),
+        ));
+        add(Instance {
+            address: None,
+            ..Instance::new_static("nowhere", "n1", "192.0.2.3:80".parse().unwrap())
+        });
+        state
+    }
+
+    fn verdict() -> guard::Verdict {
+        let mut verdict = guard::Verdict::default();
+        verdict.refused.insert(
+            "mine".into(),
+            guard::RefusedVip {
+                service: "mine".into(),
+                vip: "198.18.0.15:80".parse().unwrap(),
+                reason: "is 198.18.0.15, an address of g0".into(),
+            },
+        );
+        verdict
+    }
+
+    fn names(entries: &[netfilter::Redirect]) -> Vec<&str> {
+        let mut names: Vec<&str> = entries.iter().map(|r| r.service.as_str()).collect();
+        names.sort_unstable();
+        names
+    }
+
+    #[test]
+    fn tcp_services_with_no_backend_are_refused() {
+        let state = state();
+        let table = route_table(&state, &mut Built::default(), &Metrics::new());
+        // An instance failing its active check is still an instance (panic mode tries it).
+        let check = HealthCheck {
+            fall: 1,
+            ..HealthCheck::tcp()
+        };
+        let checked = &table.by_name["checked"].backends[0];
+        checked.health.check_started(&check);
+        checked.health.check_result(&check, Err("refused".into()));
+        checked.health.failed();
+        assert!(checked.health.check_failing());
+
+        let desired = desired_rules(&state, &table, 7171, &[], &verdict(), true);
+        assert_eq!(names(&desired.rejects), ["idle", "nowhere"]);
+        assert_eq!(names(&desired.redirects), ["api", "checked", "web"]);
+        assert!(desired.reject_empty);
+        let idle = desired
+            .rejects
+            .iter()
+            .find(|r| r.service == "idle")
+            .unwrap();
+        assert_eq!(idle.vip, "198.18.0.11:80".parse().unwrap());
+
+        // Rendered: the refused VIPs are flux-empty members, not flux-vips ones; the guard's
+        // refusal gets neither.
+        let rs = netfilter::render(&desired);
+        assert_eq!(rs.empty_members().len(), 2);
+        assert_eq!(rs.set_members().len(), 3);
+        assert!(!rs
+            .set_members()
+            .iter()
+            .chain(rs.empty_members())
+            .any(|m| m.contains("flux:mine")));
+    }
+
+    #[test]
+    fn without_refusals_every_allowed_service_is_listed_for_the_renderer() {
+        let state = state();
+        let table = route_table(&state, &mut Built::default(), &Metrics::new());
+        let desired = desired_rules(&state, &table, 7171, &[], &verdict(), false);
+        assert!(!desired.reject_empty);
+        // Listed apart still; render redirects them since refusals are off.
+        let rs = netfilter::render(&desired);
+        assert_eq!(rs.set_members().len(), 5);
+        assert!(rs.empty_members().is_empty() && rs.reject_rules().is_empty());
+    }
+
+    #[test]
+    fn an_instance_arriving_or_leaving_moves_the_vip() {
+        let mut state = state();
+        let mut built = Built::default();
+        let metrics = Metrics::new();
+        state.instances.insert(
+            ("idle".into(), "i1".into()),
+            Arc::new(Instance::new_static(
+                "idle",
+                "i1",
+                "192.0.2.9:80".parse().unwrap(),
+            )),
+        );
+        let table = route_table(&state, &mut built, &metrics);
+        let desired = desired_rules(&state, &table, 7171, &[], &verdict(), true);
+        assert_eq!(names(&desired.rejects), ["nowhere"]);
+        state
+            .instances
+            .remove(&("web".to_string(), "w1".to_string()));
+        let table = route_table(&state, &mut built, &metrics);
+        let desired = desired_rules(&state, &table, 7171, &[], &verdict(), true);
+        assert_eq!(names(&desired.rejects), ["nowhere", "web"]);
     }
 }

@@ -107,6 +107,7 @@ pub(super) async fn start_dataplane(
         vip_ranges: config.vip_ranges.clone(),
         protected_ranges: config.protected_ranges.clone(),
         protected_addresses: etcd_addresses(&config.store).await,
+        reject_empty: crate::controller::can_refuse_empty().await,
     };
     let status = Status::new(routes, Some(rules));
     let mut controller = Controller::new(status.clone(), config.host_name.clone(), local);

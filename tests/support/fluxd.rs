@@ -19,6 +19,8 @@ pub struct Fluxd {
     /// RLIMIT_NOFILE (soft and hard) to start the daemon with (`set_fd_limit`); None keeps
     /// the test process's own.
     fd_limit: Option<u64>,
+    /// Environment variables to start the daemon with (`set_env`).
+    env: Vec<(String, String)>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -149,8 +151,15 @@ impl Fluxd {
             args,
             listen_fd: None,
             fd_limit: None,
+            env: Vec::new(),
             _tmp: None,
         }
+    }
+
+    /// Starts (or restarts) the daemon with `key=value` in its environment (e.g. a `PATH`
+    /// without some program).
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.push((key.into(), value.into()));
     }
 
     pub fn start(&mut self) {
@@ -215,6 +224,7 @@ impl Fluxd {
             }
         }
         cmd.arg(env!("CARGO_BIN_EXE_fluxd"));
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let child = cmd
             .args(&self.args)
             .env_remove("FLUXD_STORE")

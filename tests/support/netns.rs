@@ -79,6 +79,32 @@ impl Netns {
         lines.join("\n")
     }
 
+    /// `ipset save flux-empty` (the VIPs refused because their service has no instance) inside
+    /// the namespace, members sorted; empty when the set does not exist.
+    pub fn empty_set(&self) -> String {
+        let out = self.exec(&["ipset", "save", "flux-empty"]);
+        let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        lines.sort();
+        lines.join("\n")
+    }
+
+    /// `iptables-save -t filter` inside the namespace, normalised as [`Netns::nat_table`].
+    pub fn filter_table(&self) -> String {
+        let out = self.exec(&["iptables-save", "-t", "filter"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| match l.find(" [") {
+                Some(i) if l.starts_with(':') => &l[..i],
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// Runs `f` on a thread inside the namespace and returns its result.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         self.spawn(f).join().expect("thread in namespace panicked")
