@@ -205,3 +205,7 @@ pub fn with_local(state: &State, host: &str, local: Option<&LocalInstances>) -> 
     }
     merged
 }
+
+#[cfg(test)]
+#[path = "routing_tests.rs"]
+mod tests;
