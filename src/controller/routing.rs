@@ -96,12 +96,17 @@ fn build_service(
                 Some(k) if k.labels == labels && k.metrics.http.is_some() == http => k,
                 // Same labels with another protocol share the series (an http -> tcp change
                 // leaves the per-request series until the instance goes).
-                _ => Kept {
-                    health: Arc::default(),
-                    metrics: metrics.instance(&labels, http),
-                    labels,
-                    pool: Arc::default(),
-                },
+                stale => {
+                    // Series under labels the record no longer has (same name and address,
+                    // another tag, say) are forgotten below, like those of instances that left.
+                    old.extend(stale.map(|s| (key.clone(), s)));
+                    Kept {
+                        health: Arc::default(),
+                        metrics: metrics.instance(&labels, http),
+                        labels,
+                        pool: Arc::default(),
+                    }
+                }
             };
             kept.insert(key, k.clone());
             Some(Arc::new(Backend {

@@ -870,3 +870,35 @@ fn a_service_that_turns_http_keeps_its_instances_series_and_adds_per_request_one
     assert!(backend(&after, "web", "w1").metrics.http.is_some());
     assert_eq!(connections(&metrics, "web", "w1").as_deref(), Some("1"));
 }
+
+#[test]
+fn an_instance_whose_labels_change_leaves_no_series_under_its_old_labels() {
+    // Same name and address, another image tag (a record rewritten by a newer agent, say): the
+    // series are now under the new tag, and nothing is left under the old one.
+    let (metrics, mut built) = (Metrics::new(), Built::default());
+    let c1 = container("web", "c1", "host-b", Some("10.0.0.2:32768"));
+    let state = state()
+        .service(service("web", "198.18.0.10:80"))
+        .instance(c1.clone())
+        .build();
+    route_table(&state, &mut built, &metrics);
+    let mut retagged = c1;
+    if let Some(c) = retagged.container.as_mut() {
+        c.tag = "v2".into();
+    }
+    let state = with_instance(&state, retagged);
+    route_table(&state, &mut built, &metrics);
+    let series = series_of(&metrics, "web", "c1");
+    let tagged = |tag: &str| -> Vec<&String> {
+        let label = format!(r#"tag="{tag}""#);
+        series.iter().filter(|l| l.contains(&label)).collect()
+    };
+    assert!(!tagged("v2").is_empty(), "{series:#?}");
+    let stale = tagged("v1");
+    assert!(
+        stale.is_empty(),
+        "{} lines left under the old tag, the first: {}",
+        stale.len(),
+        stale[0]
+    );
+}
