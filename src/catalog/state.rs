@@ -328,4 +328,290 @@ mod tests {
         assert_eq!(s.rules_of("web").count(), 1);
         assert_eq!(s.rules_of("web-2").count(), 1);
     }
+
+    // What follows checks each way a record is placed or skipped, with the exact report.
+
+    /// A record written at `create` and last modified at `modified`.
+    fn kv_at(key: &str, value: &str, create: i64, modified: i64) -> KeyValue {
+        KeyValue {
+            mod_revision: modified,
+            ..kv(key, value, create)
+        }
+    }
+
+    fn service_json(name: &str, vip: &str) -> String {
+        format!(r#"{{"name":"{name}","address":"{vip}"}}"#)
+    }
+
+    fn rule_json(service: &str, name: &str) -> String {
+        format!(r#"{{"service":"{service}","name":"{name}","selector":{{"image":"nginx"}}}}"#)
+    }
+
+    fn instance_json(service: &str, name: &str, address: &str) -> String {
+        format!(
+            r#"{{"service":"{service}","name":"{name}","origin":"static","address":"{address}"}}"#
+        )
+    }
+
+    fn host_json(name: &str) -> String {
+        format!(r#"{{"name":"{name}","ip":"192.0.2.1","version":"test","started_at":0}}"#)
+    }
+
+    fn from_kvs(kvs: &[KeyValue]) -> State {
+        State::from_kvs(kvs.iter(), 100, &mut Decoded::default())
+    }
+
+    fn names<T>(map: &BTreeMap<String, T>) -> Vec<&str> {
+        map.keys().map(String::as_str).collect()
+    }
+
+    fn pairs<T>(map: &BTreeMap<(String, String), T>) -> Vec<String> {
+        map.keys().map(|(s, n)| format!("{s}/{n}")).collect()
+    }
+
+    #[test]
+    fn a_skipped_record_is_reported_with_its_key_and_reason() {
+        let s = from_kvs(&[
+            kv("services/web", &service_json("web", "10.0.0.1:80"), 1),
+            kv("services/lo", &service_json("lo", "127.0.0.1:80"), 2),
+            kv("services/junk", "not json", 3),
+            kv(
+                "services/extra",
+                r#"{"name":"extra","address":"10.0.0.3:80","colour":"red"}"#,
+                4,
+            ),
+            kv(
+                "rules/web/empty",
+                r#"{"service":"web","name":"empty","selector":{}}"#,
+                5,
+            ),
+            kv(
+                "instances/web/nowhere",
+                r#"{"service":"web","name":"nowhere","origin":"static"}"#,
+                6,
+            ),
+        ]);
+        assert_eq!(names(&s.services), ["web"]);
+        assert_eq!(
+            s.skipped,
+            [
+                r#"services/lo: address: must not be a loopback address (got "127.0.0.1:80")"#,
+                "services/junk: body: expected ident",
+                "services/extra: colour: unknown field `colour`, expected one of `name`, `address`, `protocol`, `instance_port`, `balance`, `health`",
+                "rules/web/empty: selector: give at least one of image, tag, labels, env",
+                "instances/web/nowhere: address: a static instance needs one",
+            ]
+        );
+        assert_eq!((s.rules.len(), s.instances.len()), (0, 0));
+    }
+
+    #[test]
+    fn a_record_that_contradicts_its_key_is_skipped() {
+        let s = from_kvs(&[
+            kv("services/web", &service_json("api", "10.0.0.1:80"), 1),
+            kv("services/api", &service_json("api", "10.0.0.2:80"), 2),
+            kv("rules/api/a", &rule_json("api", "b"), 3),
+            kv("rules/api/c", &rule_json("web", "c"), 4),
+            kv(
+                "instances/api/i1",
+                &instance_json("api", "i2", "192.0.2.1:80"),
+                5,
+            ),
+            kv("hosts/h1", &host_json("h2"), 6),
+        ]);
+        assert_eq!(names(&s.services), ["api"]);
+        assert_eq!(s.services["api"].address_text(), "10.0.0.2:80");
+        assert_eq!((s.rules.len(), s.instances.len(), s.hosts.len()), (0, 0, 0));
+        assert_eq!(
+            s.skipped,
+            [
+                r#"services/web: name "api" does not match its key"#,
+                r#"rules/api/a: service/name "api/b" does not match its key"#,
+                r#"rules/api/c: service/name "web/c" does not match its key"#,
+                r#"instances/api/i1: service/name "api/i2" does not match its key"#,
+                r#"hosts/h1: name "h2" does not match its key"#,
+            ]
+        );
+    }
+
+    #[test]
+    fn rules_and_instances_of_a_missing_service_are_skipped() {
+        let s = from_kvs(&[
+            kv("services/web", &service_json("web", "10.0.0.1:80"), 1),
+            // Loses the VIP to web, and takes its records down with it.
+            kv("services/copy", &service_json("copy", "10.0.0.1:80"), 2),
+            kv("rules/gone/v1", &rule_json("gone", "v1"), 3),
+            kv(
+                "instances/gone/i1",
+                &instance_json("gone", "i1", "192.0.2.1:80"),
+                4,
+            ),
+            kv("rules/copy/v1", &rule_json("copy", "v1"), 5),
+            kv(
+                "instances/copy/i1",
+                &instance_json("copy", "i1", "192.0.2.2:80"),
+                6,
+            ),
+            kv("rules/web/v1", &rule_json("web", "v1"), 7),
+        ]);
+        assert_eq!(names(&s.services), ["web"]);
+        assert_eq!(pairs(&s.rules), ["web/v1"]);
+        assert_eq!(pairs(&s.instances), Vec::<String>::new());
+        assert_eq!(
+            s.skipped,
+            [
+                "services/copy: address 10.0.0.1:80 is already used by service web",
+                "rules/gone/v1: service gone does not exist",
+                "instances/gone/i1: service gone does not exist",
+                "rules/copy/v1: service copy does not exist",
+                "instances/copy/i1: service copy does not exist",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_vip_clash_goes_to_the_older_service_whatever_the_key_order() {
+        // alpha sorts first by key but was created later; zeta was rewritten since, which does
+        // not make it younger.
+        let zeta = kv_at("services/zeta", &service_json("zeta", "10.0.0.1:80"), 3, 9);
+        let alpha = kv("services/alpha", &service_json("alpha", "10.0.0.1:80"), 7);
+        for kvs in [[zeta.clone(), alpha.clone()], [alpha, zeta]] {
+            let s = from_kvs(&kvs);
+            assert_eq!(names(&s.services), ["zeta"]);
+            assert_eq!(
+                s.skipped,
+                ["services/alpha: address 10.0.0.1:80 is already used by service zeta"]
+            );
+        }
+    }
+
+    #[test]
+    fn records_are_placed_whatever_their_order_and_revisions() {
+        // A foreign writer may have written the rule and instance before their service.
+        let s = from_kvs(&[
+            kv(
+                "instances/web/i1",
+                &instance_json("web", "i1", "192.0.2.1:80"),
+                1,
+            ),
+            kv("rules/web/v1", &rule_json("web", "v1"), 2),
+            kv("hosts/h1", &host_json("h1"), 3),
+            kv("services/web", &service_json("web", "10.0.0.1:80"), 4),
+        ]);
+        assert_eq!(s.skipped, Vec::<String>::new());
+        assert_eq!(names(&s.services), ["web"]);
+        assert_eq!(pairs(&s.rules), ["web/v1"]);
+        assert_eq!(pairs(&s.instances), ["web/i1"]);
+        assert_eq!(names(&s.hosts), ["h1"]);
+        assert_eq!(s.revision, 100);
+    }
+
+    #[test]
+    fn vip_claims_and_keys_of_unknown_kinds_are_ignored() {
+        let s = from_kvs(&[
+            kv("services/web", &service_json("web", "10.0.0.1:80"), 1),
+            // The claim holds the owner's bare name, not JSON.
+            kv("vips/10.0.0.1:80", "web", 1),
+            kv("vips/10.0.0.9:80", "gone", 2),
+            kv("config/something", "\u{0}binary", 3),
+            kv("servicesx", "not json", 4),
+        ]);
+        assert_eq!(names(&s.services), ["web"]);
+        assert_eq!(s.skipped, Vec::<String>::new());
+        assert_eq!((s.rules.len(), s.instances.len(), s.hosts.len()), (0, 0, 0));
+    }
+
+    #[test]
+    fn unchanged_records_are_shared_between_states() {
+        let mut kvs = [
+            kv("services/web", &service_json("web", "10.0.0.1:80"), 1),
+            kv("rules/web/v1", &rule_json("web", "v1"), 2),
+            kv(
+                "instances/web/i1",
+                &instance_json("web", "i1", "192.0.2.1:80"),
+                3,
+            ),
+            kv(
+                "instances/web/i2",
+                &instance_json("web", "i2", "192.0.2.2:80"),
+                4,
+            ),
+            kv("hosts/h1", &host_json("h1"), 5),
+        ];
+        let mut cache = Decoded::default();
+        let before = State::from_kvs(kvs.iter(), 5, &mut cache);
+        // i2 is written again at revision 6.
+        kvs[3] = kv_at(
+            "instances/web/i2",
+            &instance_json("web", "i2", "192.0.2.9:80"),
+            4,
+            6,
+        );
+        let after = State::from_kvs(kvs.iter(), 6, &mut cache);
+        let key = |s: &str, n: &str| (s.to_string(), n.to_string());
+        assert!(Arc::ptr_eq(&before.services["web"], &after.services["web"]));
+        assert!(Arc::ptr_eq(
+            &before.rules[&key("web", "v1")],
+            &after.rules[&key("web", "v1")]
+        ));
+        assert!(Arc::ptr_eq(&before.hosts["h1"], &after.hosts["h1"]));
+        let i1 = key("web", "i1");
+        assert!(Arc::ptr_eq(&before.instances[&i1], &after.instances[&i1]));
+        let i2 = key("web", "i2");
+        assert!(!Arc::ptr_eq(&before.instances[&i2], &after.instances[&i2]));
+        assert_eq!(
+            after.instances[&i2]
+                .address
+                .map(|a| a.to_string())
+                .as_deref(),
+            Some("192.0.2.9:80")
+        );
+    }
+
+    #[test]
+    fn instances_of_a_service_do_not_include_prefix_siblings() {
+        let s = from_kvs(&[
+            kv("services/web", &service_json("web", "10.0.0.1:80"), 1),
+            kv("services/web-2", &service_json("web-2", "10.0.0.2:80"), 2),
+            kv("services/we", &service_json("we", "10.0.0.3:80"), 3),
+            kv(
+                "instances/web/a",
+                &instance_json("web", "a", "192.0.2.1:80"),
+                4,
+            ),
+            kv(
+                "instances/web/b",
+                &instance_json("web", "b", "192.0.2.2:80"),
+                5,
+            ),
+            kv(
+                "instances/web-2/c",
+                &instance_json("web-2", "c", "192.0.2.3:80"),
+                6,
+            ),
+        ]);
+        let of =
+            |service| -> Vec<&str> { s.instances_of(service).map(|i| i.name.as_str()).collect() };
+        let records_of = |service| -> Vec<&str> {
+            s.instance_records_of(service)
+                .map(|i| i.name.as_str())
+                .collect()
+        };
+        assert_eq!(of("web"), ["a", "b"]);
+        assert_eq!(of("web-2"), ["c"]);
+        assert_eq!(of("we"), Vec::<&str>::new());
+        assert_eq!(records_of("web"), ["a", "b"]);
+        assert_eq!(records_of("web-2"), ["c"]);
+        assert_eq!(records_of("we"), Vec::<&str>::new());
+        // The records are the State's own, shared.
+        let a = ("web".to_string(), "a".to_string());
+        assert!(Arc::ptr_eq(
+            s.instance_records_of("web")
+                .next()
+                .expect("web has instances"),
+            &s.instances[&a]
+        ));
+        let rules: Vec<&str> = s.rules_of("we").map(|r| r.name.as_str()).collect();
+        assert_eq!(rules, Vec::<&str>::new());
+    }
 }

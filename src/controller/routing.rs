@@ -100,12 +100,17 @@ fn build_service(
                 Some(k) if k.labels == labels && k.metrics.http.is_some() == http => k,
                 // Same labels with another protocol share the series (an http -> tcp change
                 // leaves the per-request series until the instance goes).
-                _ => Kept {
-                    health: Arc::default(),
-                    metrics: metrics.instance(&labels, http),
-                    labels,
-                    pool: Arc::default(),
-                },
+                stale => {
+                    // Series under labels the record no longer has (same name and address,
+                    // another tag, say) are forgotten below, like those of instances that left.
+                    old.extend(stale.map(|s| (key.clone(), s)));
+                    Kept {
+                        health: Arc::default(),
+                        metrics: metrics.instance(&labels, http),
+                        labels,
+                        pool: Arc::default(),
+                    }
+                }
             };
             kept.insert(key, k.clone());
             Some(Arc::new(Backend {
@@ -255,204 +260,5 @@ fn only_on_its_host(state: &State, own: &str, i: &Instance) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::{decode, Balance, HealthCheck, Host};
-
-    fn instance(name: &str, host: &str, address: &str) -> (String, String, Arc<Instance>) {
-        let json = serde_json::json!({
-            "service": "web", "name": name, "origin": "container", "host": host,
-            "container": { "id": name, "name": name, "image": "i", "tag": "t" },
-            "address": address,
-        });
-        let i: Instance = decode(json.to_string().as_bytes()).unwrap();
-        ("web".into(), name.into(), Arc::new(i))
-    }
-
-    fn host(name: &str, ip: &str, mode: NetworkMode) -> Arc<Host> {
-        Arc::new(Host {
-            name: name.into(),
-            ip: ip.parse().unwrap(),
-            network_mode: mode,
-            version: "0".into(),
-            commit: None,
-            started_at: 0,
-            http: None,
-        })
-    }
-
-    #[test]
-    fn other_hosts_addresses_only_they_reach_are_not_routed_here() {
-        let mut state = State::default();
-        let web: Service = decode(br#"{"name":"web","address":"198.18.0.10:80"}"#).unwrap();
-        state.services.insert("web".into(), Arc::new(web));
-        state
-            .hosts
-            .insert("h1".into(), host("h1", "192.0.2.1", NetworkMode::Local));
-        state
-            .hosts
-            .insert("h2".into(), host("h2", "192.0.2.2", NetworkMode::Local));
-        state
-            .hosts
-            .insert("h3".into(), host("h3", "192.0.2.3", NetworkMode::Global));
-        for (service, name, i) in [
-            instance("mine", "h1", "127.0.0.1:49153"),
-            instance("h2-lo", "h2", "127.0.0.1:49153"),
-            instance("h2-bridge", "h2", "172.17.0.1:49154"),
-            instance("h2-ok", "h2", "192.0.2.2:49155"),
-            instance("h3-ok", "h3", "10.32.0.5:80"),
-            instance("gone-host", "h4", "127.0.0.1:49156"),
-        ] {
-            state.instances.insert((service, name), i);
-        }
-        let names =
-            |s: &State| -> Vec<String> { s.instances.keys().map(|(_, n)| n.clone()).collect() };
-        // Before the agent's first listing this host's own record stands; after, its view.
-        let merged = with_local(&state, "h1", None);
-        assert_eq!(names(&merged), ["gone-host", "h2-ok", "h3-ok", "mine"]);
-        let local = LocalInstances::new();
-        let merged = with_local(&state, "h1", Some(&local));
-        assert_eq!(names(&merged), ["gone-host", "h2-ok", "h3-ok"]);
-    }
-
-    fn service(name: &str, vip: &str, protocol: Protocol) -> Arc<Service> {
-        Arc::new(Service {
-            name: name.into(),
-            address: Some(vip.parse().unwrap()),
-            protocol,
-            instance_port: None,
-            balance: Balance::default(),
-            health: None,
-        })
-    }
-
-    /// A state with: `web` (one instance), `idle` (none), `nowhere` (a container with no
-    /// address), `api` (an http service with none), `checked` (one instance failing its active
-    /// check), `mine` (no instance, refused by the VIP guard).
-    fn state() -> State {
-        let mut state = State::default();
-        for s in [
-            service("web", "198.18.0.10:80", Protocol::Tcp),
-            service("idle", "198.18.0.11:80", Protocol::Tcp),
-            service("nowhere", "198.18.0.12:80", Protocol::Tcp),
-            service("api", "198.18.0.13:80", Protocol::Http),
-            service("checked", "198.18.0.14:80", Protocol::Tcp),
-            service("mine", "198.18.0.15:80", Protocol::Tcp),
-        ] {
-            state.services.insert(s.name.clone(), s);
-        }
-        let mut add = |i: Instance| {
-            state
-                .instances
-                .insert((i.service.clone(), i.name.clone()), Arc::new(i));
-        };
-        add(Instance::new_static(
-            "web",
-            "w1",
-            "192.0.2.1:80".parse().unwrap(),
-        ));
-        add(Instance::new_static(
-            "checked",
-            "c1",
-            "192.0.2.2:80".parse().unwrap(),
-        ));
-        add(Instance {
-            address: None,
-            ..Instance::new_static("nowhere", "n1", "192.0.2.3:80".parse().unwrap())
-        });
-        state
-    }
-
-    fn verdict() -> guard::Verdict {
-        let mut verdict = guard::Verdict::default();
-        verdict.refused.insert(
-            "mine".into(),
-            guard::RefusedVip {
-                service: "mine".into(),
-                vip: "198.18.0.15:80".parse().unwrap(),
-                reason: "is 198.18.0.15, an address of g0".into(),
-            },
-        );
-        verdict
-    }
-
-    fn names(entries: &[netfilter::Redirect]) -> Vec<&str> {
-        let mut names: Vec<&str> = entries.iter().map(|r| r.service.as_str()).collect();
-        names.sort_unstable();
-        names
-    }
-
-    #[test]
-    fn tcp_services_with_no_backend_are_refused() {
-        let state = state();
-        let table = route_table(&state, &mut Built::default(), &Metrics::new());
-        // An instance failing its active check is still an instance (panic mode tries it).
-        let check = HealthCheck {
-            fall: 1,
-            ..HealthCheck::tcp()
-        };
-        let checked = &table.by_name["checked"].backends[0];
-        checked.health.check_started(&check);
-        checked.health.check_result(&check, Err("refused".into()));
-        checked.health.failed();
-        assert!(checked.health.check_failing());
-
-        let desired = desired_rules(&state, &table, 7171, &[], &verdict(), true);
-        assert_eq!(names(&desired.rejects), ["idle", "nowhere"]);
-        assert_eq!(names(&desired.redirects), ["api", "checked", "web"]);
-        assert!(desired.reject_empty);
-        let idle = desired
-            .rejects
-            .iter()
-            .find(|r| r.service == "idle")
-            .unwrap();
-        assert_eq!(idle.vip, "198.18.0.11:80".parse().unwrap());
-
-        // Rendered: the refused VIPs are flux-empty members, not flux-vips ones; the guard's
-        // refusal gets neither.
-        let rs = netfilter::render(&desired);
-        assert_eq!(rs.empty_members().len(), 2);
-        assert_eq!(rs.set_members().len(), 3);
-        assert!(!rs
-            .set_members()
-            .iter()
-            .chain(rs.empty_members())
-            .any(|m| m.contains("flux:mine")));
-    }
-
-    #[test]
-    fn without_refusals_every_allowed_service_is_listed_for_the_renderer() {
-        let state = state();
-        let table = route_table(&state, &mut Built::default(), &Metrics::new());
-        let desired = desired_rules(&state, &table, 7171, &[], &verdict(), false);
-        assert!(!desired.reject_empty);
-        // Listed apart still; render redirects them since refusals are off.
-        let rs = netfilter::render(&desired);
-        assert_eq!(rs.set_members().len(), 5);
-        assert!(rs.empty_members().is_empty() && rs.reject_rules().is_empty());
-    }
-
-    #[test]
-    fn an_instance_arriving_or_leaving_moves_the_vip() {
-        let mut state = state();
-        let mut built = Built::default();
-        let metrics = Metrics::new();
-        state.instances.insert(
-            ("idle".into(), "i1".into()),
-            Arc::new(Instance::new_static(
-                "idle",
-                "i1",
-                "192.0.2.9:80".parse().unwrap(),
-            )),
-        );
-        let table = route_table(&state, &mut built, &metrics);
-        let desired = desired_rules(&state, &table, 7171, &[], &verdict(), true);
-        assert_eq!(names(&desired.rejects), ["nowhere"]);
-        state
-            .instances
-            .remove(&("web".to_string(), "w1".to_string()));
-        let table = route_table(&state, &mut built, &metrics);
-        let desired = desired_rules(&state, &table, 7171, &[], &verdict(), true);
-        assert_eq!(names(&desired.rejects), ["nowhere", "web"]);
-    }
-}
+#[path = "routing_tests.rs"]
+mod tests;
