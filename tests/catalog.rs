@@ -40,7 +40,7 @@ async fn temp_store() -> TempStore {
 fn service(name: &str, vip: &str) -> Service {
     Service {
         name: name.into(),
-        address: vip.parse().expect("test VIPs are valid"),
+        address: Some(vip.parse().expect("test VIPs are valid")),
         protocol: Default::default(),
         instance_port: None,
         balance: Default::default(),
@@ -281,6 +281,7 @@ async fn a_host_is_registered_on_the_session_and_leaves_with_it() {
         ip: "192.0.2.1".parse().expect("valid"),
         network_mode: Default::default(),
         version: "test".into(),
+        commit: None,
         started_at: 1,
         http: None,
     };
