@@ -185,7 +185,6 @@ fn a_new_state_replaces_rules_and_hooks() {
 #[test]
 fn damage_is_detected_and_repaired() {
     let output_hook = r#"-A OUTPUT -m comment --comment "flux hook" -j FLUX-SERVICES"#;
-    type Check = fn(&netfilter::Drift) -> bool;
     let nat = |args: &[&'static str]| {
         let mut v = vec!["iptables", "-t", "nat"];
         v.extend_from_slice(args);
@@ -277,26 +276,9 @@ fn damage_is_detected_and_repaired() {
     let nf = ns.netfilter();
     let rs = render(&sample());
     nf.apply(&rs).expect("apply");
-    let clean = (ns.save(), ns.sets());
-    assert!(clean.0.contains(output_hook));
+    assert!(ns.save().contains(output_hook));
 
-    for (what, commands, check) in cases {
-        for args in commands {
-            ns.exec(&args);
-        }
-        let drift = nf.drift(&rs).expect("drift");
-        assert!(check(&drift), "{what}: unexpected drift {drift:?}");
-        nf.apply(&rs).expect("repair");
-        assert!(
-            nf.drift(&rs).expect("drift").is_clean(),
-            "{what}: not repaired"
-        );
-        assert_eq!(
-            (ns.save(), ns.sets()),
-            clean,
-            "{what}: repaired state differs"
-        );
-    }
+    damage_and_repair(&ns, &nf, &rs, cases, |_| {});
 
     // The whole table deleted (not only its rules), as `nft flush ruleset` would; the set
     // lives on, outside nftables.
@@ -947,7 +929,6 @@ fn a_refused_vip_inside_a_range_is_not_redirected_by_the_range() {
 /// apply repairs it to the very same kernel state, refusing again.
 #[test]
 fn refusal_damage_is_detected_and_repaired() {
-    type Check = fn(&netfilter::Drift) -> bool;
     let filter = |args: &[&'static str]| {
         let mut v = vec!["iptables", "-t", "filter"];
         v.extend_from_slice(args);
@@ -1053,17 +1034,43 @@ fn refusal_damage_is_detected_and_repaired() {
         &[],
     ));
     nf.apply(&rs).expect("apply");
-    let clean = (ns.save(), ns.sets());
     let idle: SocketAddrV4 = "198.18.0.12:80".parse().expect("valid");
+    damage_and_repair(&ns, &nf, &rs, cases, |what| {
+        let refused = ns.enter(|| try_connect(idle).err());
+        assert_eq!(
+            refused,
+            Some(std::io::ErrorKind::ConnectionRefused),
+            "{what}: not refused after repair"
+        );
+    });
+}
+
+/// What a damage case expects of the drift it causes.
+type Check = fn(&netfilter::Drift) -> bool;
+
+/// A damage case: its name, the commands that do the damage, and the drift expected.
+type DamageCase<'a> = (&'a str, Vec<Vec<&'a str>>, Check);
+
+/// For each case: run its commands (the damage), check the drift it causes, repair with one
+/// apply, and check that the kernel is back to exactly what the first apply left; `after` runs
+/// once each case is repaired.
+fn damage_and_repair(
+    ns: &Netns,
+    nf: &netfilter::Netfilter,
+    rs: &netfilter::Ruleset,
+    cases: Vec<DamageCase>,
+    after: impl Fn(&str),
+) {
+    let clean = (ns.save(), ns.sets());
     for (what, commands, check) in cases {
         for args in commands {
             ns.exec(&args);
         }
-        let drift = nf.drift(&rs).expect("drift");
+        let drift = nf.drift(rs).expect("drift");
         assert!(check(&drift), "{what}: unexpected drift {drift:?}");
-        nf.apply(&rs).expect("repair");
+        nf.apply(rs).expect("repair");
         assert!(
-            nf.drift(&rs).expect("drift").is_clean(),
+            nf.drift(rs).expect("drift").is_clean(),
             "{what}: not repaired"
         );
         assert_eq!(
@@ -1071,12 +1078,7 @@ fn refusal_damage_is_detected_and_repaired() {
             clean,
             "{what}: repaired state differs"
         );
-        let refused = ns.enter(|| try_connect(idle).err());
-        assert_eq!(
-            refused,
-            Some(std::io::ErrorKind::ConnectionRefused),
-            "{what}: not refused after repair"
-        );
+        after(what);
     }
 }
 

@@ -70,19 +70,17 @@ impl Netns {
     /// `ipset save flux-vips` inside the namespace, members sorted (they come in hash order);
     /// empty when the set does not exist.
     pub fn vip_set(&self) -> String {
-        let out = self.exec(&["ipset", "save", "flux-vips"]);
-        let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(str::to_string)
-            .collect();
-        lines.sort();
-        lines.join("\n")
+        self.ipset_save("flux-vips")
     }
 
     /// `ipset save flux-empty` (the VIPs refused because their service has no instance) inside
     /// the namespace, members sorted; empty when the set does not exist.
     pub fn empty_set(&self) -> String {
-        let out = self.exec(&["ipset", "save", "flux-empty"]);
+        self.ipset_save("flux-empty")
+    }
+
+    fn ipset_save(&self, set: &str) -> String {
+        let out = self.exec(&["ipset", "save", set]);
         let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
             .lines()
             .map(str::to_string)
