@@ -195,6 +195,16 @@ impl EtcdStore {
         }
     }
 
+    /// etcd's answer for one key, as it is (with its lease, which `KeyValue` leaves out).
+    async fn get_one(&self, key: &str) -> Result<etcd_client::GetResponse> {
+        self.check_open()?;
+        once_more_if_token_refused(|| async {
+            let mut kv = self.core.client.kv_client();
+            self.core.call(kv.get(self.core.abs(key), None)).await
+        })
+        .await
+    }
+
     fn stop_tasks(&self) {
         self.tasks().drain(..).for_each(|t| t.abort());
     }
@@ -209,12 +219,7 @@ impl Drop for EtcdStore {
 #[async_trait]
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
-        self.check_open()?;
-        let response = once_more_if_token_refused(|| async {
-            let mut kv = self.core.client.kv_client();
-            self.core.call(kv.get(self.core.abs(key), None)).await
-        })
-        .await?;
+        let response = self.get_one(key).await?;
         Ok(response.kvs().first().and_then(|kv| self.core.convert(kv)))
     }
 
@@ -222,12 +227,7 @@ impl Store for EtcdStore {
     /// renewal resets what is left, so their difference is the time since the last renewal
     /// (to the second, etcd's unit).
     async fn last_renewed(&self, key: &str) -> Result<Option<SystemTime>> {
-        self.check_open()?;
-        let response = once_more_if_token_refused(|| async {
-            let mut kv = self.core.client.kv_client();
-            self.core.call(kv.get(self.core.abs(key), None)).await
-        })
-        .await?;
+        let response = self.get_one(key).await?;
         let lease = match response.kvs().first() {
             Some(kv) if kv.lease() != 0 => kv.lease(),
             _ => return Ok(None),
