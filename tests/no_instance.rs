@@ -124,6 +124,11 @@ fn assert_refused_at_once(ns: &Netns, fluxd: &Fluxd, vip: SocketAddrV4) {
         );
         assert!(*took < Duration::from_millis(100), "{outcomes:?}");
     }
+    // The figure for the notes: how soon a client learns (`-- --nocapture`).
+    eprintln!(
+        "refused by connect() after {:?}",
+        outcomes.iter().map(|(_, t)| *t).collect::<Vec<_>>()
+    );
     assert_eq!(
         passive_opens(ns),
         opens,
@@ -409,7 +414,12 @@ fn without_ipset_a_service_with_no_instance_is_accepted_then_reset() {
         ns.nat_table().contains("flux vip range")
     });
     assert!(ranged.is_some(), "{}", fluxd.log());
-    assert_eq!(ns.run(|| attempt(vip())), Outcome::AcceptedThenClosed);
+    let (outcome, took) = ns.run(|| {
+        let started = Instant::now();
+        (attempt(vip()), started.elapsed())
+    });
+    assert_eq!(outcome, Outcome::AcceptedThenClosed);
+    eprintln!("without refusals: accepted, then reset after {took:?}");
     assert!(
         !ns.filter_table().contains("FLUX-REJECT"),
         "{}",
