@@ -476,6 +476,18 @@ fn a_container_that_ignores_its_stop_signal_comes_back_after_the_grace() {
         after >= Duration::from_secs(14) && after < Duration::from_secs(20),
         "came back {after:?} after the signal"
     );
+    // Listed (the store's view) and routed (the proxy's table) are one controller turn apart;
+    // on a loaded machine the first connection can come in between.
+    let routed = h.ns.run(|| {
+        wait_until(Duration::from_secs(5), || {
+            who_serves(vip()).is_ok_and(|n| n == "stubborn")
+        })
+    });
+    assert!(
+        routed.is_some(),
+        "listed but never served: {}",
+        h.fluxd.log()
+    );
     let served = spread(&h, vip(), 3);
     assert_eq!(served.get("stubborn"), Some(&3), "{served:?}");
 }
