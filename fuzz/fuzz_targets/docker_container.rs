@@ -5,7 +5,7 @@
 #![no_main]
 
 use bollard::models::ContainerInspectResponse;
-use flux::docker::address::AddressContext;
+use flux::docker::address::{self, AddressContext};
 use flux::docker::agent::publishable_labels;
 use flux::docker::container::Container;
 use flux::docker::image::{canonical_repository, is_image_id, ImageRef};
@@ -47,7 +47,7 @@ fuzz_target!(|data: &[u8]| {
                     host_ip: "192.0.2.1".parse().unwrap(),
                     only_host,
                 };
-                let a = c.address(&ctx, *port);
+                let a = address::choose(&c, &ctx, *port);
                 if let Some(addr) = a.address {
                     assert!(validate::backend("address", &addr).is_ok(), "{addr}");
                 } else {

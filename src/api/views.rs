@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::catalog::State;
 use crate::docker::image::{canonical_repository, split_filter};
-use crate::model::{Host, Instance, InvalidInput, Rule, Selector, Service};
+use crate::model::{validate, Host, Instance, InvalidInput, Rule, Selector, Service};
 use crate::proxy::health::HealthView;
 
 /// How an instance looks from this host.
@@ -200,7 +200,13 @@ impl InstanceQuery {
                 "rule" => out.rule = Some(v),
                 "state" => out.state = Some(InstanceState::parse(&v)?),
                 "image" => {
+                    // Checked as `select` checks an image, once the tag is split off: a
+                    // filter that names no possible image is a typo, not an empty answer.
                     let (repository, tag) = split_filter(&v);
+                    validate::image("image", &repository).map_err(|e| e.value(&v))?;
+                    if let Some(t) = &tag {
+                        validate::tag("image", t).map_err(|e| e.value(&v))?;
+                    }
                     out.selector.image = Some(repository);
                     image_tag = tag;
                 }
@@ -269,5 +275,27 @@ impl InstanceQuery {
             && tag_ok
             && labels_ok
             && env_ok
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_filters_are_taken_in_any_form_docker_accepts() {
+        let q = InstanceQuery::parse("image=nginx:1.25").unwrap();
+        assert_eq!(q.selector.image.as_deref(), Some("docker.io/library/nginx"));
+        assert_eq!(q.selector.tag.as_deref(), Some("1.25"));
+        let q = InstanceQuery::parse("tag=v2&image=registry:5000/team/app:v2").unwrap();
+        assert_eq!(q.selector.image.as_deref(), Some("registry:5000/team/app"));
+        assert_eq!(InstanceQuery::parse(&q.to_query_string()).unwrap(), q);
+        let e = InstanceQuery::parse("image=nginx:1.25&tag=1.26").unwrap_err();
+        assert_eq!(e.field, "tag");
+        // Found by fuzzing (cli_query): a second ':' in the last component names no image.
+        for bad in ["registry:5000/team/app:r:x", "Nginx", "nginx:", "nginx:-1"] {
+            let e = InstanceQuery::parse(&format!("image={bad}")).unwrap_err();
+            assert_eq!(e.field, "image", "{bad}: {e}");
+        }
     }
 }

@@ -168,7 +168,7 @@ mod tests {
     }
 
     fn local(c: &Container, only_host: bool) -> Addressed {
-        c.address(&ctx(NetworkMode::Local, only_host), 80)
+        choose(c, &ctx(NetworkMode::Local, only_host), 80)
     }
 
     fn addr(s: &str) -> Option<SocketAddrV4> {
@@ -180,7 +180,7 @@ mod tests {
         let c = inspect("host", json!({}));
         for mode in [NetworkMode::Local, NetworkMode::Global] {
             for only in [true, false] {
-                let a = c.address(&ctx(mode, only), 8080);
+                let a = choose(&c, &ctx(mode, only), 8080);
                 assert_eq!(a, Addressed::at("192.0.2.10:8080".parse().unwrap()));
             }
         }
@@ -189,11 +189,11 @@ mod tests {
     #[test]
     fn global_mode_is_the_container_ip_or_says_there_is_none() {
         let c = inspect("bridge", json!({}));
-        let a = c.address(&ctx(NetworkMode::Global, false), 80);
+        let a = choose(&c, &ctx(NetworkMode::Global, false), 80);
         assert_eq!(a.address, addr("172.17.0.2:80"));
         assert_eq!(a.note, None);
         let c = inspect("none", json!({}));
-        let a = c.address(&ctx(NetworkMode::Global, true), 80);
+        let a = choose(&c, &ctx(NetworkMode::Global, true), 80);
         assert_eq!(a.address, None);
         assert_eq!(a.note.as_deref(), Some("container has no IPv4 address"));
         // An address no record may hold (found by fuzzing: a multicast one) is skipped.
@@ -205,7 +205,7 @@ mod tests {
         .unwrap();
         let c = Container::from_inspect(&r, None).unwrap();
         assert_eq!(c.skipped.len(), 1, "{:?}", c.skipped);
-        let a = c.address(&ctx(NetworkMode::Global, false), 80);
+        let a = choose(&c, &ctx(NetworkMode::Global, false), 80);
         assert_eq!(a.address, None);
         assert_eq!(a.note.as_deref(), Some("container has no IPv4 address"));
     }

@@ -15,7 +15,7 @@ use futures::StreamExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::address::AddressContext;
+use super::address::{self, AddressContext};
 use super::container::Container;
 use super::image::is_image_id;
 use super::matching::matches;
@@ -362,7 +362,7 @@ impl Agent {
                 let port = rule
                     .instance_port
                     .unwrap_or_else(|| service.default_instance_port());
-                let addressed = c.address(&ctx, port);
+                let addressed = address::choose(c, &ctx, port);
                 let instance = Instance {
                     service: service.name.clone(),
                     name: c.short_id(),

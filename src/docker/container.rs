@@ -8,7 +8,6 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use bollard::models::{ContainerInspectResponse, HealthStatusEnum, PortBinding, PortMap};
 
-use super::address::{self, AddressContext, Addressed};
 use super::image::ImageRef;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -206,11 +205,5 @@ impl Container {
     /// Docker's 12-character short id: unique enough across hosts, and valid as an instance name.
     pub fn short_id(&self) -> String {
         self.id.chars().take(12).collect()
-    }
-
-    /// Where to connect for the instance port `port`, or why there is nowhere (see
-    /// `address::choose` for the rules).
-    pub fn address(&self, ctx: &AddressContext, port: u16) -> Addressed {
-        address::choose(self, ctx, port)
     }
 }
