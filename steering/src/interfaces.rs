@@ -22,6 +22,11 @@ pub fn steered(patterns: &[String]) -> std::io::Result<BTreeMap<u32, String>> {
         .collect())
 }
 
+/// Every interface of this network namespace, by index (for `fluxd debug`).
+pub fn all_names() -> std::io::Result<BTreeMap<u32, String>> {
+    Ok(all()?.into_iter().collect())
+}
+
 /// Every interface of the calling thread's network namespace (`if_nameindex(3)`, netlink).
 fn all() -> std::io::Result<Vec<(u32, String)>> {
     // SAFETY: if_nameindex returns a heap array ending with a zero entry, or NULL on failure;
