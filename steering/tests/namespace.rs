@@ -147,11 +147,13 @@ fn connect_via(listener: &TcpListener, to: SocketAddrV4) -> std::io::Result<Sock
     }
 }
 
+/// Refused at once: the RST answers the first SYN, not a retransmission a second later.
 fn refused(to: SocketAddrV4) -> bool {
-    matches!(
-        TcpStream::connect_timeout(&to.into(), Duration::from_secs(2)),
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
-    )
+    let t = std::time::Instant::now();
+    let r = TcpStream::connect_timeout(&to.into(), Duration::from_secs(2));
+    eprintln!("{to}: {r:?} after {:?}", t.elapsed());
+    matches!(r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+        && t.elapsed() < Duration::from_millis(500)
 }
 
 fn pin_dir(bpf: &Path, ns: &Netns) -> PathBuf {
