@@ -204,6 +204,11 @@ impl Fluxd {
         self.env.push((key.into(), value.into()));
     }
 
+    /// The `--bpf-dir` of an in-namespace daemon (for `fluxd cleanup --bpf-dir`).
+    pub fn bpf_dir(&self) -> Option<PathBuf> {
+        self._bpffs.as_ref().map(BpfFs::pin_dir)
+    }
+
     pub fn start(&mut self) {
         self.spawn();
         self.wait_ready();
