@@ -1,5 +1,9 @@
 //! Issue 3 acceptance: fluxd's rules and proxy inside a network namespace the test creates,
 //! with static backends, host-process clients (the OUTPUT path) and real traffic.
+//!
+//! These tests read the nat rules, sets and conntrack entries themselves, so they run fluxd with
+//! `--steering nat` and keep covering that path (the fallback of `--steering auto`); the bpf
+//! path's own tests are in tests/steering.rs and steering/tests/.
 
 mod support;
 
@@ -27,7 +31,7 @@ struct Setup {
 
 fn setup(tag: &str, backends: usize) -> Setup {
     let ns = Netns::new(tag);
-    let fluxd = Fluxd::dataplane(&ns.name, &[]);
+    let fluxd = Fluxd::dataplane(&ns.name, &["--steering", "nat"]);
     fluxd.ok(&["service", "add", "web", "--address", VIP]);
     let backends: Vec<Backend> = (0..backends)
         .map(|i| {
@@ -264,7 +268,7 @@ fn flushed_chain_shows_as_drift_and_is_repaired() {
 fn clean_stop_restores_the_nat_table() {
     let ns = Netns::new("stop");
     let before = ns.nat_table();
-    let mut fluxd = Fluxd::dataplane(&ns.name, &[]);
+    let mut fluxd = Fluxd::dataplane(&ns.name, &["--steering", "nat"]);
     fluxd.ok(&["service", "add", "web", "--address", VIP]);
     fluxd.add_instance("web", "b0", "127.0.0.1:9000");
     let installed = wait_until(Duration::from_secs(5), || ns.vip_set().contains("flux:web"));
@@ -285,7 +289,10 @@ fn unknown_destination_is_reset() {
 #[test]
 fn vip_range_is_one_rule_whatever_the_number_of_services() {
     let ns = Netns::new("range");
-    let fluxd = Fluxd::dataplane(&ns.name, &["--vip-range", "198.18.0.0/16"]);
+    let fluxd = Fluxd::dataplane(
+        &ns.name,
+        &["--steering", "nat", "--vip-range", "198.18.0.0/16"],
+    );
     let b = Backend::start(&ns, "b0", 9000);
     fluxd.ok(&["service", "add", "web", "--address", VIP]);
     fluxd.ok(&[
@@ -357,7 +364,7 @@ fn a_connection_attempt_before_the_vip_was_routed_does_not_hold_back_its_source_
     const PORT: u16 = 41234;
     let ns = Netns::new("ctstale");
     // fluxd first: its set rule (a REDIRECT) turns connection tracking on in the namespace.
-    let fluxd = Fluxd::dataplane(&ns.name, &[]);
+    let fluxd = Fluxd::dataplane(&ns.name, &["--steering", "nat"]);
     let hooked = wait_until(Duration::from_secs(5), || {
         ns.nat_table().contains("--match-set flux-vips")
     });

@@ -7,6 +7,9 @@
 //! `connect()` itself, not from a later read; it comes at once; and the namespace's TCP
 //! `PassiveOpens` counter (every handshake a listening socket answered, fluxd's proxy
 //! included) does not move.
+//!
+//! These tests read the nat path's sets and rules, so they run fluxd with `--steering nat`; the
+//! same refusals on the bpf path are tested in tests/steering.rs.
 
 mod support;
 
@@ -153,7 +156,7 @@ fn wait_refused(ns: &Netns, fluxd: &Fluxd, vip: SocketAddrV4) {
 #[test]
 fn a_tcp_service_with_no_instance_refuses_until_it_has_one() {
     let ns = Netns::new("noinst");
-    let fluxd = Fluxd::dataplane(&ns.name, &[]);
+    let fluxd = Fluxd::dataplane(&ns.name, &["--steering", "nat"]);
     fluxd.ok(&["service", "add", "idle", "--address", VIP]);
     let member = r#"add flux-empty 198.18.0.20,tcp:80 comment "flux:idle""#;
     let listed = wait_until(Duration::from_secs(5), || ns.empty_set().contains(member));
@@ -228,7 +231,7 @@ fn a_tcp_service_with_no_instance_refuses_until_it_has_one() {
 #[test]
 fn an_instance_that_fails_still_counts_as_an_instance() {
     let ns = Netns::new("noinst-failed");
-    let fluxd = Fluxd::dataplane(&ns.name, &[]);
+    let fluxd = Fluxd::dataplane(&ns.name, &["--steering", "nat"]);
     fluxd.ok(&["service", "add", "web", "--address", VIP]);
     // Nothing listens there.
     fluxd.add_instance("web", "dead", "127.0.0.1:9009");
@@ -243,7 +246,7 @@ fn an_instance_that_fails_still_counts_as_an_instance() {
 #[test]
 fn an_http_service_with_no_instance_still_answers_503() {
     let ns = Netns::new("noinst-http");
-    let fluxd = Fluxd::dataplane(&ns.name, &[]);
+    let fluxd = Fluxd::dataplane(&ns.name, &["--steering", "nat"]);
     fluxd.ok(&[
         "service",
         "add",
@@ -275,7 +278,10 @@ fn an_http_service_with_no_instance_still_answers_503() {
 #[test]
 fn a_vip_inside_a_vip_range_with_no_instance_is_refused_too() {
     let ns = Netns::new("noinst-range");
-    let fluxd = Fluxd::dataplane(&ns.name, &["--vip-range", "198.18.0.0/16"]);
+    let fluxd = Fluxd::dataplane(
+        &ns.name,
+        &["--steering", "nat", "--vip-range", "198.18.0.0/16"],
+    );
     fluxd.ok(&["service", "add", "idle", "--address", VIP]);
     let listed = wait_until(Duration::from_secs(5), || {
         ns.empty_set().contains("flux:idle") && ns.nat_table().contains("flux vip range")
@@ -307,7 +313,7 @@ fn a_vip_inside_a_vip_range_with_no_instance_is_refused_too() {
 #[test]
 fn damage_to_the_refusal_is_drift_and_is_repaired() {
     let ns = Netns::new("noinst-drift");
-    let fluxd = Fluxd::dataplane(&ns.name, &[]);
+    let fluxd = Fluxd::dataplane(&ns.name, &["--steering", "nat"]);
     fluxd.ok(&["service", "add", "idle", "--address", VIP]);
     let listed = wait_until(Duration::from_secs(5), || {
         ns.empty_set().contains("flux:idle")
@@ -364,7 +370,7 @@ fn damage_to_the_refusal_is_drift_and_is_repaired() {
 fn a_clean_stop_restores_the_filter_table() {
     let ns = Netns::new("noinst-stop");
     let before = ns.filter_table();
-    let mut fluxd = Fluxd::dataplane(&ns.name, &[]);
+    let mut fluxd = Fluxd::dataplane(&ns.name, &["--steering", "nat"]);
     fluxd.ok(&["service", "add", "idle", "--address", VIP]);
     let listed = wait_until(Duration::from_secs(5), || {
         ns.empty_set().contains("flux:idle")
@@ -406,7 +412,11 @@ fn without_ipset_a_service_with_no_instance_is_accepted_then_reset() {
             std::os::unix::fs::symlink(path.trim(), bin.path().join(program)).unwrap();
         }
     }
-    let mut fluxd = Fluxd::unstarted_in_netns(&ns.name, "h1", &["--vip-range", "198.18.0.0/16"]);
+    let mut fluxd = Fluxd::unstarted_in_netns(
+        &ns.name,
+        "h1",
+        &["--steering", "nat", "--vip-range", "198.18.0.0/16"],
+    );
     fluxd.set_env("PATH", &bin.path().display().to_string());
     fluxd.start();
     fluxd.ok(&["service", "add", "idle", "--address", VIP]);

@@ -280,7 +280,7 @@ fn unit_file_verifies() {
     for line in [
         "Type=notify",
         "Restart=on-failure",
-        "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW",
+        "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW CAP_BPF",
         "ExecStart=/usr/local/bin/fluxd run --config /etc/flux/fluxd.toml --keep-rules",
     ] {
         assert!(unit.lines().any(|l| l == line), "unit lacks {line}");

@@ -1,6 +1,9 @@
 //! Issue 9 (part): the VIP guard. Each fluxd refuses to redirect a VIP that is an address of one
 //! of its own interfaces, its default gateway or a DNS resolver, or lies in a protected range,
 //! reports it, and judges again when these change. Real kernel, in a network namespace each test creates.
+//!
+//! These tests read the nat path's sets and rules, so they run fluxd with `--steering nat`; the
+//! same refusals on the bpf path are tested in tests/steering.rs.
 
 mod support;
 
@@ -81,7 +84,7 @@ fn listed_refusal(fluxd: &Fluxd, service: &str) -> serde_json::Value {
 fn own_address_vip_is_refused_until_the_address_goes() {
     let ns = Netns::new("guard-own");
     add_own_address(&ns);
-    let fluxd = Fluxd::dataplane(&ns.name, &[]);
+    let fluxd = Fluxd::dataplane(&ns.name, &["--steering", "nat"]);
     add_backed_service(&fluxd, "mine", OWN_VIP);
     let _b = add_good_service(&ns, &fluxd);
 
@@ -143,7 +146,10 @@ fn own_address_vip_is_refused_until_the_address_goes() {
 #[test]
 fn protected_range_refuses_vips_inside() {
     let ns = Netns::new("guard-prot");
-    let fluxd = Fluxd::dataplane(&ns.name, &["--protected-range", "198.18.7.0/24"]);
+    let fluxd = Fluxd::dataplane(
+        &ns.name,
+        &["--steering", "nat", "--protected-range", "198.18.7.0/24"],
+    );
     add_backed_service(&fluxd, "lan", "198.18.7.20:443");
     let _b = add_good_service(&ns, &fluxd);
     assert!(!in_a_set(&ns, "lan"), "{}", ns.vip_set());
@@ -159,7 +165,10 @@ fn protected_range_refuses_vips_inside() {
 fn vip_range_holding_an_own_address_gets_no_rule() {
     let ns = Netns::new("guard-range");
     add_own_address(&ns);
-    let fluxd = Fluxd::dataplane(&ns.name, &["--vip-range", "198.18.0.0/16"]);
+    let fluxd = Fluxd::dataplane(
+        &ns.name,
+        &["--steering", "nat", "--vip-range", "198.18.0.0/16"],
+    );
     add_backed_service(&fluxd, "mine", OWN_VIP);
     // Its safe VIPs fall back to set members.
     let _b = add_good_service(&ns, &fluxd);
@@ -203,7 +212,7 @@ fn default_gateway_and_dns_resolver_are_refused() {
         "dev",
         "g0",
     ]);
-    let fluxd = Fluxd::dataplane(&ns.name, &[]);
+    let fluxd = Fluxd::dataplane(&ns.name, &["--steering", "nat"]);
     add_backed_service(&fluxd, "gw", "198.18.6.254:80");
     // The machine's resolver (resolv.conf is not per namespace), when it is one a VIP could be.
     let resolver = std::fs::read_to_string("/etc/resolv.conf")

@@ -44,6 +44,48 @@ pub struct DebugView {
     pub refused_ranges: Vec<RefusedRange>,
     /// Store revision the data plane was built from.
     pub revision: i64,
+    /// How VIP connections reach the proxy: `bpf` (sk_lookup program, local routes) or `nat`
+    /// (the rules above). Absent from a fluxd older than the bpf path, which was nat.
+    #[serde(default = "nat")]
+    pub steering: String,
+    /// Why `nat` although `--steering auto` tried bpf.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steering_fallback: Option<String>,
+    /// The bpf path as the kernel holds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bpf: Option<BpfView>,
+}
+
+/// The steering program, its maps and flux's local routes, read back from the kernel.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BpfView {
+    /// Where the link and maps are pinned (`bpftool map dump pinned DIR/services`).
+    pub pins: String,
+    /// The kernel's ids (`bpftool link show id N`, `bpftool prog show id N`).
+    pub link_id: u32,
+    pub prog_id: u32,
+    /// Attached to this network namespace.
+    pub attached: bool,
+    /// Pinned, so that it outlives fluxd.
+    pub pinned: bool,
+    /// The socket map holds fluxd's listener.
+    pub socket: bool,
+    /// The services map, each entry with its service.
+    pub entries: Vec<EntryView>,
+    /// flux's local routes (`ip route show table local proto 171`): VIP ranges and /32s.
+    pub routes: Vec<String>,
+    /// The interfaces whose connections are steered (lo and the bridges).
+    pub ifaces: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EntryView {
+    /// `198.18.0.10:80`.
+    pub vip: String,
+    /// `proxy`, or `refuse` (a service with no instance).
+    pub action: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -113,6 +155,9 @@ impl DebugView {
             refused: vec![],
             refused_ranges: vec![],
             revision: 0,
+            steering: nat(),
+            steering_fallback: None,
+            bpf: None,
         };
         let Some(status) = dataplane else {
             view.drift.clean = true;
@@ -145,6 +190,11 @@ impl DebugView {
         if let Some(rules) = &status.rules {
             view.listener = Some(format!("0.0.0.0:{}", rules.proxy_port));
             view.refuses_empty = rules.reject_empty;
+            view.steering_fallback = rules.steering_fallback.clone();
+            if rules.steering.is_some() {
+                view.steering = "bpf".into();
+                return gather_bpf(view, status).await;
+            }
         }
         // Reading the kernel's rules runs iptables-save and ipset: off the async threads.
         let kernel = tokio::task::spawn_blocking(move || {
@@ -198,6 +248,79 @@ impl DebugView {
         }
         view
     }
+}
+
+/// The bpf path's part of the view: what the kernel holds, each map entry with its service
+/// (from the routing table: a VIP:port belongs to one service), and drift against the
+/// steering last applied.
+async fn gather_bpf(mut view: DebugView, status: Arc<Status>) -> DebugView {
+    let kernel = tokio::task::spawn_blocking(move || {
+        let s = status.rules.as_ref()?.steering.clone()?;
+        let installed = s.installed();
+        let applied = status.steered.lock().ok().and_then(|a| a.clone());
+        let names: std::collections::HashMap<_, _> = status
+            .routes
+            .load()
+            .services
+            .iter()
+            .map(|(vip, r)| (*vip, r.name.clone()))
+            .collect();
+        Some((s, installed, applied, names))
+    })
+    .await
+    .ok()
+    .flatten();
+    let Some((s, installed, applied, names)) = kernel else {
+        view.drift.error = Some("rules are not managed".into());
+        return view;
+    };
+    let installed = match installed {
+        Ok(i) => i,
+        Err(e) => {
+            view.drift.error = Some(e.to_string());
+            return view;
+        }
+    };
+    let all = steering::interfaces::all_names().unwrap_or_default();
+    view.bpf = Some(BpfView {
+        pins: s.pin_dir().display().to_string(),
+        link_id: installed.link.link_id,
+        prog_id: installed.link.prog_id,
+        attached: installed.link.attached,
+        pinned: installed.link.pinned,
+        socket: installed.socket,
+        entries: installed
+            .services
+            .iter()
+            .map(|(vip, action)| EntryView {
+                vip: vip.to_string(),
+                action: action.map_or("unknown".to_string(), |a| a.to_string()),
+                service: names.get(vip).cloned(),
+            })
+            .collect(),
+        routes: installed
+            .routes
+            .iter()
+            .map(|(a, l)| format!("{a}/{l}"))
+            .collect(),
+        ifaces: installed
+            .ifaces
+            .iter()
+            .map(|i| match all.get(i) {
+                Some(name) => format!("{name} ({i})"),
+                None => format!("{i} (gone)"),
+            })
+            .collect(),
+    });
+    match applied {
+        Some(applied) => {
+            let d = steering::Drift::between(&applied, &installed);
+            view.drift.clean = d.is_clean();
+            view.drift.differences = d.lines;
+        }
+        None => view.drift.error = Some("no steering applied yet".into()),
+    }
+    view
 }
 
 /// One line per difference, so an operator sees which rule is missing or foreign.

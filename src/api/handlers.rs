@@ -214,9 +214,18 @@ fn host_view(api: &Api) -> serde_json::Value {
         .unreachable_since()
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map(|d| d.as_millis() as u64);
+    let rules = api.dataplane.as_ref().and_then(|d| d.rules.as_ref());
+    let steering = rules.map(|r| {
+        serde_json::json!({
+            "mode": if r.steering.is_some() { "bpf" } else { "nat" },
+            "fallback": r.steering_fallback,
+        })
+    });
     serde_json::json!({
         "name": api.host_name,
         "build": crate::version::Build::this(),
+        // How VIP connections reach the proxy (absent without a data plane).
+        "steering": steering,
         "store": {
             "reachable": since_ms.is_none(),
             "unreachable_since_ms": since_ms,

@@ -22,8 +22,9 @@ enum Command {
     Run(Box<RunArgs>),
     /// Show the installed rules (annotated), drift, the listener and instance health.
     Debug(DebugArgs),
-    /// Remove flux's iptables rules (after a stop with --keep-rules, or on uninstall).
-    Cleanup,
+    /// Remove flux's iptables rules and its bpf steering (after a stop with --keep-rules, or on
+    /// uninstall).
+    Cleanup(CleanupArgs),
     /// Print a shell completion script for fluxd.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -36,6 +37,13 @@ enum Command {
     },
     /// Keep an nginx configuration (one upstream per service) in step with the instances.
     Edge(Box<flux::edge::EdgeArgs>),
+}
+
+#[derive(Args)]
+struct CleanupArgs {
+    /// Where a fluxd pinned its bpf steering (`fluxd run --bpf-dir`).
+    #[arg(long, env = "FLUXD_BPF_DIR", default_value = flux::daemon::config::DEFAULT_BPF_DIR)]
+    bpf_dir: std::path::PathBuf,
 }
 
 #[derive(Args)]
@@ -112,8 +120,18 @@ fn main() -> ExitCode {
             ExitCode::from(rt.block_on(flux::edge::run(config)))
         }
         Command::Debug(a) => rt.block_on(flux::cli::fluxd_debug::main(&a.api, &a.remote, a.json)),
-        Command::Cleanup => {
-            match netfilter::Netfilter::new(netfilter::CommandRunner::new()).remove() {
+        Command::Cleanup(a) => {
+            // Both paths, whichever the last fluxd used: the steering first (its routes make
+            // VIPs local), then the nat rules.
+            let runner = netfilter::CommandRunner::new();
+            let removed = steering::remove_leftovers(&a.bpf_dir, &runner)
+                .map_err(|e| e.to_string())
+                .and_then(|_| {
+                    netfilter::Netfilter::new(runner)
+                        .remove()
+                        .map_err(|e| e.to_string())
+                });
+            match removed {
                 Ok(()) => {
                     println!("removed flux's rules");
                     ExitCode::SUCCESS

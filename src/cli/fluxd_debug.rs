@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use crate::api::client::{Client, ClientError, Endpoint, RemoteFlags};
 use crate::api::debug::DebugView;
-use crate::api::debug::MemberView;
+use crate::api::debug::{BpfView, MemberView};
 use crate::cli::output::table;
 
 /// A set's members, each with its service.
@@ -59,6 +59,57 @@ pub async fn main(api: &str, remote: &RemoteFlags, json: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// The bpf path: the program's attachment, its services map with each entry's service, the
+/// local routes and the steered interfaces.
+fn render_bpf(out: &mut String, b: &BpfView) {
+    let _ = writeln!(
+        out,
+        "\nSTEERING PROGRAM (sk_lookup): link {} program {}, {}, {}, {}; pinned under {}",
+        b.link_id,
+        b.prog_id,
+        if b.attached {
+            "attached"
+        } else {
+            "NOT ATTACHED"
+        },
+        if b.pinned { "pinned" } else { "NOT PINNED" },
+        if b.socket {
+            "socket map holds the listener"
+        } else {
+            "NO LISTENER in the socket map"
+        },
+        b.pins
+    );
+    let _ = writeln!(
+        out,
+        "\nSERVICES MAP ({} entries: proxy = to the listener, refuse = RST at once)",
+        b.entries.len()
+    );
+    let rows: Vec<Vec<String>> = b
+        .entries
+        .iter()
+        .map(|e| {
+            vec![
+                e.service.clone().unwrap_or_else(|| "-".into()),
+                e.vip.clone(),
+                e.action.clone(),
+            ]
+        })
+        .collect();
+    out.push_str(&table(&["SERVICE", "VIP", "ACTION"], &rows));
+    let _ = writeln!(
+        out,
+        "\nLOCAL ROUTES (table local, proto {}): {}",
+        steering::routes::PROTOCOL,
+        if b.routes.is_empty() {
+            "none".to_string()
+        } else {
+            b.routes.join(" ")
+        }
+    );
+    let _ = writeln!(out, "STEERED INTERFACES: {}", b.ifaces.join(" "));
+}
+
 fn render(v: &DebugView) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -69,7 +120,20 @@ fn render(v: &DebugView) -> String {
         v.listener.as_deref().unwrap_or("-"),
         v.revision
     );
+    if v.dataplane {
+        let _ = writeln!(out, "steering {}", v.steering);
+        if let Some(why) = &v.steering_fallback {
+            let _ = writeln!(out, "  ({why})");
+        }
+    }
+    if let Some(b) = &v.bpf {
+        render_bpf(&mut out, b);
+    }
     for name in ["nat", "filter"] {
+        // On the bpf path, nat rules are only shown if there are any (leftovers).
+        if v.bpf.is_some() && !v.rules.iter().any(|r| r.table == name) {
+            continue;
+        }
         let rows: Vec<Vec<String>> = v
             .rules
             .iter()

@@ -5,6 +5,7 @@
 
 pub mod guard;
 pub mod routing;
+mod steer;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -40,8 +41,16 @@ pub struct Rules {
     /// Whether `conntrack` can be run: without it, connection attempts made before a VIP was
     /// routed are not cleared when it becomes routed (the daemon warns once at start).
     pub conntrack: std::sync::atomic::AtomicBool,
-    /// Whether services with no instance are refused (see [`can_refuse_empty`]).
+    /// Whether services with no instance are refused (see [`can_refuse_empty`]; always on the
+    /// bpf path).
     pub reject_empty: bool,
+    /// The BPF steering, when VIP connections reach the proxy that way instead of through the
+    /// nat rules (`--steering`); `netfilter` then only removes what a nat-mode fluxd left.
+    pub steering: Option<Arc<steering::Steering>>,
+    /// Why the nat path is used although `--steering auto` tried bpf.
+    pub steering_fallback: Option<String>,
+    /// Where the bpf steering is (or was) pinned.
+    pub bpf_dir: std::path::PathBuf,
 }
 
 /// Whether connections to services with no instance can be refused at once: that matches the
@@ -69,8 +78,10 @@ pub async fn can_refuse_empty() -> bool {
 pub struct Status {
     pub routes: Arc<ArcSwap<RouteTable>>,
     pub rules: Option<Rules>,
-    /// The ruleset last applied successfully.
+    /// The ruleset last applied successfully (nat path).
     pub applied: Mutex<Option<netfilter::Ruleset>>,
+    /// The steering last applied successfully (bpf path).
+    pub steered: Mutex<Option<steering::Desired>>,
     /// The catalog state the data plane was last built from.
     pub state: ArcSwap<State>,
     /// What the VIP guard refused at the last sync, for `fluxd debug` and the services' views.
@@ -117,6 +128,7 @@ impl Status {
             routes,
             rules,
             applied: Mutex::new(None),
+            steered: Mutex::new(None),
             state: ArcSwap::from_pointee(State::default()),
             guard: ArcSwap::from_pointee(guard::Verdict::default()),
             repairs: AtomicU64::new(0),
@@ -156,6 +168,9 @@ pub struct Controller {
     /// This host's interface addresses as last read, for the VIP guard: re-read at every sync
     /// and drift check, and a change re-syncs.
     addresses: guard::Addresses,
+    /// The interfaces whose connections the bpf path steers (lo and the bridges), by index:
+    /// read again with the addresses, since Docker networks come and go.
+    ifaces: std::collections::BTreeMap<u32, String>,
 }
 
 impl Controller {
@@ -173,6 +188,7 @@ impl Controller {
             built: routing::Built::default(),
             reported: Vec::new(),
             addresses: guard::Addresses::default(),
+            ifaces: Default::default(),
         }
     }
 
@@ -212,6 +228,9 @@ impl Controller {
                     if self.read_addresses() {
                         tracing::info!("interface addresses changed; checking VIPs again");
                         self.sync().await;
+                    } else if self.read_ifaces() {
+                        tracing::info!(ifaces = ?self.ifaces, "steered interfaces changed");
+                        self.sync().await;
                     }
                     self.check_drift().await
                 }
@@ -245,6 +264,7 @@ impl Controller {
         self.status.routes.store(table.clone());
         tracing::debug!(took = ?t.elapsed(), "routes built");
         self.read_addresses();
+        self.read_ifaces();
         if let Some(rules) = &self.status.rules {
             let verdict = guard::Verdict::judge(
                 state
@@ -259,15 +279,21 @@ impl Controller {
             // From the table just stored: the proxy already has the instances a VIP leaving
             // `flux-empty` is routed to, and a VIP entering it may still see connections
             // redirected before the change, which the proxy resets.
-            let desired = netfilter::render(&routing::desired_rules(
+            let wanted = routing::desired_rules(
                 &state,
                 &table,
                 rules.proxy_port,
                 &rules.bridge_interfaces,
                 &verdict,
                 rules.reject_empty,
-            ));
+            );
             self.status.guard.store(Arc::new(verdict));
+            if rules.steering.is_some() {
+                steer::sync(&self.status, steer::desired(&wanted, &self.ifaces)).await;
+                self.status.state.store(state);
+                return;
+            }
+            let desired = netfilter::render(&wanted);
             let changed = self
                 .status
                 .applied
@@ -302,6 +328,24 @@ impl Controller {
             Ok(_) => false,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read interface addresses; the VIP guard uses the last ones read");
+                false
+            }
+        }
+    }
+
+    /// Reads the steered interfaces again (bpf path only); true when they changed.
+    fn read_ifaces(&mut self) -> bool {
+        let Some(rules) = self.status.rules.as_ref().filter(|r| r.steering.is_some()) else {
+            return false;
+        };
+        match steering::interfaces::steered(&rules.bridge_interfaces) {
+            Ok(now) if now != self.ifaces => {
+                self.ifaces = now;
+                true
+            }
+            Ok(_) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the interfaces; steering keeps the last ones read");
                 false
             }
         }
@@ -342,6 +386,18 @@ impl Controller {
 
     /// Compares the kernel's rules with the last applied set and re-applies on any difference.
     async fn check_drift(&mut self) {
+        if self
+            .status
+            .rules
+            .as_ref()
+            .is_some_and(|r| r.steering.is_some())
+        {
+            if steer::drifted(&self.status).await {
+                self.status.repairs.fetch_add(1, Ordering::Relaxed);
+                self.sync().await;
+            }
+            return;
+        }
         let status = self.status.clone();
         let drifted = tokio::task::spawn_blocking(move || {
             let rules = status.rules.as_ref()?;

@@ -61,6 +61,15 @@ pub struct RunArgs {
     /// Leave flux's iptables rules installed on a clean stop (for restarts and upgrades).
     #[arg(long, env = "FLUXD_KEEP_RULES", num_args = 0..=1, default_missing_value = "true")]
     pub keep_rules: Option<bool>,
+    /// How VIP connections reach the proxy: `bpf` (a BPF sk_lookup program and local routes,
+    /// no NAT), `nat` (iptables REDIRECT), or `auto`: bpf when it loads and attaches, else nat
+    /// [default: auto].
+    #[arg(long, env = "FLUXD_STEERING", value_name = "auto|bpf|nat")]
+    pub steering: Option<String>,
+    /// Directory on a bpf file system where the steering program is pinned, so that it
+    /// outlives fluxd (one subdirectory per network namespace) [default: /sys/fs/bpf/flux].
+    #[arg(long, env = "FLUXD_BPF_DIR", value_name = "DIR")]
+    pub bpf_dir: Option<PathBuf>,
     /// Interfaces whose incoming traffic to VIPs is redirected, comma-separated; `+` is a
     /// wildcard [default: docker0,br-+].
     #[arg(long, env = "FLUXD_BRIDGE_INTERFACES", value_name = "IFACES")]
@@ -160,6 +169,8 @@ struct FileConfig {
     log_format: Option<String>,
     proxy_port: Option<u16>,
     keep_rules: Option<bool>,
+    steering: Option<String>,
+    bpf_dir: Option<PathBuf>,
     bridge_interfaces: Option<String>,
     connect_timeout_ms: Option<u64>,
     http_response_timeout_ms: Option<u64>,
@@ -199,6 +210,30 @@ pub enum StoreSpec {
     Etcd { endpoints: Vec<String> },
 }
 
+/// `--steering`: how VIP connections reach the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SteeringMode {
+    /// BPF when it loads and attaches here, else nat (with one log line saying why).
+    Auto,
+    /// BPF `sk_lookup` and local routes; fluxd does not start without them.
+    Bpf,
+    /// iptables REDIRECT to the proxy port.
+    Nat,
+}
+
+/// Where the steering program is pinned unless `--bpf-dir` says otherwise: systemd mounts a
+/// bpf file system on /sys/fs/bpf.
+pub const DEFAULT_BPF_DIR: &str = "/sys/fs/bpf/flux";
+
+fn parse_steering(s: Option<&str>) -> anyhow::Result<SteeringMode> {
+    match s {
+        None | Some("auto") => Ok(SteeringMode::Auto),
+        Some("bpf") => Ok(SteeringMode::Bpf),
+        Some("nat") => Ok(SteeringMode::Nat),
+        Some(other) => bail!("steering: must be auto, bpf or nat (got \"{other}\")"),
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
@@ -223,6 +258,10 @@ pub struct Config {
     pub log_format: LogFormat,
     pub proxy_port: u16,
     pub keep_rules: bool,
+    /// How VIP connections reach the proxy.
+    pub steering: SteeringMode,
+    /// Where the BPF steering is pinned.
+    pub bpf_dir: PathBuf,
     pub bridge_interfaces: Vec<String>,
     pub connect_timeout: Duration,
     pub http_response_timeout: Duration,
@@ -298,6 +337,8 @@ impl Config {
             log_format: parse_log_format(pick!(s, log_format).as_deref())?,
             proxy_port: parse_proxy_port(pick!(s, proxy_port).unwrap_or(7171))?,
             keep_rules: pick!(s, keep_rules).unwrap_or(false),
+            steering: parse_steering(pick!(s, steering).as_deref())?,
+            bpf_dir: pick!(s, bpf_dir).unwrap_or_else(|| DEFAULT_BPF_DIR.into()),
             bridge_interfaces: parse_bridge_interfaces(
                 &pick!(s, bridge_interfaces).unwrap_or_else(|| "docker0,br-+".into()),
             )?,
@@ -629,6 +670,22 @@ mod tests {
         ] {
             assert!(parse_store(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn steering_modes() {
+        let c = Config::from_toml_str("").unwrap();
+        assert_eq!(c.steering, SteeringMode::Auto);
+        assert_eq!(c.bpf_dir, Path::new(DEFAULT_BPF_DIR));
+        let c = Config::from_toml_str("steering = \"nat\"\nbpf_dir = \"/x\"").unwrap();
+        assert_eq!(
+            (c.steering, c.bpf_dir.as_path()),
+            (SteeringMode::Nat, Path::new("/x"))
+        );
+        let e = Config::from_toml_str("steering = \"ebpf\"")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "steering: must be auto, bpf or nat (got \"ebpf\")");
     }
 
     #[test]

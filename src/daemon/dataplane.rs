@@ -11,13 +11,14 @@ use tokio::sync::watch;
 
 use super::config::Config;
 use super::memory;
+use super::steering::Choice;
 use super::store::etcd_addresses;
 use crate::catalog::State;
 use crate::controller::{Controller, Rules, Status};
 use crate::docker::LocalInstances;
 use crate::proxy::activation::{self, ListenEnv};
 use crate::proxy::route_table::RouteTable;
-use crate::proxy::{Proxy, ProxyConfig};
+use crate::proxy::{Proxy, ProxyConfig, VipSource};
 
 /// The running data plane: proxy and controller tasks, and what they share with the API.
 pub(super) struct Dataplane {
@@ -48,7 +49,10 @@ impl Dataplane {
         }
         let status = self.status.clone();
         let removed = tokio::task::spawn_blocking(move || match &status.rules {
-            Some(r) => r.netfilter.remove(),
+            Some(r) => match &r.steering {
+                Some(s) => s.remove().map_err(|e| e.to_string()),
+                None => r.netfilter.remove().map_err(|e| e.to_string()),
+            },
             None => Ok(()),
         })
         .await;
@@ -66,6 +70,7 @@ impl Dataplane {
 /// The listener is bound before any rule points at it, so no redirected connection is refused.
 pub(super) async fn start_dataplane(
     config: &Config,
+    steering: Choice,
     states: watch::Receiver<Arc<State>>,
     local: Option<watch::Receiver<Option<Arc<LocalInstances>>>>,
     stop: watch::Receiver<bool>,
@@ -80,12 +85,23 @@ pub(super) async fn start_dataplane(
             half_close_timeout: config.half_close_timeout,
             max_connections: config.max_connections,
             drain: config.drain,
+            // On the bpf path the accepted socket's own address is the VIP; REDIRECT rewrote
+            // it, and conntrack kept the original.
+            vip_source: if steering.bpf.is_some() {
+                VipSource::LocalAddress
+            } else {
+                VipSource::OriginalDst
+            },
         },
         routes.clone(),
         inherited,
     )
     .with_context(|| format!("proxy_port: cannot listen on port {}", config.proxy_port))?;
     let inherited_socket = proxy.inherited;
+    if let Some(s) = &steering.bpf {
+        s.set_socket(proxy.socket())
+            .context("steering: cannot hand the proxy socket to the program")?;
+    }
     // Only a repair depends on conntrack (see controller::clear_unredirected): without it,
     // say so once and route anyway.
     let conntrack =
@@ -107,12 +123,17 @@ pub(super) async fn start_dataplane(
         vip_ranges: config.vip_ranges.clone(),
         protected_ranges: config.protected_ranges.clone(),
         protected_addresses: etcd_addresses(&config.store).await,
-        reject_empty: crate::controller::can_refuse_empty().await,
+        // The bpf path refuses by itself (no ipset needed).
+        reject_empty: steering.bpf.is_some() || crate::controller::can_refuse_empty().await,
+        steering: steering.bpf,
+        steering_fallback: steering.fallback,
+        bpf_dir: config.bpf_dir.clone(),
     };
     let status = Status::new(routes, Some(rules));
     let mut controller = Controller::new(status.clone(), config.host_name.clone(), local);
     let first = states.borrow().clone();
     controller.initial_sync(first).await;
+    remove_other_path(&status).await;
     let tasks = vec![
         tokio::spawn(proxy.run(stop.clone())),
         tokio::spawn(controller.run(states, stop.clone())),
@@ -123,6 +144,42 @@ pub(super) async fn start_dataplane(
         tasks,
         inherited_socket,
     })
+}
+
+/// Once this fluxd's own path is installed, removes what a fluxd of the other mode left (a
+/// switch across a restart with `--keep-rules`): nat rules and sets under bpf, the bpf
+/// steering's routes and pins under nat. In that order, VIPs are never unrouted meanwhile.
+async fn remove_other_path(status: &Arc<Status>) {
+    let status = status.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let rules = status.rules.as_ref()?;
+        Some(match &rules.steering {
+            Some(_) => {
+                status.steered.lock().ok()?.as_ref()?;
+                let leftovers = rules.netfilter.installed().map(|i| i != Default::default());
+                match leftovers {
+                    Ok(true) => rules.netfilter.remove().map(|()| true),
+                    other => other,
+                }
+                .map_err(|e| e.to_string())
+            }
+            None => {
+                status.applied.lock().ok()?.as_ref()?;
+                steering::remove_leftovers(&rules.bpf_dir, &CommandRunner::new())
+                    .map_err(|e| e.to_string())
+            }
+        })
+    })
+    .await;
+    match result {
+        Ok(Some(Ok(true))) => {
+            tracing::info!("removed the other steering path's rules, left by an earlier fluxd")
+        }
+        Ok(Some(Err(e))) => {
+            tracing::warn!(error = %e, "could not remove the other steering path's leftovers; run fluxd cleanup")
+        }
+        _ => {}
+    }
 }
 
 /// Feeds the UI's history every interval until stop, and gives memory back to the kernel once

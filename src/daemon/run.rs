@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 
 use super::config::Config;
 use super::dataplane::{start_dataplane, Dataplane};
+use super::steering;
 use super::store::open_store;
 use super::systemd;
 use crate::api::{handlers::Api, server};
@@ -25,7 +26,9 @@ use crate::model::Host;
 use crate::store::Store;
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    check_prerequisites(&config).await?;
+    // Before anything else: nat needs ipset (checked next), bpf does not.
+    let steering = steering::choose(&config).await?;
+    check_prerequisites(&config, steering.bpf.is_some()).await?;
     systemd::status("opening the store");
     let store = open_session(&config).await?;
     let catalog = Catalog::new(store.clone());
@@ -36,7 +39,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let dataplane = if config.dataplane {
         systemd::status("installing rules");
         let local = sources.local.clone();
-        Some(start_dataplane(&config, sources.states.clone(), local, stop_rx.clone()).await?)
+        Some(
+            start_dataplane(
+                &config,
+                steering,
+                sources.states.clone(),
+                local,
+                stop_rx.clone(),
+            )
+            .await?,
+        )
     } else {
         None
     };
@@ -81,10 +93,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Without VIP ranges every service VIP is matched through an ipset: without ipset, fail now
-/// with one clear line rather than at the first service.
-async fn check_prerequisites(config: &Config) -> anyhow::Result<()> {
-    if config.dataplane && config.vip_ranges.is_empty() {
+/// On the nat path without VIP ranges every service VIP is matched through an ipset: without
+/// ipset, fail now with one clear line rather than at the first service. The bpf path needs no
+/// ipset.
+async fn check_prerequisites(config: &Config, bpf: bool) -> anyhow::Result<()> {
+    if config.dataplane && !bpf && config.vip_ranges.is_empty() {
         let check =
             tokio::task::spawn_blocking(|| Netfilter::new(CommandRunner::new()).check_ipset())
                 .await?;

@@ -3,15 +3,15 @@
 //! `super::tcp` (connect with retry, then splice) or `super::http` (balanced per request).
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use nix::sys::socket::{getsockopt, sockopt::OriginalDst};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
+use super::destination::{self, VipSource};
 use super::limits::Timeouts;
 use super::route_table::RouteTable;
 use crate::model::Protocol;
@@ -33,6 +33,8 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     /// After a stop, how long established connections may go on before they are cut.
     pub drain: Duration,
+    /// Where each connection's VIP is read (the steering in use).
+    pub vip_source: VipSource,
 }
 
 pub struct Proxy {
@@ -80,6 +82,12 @@ impl Proxy {
         })
     }
 
+    /// The listening socket VIP connections arrive on (the first of the reuseport group: the
+    /// kernel spreads what the bpf steering hands to it over the whole group).
+    pub fn socket(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.listeners[0])
+    }
+
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listeners[0].local_addr()
     }
@@ -104,10 +112,11 @@ impl Proxy {
                     half_closed_idle: self.config.half_close_timeout,
                 };
                 let (max, drain) = (self.config.max_connections, self.config.drain);
+                let source = self.config.vip_source;
                 std::thread::Builder::new()
                     .name(format!("flux-proxy-{i}"))
                     .spawn(move || {
-                        serve_thread(l, routes, timeouts, limit, max, drain, stop, i == 0)
+                        serve_thread(l, routes, source, timeouts, limit, max, drain, stop, i == 0)
                     })
             })
             .collect();
@@ -127,6 +136,7 @@ impl Proxy {
 fn serve_thread(
     listener: std::net::TcpListener,
     routes: Arc<ArcSwap<RouteTable>>,
+    source: VipSource,
     timeouts: Timeouts,
     limit: Arc<Semaphore>,
     max: usize,
@@ -146,7 +156,7 @@ fn serve_thread(
     };
     rt.block_on(async move {
         match TcpListener::from_std(listener) {
-            Ok(l) => accept_loop(l, routes, timeouts, limit.clone(), stop).await,
+            Ok(l) => accept_loop(l, routes, source, timeouts, limit.clone(), stop).await,
             Err(e) => tracing::error!(error = %e, "cannot register the proxy listener"),
         }
         drain_connections(&limit, max, drain, report).await;
@@ -230,6 +240,7 @@ static ACCEPT_WARNINGS: crate::throttle::Throttle = crate::throttle::Throttle::n
 async fn accept_loop(
     listener: TcpListener,
     routes: Arc<ArcSwap<RouteTable>>,
+    source: VipSource,
     timeouts: Timeouts,
     limit: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
@@ -266,7 +277,7 @@ async fn accept_loop(
             Ok((client, _)) => {
                 let (routes, stop) = (routes.clone(), stop.clone());
                 tokio::spawn(async move {
-                    handle(client, socket, routes, timeouts, stop).await;
+                    handle(client, socket, routes, source, timeouts, stop).await;
                     drop(permit);
                 });
             }
@@ -291,13 +302,14 @@ async fn handle(
     client: TcpStream,
     upstream: TcpSocket,
     routes: Arc<ArcSwap<RouteTable>>,
+    source: VipSource,
     timeouts: Timeouts,
     stop: watch::Receiver<bool>,
 ) {
-    let Some(vip) = original_dst(&client) else {
+    let table = routes.load();
+    let Some(vip) = destination::vip(&client, source, |v| table.services.contains_key(v)) else {
         return reset(client);
     };
-    let table = routes.load();
     let Some(service) = table.services.get(&vip).cloned() else {
         tracing::debug!(%vip, "connection to an address that is no service; reset");
         return reset(client);
@@ -312,15 +324,6 @@ async fn handle(
     super::tcp::serve(client, upstream, &service, timeouts).await
 }
 
-/// The VIP:port the client connected to, before the nat redirect.
-fn original_dst(client: &TcpStream) -> Option<SocketAddrV4> {
-    let sin = getsockopt(client, OriginalDst).ok()?;
-    Some(SocketAddrV4::new(
-        Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
-        u16::from_be(sin.sin_port),
-    ))
-}
-
 /// Closes with RST, so the peer learns at once that nothing serves it (no FIN, no hang).
 pub(super) fn reset(socket: TcpStream) {
     let _ = socket2::SockRef::from(&socket).set_linger(Some(Duration::ZERO));
@@ -330,6 +333,7 @@ pub(super) fn reset(socket: TcpStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     #[test]
     fn accepted_client_sockets_inherit_keepalive() {

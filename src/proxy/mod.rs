@@ -1,7 +1,9 @@
-//! The data plane's userspace half: the listener that nat rules redirect VIP connections to,
+//! The data plane's userspace half: the listener that VIP connections reach (redirected by nat
+//! rules, or handed over by the bpf steering),
 //! the per-instance health (passive, and the active checker), and zero-copy forwarding.
 
 pub mod activation;
+mod destination;
 pub mod health;
 pub mod http;
 pub mod limits;
@@ -11,4 +13,5 @@ pub mod route_table;
 pub mod splice;
 mod tcp;
 
+pub use destination::VipSource;
 pub use listener::{Proxy, ProxyConfig};

@@ -21,7 +21,40 @@ pub struct Fluxd {
     fd_limit: Option<u64>,
     /// Environment variables to start the daemon with (`set_env`).
     env: Vec<(String, String)>,
+    /// The bpf file system its steering is pinned on (in-namespace daemons): `ip netns exec`
+    /// hides the machine's /sys/fs/bpf, and pins must outlive each run of the daemon.
+    _bpffs: Option<BpfFs>,
     _tmp: Option<tempfile::TempDir>,
+}
+
+/// A bpf file system mounted on a directory of a test's own (unmounted when dropped, which
+/// also releases whatever is pinned there).
+pub struct BpfFs {
+    dir: PathBuf,
+}
+
+impl BpfFs {
+    pub fn mount(dir: PathBuf) -> BpfFs {
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "mount bpf: {out:?}");
+        BpfFs { dir }
+    }
+
+    /// What `--bpf-dir` takes.
+    pub fn pin_dir(&self) -> PathBuf {
+        self.dir.join("flux")
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).status();
+    }
 }
 
 impl Fluxd {
@@ -80,6 +113,14 @@ impl Fluxd {
         let mut f = Fluxd::new(tmp.path().to_path_buf(), host_name, extra);
         f.args.retain(|a| a != "--no-dataplane");
         f.netns = Some(ns.to_string());
+        if !extra.contains(&"--bpf-dir") {
+            let bpffs = BpfFs::mount(tmp.path().join("bpf"));
+            f.args.extend([
+                "--bpf-dir".to_string(),
+                bpffs.pin_dir().display().to_string(),
+            ]);
+            f._bpffs = Some(bpffs);
+        }
         f._tmp = Some(tmp);
         f
     }
@@ -152,6 +193,7 @@ impl Fluxd {
             listen_fd: None,
             fd_limit: None,
             env: Vec::new(),
+            _bpffs: None,
             _tmp: None,
         }
     }
@@ -160,6 +202,11 @@ impl Fluxd {
     /// without some program).
     pub fn set_env(&mut self, key: &str, value: &str) {
         self.env.push((key.into(), value.into()));
+    }
+
+    /// The `--bpf-dir` of an in-namespace daemon (for `fluxd cleanup --bpf-dir`).
+    pub fn bpf_dir(&self) -> Option<PathBuf> {
+        self._bpffs.as_ref().map(BpfFs::pin_dir)
     }
 
     pub fn start(&mut self) {

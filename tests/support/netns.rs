@@ -89,6 +89,13 @@ impl Netns {
         lines.join("\n")
     }
 
+    /// flux's local routes (the bpf steering's: `ip route show table local proto 171`); empty
+    /// when there are none.
+    pub fn flux_routes(&self) -> String {
+        let out = self.exec(&["ip", "route", "show", "table", "local", "proto", "171"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// `iptables-save -t filter` inside the namespace, normalised as [`Netns::nat_table`].
     pub fn filter_table(&self) -> String {
         let out = self.exec(&["iptables-save", "-t", "filter"]);

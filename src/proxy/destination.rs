@@ -1,0 +1,44 @@
+//! The VIP:port a client connected to, read once per connection with one syscall: on the nat
+//! path the accepted socket's address is the proxy port (REDIRECT rewrote it) and conntrack
+//! keeps the original (`SO_ORIGINAL_DST`); on the bpf path the program handed the connection
+//! over untouched, so the socket's own address (`getsockname`) is the VIP.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+
+use nix::sys::socket::{getsockopt, sockopt::OriginalDst};
+use tokio::net::TcpStream;
+
+/// Where the proxy reads the VIP, fixed at start by the steering in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VipSource {
+    /// nat path: `SO_ORIGINAL_DST`.
+    OriginalDst,
+    /// bpf path: the accepted socket's local address; when that is no service, the connection
+    /// was redirected by nat rules a fluxd of the other mode left (a switch of mode across a
+    /// restart, for the moment before they are removed), and `SO_ORIGINAL_DST` is asked too.
+    LocalAddress,
+}
+
+/// The VIP of `client`; `is_service` tells whether an address is one.
+pub(super) fn vip(
+    client: &TcpStream,
+    source: VipSource,
+    is_service: impl Fn(&SocketAddrV4) -> bool,
+) -> Option<SocketAddrV4> {
+    match source {
+        VipSource::OriginalDst => original_dst(client),
+        VipSource::LocalAddress => match client.local_addr().ok()? {
+            SocketAddr::V4(local) if is_service(&local) => Some(local),
+            _ => original_dst(client),
+        },
+    }
+}
+
+/// The VIP:port the client connected to, before the nat redirect.
+fn original_dst(client: &TcpStream) -> Option<SocketAddrV4> {
+    let sin = getsockopt(client, OriginalDst).ok()?;
+    Some(SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+        u16::from_be(sin.sin_port),
+    ))
+}
