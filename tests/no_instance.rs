@@ -235,7 +235,7 @@ fn an_instance_that_fails_still_counts_as_an_instance() {
     fluxd.ok(&["service", "add", "web", "--address", VIP]);
     // Nothing listens there.
     fluxd.add_instance("web", "dead", "127.0.0.1:9009");
-    fluxd.wait_routed(&ns, "web");
+    fluxd.wait_routed("web");
     let outcomes = ns.run(|| (0..3).map(|_| attempt(vip())).collect::<Vec<_>>());
     for o in &outcomes {
         assert_eq!(*o, Outcome::AcceptedThenClosed, "{outcomes:?}");

@@ -32,7 +32,7 @@ fn add_good_service(ns: &Netns, fluxd: &Fluxd) -> Backend {
     let b = Backend::start(ns, "b0", 9000);
     fluxd.ok(&["service", "add", "good", "--address", GOOD_VIP]);
     fluxd.add_instance("good", "b0", b.addr);
-    fluxd.wait_routed(ns, "good");
+    fluxd.wait_routed("good");
     let vip: SocketAddrV4 = GOOD_VIP.parse().unwrap();
     let ok = ns.run(move || {
         wait_until(Duration::from_secs(5), || {
