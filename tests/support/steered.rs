@@ -1,6 +1,7 @@
 //! What fluxd's data plane does with each service's VIP, as `fluxd debug --json` reads it back
 //! from the kernel, whichever steering path is in use: on nat the members of `flux-vips`
-//! (proxied) and `flux-empty` (refused); on bpf the entries of the program's services map, each
+//! (proxied) and `flux-empty` (refused), and the services inside a VIP range whose rule is
+//! installed (proxied); on bpf the entries of the program's services map, each
 //! counted only once its local route is in and the program is attached (and, for `proxy`, the
 //! socket map holds the listener). For tests that only need "the service is routed" or "it is
 //! refused"; tests of one path's own kernel state read that state themselves.
@@ -38,9 +39,52 @@ pub fn from_debug(debug: &Value) -> Vec<Steered> {
         _ => {
             let mut out = members(&debug["vips"], Action::Proxy);
             out.extend(members(&debug["no_instance"], Action::Refuse));
+            out.extend(in_ranges(debug, &out));
             out
         }
     }
+}
+
+/// On nat, the services whose VIP lies in a VIP range with its rule installed (they need no
+/// set member), except those already listed (refused for want of an instance) and those the
+/// VIP guard refuses.
+fn in_ranges(debug: &Value, listed: &[Steered]) -> Vec<Steered> {
+    let ranges: Vec<(Ipv4Addr, u8)> = debug["rules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["rule"].as_str())
+        .filter(|r| r.contains("flux vip range") && r.contains("REDIRECT"))
+        .filter_map(|r| {
+            let mut words = r.split_whitespace();
+            words.find(|w| *w == "-d")?;
+            let (a, l) = words.next()?.split_once('/')?;
+            Some((a.parse().ok()?, l.parse().ok()?))
+        })
+        .collect();
+    let refused = |service: &str| {
+        debug["refused"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|r| r["service"] == service)
+    };
+    debug["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| {
+            let service = s["service"].as_str()?;
+            let vip: SocketAddrV4 = s["address"].as_str()?.parse().ok()?;
+            let covered = ranges.iter().any(|r| contains(*r, *vip.ip()));
+            let listed = listed.iter().any(|l| l.service == service);
+            (covered && !listed && !refused(service)).then(|| Steered {
+                service: service.to_string(),
+                vip,
+                action: Action::Proxy,
+            })
+        })
+        .collect()
 }
 
 /// The set members of the nat path (`198.18.0.10,tcp:80`), each annotated with its service.
