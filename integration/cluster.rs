@@ -3,7 +3,8 @@
 //! runs etcd (see support/cluster.rs), and tears it all down on drop, also when it fails.
 //!
 //! Run with `integration/run` (one test at a time: the timings below assume nothing else
-//! loads the machine's two cores). Hosts use `--host-ttl 5`.
+//! loads the machine's two cores). Hosts use `--host-ttl 5` and `--steering bpf` (fluxd's
+//! default path), except `s1_nat`, which runs s1 on the nat path.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -50,7 +51,22 @@ fn two_by_two(c: &Cluster) -> BTreeSet<String> {
 /// publishing host's IP and published port (network mode `local`).
 #[test]
 fn s1_connections_spread_over_both_hosts() {
-    let c = Cluster::new(ClusterConfig::default());
+    connections_spread_over_both_hosts(ClusterConfig::default());
+}
+
+/// s1 with every host on the nat path, whatever the default: the scenarios run on bpf, and
+/// this keeps the nat path's cross-host routing covered (`integration/run --steering nat`
+/// runs them all on nat).
+#[test]
+fn s1_nat_connections_spread_over_both_hosts_on_the_nat_path() {
+    connections_spread_over_both_hosts(ClusterConfig {
+        steering: "nat".into(),
+        ..Default::default()
+    });
+}
+
+fn connections_spread_over_both_hosts(config: ClusterConfig) {
+    let c = Cluster::new(config);
     two_by_two(&c);
 
     for h in &c.hosts {

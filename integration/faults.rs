@@ -56,7 +56,7 @@ fn static_service(h: &Host, name: &str, vip: SocketAddrV4, instances: &[(&str, S
     for (n, addr) in instances {
         h.fluxd.add_instance(name, n, addr);
     }
-    h.fluxd.wait_routed(&h.ns, name);
+    h.fluxd.wait_routed(name);
     wait_routes(h, name, instances.len());
 }
 

@@ -129,7 +129,7 @@ fn host_network_container_is_served_at_the_host_ip_in_both_modes() {
         assert_eq!(i["name"], short(&id), "{mode}: {i}");
         assert_eq!(i["address"], direct.to_string(), "{mode}: {i}");
         assert!(i["container"].get("address_note").is_none(), "{mode}: {i}");
-        fluxd.wait_routed(&ns, "web");
+        fluxd.wait_routed("web");
         let body = ns.run(move || http_body(vip));
         assert_eq!(body.unwrap(), "hostnet\n", "{mode} through the VIP");
         // A clean stop removes this fluxd's rules before the next mode's starts.
@@ -159,7 +159,7 @@ fn single_host_uses_a_loopback_binding_and_prefers_one_others_can_reach() {
     let i = wait_instance(&fluxd, "loop", |i| i["state"] == "live");
     assert_eq!(i["address"], format!("127.0.0.1:{hp}"), "{i}");
     assert_eq!(i["container"]["address_note"], note, "{i}");
-    fluxd.wait_routed(&ns, "loop");
+    fluxd.wait_routed("loop");
     let vip = "198.18.0.41:80".parse().unwrap();
     assert_eq!(ns.run(move || who_serves(vip)).unwrap(), "lo");
     // Said where people look: the table's last column, and `{{note}}`.
@@ -229,7 +229,7 @@ fn single_host_uses_a_loopback_binding_and_prefers_one_others_can_reach() {
     for i in last.as_array().unwrap() {
         assert!(i["container"].get("address_note").is_none(), "{i}");
     }
-    fluxd.wait_routed(&ns, "both");
+    fluxd.wait_routed("both");
     let vip = "198.18.0.42:80".parse().unwrap();
     let served = ns.run(move || {
         (0..20)
@@ -268,7 +268,7 @@ fn loopback_binding_is_no_address_while_another_host_shares_the_store() {
                 .is_some_and(|n| n.ends_with("used because this is the only host"))
     };
     wait_instance(&a, "loop", alone);
-    a.wait_routed(&ns, "loop");
+    a.wait_routed("loop");
     assert_eq!(ns.run(move || who_serves(vip)).unwrap(), "lo");
 
     // A second host joins (no data plane: one set of rules per namespace; no Docker).

@@ -156,8 +156,13 @@ fn ask_vip(h: &Host) -> Result<String, String> {
     h.ns.run(|| who_serves(vip()).map_err(|e| e.to_string()))
 }
 
+/// Whether flux's steering is in the namespace on either path: nat rules or set members, or
+/// the bpf path's local routes (the image's fluxd, with CAP_NET_ADMIN but no CAP_BPF nor bpf
+/// file system, runs nat through `--steering auto`'s fallback).
 fn rules_installed(h: &Host) -> bool {
-    h.ns.nat_table().contains("FLUX-SERVICES") || h.ns.vip_set().contains("flux:")
+    h.ns.nat_table().contains("FLUX-SERVICES")
+        || h.ns.vip_set().contains("flux:")
+        || !h.ns.flux_routes().is_empty()
 }
 
 #[test]

@@ -1,9 +1,12 @@
 //! Issue 3 acceptance: fluxd's rules and proxy inside a network namespace the test creates,
 //! with static backends, host-process clients (the OUTPUT path) and real traffic.
 //!
-//! These tests read the nat rules, sets and conntrack entries themselves, so they run fluxd with
-//! `--steering nat` and keep covering that path (the fallback of `--steering auto`); the bpf
-//! path's own tests are in tests/steering.rs and steering/tests/.
+//! The proxy's behaviour (spread, failover, intact bytes and half-closes, fds, unknown
+//! destinations) runs on fluxd's default steering (bpf here). The tests that read the nat
+//! rules, sets and conntrack entries themselves run fluxd with `--steering nat` and keep
+//! covering that path (the fallback of `--steering auto`); the bpf path's counterparts (drift
+//! repaired, clean stop, VIP ranges, an attempt made before the VIP was routed) are in
+//! tests/steering.rs.
 
 mod support;
 
@@ -30,8 +33,13 @@ struct Setup {
 }
 
 fn setup(tag: &str, backends: usize) -> Setup {
+    setup_with(tag, backends, &[])
+}
+
+/// As [`setup`], fluxd started with `flags` (e.g. `--steering nat`).
+fn setup_with(tag: &str, backends: usize, flags: &[&str]) -> Setup {
     let ns = Netns::new(tag);
-    let fluxd = Fluxd::dataplane(&ns.name, &["--steering", "nat"]);
+    let fluxd = Fluxd::dataplane(&ns.name, flags);
     fluxd.ok(&["service", "add", "web", "--address", VIP]);
     let backends: Vec<Backend> = (0..backends)
         .map(|i| {
@@ -40,14 +48,15 @@ fn setup(tag: &str, backends: usize) -> Setup {
             b
         })
         .collect();
-    // Probe only once the redirect is installed: a SYN sent before it would be tracked without
-    // the redirect, and its retries would never reach the proxy.
-    let installed = wait_until(Duration::from_secs(5), || {
-        ns.vip_set()
-            .contains(r#"198.18.0.10,tcp:80 comment "flux:web""#)
-            && ns.nat_table().contains("--match-set flux-vips")
-    });
-    assert!(installed.is_some(), "rule never installed: {}", fluxd.log());
+    // Probe only once the VIP is steered: on nat, a SYN sent before the redirect would be
+    // tracked without it, and its retries would never reach the proxy.
+    fluxd.wait_routed("web");
+    if fluxd.steering() == "nat" {
+        let hooked = wait_until(Duration::from_secs(5), || {
+            ns.nat_table().contains("--match-set flux-vips")
+        });
+        assert!(hooked.is_some(), "rule never installed: {}", fluxd.log());
+    }
     let ok = ns.run(|| wait_until(Duration::from_secs(5), || who_serves(vip()).is_ok()));
     assert!(ok.is_some(), "VIP never answered: {}", fluxd.log());
     Setup {
@@ -214,7 +223,7 @@ fn fds_return_to_baseline_after_2000_connections() {
 
 #[test]
 fn flushed_chain_shows_as_drift_and_is_repaired() {
-    let s = setup("drift", 1);
+    let s = setup_with("drift", 1, &["--steering", "nat"]);
     assert_eq!(s.fluxd.debug()["drift"]["clean"], true);
     // The chain's one rule, then the set's members.
     for damage in [

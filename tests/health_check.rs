@@ -101,7 +101,7 @@ fn http_check_takes_a_503_instance_out_and_back() {
     ]);
     fluxd.add_instance("web", "good", good.addr);
     fluxd.add_instance("web", "sick", sick.addr);
-    fluxd.wait_routed(&ns, "web");
+    fluxd.wait_routed("web");
     wait_check(&fluxd, &["good", "sick"], "passing", Duration::from_secs(5));
     assert!(
         sick.health_checks
@@ -252,7 +252,7 @@ fn tcp_check_takes_a_closed_instance_out_before_any_client_tries_it() {
     ]);
     fluxd.add_instance("web", "b0", b0.addr);
     fluxd.add_instance("web", "b1", b1.addr);
-    fluxd.wait_routed(&ns, "web");
+    fluxd.wait_routed("web");
     wait_check(&fluxd, &["b0", "b1"], "passing", Duration::from_secs(5));
     // Both serve while both pass.
     let served = ns.run(|| {

@@ -40,7 +40,7 @@ fn setup(ns: &Netns, backends: &[&HttpBackend]) -> Fluxd {
     for b in backends {
         fluxd.add_instance("web", &b.name, b.addr);
     }
-    fluxd.wait_routed(ns, "web");
+    fluxd.wait_routed("web");
     fluxd
 }
 
@@ -351,7 +351,7 @@ fn an_instance_that_never_answers_gets_504_after_the_response_timeout() {
         "http",
     ]);
     fluxd.add_instance("web", "silent", silent_addr);
-    fluxd.wait_routed(&ns, "web");
+    fluxd.wait_routed("web");
     let routed = |want: &str| {
         wait_until(Duration::from_secs(5), || {
             fluxd.debug()["services"][0]["instances"]

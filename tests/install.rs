@@ -2,6 +2,7 @@
 //! namespace the test creates: install writes binaries, unit, config, completions and man
 //! pages; the installed fluxd runs from that config and leaves its rules (`--keep-rules`);
 //! uninstall removes every file and exactly flux's rules, leaving other rules and sets alone.
+//! On both steering paths: nat (rules and sets) and bpf (local routes and pins).
 
 mod support;
 
@@ -9,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use support::fluxd::{fluxctl, wait_until};
+use support::fluxd::{fluxctl, wait_until, BpfFs};
 use support::netns::Netns;
 
 fn script(name: &str) -> PathBuf {
@@ -45,19 +46,36 @@ fn files_under(root: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// The namespace's nat table, the names of its ipsets and its filter table.
-fn kernel_state(ns: &Netns) -> (String, String, String) {
+/// The namespace's nat table, the names of its ipsets, its filter table and flux's local
+/// routes.
+fn kernel_state(ns: &Netns) -> (String, String, String, String) {
     let sets = ns.exec(&["ipset", "list", "-n"]);
     (
         ns.nat_table(),
         String::from_utf8_lossy(&sets.stdout).into_owned(),
         ns.filter_table(),
+        ns.flux_routes(),
     )
 }
 
 #[test]
 fn install_then_uninstall_leaves_nothing() {
+    install_then_uninstall_leaves_nothing_on("nat");
+}
+
+#[test]
+fn install_then_uninstall_leaves_nothing_on_the_bpf_path() {
+    install_then_uninstall_leaves_nothing_on("bpf");
+}
+
+fn install_then_uninstall_leaves_nothing_on(steering: &str) {
     let ns = Netns::new("install");
+    // The bpf path pins on a bpf file system of the test's own (`ip netns exec` hides the
+    // machine's /sys/fs/bpf), which fluxd and the uninstall's `fluxd cleanup` both find through
+    // FLUXD_BPF_DIR, as they would find the default /sys/fs/bpf/flux on a real host.
+    let bpf_tmp = tempfile::tempdir().unwrap();
+    let bpffs = BpfFs::mount(bpf_tmp.path().join("bpf"));
+    let bpf_dir = bpffs.pin_dir().display().to_string();
     // Someone else's rules and set, which uninstall must not touch.
     in_ns(&ns, &["iptables", "-t", "nat", "-N", "OTHER"]);
     in_ns(
@@ -144,6 +162,8 @@ fn install_then_uninstall_leaves_nothing() {
         .arg(format!("unix://{}", sock.display()))
         .args(["--host-name", "h1", "--host-ip", "127.0.0.1"])
         .args(["--http", "127.0.0.1:0", "--docker", "none"])
+        .args(["--steering", steering])
+        .env("FLUXD_BPF_DIR", &bpf_dir)
         .env_remove("NOTIFY_SOCKET")
         .env_remove("FLUXD_STORE")
         .stdin(Stdio::null())
@@ -178,9 +198,11 @@ fn install_then_uninstall_leaves_nothing() {
         ],
     );
     assert!(out.status.success());
-    let set = wait_until(Duration::from_secs(10), || {
-        ns.vip_set().contains("198.18.8.1,tcp:80")
-    });
+    let installed = || match steering {
+        "nat" => ns.vip_set().contains("198.18.8.1,tcp:80"),
+        _ => ns.flux_routes().contains("local 198.18.8.1 dev lo"),
+    };
+    let set = wait_until(Duration::from_secs(10), installed);
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -192,27 +214,33 @@ fn install_then_uninstall_leaves_nothing() {
         let _ = child.kill();
     }
     let _ = child.wait();
-    assert!(set.is_some(), "no set member: {}", fluxd_log());
-    assert!(
-        ns.vip_set().contains("198.18.8.1,tcp:80") && ns.nat_table().contains("FLUX-SERVICES"),
-        "--keep-rules left no rules: {}",
-        fluxd_log()
-    );
-    assert!(
-        ns.filter_table().contains("FLUX-REJECT"),
-        "--keep-rules left no filter rules"
-    );
+    assert!(set.is_some(), "not steered: {}", fluxd_log());
+    let pins = || std::fs::read_dir(&bpf_dir).map_or(0, |d| d.count());
+    if steering == "nat" {
+        assert!(
+            installed() && ns.nat_table().contains("FLUX-SERVICES"),
+            "--keep-rules left no rules: {}",
+            fluxd_log()
+        );
+        assert!(
+            ns.filter_table().contains("FLUX-REJECT"),
+            "--keep-rules left no filter rules"
+        );
+    } else {
+        assert!(installed(), "--keep-rules left no route: {}", fluxd_log());
+        assert_eq!(pins(), 1, "--keep-rules left no pins: {}", fluxd_log());
+        assert!(!ns.nat_table().contains("FLUX"), "{}", ns.nat_table());
+    }
 
     let uninstall = script("uninstall");
-    in_ns(
-        &ns,
-        &[
-            uninstall.to_str().unwrap(),
-            "--root",
-            root.to_str().unwrap(),
-            "--cleanup-rules",
-        ],
-    );
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .arg(&uninstall)
+        .args(["--root", root.to_str().unwrap(), "--cleanup-rules"])
+        .env("FLUXD_BPF_DIR", &bpf_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "uninstall: {out:?}");
     let left = if root.exists() {
         files_under(&root)
     } else {
@@ -223,6 +251,8 @@ fn install_then_uninstall_leaves_nothing() {
     assert_eq!(after.0, before.0, "nat table differs after uninstall");
     assert_eq!(after.1, before.1, "ipsets differ after uninstall");
     assert_eq!(after.2, before.2, "filter table differs after uninstall");
+    assert_eq!(after.3, before.3, "flux's routes left after uninstall");
+    assert_eq!(pins(), 0, "pins left after uninstall");
 }
 
 /// An edited config survives uninstall (without --purge), and a re-install keeps it.

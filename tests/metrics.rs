@@ -54,8 +54,7 @@ fn counters_rise_by_the_connections_made_per_instance() {
         fluxd.add_instance("web", &b.name, b.addr);
     }
     let vip: SocketAddrV4 = VIP.parse().unwrap();
-    let ready = wait_until(Duration::from_secs(5), || ns.vip_set().contains("flux:web"));
-    assert!(ready.is_some());
+    fluxd.wait_routed("web");
     // Warm up, so both instances have series, then take the baseline.
     let warm = ns.run(move || wait_until(Duration::from_secs(5), || who_serves(vip).is_ok()));
     assert!(warm.is_some());

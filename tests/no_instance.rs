@@ -8,8 +8,10 @@
 //! `PassiveOpens` counter (every handshake a listening socket answered, fluxd's proxy
 //! included) does not move.
 //!
-//! These tests read the nat path's sets and rules, so they run fluxd with `--steering nat`; the
-//! same refusals on the bpf path are tested in tests/steering.rs.
+//! The tests that read the nat path's sets and rules run fluxd with `--steering nat`; each has
+//! its bpf counterpart here (`..._on_the_bpf_path`: the program's `refuse` entry, no ipset
+//! needed) or in tests/steering.rs (VIP ranges, drift, clean stop). What does not depend on the
+//! path (which services count as having an instance, `http` answering 503) runs on both.
 
 mod support;
 
@@ -21,6 +23,7 @@ use support::backend::{who_serves, Backend};
 use support::fluxd::{wait_until, Fluxd};
 use support::http_backend::Client;
 use support::netns::Netns;
+use support::steered::Action;
 
 const VIP: &str = "198.18.0.20:80";
 
@@ -104,11 +107,12 @@ fn rejected_packets(ns: &Netns) -> u64 {
 }
 
 /// Three attempts in a row are each refused by `connect()` within 100 ms, without any
-/// listening socket of the namespace (the proxy's included) answering a handshake, and each
-/// is counted by the refusal rule.
+/// listening socket of the namespace (the proxy's included) answering a handshake, and on nat
+/// each is counted by the refusal rule.
 fn assert_refused_at_once(ns: &Netns, fluxd: &Fluxd, vip: SocketAddrV4) {
+    let nat = fluxd.steering() == "nat";
     let opens = passive_opens(ns);
-    let rejected = rejected_packets(ns);
+    let rejected = nat.then(|| rejected_packets(ns));
     let outcomes = ns.run(move || {
         (0..3)
             .map(|_| {
@@ -137,7 +141,9 @@ fn assert_refused_at_once(ns: &Netns, fluxd: &Fluxd, vip: SocketAddrV4) {
         opens,
         "a refused connection reached a listening socket"
     );
-    assert_eq!(rejected_packets(ns), rejected + 3);
+    if let Some(rejected) = rejected {
+        assert_eq!(rejected_packets(ns), rejected + 3);
+    }
 }
 
 /// Waits until connections to `vip` are refused (after a change of instances).
@@ -148,7 +154,7 @@ fn wait_refused(ns: &Netns, fluxd: &Fluxd, vip: SocketAddrV4) {
         refused.is_some(),
         "never refused: {:?}\n{}\n{}",
         ns.run(move || attempt(vip)),
-        ns.empty_set(),
+        fluxd.debug(),
         fluxd.log()
     );
 }
@@ -228,51 +234,58 @@ fn a_tcp_service_with_no_instance_refuses_until_it_has_one() {
 
 /// An instance that exists but does not answer (its container is down, its port closed) keeps
 /// the service out of the refusal: the proxy tries it, as a last resort, for every connection.
+/// On both steering paths.
 #[test]
 fn an_instance_that_fails_still_counts_as_an_instance() {
-    let ns = Netns::new("noinst-failed");
-    let fluxd = Fluxd::dataplane(&ns.name, &["--steering", "nat"]);
-    fluxd.ok(&["service", "add", "web", "--address", VIP]);
-    // Nothing listens there.
-    fluxd.add_instance("web", "dead", "127.0.0.1:9009");
-    fluxd.wait_routed(&ns, "web");
-    let outcomes = ns.run(|| (0..3).map(|_| attempt(vip())).collect::<Vec<_>>());
-    for o in &outcomes {
-        assert_eq!(*o, Outcome::AcceptedThenClosed, "{outcomes:?}");
+    for steering in ["nat", "bpf"] {
+        let ns = Netns::new("noinst-failed");
+        let fluxd = Fluxd::dataplane(&ns.name, &["--steering", steering]);
+        fluxd.ok(&["service", "add", "web", "--address", VIP]);
+        // Nothing listens there.
+        fluxd.add_instance("web", "dead", "127.0.0.1:9009");
+        fluxd.wait_routed("web");
+        let outcomes = ns.run(|| (0..3).map(|_| attempt(vip())).collect::<Vec<_>>());
+        for o in &outcomes {
+            assert_eq!(*o, Outcome::AcceptedThenClosed, "{steering}: {outcomes:?}");
+        }
+        assert_eq!(fluxd.steered_as("web"), Some(Action::Proxy), "{steering}");
+        if steering == "nat" {
+            assert!(!ns.empty_set().contains("flux:web"), "{}", ns.empty_set());
+        }
     }
-    assert!(!ns.empty_set().contains("flux:web"), "{}", ns.empty_set());
 }
 
+/// An `http` service with no instance is steered to the proxy, which answers 503, while a `tcp`
+/// one beside it is refused. On both steering paths.
 #[test]
 fn an_http_service_with_no_instance_still_answers_503() {
-    let ns = Netns::new("noinst-http");
-    let fluxd = Fluxd::dataplane(&ns.name, &["--steering", "nat"]);
-    fluxd.ok(&[
-        "service",
-        "add",
-        "api",
-        "--address",
-        VIP,
-        "--protocol",
-        "http",
-    ]);
-    fluxd.ok(&["service", "add", "idle", "--address", "198.18.0.21:80"]);
-    // The tcp one is refused, the http one redirected as before.
-    let ready = wait_until(Duration::from_secs(5), || {
-        ns.empty_set().contains("flux:idle") && ns.vip_set().contains("flux:api")
-    });
-    assert!(
-        ready.is_some(),
-        "{}\n{}\n{}",
-        ns.empty_set(),
-        ns.vip_set(),
-        fluxd.log()
-    );
-    assert!(!ns.empty_set().contains("flux:api"), "{}", ns.empty_set());
-    let answer = ns.run(|| Client::connect(vip()).and_then(|mut c| c.get("api")));
-    let answer = answer.unwrap_or_else(|e| panic!("{e}: {}", fluxd.log()));
-    assert_eq!(answer.status(), 503);
-    assert!(String::from_utf8_lossy(&answer.body).contains("no instance of service api"));
+    for steering in ["nat", "bpf"] {
+        let ns = Netns::new("noinst-http");
+        let fluxd = Fluxd::dataplane(&ns.name, &["--steering", steering]);
+        fluxd.ok(&[
+            "service",
+            "add",
+            "api",
+            "--address",
+            VIP,
+            "--protocol",
+            "http",
+        ]);
+        fluxd.ok(&["service", "add", "idle", "--address", "198.18.0.21:80"]);
+        // The tcp one is refused, the http one steered to the proxy as before.
+        fluxd.wait_refusing("idle");
+        fluxd.wait_routed("api");
+        if steering == "nat" {
+            assert!(ns.empty_set().contains("flux:idle") && ns.vip_set().contains("flux:api"));
+            assert!(!ns.empty_set().contains("flux:api"), "{}", ns.empty_set());
+        }
+        let answer = ns.run(|| Client::connect(vip()).and_then(|mut c| c.get("api")));
+        let answer = answer.unwrap_or_else(|e| panic!("{steering}: {e}: {}", fluxd.log()));
+        assert_eq!(answer.status(), 503);
+        assert!(String::from_utf8_lossy(&answer.body).contains("no instance of service api"));
+        let idle: SocketAddrV4 = "198.18.0.21:80".parse().unwrap();
+        assert_refused_at_once(&ns, &fluxd, idle);
+    }
 }
 
 #[test]
@@ -392,26 +405,7 @@ fn a_clean_stop_restores_the_filter_table() {
 #[test]
 fn without_ipset_a_service_with_no_instance_is_accepted_then_reset() {
     let ns = Netns::new("noinst-noipset");
-    // A PATH with what fluxd runs, except ipset.
-    let bin = tempfile::tempdir().unwrap();
-    for program in [
-        "ip",
-        "iptables",
-        "iptables-save",
-        "iptables-restore",
-        "conntrack",
-        "nice",
-        "sh",
-    ] {
-        let found = std::process::Command::new("sh")
-            .args(["-c", &format!("command -v {program}")])
-            .output()
-            .unwrap();
-        let path = String::from_utf8(found.stdout).unwrap();
-        if !path.trim().is_empty() {
-            std::os::unix::fs::symlink(path.trim(), bin.path().join(program)).unwrap();
-        }
-    }
+    let bin = path_without_ipset();
     let mut fluxd = Fluxd::unstarted_in_netns(
         &ns.name,
         "h1",
@@ -444,4 +438,97 @@ fn without_ipset_a_service_with_no_instance_is_accepted_then_reset() {
         1,
         "{log}"
     );
+}
+
+/// The bpf counterpart of the first test: the program's `refuse` entry for a service with no
+/// instance refuses at once (a RST to the SYN: no listening socket answers), an instance turns
+/// it into a `proxy` entry, and losing it refuses again. No ipset, no filter rule.
+#[test]
+fn a_tcp_service_with_no_instance_refuses_until_it_has_one_on_the_bpf_path() {
+    let ns = Netns::new("noinst-bpf");
+    let filter_before = ns.filter_table();
+    let fluxd = Fluxd::dataplane(&ns.name, &["--steering", "bpf"]);
+    fluxd.ok(&["service", "add", "idle", "--address", VIP]);
+    fluxd.wait_refusing("idle");
+    assert_refused_at_once(&ns, &fluxd, vip());
+    let debug = fluxd.debug();
+    assert_eq!(debug["refuses_empty"], true, "{debug}");
+    assert_eq!(debug["drift"]["clean"], true, "{debug}");
+    assert_eq!(
+        debug["bpf"]["entries"],
+        serde_json::json!([{"vip": VIP, "action": "refuse", "service": "idle"}]),
+        "{debug}"
+    );
+    assert_eq!(
+        ns.filter_table(),
+        filter_before,
+        "no filter rule on this path"
+    );
+    assert_eq!(ns.empty_set(), "");
+
+    let b = Backend::start(&ns, "b0", 9000);
+    fluxd.add_instance("idle", "b0", b.addr);
+    let served = ns.run(|| {
+        wait_until(Duration::from_secs(5), || {
+            attempt(vip()) == Outcome::Served("b0".into())
+        })
+    });
+    assert!(
+        served.is_some(),
+        "{:?}\n{}",
+        ns.run(|| attempt(vip())),
+        fluxd.log()
+    );
+    assert_eq!(fluxd.steered_as("idle"), Some(Action::Proxy));
+
+    fluxd.ok(&["instance", "rm", "idle", "b0"]);
+    wait_refused(&ns, &fluxd, vip());
+    assert_refused_at_once(&ns, &fluxd, vip());
+    assert_eq!(fluxd.steered_as("idle"), Some(Action::Refuse));
+    assert_eq!(fluxd.debug()["drift"]["clean"], true);
+}
+
+/// The bpf counterpart of the test above: the program refuses by itself, so without ipset a
+/// service with no instance is still refused at once, and fluxd does not warn otherwise.
+#[test]
+fn without_ipset_the_bpf_path_still_refuses() {
+    let ns = Netns::new("noinst-bpf-noipset");
+    let bin = path_without_ipset();
+    let mut fluxd = Fluxd::unstarted_in_netns(&ns.name, "h1", &["--steering", "bpf"]);
+    fluxd.set_env("PATH", &bin.path().display().to_string());
+    fluxd.start();
+    fluxd.ok(&["service", "add", "idle", "--address", VIP]);
+    fluxd.wait_refusing("idle");
+    assert_refused_at_once(&ns, &fluxd, vip());
+    assert_eq!(fluxd.debug()["refuses_empty"], true);
+    let log = fluxd.log();
+    assert!(
+        !log.contains("services with no instance will accept connections"),
+        "{log}"
+    );
+}
+
+/// A directory to use as PATH holding what fluxd runs (links to the real programs) except
+/// ipset.
+fn path_without_ipset() -> tempfile::TempDir {
+    let bin = tempfile::tempdir().unwrap();
+    for program in [
+        "ip",
+        "iptables",
+        "iptables-save",
+        "iptables-restore",
+        "conntrack",
+        "nice",
+        "sh",
+    ] {
+        let found = std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {program}")])
+            .output()
+            .unwrap();
+        let path = String::from_utf8(found.stdout).unwrap();
+        if !path.trim().is_empty() {
+            std::os::unix::fs::symlink(path.trim(), bin.path().join(program)).unwrap();
+        }
+    }
+    bin
 }

@@ -182,8 +182,8 @@ fn held_connections_and_churn_leave_nothing_behind() {
     fluxd.add_instance("idle", "h0", HOLDER);
     fluxd.ok(&["service", "add", "web", "--address", WEB_VIP]);
     fluxd.add_instance("web", "b0", web.addr);
-    fluxd.wait_routed(&ns, "idle");
-    fluxd.wait_routed(&ns, "web");
+    fluxd.wait_routed("idle");
+    fluxd.wait_routed("web");
     let (idle_vip, web_vip): (SocketAddrV4, SocketAddrV4) =
         (IDLE_VIP.parse().unwrap(), WEB_VIP.parse().unwrap());
 

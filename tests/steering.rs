@@ -4,8 +4,9 @@
 //! once; `fluxd debug` shows the program, its map annotated by service and the routes; a
 //! deleted route or map entry is repaired within the 2 s drift check; `auto` falls back to
 //! nat, saying why, when bpf cannot be used; switching modes across restarts with
-//! `--keep-rules` leaves nothing of the other mode; a clean stop removes everything.
-//! About 10 s in all.
+//! `--keep-rules` leaves nothing of the other mode; a clean stop removes everything; a VIP
+//! range is one route and refuses its addresses that are no service; a stale conntrack entry
+//! of an attempt made before the VIP was routed holds nothing back. About 10 s in all.
 
 mod support;
 
@@ -282,4 +283,127 @@ fn switching_modes_across_restarts_leaves_nothing_of_the_other() {
     ]);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(ns.nat_table(), nat_before);
+}
+
+/// The bpf counterpart of dataplane.rs's VIP range test: a `--vip-range` is one local route
+/// whatever the number of services (each service one map entry), a VIP of the range that is no
+/// service is refused at once (the VIP is a local address here: no other socket may answer for
+/// it), and a service of the range with no instance is refused until it has one.
+#[test]
+fn a_vip_range_is_one_route_whatever_the_number_of_services() {
+    let ns = Netns::new("steer-range");
+    let nat_before = ns.nat_table();
+    let _b0 = Backend::start(&ns, "b0", 9000);
+    let fluxd = Fluxd::dataplane(
+        &ns.name,
+        &["--steering", "bpf", "--vip-range", "198.18.0.0/16"],
+    );
+    two_services(&fluxd);
+    assert_eq!(served(&ns, &fluxd), "b0");
+    fluxd.wait_refusing("idle");
+    let range_only = "local 198.18.0.0/16 dev lo";
+    assert!(routes(&ns).contains(range_only), "{}", routes(&ns));
+    assert_eq!(routes(&ns).lines().count(), 1, "{}", routes(&ns));
+    for i in 0..50 {
+        let name = format!("s{i}");
+        fluxd.ok(&[
+            "service",
+            "add",
+            &name,
+            "--address",
+            &format!("198.18.1.{i}:80"),
+        ]);
+        fluxd.add_instance(&name, "b0", "127.0.0.1:9000");
+    }
+    fluxd.wait_routed("s49");
+    assert_eq!(fluxd.steered().len(), 52, "{:?}", fluxd.steered());
+    assert_eq!(routes(&ns).lines().count(), 1, "{}", routes(&ns));
+    assert_eq!(ns.nat_table(), nat_before, "no nat rule on this path");
+    assert_eq!(
+        ns.run(|| who_serves(addr("198.18.1.49:80")))
+            .ok()
+            .as_deref(),
+        Some("b0")
+    );
+    assert!(refused_at_once(&ns, IDLE), "no instance: refused");
+    assert!(refused_at_once(&ns, "198.18.9.9:80"), "no service: refused");
+    // idle gets an instance, then loses it.
+    fluxd.add_instance("idle", "b0", "127.0.0.1:9000");
+    fluxd.wait_routed("idle");
+    let ok = ns.run(|| wait_until(Duration::from_secs(5), || who_serves(addr(IDLE)).is_ok()));
+    assert!(ok.is_some(), "{}", fluxd.log());
+    fluxd.ok(&["instance", "rm", "idle", "b0"]);
+    fluxd.wait_refusing("idle");
+    assert!(refused_at_once(&ns, IDLE));
+    assert_eq!(fluxd.debug()["drift"]["clean"], true);
+}
+
+/// The bpf counterpart of dataplane.rs's conntrack test: a connection attempt to a VIP made
+/// before it was routed (its SYN went nowhere) leaves a conntrack entry when connection
+/// tracking is on in the namespace (as Docker's rules turn it on); once the VIP is routed, a
+/// connection from the same source port is served like any other. There is no NAT on this
+/// path, so fluxd has nothing to clear.
+#[test]
+fn an_attempt_before_the_vip_was_routed_does_not_hold_back_its_source_port() {
+    const PORT: u16 = 41235;
+    let ns = Netns::new("steer-ct");
+    // Connection tracking on, in the namespace only.
+    let out = ns.exec(&[
+        "iptables",
+        "-A",
+        "OUTPUT",
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "NEW",
+        "-j",
+        "ACCEPT",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let fluxd = Fluxd::dataplane(&ns.name, &["--steering", "bpf"]);
+    let b = Backend::start(&ns, "b0", 9000);
+    let early = ns.run(|| name_from_port(addr(VIP), PORT, Duration::from_millis(200)));
+    assert!(early.is_err(), "{early:?}");
+    let listed = ns.exec(&["conntrack", "-L", "-p", "tcp", "--sport", &PORT.to_string()]);
+    let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
+    assert!(
+        listed.contains("SYN_SENT"),
+        "no entry of the attempt: {listed:?}"
+    );
+
+    fluxd.ok(&["service", "add", "web", "--address", VIP]);
+    fluxd.add_instance("web", &b.name, b.addr);
+    fluxd.wait_routed("web");
+    let again = ns.run(|| name_from_port(addr(VIP), PORT, Duration::from_secs(2)));
+    assert_eq!(
+        again.as_deref().ok(),
+        Some("b0"),
+        "{again:?}; conntrack: {}; log: {}",
+        String::from_utf8_lossy(&ns.exec(&["conntrack", "-L", "-p", "tcp"]).stdout),
+        fluxd.log()
+    );
+}
+
+/// Connects to `vip` from 127.0.0.1:`port` (SO_REUSEADDR, so the port can be used again at
+/// once) and reads the serving backend's name, giving up after `limit`.
+fn name_from_port(vip: SocketAddrV4, port: u16, limit: Duration) -> std::io::Result<String> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    use std::io::Read;
+    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.bind(&SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, port).into())?;
+    let start = Instant::now();
+    s.connect_timeout(&vip.into(), limit)?;
+    let mut s: TcpStream = s.into();
+    s.set_read_timeout(Some(
+        limit
+            .saturating_sub(start.elapsed())
+            .max(Duration::from_millis(1)),
+    ))?;
+    let mut name = Vec::new();
+    let mut byte = [0u8; 1];
+    while s.read(&mut byte)? == 1 && byte[0] != b'\n' {
+        name.push(byte[0]);
+    }
+    Ok(String::from_utf8_lossy(&name).into_owned())
 }

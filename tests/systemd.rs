@@ -1,7 +1,8 @@
 //! fluxd under systemd (issue 8): the unit file passes `systemd-analyze verify`, and fluxd
-//! talks the notify protocol to a fake `NOTIFY_SOCKET`: READY=1 only once its rules are
-//! installed, WATCHDOG=1 at half of `WATCHDOG_USEC`, STOPPING=1 on SIGTERM. The data plane runs
-//! in a network namespace the test creates.
+//! talks the notify protocol to a fake `NOTIFY_SOCKET`: READY=1 only once its steering is
+//! installed (on nat its rules and set; on bpf its local route and its map entry, with the
+//! listener in the socket map), WATCHDOG=1 at half of `WATCHDOG_USEC`, STOPPING=1 on SIGTERM.
+//! The data plane runs in a network namespace the test creates.
 
 mod support;
 
@@ -10,7 +11,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::fluxd::{fluxctl, Fluxd};
+use support::fluxd::{fluxctl, BpfFs, Fluxd};
 use support::netns::Netns;
 
 /// The notify socket systemd would give fluxd, as a datagram socket in a temp dir.
@@ -60,8 +61,8 @@ impl FakeSystemd {
 }
 
 /// fluxd with its data plane inside `ns`, on the store in `dir/state`, with the given
-/// environment; not waited for.
-fn spawn_fluxd(ns: &Netns, dir: &Path, env: &[(&str, String)]) -> Child {
+/// environment and flags; not waited for.
+fn spawn_fluxd(ns: &Netns, dir: &Path, env: &[(&str, String)], flags: &[&str]) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -89,6 +90,7 @@ fn spawn_fluxd(ns: &Netns, dir: &Path, env: &[(&str, String)]) -> Child {
         "--docker",
         "none",
     ])
+    .args(flags)
     .env_remove("FLUXD_STORE")
     .env_remove("NOTIFY_SOCKET")
     .env_remove("WATCHDOG_USEC")
@@ -108,6 +110,15 @@ fn log(dir: &Path) -> String {
 
 #[test]
 fn notify_ready_after_rules_watchdog_and_stopping() {
+    notify_ready_after_steering_watchdog_and_stopping("nat");
+}
+
+#[test]
+fn notify_ready_after_the_bpf_steering_watchdog_and_stopping() {
+    notify_ready_after_steering_watchdog_and_stopping("bpf");
+}
+
+fn notify_ready_after_steering_watchdog_and_stopping(steering: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     // A first run (no data plane) stores a service; the store persists in dir/state.
@@ -122,6 +133,11 @@ fn notify_ready_after_rules_watchdog_and_stopping() {
 
     let ns = Netns::new("sysd");
     assert_eq!(ns.vip_set(), "", "a fresh namespace has no flux set");
+    assert_eq!(ns.flux_routes(), "", "a fresh namespace has no flux route");
+    // The bpf path pins on a bpf file system of the test's own (`ip netns exec` hides the
+    // machine's /sys/fs/bpf).
+    let bpffs = BpfFs::mount(dir.join("bpf"));
+    let pin_dir = bpffs.pin_dir().display().to_string();
     let notify = FakeSystemd::bind(&dir.join("notify.sock"));
     let mut child = spawn_fluxd(
         &ns,
@@ -133,20 +149,40 @@ fn notify_ready_after_rules_watchdog_and_stopping() {
             ),
             ("WATCHDOG_USEC", "1000000".into()),
         ],
+        &["--steering", steering, "--bpf-dir", &pin_dir],
     );
     let (ready, before) = notify.wait_for("READY=1", Duration::from_secs(30));
-    // Read the kernel's state at once: the rules must already be there.
-    let set = ns.vip_set();
-    let nat = ns.nat_table();
-    assert!(
-        set.contains("198.18.7.1,tcp:80"),
-        "READY=1 before the VIP set member: {set}\n{}",
-        log(dir)
-    );
-    assert!(
-        nat.contains("-A FLUX-SERVICES") && nat.contains("-j FLUX-SERVICES"),
-        "READY=1 before the nat rules: {nat}"
-    );
+    // Read the kernel's state at once: the steering must already be there.
+    if steering == "nat" {
+        let set = ns.vip_set();
+        let nat = ns.nat_table();
+        assert!(
+            set.contains("198.18.7.1,tcp:80"),
+            "READY=1 before the VIP set member: {set}\n{}",
+            log(dir)
+        );
+        assert!(
+            nat.contains("-A FLUX-SERVICES") && nat.contains("-j FLUX-SERVICES"),
+            "READY=1 before the nat rules: {nat}"
+        );
+    } else {
+        let routes = ns.flux_routes();
+        assert!(
+            routes.contains("local 198.18.7.1 dev lo"),
+            "READY=1 before the local route: {routes}\n{}",
+            log(dir)
+        );
+        // The map entry and the listener: a connection is accepted by the proxy (which then
+        // resets it, since nothing listens at the instance), not refused by the program.
+        let vip = "198.18.7.1:80".parse().unwrap();
+        let connected =
+            ns.run(move || std::net::TcpStream::connect_timeout(&vip, Duration::from_secs(2)));
+        assert!(
+            connected.is_ok(),
+            "READY=1 before the map entry: {connected:?}\n{}",
+            log(dir)
+        );
+    }
     assert!(
         ready.contains("STATUS=routing 1 services"),
         "READY=1 comes with a status line: {ready:?}"
@@ -198,6 +234,9 @@ fn notify_ready_after_rules_watchdog_and_stopping() {
         log(dir)
     );
     assert_eq!(ns.vip_set(), "", "a clean stop removes the set");
+    assert_eq!(ns.flux_routes(), "", "a clean stop removes the routes");
+    let pins = std::fs::read_dir(&pin_dir).map_or(0, |d| d.count());
+    assert_eq!(pins, 0, "a clean stop removes the pins");
 }
 
 #[test]
@@ -205,7 +244,7 @@ fn no_notify_socket_no_watchdog() {
     // Without NOTIFY_SOCKET nothing is sent and nothing fails; WATCHDOG_USEC alone is harmless.
     let tmp = tempfile::tempdir().unwrap();
     let ns = Netns::new("sysd-plain");
-    let mut child = spawn_fluxd(&ns, tmp.path(), &[("WATCHDOG_USEC", "1000000".into())]);
+    let mut child = spawn_fluxd(&ns, tmp.path(), &[("WATCHDOG_USEC", "1000000".into())], &[]);
     let sock = tmp.path().join("fluxd.sock");
     let ok = support::fluxd::wait_until(Duration::from_secs(20), || {
         fluxctl(&sock, &["list"]).status.success()

@@ -334,7 +334,7 @@ fn web_with_two_backends(ns: &Netns, fluxd: &Fluxd) -> Vec<Backend> {
             b
         })
         .collect();
-    fluxd.wait_routed(ns, "web");
+    fluxd.wait_routed("web");
     backends
 }
 
@@ -505,7 +505,7 @@ fn http_service_page_charts_requests_status_and_latency() {
     for b in &backends {
         fluxd.add_instance("web", &b.name, b.addr);
     }
-    fluxd.wait_routed(&ns, "web");
+    fluxd.wait_routed("web");
     // Requests on kept-alive connections until stopped, bounded in time.
     let stop = Arc::new(AtomicBool::new(false));
     let vip = VIP.parse().unwrap();
@@ -644,7 +644,7 @@ fn refused_vip_is_marked_not_routed_on_this_host() {
     fluxd.ok(&["service", "add", "web", "--address", VIP]);
     // An instance, so `web` is routed (a service with none is refused instead).
     fluxd.add_instance("web", "b0", "127.0.0.1:9000");
-    fluxd.wait_routed(&ns, "web");
+    fluxd.wait_routed("web");
     let reason = "is 198.18.5.5, an address of g0";
 
     let page = browser::load(

@@ -2,12 +2,15 @@
 //! of its own interfaces, its default gateway or a DNS resolver, or lies in a protected range,
 //! reports it, and judges again when these change. Real kernel, in a network namespace each test creates.
 //!
-//! These tests read the nat path's sets and rules, so they run fluxd with `--steering nat`; the
-//! same refusals on the bpf path are tested in tests/steering.rs.
+//! Each case runs on both steering paths (`--steering nat`, then `--steering bpf`), and checks
+//! the kernel itself as well as `fluxd debug`: a refused VIP is in neither of the nat path's
+//! sets, and on the bpf path has neither a map entry nor a local route (which would make it
+//! an address of the host's for every interface); a VIP range the guard refuses gets no rule
+//! on nat and no route on bpf.
 
 mod support;
 
-use std::net::SocketAddrV4;
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
 use std::time::Duration;
 
 use support::backend::{who_serves, Backend};
@@ -32,7 +35,7 @@ fn add_good_service(ns: &Netns, fluxd: &Fluxd) -> Backend {
     let b = Backend::start(ns, "b0", 9000);
     fluxd.ok(&["service", "add", "good", "--address", GOOD_VIP]);
     fluxd.add_instance("good", "b0", b.addr);
-    fluxd.wait_routed(ns, "good");
+    fluxd.wait_routed("good");
     let vip: SocketAddrV4 = GOOD_VIP.parse().unwrap();
     let ok = ns.run(move || {
         wait_until(Duration::from_secs(5), || {
@@ -51,11 +54,87 @@ fn add_backed_service(fluxd: &Fluxd, name: &str, vip: &str) {
     fluxd.add_instance(name, "i0", "127.0.0.1:9000");
 }
 
-/// Whether `service`'s VIP is a member of either of flux's sets: a service the guard refuses
-/// must be in neither (not redirected, not refused either).
-fn in_a_set(ns: &Netns, service: &str) -> bool {
-    let comment = format!("flux:{service}\"");
-    ns.vip_set().contains(&comment) || ns.empty_set().contains(&comment)
+/// The two steering paths each case runs on.
+const PATHS: [&str; 2] = ["nat", "bpf"];
+
+/// Whether the kernel steers `service`'s VIP `vip` in any way (to the proxy or refused): on nat
+/// a member of either of flux's sets, on bpf a local route of flux's covering it; and whether
+/// `fluxd debug` says so, which must agree. A service the guard refuses must be neither
+/// redirected nor refused.
+fn steered(ns: &Netns, fluxd: &Fluxd, steering: &str, service: &str, vip: &str) -> bool {
+    let kernel = in_kernel(ns, steering, service, vip);
+    let debug = fluxd.steered_as(service).is_some();
+    assert_eq!(
+        kernel,
+        debug,
+        "kernel and fluxd debug disagree on {service}: {}\n{}",
+        ns.vip_set(),
+        ns.flux_routes()
+    );
+    kernel
+}
+
+/// Waits up to 6 s (the guard reads addresses every 2 s) until the kernel and `fluxd debug`
+/// both say `service` is steered (`want`) or both say it is not.
+fn wait_steered(ns: &Netns, fluxd: &Fluxd, steering: &str, service: &str, vip: &str, want: bool) {
+    let done = wait_until(Duration::from_secs(6), || {
+        in_kernel(ns, steering, service, vip) == want && fluxd.steered_as(service).is_some() == want
+    });
+    assert!(
+        done.is_some(),
+        "{steering}: {service} steered should be {want}: {}\n{}\n{}",
+        ns.vip_set(),
+        ns.flux_routes(),
+        fluxd.log()
+    );
+}
+
+/// The kernel's side of [`steered`].
+fn in_kernel(ns: &Netns, steering: &str, service: &str, vip: &str) -> bool {
+    match steering {
+        "nat" => {
+            let comment = format!("flux:{service}\"");
+            ns.vip_set().contains(&comment) || ns.empty_set().contains(&comment)
+        }
+        _ => {
+            let ip: Ipv4Addr = vip.split_once(':').unwrap().0.parse().unwrap();
+            flux_routes(ns).iter().any(|r| r.contains(&ip))
+        }
+    }
+}
+
+/// flux's local routes on the bpf path.
+fn flux_routes(ns: &Netns) -> Vec<ipnet::Ipv4Net> {
+    ns.flux_routes()
+        .lines()
+        .filter_map(|l| {
+            let dst = l.strip_prefix("local ")?.split_whitespace().next()?;
+            match dst.contains('/') {
+                true => dst.parse().ok(),
+                false => format!("{dst}/32").parse().ok(),
+            }
+        })
+        .collect()
+}
+
+/// Whether the VIP range's rule (nat) or route (bpf) is installed.
+fn range_installed(ns: &Netns, steering: &str) -> bool {
+    match steering {
+        "nat" => ns.nat_table().contains("flux vip range"),
+        _ => ns.flux_routes().contains("local 198.18.0.0/16 "),
+    }
+}
+
+/// A connection to `OWN:80` from the namespace reaches a listener of the namespace's own on
+/// that address, not flux's proxy: the guard leaves real traffic alone.
+fn own_listener_answers(ns: &Netns) -> bool {
+    ns.run(|| {
+        let l = TcpListener::bind(OWN_VIP).expect("bind the own address");
+        l.set_nonblocking(true).unwrap();
+        let c = TcpStream::connect_timeout(&OWN_VIP.parse().unwrap(), Duration::from_secs(2));
+        let accepted = wait_until(Duration::from_secs(1), || l.accept().is_ok());
+        c.is_ok() && accepted.is_some()
+    })
 }
 
 /// The `refused` entry of `fluxd debug --json` for `service`.
@@ -82,15 +161,26 @@ fn listed_refusal(fluxd: &Fluxd, service: &str) -> serde_json::Value {
 
 #[test]
 fn own_address_vip_is_refused_until_the_address_goes() {
+    for steering in PATHS {
+        own_address_vip_is_refused_until_the_address_goes_on(steering);
+    }
+}
+
+fn own_address_vip_is_refused_until_the_address_goes_on(steering: &str) {
     let ns = Netns::new("guard-own");
     add_own_address(&ns);
-    let fluxd = Fluxd::dataplane(&ns.name, &["--steering", "nat"]);
+    let fluxd = Fluxd::dataplane(&ns.name, &["--steering", steering]);
     add_backed_service(&fluxd, "mine", OWN_VIP);
     let _b = add_good_service(&ns, &fluxd);
 
     let set = format!("{}\n{}", ns.vip_set(), ns.empty_set());
     assert!(!set.contains("flux:mine"), "{set}");
     assert!(!set.contains("198.18.5.5,tcp:80"), "{set}");
+    assert!(!steered(&ns, &fluxd, steering, "mine", OWN_VIP));
+    assert!(
+        own_listener_answers(&ns),
+        "{steering}: the own address was captured"
+    );
     let reason = format!("is {OWN}, an address of g0");
     let r = debug_refusal(&fluxd, "mine").expect("no refusal in fluxd debug");
     assert_eq!(r["vip"], OWN_VIP, "{r}");
@@ -127,32 +217,42 @@ fn own_address_vip_is_refused_until_the_address_goes() {
 
     // The address goes: within a few seconds the guard judges again and installs the VIP.
     ns.ip(&["addr", "del", &format!("{OWN}/32"), "dev", "g0"]);
-    let routed = wait_until(Duration::from_secs(6), || {
-        ns.vip_set()
-            .contains(r#"198.18.5.5,tcp:80 comment "flux:mine""#)
-    });
-    assert!(routed.is_some(), "{}\n{}", ns.vip_set(), fluxd.log());
+    wait_steered(&ns, &fluxd, steering, "mine", OWN_VIP, true);
+    if steering == "nat" {
+        assert!(ns
+            .vip_set()
+            .contains(r#"198.18.5.5,tcp:80 comment "flux:mine""#));
+    }
     assert!(debug_refusal(&fluxd, "mine").is_none());
     assert!(listed_refusal(&fluxd, "mine").is_null());
 
     // And it comes back: refused again, the good service untouched throughout.
     ns.ip(&["addr", "add", &format!("{OWN}/32"), "dev", "g0"]);
-    let refused = wait_until(Duration::from_secs(6), || !in_a_set(&ns, "mine"));
-    assert!(refused.is_some(), "{}", ns.vip_set());
-    assert!(ns.vip_set().contains("flux:good"));
+    wait_steered(&ns, &fluxd, steering, "mine", OWN_VIP, false);
+    assert!(
+        own_listener_answers(&ns),
+        "{steering}: the own address was captured"
+    );
+    assert!(steered(&ns, &fluxd, steering, "good", GOOD_VIP));
     assert_eq!(fluxd.debug()["drift"]["clean"], true);
 }
 
 #[test]
 fn protected_range_refuses_vips_inside() {
+    for steering in PATHS {
+        protected_range_refuses_vips_inside_on(steering);
+    }
+}
+
+fn protected_range_refuses_vips_inside_on(steering: &str) {
     let ns = Netns::new("guard-prot");
     let fluxd = Fluxd::dataplane(
         &ns.name,
-        &["--steering", "nat", "--protected-range", "198.18.7.0/24"],
+        &["--steering", steering, "--protected-range", "198.18.7.0/24"],
     );
     add_backed_service(&fluxd, "lan", "198.18.7.20:443");
     let _b = add_good_service(&ns, &fluxd);
-    assert!(!in_a_set(&ns, "lan"), "{}", ns.vip_set());
+    assert!(!steered(&ns, &fluxd, steering, "lan", "198.18.7.20:443"));
     let r = debug_refusal(&fluxd, "lan").expect("no refusal in fluxd debug");
     assert_eq!(r["reason"], "in protected range 198.18.7.0/24", "{r}");
     assert_eq!(
@@ -163,18 +263,32 @@ fn protected_range_refuses_vips_inside() {
 
 #[test]
 fn vip_range_holding_an_own_address_gets_no_rule() {
+    for steering in PATHS {
+        vip_range_holding_an_own_address_gets_no_rule_on(steering);
+    }
+}
+
+fn vip_range_holding_an_own_address_gets_no_rule_on(steering: &str) {
     let ns = Netns::new("guard-range");
     add_own_address(&ns);
     let fluxd = Fluxd::dataplane(
         &ns.name,
-        &["--steering", "nat", "--vip-range", "198.18.0.0/16"],
+        &["--steering", steering, "--vip-range", "198.18.0.0/16"],
     );
     add_backed_service(&fluxd, "mine", OWN_VIP);
-    // Its safe VIPs fall back to set members.
+    // Its safe VIPs fall back to set members (nat) or routes of their own (bpf).
     let _b = add_good_service(&ns, &fluxd);
-    let nat = ns.nat_table();
-    assert!(!nat.contains("flux vip range"), "{nat}");
-    assert!(!in_a_set(&ns, "mine"), "{}", ns.vip_set());
+    assert!(
+        !range_installed(&ns, steering),
+        "{}\n{}",
+        ns.nat_table(),
+        ns.flux_routes()
+    );
+    assert!(!steered(&ns, &fluxd, steering, "mine", OWN_VIP));
+    assert!(
+        own_listener_answers(&ns),
+        "{steering}: the own address was captured"
+    );
     let ranges = fluxd.debug()["refused_ranges"].clone();
     assert_eq!(ranges[0]["range"], "198.18.0.0/16", "{ranges}");
     assert_eq!(
@@ -184,10 +298,9 @@ fn vip_range_holding_an_own_address_gets_no_rule() {
     );
     // Without the address the range gets its rule back, and covers both VIPs.
     ns.ip(&["addr", "del", &format!("{OWN}/32"), "dev", "g0"]);
-    let ruled = wait_until(Duration::from_secs(6), || {
-        ns.nat_table().contains("flux vip range")
-    });
+    let ruled = wait_until(Duration::from_secs(6), || range_installed(&ns, steering));
     assert!(ruled.is_some(), "{}\n{}", ns.nat_table(), fluxd.log());
+    fluxd.wait_routed("mine");
     assert!(fluxd.debug()["refused_ranges"]
         .as_array()
         .unwrap()
@@ -196,6 +309,12 @@ fn vip_range_holding_an_own_address_gets_no_rule() {
 
 #[test]
 fn default_gateway_and_dns_resolver_are_refused() {
+    for steering in PATHS {
+        default_gateway_and_dns_resolver_are_refused_on(steering);
+    }
+}
+
+fn default_gateway_and_dns_resolver_are_refused_on(steering: &str) {
     let ns = Netns::new("guard-gw");
     // A default route inside the namespace only: via a veth whose peer is in the same
     // namespace, so nothing can leave the machine.
@@ -212,7 +331,7 @@ fn default_gateway_and_dns_resolver_are_refused() {
         "dev",
         "g0",
     ]);
-    let fluxd = Fluxd::dataplane(&ns.name, &["--steering", "nat"]);
+    let fluxd = Fluxd::dataplane(&ns.name, &["--steering", steering]);
     add_backed_service(&fluxd, "gw", "198.18.6.254:80");
     // The machine's resolver (resolv.conf is not per namespace), when it is one a VIP could be.
     let resolver = std::fs::read_to_string("/etc/resolv.conf")
@@ -231,20 +350,20 @@ fn default_gateway_and_dns_resolver_are_refused() {
         r["reason"], "is 198.18.6.254, this host's default gateway (via g0)",
         "{r}"
     );
-    assert!(!in_a_set(&ns, "gw"), "{}", ns.vip_set());
+    assert!(!steered(&ns, &fluxd, steering, "gw", "198.18.6.254:80"));
     match resolver {
         Some(r) => {
             let why = debug_refusal(&fluxd, "dns").expect("resolver VIP not refused");
             let want = format!("is {r}, a DNS resolver in /etc/resolv.conf");
             assert_eq!(why["reason"], want.as_str(), "{why}");
-            assert!(!in_a_set(&ns, "dns"), "{}", ns.vip_set());
+            assert!(!steered(&ns, &fluxd, steering, "dns", &format!("{r}:53")));
         }
         None => eprintln!("no usable IPv4 nameserver in /etc/resolv.conf; resolver case skipped"),
     }
 
     // The default route goes: the guard notices within seconds and routes the VIP.
     ns.ip(&["route", "del", "default"]);
-    let routed = wait_until(Duration::from_secs(6), || ns.vip_set().contains("flux:gw"));
-    assert!(routed.is_some(), "{}\n{}", ns.vip_set(), fluxd.log());
+    fluxd.wait_routed("gw");
+    assert!(steered(&ns, &fluxd, steering, "gw", "198.18.6.254:80"));
     assert!(debug_refusal(&fluxd, "gw").is_none());
 }

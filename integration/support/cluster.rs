@@ -52,6 +52,15 @@ pub struct ClusterConfig {
     pub etcd_members: usize,
     /// `--host-ttl` for every fluxd, in seconds.
     pub host_ttl: u64,
+    /// `--steering` for every fluxd: `bpf` (fluxd's default path, pinned so that a host that
+    /// cannot load it fails the test instead of falling back) or `nat`. Default: `bpf`, or
+    /// `FLUX_CLUSTER_STEERING` (`integration/run --steering nat` runs every case on nat).
+    pub steering: String,
+}
+
+/// The steering cluster hosts run unless a test says: `FLUX_CLUSTER_STEERING`, else `bpf`.
+pub fn default_steering() -> String {
+    std::env::var("FLUX_CLUSTER_STEERING").unwrap_or_else(|_| "bpf".into())
 }
 
 impl Default for ClusterConfig {
@@ -60,6 +69,7 @@ impl Default for ClusterConfig {
             hosts: 2,
             etcd_members: 1,
             host_ttl: 5,
+            steering: default_steering(),
         }
     }
 }
@@ -124,19 +134,28 @@ impl Cluster {
             started,
         };
         for i in 0..config.hosts {
-            let h = cluster.add_host(i, &store, config.host_ttl);
+            let h = cluster.add_host(i, &store, &config);
+            assert_eq!(
+                h.fluxd.steering(),
+                config.steering,
+                "{}: {}",
+                h.name,
+                h.fluxd.log()
+            );
             cluster.hosts.push(h);
         }
         eprintln!(
-            "cluster of {} hosts and {} etcd member(s) up in {:?}",
+            "cluster of {} hosts ({} steering) and {} etcd member(s) up in {:?}",
             config.hosts,
+            config.steering,
             config.etcd_members,
             started.elapsed()
         );
         cluster
     }
 
-    fn add_host(&self, i: usize, store: &str, ttl: u64) -> Host {
+    fn add_host(&self, i: usize, store: &str, config: &ClusterConfig) -> Host {
+        let ttl = config.host_ttl;
         let letter = (b'a' + i as u8) as char;
         let name = format!("host-{letter}");
         let ip: Ipv4Addr = format!("{LAN}.{}", 11 + i).parse().unwrap();
@@ -172,6 +191,8 @@ impl Cluster {
                 &ttl_s,
                 "--http",
                 &http_s,
+                "--steering",
+                &config.steering,
             ],
         );
         Host {

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use super::steered::{self, Action, Steered};
+
 pub struct Fluxd {
     child: Option<Child>,
     /// Runs inside this network namespace (`ip netns exec`), with its data plane on.
@@ -306,15 +308,50 @@ impl Fluxd {
         self.ok(&["instance", "add", service, name, "--address", &addr]);
     }
 
-    /// Waits until the service's VIP is in the namespace's VIP set; panics with the log after 5 s.
-    pub fn wait_routed(&self, ns: &super::netns::Netns, service: &str) {
-        let comment = format!("flux:{service}");
-        let installed = wait_until(Duration::from_secs(5), || ns.vip_set().contains(&comment));
+    /// Waits until the data plane hands connections to the service's VIP to the proxy, on
+    /// whichever steering path fluxd runs (`fluxd debug`: a `flux-vips` member on nat, a `proxy`
+    /// entry with its local route on bpf); panics with the log after 20 s (installing can take
+    /// seconds while parallel tests' dockerds hold the xtables lock).
+    pub fn wait_routed(&self, service: &str) {
+        self.wait_steered(service, Action::Proxy);
+    }
+
+    /// Waits until the data plane refuses new connections to the service's VIP at once (a
+    /// `tcp` service with no instance): a `flux-empty` member on nat, a `refuse` entry with its
+    /// local route on bpf; panics with the log after 20 s.
+    pub fn wait_refusing(&self, service: &str) {
+        self.wait_steered(service, Action::Refuse);
+    }
+
+    fn wait_steered(&self, service: &str, action: Action) {
+        let done = wait_until(Duration::from_secs(20), || {
+            self.steered_as(service) == Some(action)
+        });
         assert!(
-            installed.is_some(),
-            "{service}'s VIP never installed: {}",
+            done.is_some(),
+            "{service}'s VIP never steered as {action:?}: {:?}\n{}",
+            self.steered(),
             self.log()
         );
+    }
+
+    /// What the data plane does with `service`'s VIP now, if anything (a service the VIP guard
+    /// refuses, or one without an address, gets nothing).
+    pub fn steered_as(&self, service: &str) -> Option<Action> {
+        self.steered()
+            .into_iter()
+            .find(|s| s.service == service)
+            .map(|s| s.action)
+    }
+
+    /// Every VIP the data plane steers, read back from the kernel by `fluxd debug`.
+    pub fn steered(&self) -> Vec<Steered> {
+        steered::from_debug(&self.debug())
+    }
+
+    /// The steering path in use: `bpf` or `nat`.
+    pub fn steering(&self) -> String {
+        steered::path(&self.debug()).to_string()
     }
 
     pub fn ctl(&self, args: &[&str]) -> Output {

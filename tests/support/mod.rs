@@ -11,3 +11,4 @@ pub mod http_backend;
 pub mod netns;
 pub mod nginx;
 pub mod openmetrics;
+pub mod steered;
