@@ -1,10 +1,12 @@
 //! The controller: keeps the data plane level with the catalog. On every new catalog State it
-//! recomputes the routing table and the desired rules from scratch (kube-rs style, so a missed
-//! event cannot cause drift) and installs them; a timer compares the installed rules with the
-//! desired ones and repairs drift.
+//! compares that State with the last one it built from (kube-rs style: from states, not
+//! events, so a missed event cannot cause drift), rebuilds the routes of the services that
+//! differ, recomputes the desired rules and installs what changed; a timer compares the
+//! installed rules with the desired ones and repairs drift.
 
 pub mod guard;
 pub mod routing;
+pub mod view;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -142,12 +144,14 @@ impl Status {
 
 pub struct Controller {
     status: Arc<Status>,
-    /// This host's name, to tell its own container instances apart.
-    host: String,
     /// This host's instances from the Docker agent, if it runs.
     local: Option<watch::Receiver<Option<Arc<LocalInstances>>>>,
     /// The catalog state last received.
     catalog: Arc<State>,
+    /// The catalog as this host routes it, patched at each sync.
+    view: view::RoutedView,
+    /// The routes last built, and what they were built from.
+    table: RouteTable,
     built: routing::Built,
     /// The active health checks of the routed instances, kept level with each new table.
     checker: Checker,
@@ -166,10 +170,11 @@ impl Controller {
     ) -> Self {
         Controller {
             checker: Checker::new(status.metrics.clone()),
+            view: view::RoutedView::new(&host),
             status,
-            host,
             local,
             catalog: Arc::new(State::default()),
+            table: RouteTable::default(),
             built: routing::Built::default(),
             reported: Vec::new(),
             addresses: guard::Addresses::default(),
@@ -221,29 +226,40 @@ impl Controller {
         }
     }
 
-    /// Rebuilds routes and rules from the catalog and the local instances, and installs both.
+    /// Brings routes and rules level with the catalog and the local instances, and installs
+    /// both: the routes of the services that changed since the last sync are rebuilt, the
+    /// others kept.
     async fn sync(&mut self) {
         let t = std::time::Instant::now();
         let local = self.local.as_ref().and_then(|l| l.borrow().clone());
-        let state = Arc::new(routing::with_local(
-            &self.catalog,
-            &self.host,
-            local.as_deref(),
-        ));
+        let changed = self.view.update(self.catalog.clone(), local);
+        let state = Arc::new(self.view.state().clone());
         if state.skipped != self.reported {
             for s in state.skipped.iter().filter(|s| !self.reported.contains(s)) {
                 tracing::warn!(record = %s, "skipping a store record that does not validate");
             }
             self.reported = state.skipped.clone();
         }
-        let table = Arc::new(routing::route_table(
-            &state,
-            &mut self.built,
-            &self.status.metrics,
-        ));
+        match &changed {
+            view::Changed::All => {
+                self.table = routing::route_table(&state, &mut self.built, &self.status.metrics)
+            }
+            view::Changed::Services(names) => routing::update_routes(
+                &state,
+                names,
+                &mut self.built,
+                &self.status.metrics,
+                &mut self.table,
+            ),
+        }
+        let table = Arc::new(self.table.clone());
         self.checker.sync(&table);
         self.status.routes.store(table.clone());
-        tracing::debug!(took = ?t.elapsed(), "routes built");
+        let services = match &changed {
+            view::Changed::All => None,
+            view::Changed::Services(names) => Some(names.len()),
+        };
+        tracing::debug!(took = ?t.elapsed(), ?services, "routes built");
         self.read_addresses();
         if let Some(rules) = &self.status.rules {
             let verdict = guard::Verdict::judge(

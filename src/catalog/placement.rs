@@ -1,0 +1,310 @@
+//! The follower's State, patched one store event at a time: a change costs what it touches (a
+//! few map updates, and the records that depend on it), not a rebuild of the whole catalog.
+//!
+//! Placement follows the same rules as [`State::from_kvs`], which stays the reference (the unit
+//! tests compare the two after every event): a record that does not decode or contradicts its
+//! key is skipped; of services claiming the same VIP the oldest (lowest create revision, then
+//! name) is placed and the others are skipped; rules and instances are placed only while their
+//! service is. So a change to a service may move other records: the rivals for its old and new
+//! VIP, and its own rules and instances when it appears or disappears. Those are placed again;
+//! nothing else is looked at.
+//!
+//! The State's maps are persistent (`imbl`): publishing a State is a pointer copy, unchanged
+//! parts stay shared between States, and a consumer can diff two States in time proportional
+//! to what changed.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::SocketAddrV4;
+
+use super::keys;
+use super::state::{decode_record, Record};
+use super::State;
+use crate::store::{KeyValue, Listing, Revision};
+
+/// A record as last seen, decoded (or why it does not decode).
+#[derive(Debug, Clone)]
+struct Held {
+    create_revision: Revision,
+    mod_revision: Revision,
+    record: Result<Record, String>,
+}
+
+/// Where a skipped record's line goes in [`State::skipped`]: services first, then everything
+/// else, each by creation, as a listing is read.
+type SkipOrder = (u8, Revision, String);
+
+#[derive(Debug, Default)]
+pub struct Placement {
+    /// Every record that can be placed (services, rules, instances, hosts), by key. VIP claims
+    /// and unknown keys carry nothing the picture needs and are not kept.
+    records: BTreeMap<String, Held>,
+    /// Per VIP, the services that decode and claim it, as (create revision, name): the first
+    /// one owns it.
+    claims: HashMap<SocketAddrV4, BTreeSet<(Revision, String)>>,
+    /// The records skipped, with their line.
+    skipped: BTreeMap<SkipOrder, String>,
+    /// The picture so far; `skipped` is filled in when it is published.
+    state: State,
+}
+
+impl Placement {
+    /// The placement of a whole listing.
+    pub fn new(listing: Listing) -> Placement {
+        let mut p = Placement::default();
+        p.reset(listing);
+        p
+    }
+
+    /// The State as it stands: the maps are shared, not copied.
+    pub fn state(&self) -> State {
+        State {
+            skipped: self.skipped.values().cloned().collect(),
+            ..self.state.clone()
+        }
+    }
+
+    pub fn revision(&self) -> Revision {
+        self.state.revision
+    }
+
+    /// A key written at `kv.mod_revision`. A record already held at that revision is not
+    /// decoded again (revisions identify values).
+    pub fn put(&mut self, kv: KeyValue) {
+        self.state.revision = self.state.revision.max(kv.mod_revision);
+        if self
+            .records
+            .get(&kv.key)
+            .is_some_and(|h| h.mod_revision == kv.mod_revision)
+        {
+            return;
+        }
+        let record = decode_record(&kv);
+        if matches!(record, Ok(Record::Ignored)) {
+            return;
+        }
+        let held = Held {
+            create_revision: kv.create_revision,
+            mod_revision: kv.mod_revision,
+            record,
+        };
+        self.replace(kv.key, Some(held));
+    }
+
+    /// A key deleted at `revision`.
+    pub fn delete(&mut self, key: &str, revision: Revision) {
+        self.state.revision = self.state.revision.max(revision);
+        if self.records.contains_key(key) {
+            self.replace(key.to_string(), None);
+        }
+    }
+
+    /// The store's full contents, after a watch that could not resume (compaction, a lagging
+    /// watcher): every key that changed is put, every key that is gone is deleted, so what
+    /// did not change stays shared with earlier States.
+    pub fn reset(&mut self, listing: Listing) {
+        let present: HashSet<&str> = listing.kvs.iter().map(|kv| kv.key.as_str()).collect();
+        let gone: Vec<String> = self
+            .records
+            .keys()
+            .filter(|k| !present.contains(k.as_str()))
+            .cloned()
+            .collect();
+        for key in gone {
+            self.replace(key, None);
+        }
+        // Services first: their rules and instances are then placed once, not skipped and
+        // placed again when their service arrives.
+        let (services, others): (Vec<KeyValue>, Vec<KeyValue>) = listing
+            .kvs
+            .into_iter()
+            .partition(|kv| kv.key.starts_with(keys::SERVICES));
+        for kv in services.into_iter().chain(others) {
+            self.put(kv);
+        }
+        self.state.revision = listing.revision;
+    }
+
+    /// Puts `new` (or nothing) under `key` and places again whatever that moves.
+    fn replace(&mut self, key: String, new: Option<Held>) {
+        let service = key.strip_prefix(keys::SERVICES).map(str::to_string);
+        let was_placed = service
+            .as_ref()
+            .is_some_and(|name| self.state.services.contains_key(name));
+        if let Some(old) = self.records.get(&key).cloned() {
+            self.withdraw(&key, &old);
+        }
+        let old = match &new {
+            Some(held) => self.records.insert(key.clone(), held.clone()),
+            None => self.records.remove(&key),
+        };
+        let Some(name) = service else {
+            self.settle(&key);
+            return;
+        };
+        // The VIPs this service claimed and claims now: their owners may change.
+        let mut rivals = BTreeSet::new();
+        for (held, claim) in [(&old, false), (&new, true)] {
+            let Some((vip, created)) = held.as_ref().and_then(claimed_vip) else {
+                continue;
+            };
+            let claimants = self.claims.entry(vip).or_default();
+            if claim {
+                claimants.insert((created, name.clone()));
+            } else {
+                claimants.remove(&(created, name.clone()));
+            }
+            rivals.extend(claimants.iter().map(|(_, n)| n.clone()));
+            if claimants.is_empty() {
+                self.claims.remove(&vip);
+            }
+        }
+        rivals.remove(&name);
+        self.settle_service(&name, was_placed);
+        for rival in rivals {
+            let placed = self.state.services.contains_key(&rival);
+            self.settle_service(&rival, placed);
+        }
+    }
+
+    /// Places a service again (`was_placed`: whether it was before this change), and its
+    /// rules and instances when it appeared or disappeared.
+    fn settle_service(&mut self, name: &str, was_placed: bool) {
+        let key = keys::service(name);
+        if let Some(held) = self.records.get(&key).cloned() {
+            self.withdraw(&key, &held);
+        }
+        self.settle(&key);
+        if was_placed == self.state.services.contains_key(name) {
+            return;
+        }
+        let dependents: Vec<String> = [keys::rules_of(name), keys::instances_of(name)]
+            .iter()
+            .flat_map(|prefix| {
+                self.records
+                    .range::<String, _>(prefix.clone()..)
+                    .take_while(move |(k, _)| k.starts_with(prefix.as_str()))
+                    .map(|(k, _)| k.clone())
+            })
+            .collect();
+        for key in dependents {
+            if let Some(held) = self.records.get(&key).cloned() {
+                self.withdraw(&key, &held);
+            }
+            self.settle(&key);
+        }
+    }
+
+    /// Takes the record's placement (or skip line) out of the picture.
+    fn withdraw(&mut self, key: &str, held: &Held) {
+        self.skipped
+            .remove(&(rank(key), held.create_revision, key.to_string()));
+        // Only an entry that is there is removed: removing from a shared map copies its path
+        // even when there is nothing to remove.
+        match &held.record {
+            Ok(Record::Service(s)) => {
+                if self.state.services.contains_key(&s.name) {
+                    self.state.services.remove(&s.name);
+                }
+            }
+            Ok(Record::Rule(r)) => {
+                let k = (r.service.clone(), r.name.clone());
+                if self.state.rules.contains_key(&k) {
+                    self.state.rules.remove(&k);
+                }
+            }
+            Ok(Record::Instance(i)) => {
+                let k = (i.service.clone(), i.name.clone());
+                if self.state.instances.contains_key(&k) {
+                    self.state.instances.remove(&k);
+                }
+            }
+            Ok(Record::Host(h)) => {
+                if self.state.hosts.contains_key(&h.name) {
+                    self.state.hosts.remove(&h.name);
+                }
+            }
+            Ok(Record::Ignored) | Err(_) => {}
+        }
+    }
+
+    /// Places the record held under `key`, or skips it with its reason.
+    fn settle(&mut self, key: &str) {
+        let Some(held) = self.records.get(key) else {
+            return;
+        };
+        let placed = match &held.record {
+            Err(why) => Err(why.clone()),
+            Ok(record) => self.judge(record).map(|()| record.clone()),
+        };
+        let order = (rank(key), held.create_revision, key.to_string());
+        match placed {
+            Err(why) => {
+                self.skipped.insert(order, format!("{key}: {why}"));
+            }
+            Ok(Record::Service(s)) => {
+                self.state.services.insert(s.name.clone(), s);
+            }
+            Ok(Record::Rule(r)) => {
+                self.state
+                    .rules
+                    .insert((r.service.clone(), r.name.clone()), r);
+            }
+            Ok(Record::Instance(i)) => {
+                self.state
+                    .instances
+                    .insert((i.service.clone(), i.name.clone()), i);
+            }
+            Ok(Record::Host(h)) => {
+                self.state.hosts.insert(h.name.clone(), h);
+            }
+            Ok(Record::Ignored) => {}
+        }
+    }
+
+    /// Whether a record that decodes can be placed now, with the same reasons as
+    /// [`State::from_kvs`].
+    fn judge(&self, record: &Record) -> Result<(), String> {
+        match record {
+            Record::Service(s) => {
+                let Some(vip) = s.address else {
+                    return Ok(());
+                };
+                match self.claims.get(&vip).and_then(|c| c.first()) {
+                    Some((_, owner)) if *owner != s.name => {
+                        Err(format!("address {vip} is already used by service {owner}"))
+                    }
+                    _ => Ok(()),
+                }
+            }
+            Record::Rule(r) => self.needs_service(&r.service),
+            Record::Instance(i) => self.needs_service(&i.service),
+            Record::Host(_) | Record::Ignored => Ok(()),
+        }
+    }
+
+    fn needs_service(&self, service: &str) -> Result<(), String> {
+        if self.state.services.contains_key(service) {
+            Ok(())
+        } else {
+            Err(format!("service {service} does not exist"))
+        }
+    }
+}
+
+/// The VIP a held service record claims, with its creation: none for a record that does not
+/// decode or a service without a VIP.
+fn claimed_vip(held: &Held) -> Option<(SocketAddrV4, Revision)> {
+    match &held.record {
+        Ok(Record::Service(s)) => Some((s.address?, held.create_revision)),
+        _ => None,
+    }
+}
+
+/// Services are placed before the records that refer to them, and their skip lines come first.
+fn rank(key: &str) -> u8 {
+    if key.starts_with(keys::SERVICES) {
+        0
+    } else {
+        1
+    }
+}
