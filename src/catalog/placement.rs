@@ -308,3 +308,209 @@ fn rank(key: &str) -> u8 {
         1
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+    use crate::catalog::Decoded;
+
+    /// A store in miniature: keys with their create and mod revisions, as etcd keeps them.
+    #[derive(Default)]
+    struct Store {
+        kvs: BTreeMap<String, KeyValue>,
+        revision: Revision,
+    }
+
+    impl Store {
+        fn put(&mut self, key: &str, value: &str) -> KeyValue {
+            self.revision += 1;
+            let create_revision = self
+                .kvs
+                .get(key)
+                .map_or(self.revision, |kv| kv.create_revision);
+            let kv = KeyValue {
+                key: key.into(),
+                value: value.as_bytes().to_vec(),
+                create_revision,
+                mod_revision: self.revision,
+            };
+            self.kvs.insert(key.into(), kv.clone());
+            kv
+        }
+
+        fn delete(&mut self, key: &str) -> Option<Revision> {
+            self.kvs.remove(key)?;
+            self.revision += 1;
+            Some(self.revision)
+        }
+
+        fn listing(&self) -> Listing {
+            Listing {
+                kvs: self.kvs.values().cloned().collect(),
+                revision: self.revision,
+            }
+        }
+
+        /// The reference: the State a fresh listing gives.
+        fn fresh(&self) -> State {
+            State::from_kvs(self.kvs.values(), self.revision, &mut Decoded::default())
+        }
+    }
+
+    fn assert_same(patched: &State, fresh: &State, step: &str) {
+        assert_eq!(patched.services, fresh.services, "services after {step}");
+        assert_eq!(patched.rules, fresh.rules, "rules after {step}");
+        assert_eq!(patched.instances, fresh.instances, "instances after {step}");
+        assert_eq!(patched.hosts, fresh.hosts, "hosts after {step}");
+        assert_eq!(patched.skipped, fresh.skipped, "skipped after {step}");
+        assert_eq!(patched.revision, fresh.revision, "revision after {step}");
+    }
+
+    /// A random write among few names and VIPs, so that VIP clashes, records of missing
+    /// services, records that do not decode or contradict their key, and services coming back
+    /// all happen often.
+    fn random_write(rng: &mut StdRng) -> (String, Option<String>) {
+        let service = format!("s{}", rng.gen_range(0..5));
+        let vip = format!("10.0.0.{}:80", rng.gen_range(1..4));
+        let name = format!("n{}", rng.gen_range(0..2));
+        let (key, value) = match rng.gen_range(0..10) {
+            0..=2 => (
+                format!("services/{service}"),
+                match rng.gen_range(0..8) {
+                    0 => "not json".to_string(),
+                    1 => format!(r#"{{"name":"other","address":"{vip}"}}"#),
+                    2 => format!(r#"{{"name":"{service}","address":"127.0.0.1:80"}}"#),
+                    3 => format!(r#"{{"name":"{service}","address":"none","instance_port":80}}"#),
+                    _ => format!(r#"{{"name":"{service}","address":"{vip}"}}"#),
+                },
+            ),
+            3 | 4 => (
+                format!("instances/{service}/{name}"),
+                match rng.gen_range(0..6) {
+                    0 => format!(
+                        r#"{{"service":"{service}","name":"x","origin":"static","address":"192.0.2.1:80"}}"#
+                    ),
+                    n => format!(
+                        r#"{{"service":"{service}","name":"{name}","origin":"static","address":"192.0.2.{n}:80"}}"#
+                    ),
+                },
+            ),
+            5 | 6 => (
+                format!("rules/{service}/{name}"),
+                match rng.gen_range(0..5) {
+                    0 => r#"{"service":"s0","name":"n0","selector":{}}"#.to_string(),
+                    n => format!(
+                        r#"{{"service":"{service}","name":"{name}","selector":{{"tag":"v{n}"}}}}"#
+                    ),
+                },
+            ),
+            7 => (
+                format!("hosts/h{}", rng.gen_range(0..2)),
+                format!(
+                    r#"{{"name":"h0","ip":"192.0.2.{}","version":"t","started_at":0}}"#,
+                    rng.gen_range(1..3)
+                ),
+            ),
+            _ => (format!("vips/{vip}"), service.clone()),
+        };
+        // A quarter of the writes are deletes.
+        let value = (rng.gen_range(0..4) != 0).then_some(value);
+        (key, value)
+    }
+
+    #[test]
+    fn every_event_leaves_the_state_a_fresh_listing_gives() {
+        for seed in 0..25 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut store = Store::default();
+            let mut placement = Placement::new(store.listing());
+            for step in 0..300 {
+                let (key, value) = random_write(&mut rng);
+                match value {
+                    Some(v) => placement.put(store.put(&key, &v)),
+                    None => {
+                        if let Some(rev) = store.delete(&key) {
+                            placement.delete(&key, rev);
+                        }
+                    }
+                }
+                // Now and then the watch is lost and the store listed again (compaction).
+                if rng.gen_range(0..50) == 0 {
+                    placement.reset(store.listing());
+                }
+                let what = format!("seed {seed} step {step} ({key})");
+                assert_same(&placement.state(), &store.fresh(), &what);
+            }
+        }
+    }
+
+    #[test]
+    fn a_reset_after_missed_events_catches_up() {
+        let mut store = Store::default();
+        let mut rng = StdRng::seed_from_u64(7);
+        for _ in 0..100 {
+            if let (key, Some(v)) = random_write(&mut rng) {
+                store.put(&key, &v);
+            }
+        }
+        let mut placement = Placement::new(store.listing());
+        // Events the follower never sees (its watch was compacted away): deletes and writes.
+        let keys: Vec<String> = store.kvs.keys().cloned().collect();
+        for key in keys.iter().step_by(3) {
+            store.delete(key);
+        }
+        for _ in 0..50 {
+            if let (key, Some(v)) = random_write(&mut rng) {
+                store.put(&key, &v);
+            }
+        }
+        placement.reset(store.listing());
+        assert_same(&placement.state(), &store.fresh(), "a reset");
+    }
+
+    #[test]
+    fn one_event_changes_only_its_part_of_the_state() {
+        let mut store = Store::default();
+        for i in 0..500 {
+            store.put(
+                &format!("services/s{i}"),
+                &format!(
+                    r#"{{"name":"s{i}","address":"10.0.{}.{}:80"}}"#,
+                    i / 250,
+                    i % 250 + 1
+                ),
+            );
+            store.put(
+                &format!("instances/s{i}/b0"),
+                &format!(
+                    r#"{{"service":"s{i}","name":"b0","origin":"static","address":"192.0.2.1:80"}}"#
+                ),
+            );
+        }
+        let mut placement = Placement::new(store.listing());
+        let before = placement.state();
+        placement.put(store.put(
+            "instances/s7/b1",
+            r#"{"service":"s7","name":"b1","origin":"static","address":"192.0.2.2:80"}"#,
+        ));
+        let after = placement.state();
+        // The untouched maps are the same maps; the touched one differs by its one entry.
+        assert!(before.services.ptr_eq(&after.services));
+        assert!(before.hosts.ptr_eq(&after.hosts));
+        let diff: Vec<_> = before.instances.diff(&after.instances).collect();
+        assert_eq!(diff.len(), 1, "{diff:?}");
+        // Removing a service takes its instances out with it, and nothing else.
+        let rev = store.delete("services/s9").expect("s9 exists");
+        placement.delete("services/s9", rev);
+        let gone = placement.state();
+        assert_eq!(after.services.diff(&gone.services).count(), 1);
+        assert_eq!(after.instances.diff(&gone.instances).count(), 1);
+        assert_eq!(gone.skipped, ["instances/s9/b0: service s9 does not exist"]);
+        assert_same(&gone, &store.fresh(), "the delete");
+    }
+}

@@ -184,3 +184,243 @@ pub fn catalog_changes(old: &State, new: &State) -> BTreeSet<String> {
     }
     names
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::catalog::placement::Placement;
+    use crate::controller::guard::Verdict;
+    use crate::controller::routing::{
+        desired_rules, route_table, update_routes, with_local, Built,
+    };
+    use crate::metrics::Metrics;
+    use crate::model::{ContainerInfo, Origin};
+    use crate::proxy::route_table::RouteTable;
+    use crate::store::{KeyValue, Listing};
+
+    const HOST: &str = "host-a";
+
+    /// A catalog fed the way the follower feeds it, one store event at a time.
+    struct Catalog {
+        placement: Placement,
+        revision: i64,
+    }
+
+    impl Catalog {
+        fn new() -> Catalog {
+            Catalog {
+                placement: Placement::new(Listing::default()),
+                revision: 0,
+            }
+        }
+
+        fn put(&mut self, key: String, value: String) {
+            self.revision += 1;
+            self.placement.put(KeyValue {
+                key,
+                value: value.into_bytes(),
+                create_revision: self.revision,
+                mod_revision: self.revision,
+            });
+        }
+
+        /// Service `name` at `vip` with one static instance `b0` at `backend`.
+        fn service(&mut self, name: &str, vip: &str, backend: &str) {
+            self.put(
+                format!("services/{name}"),
+                format!(r#"{{"name":"{name}","address":"{vip}"}}"#),
+            );
+            self.put(
+                format!("instances/{name}/b0"),
+                format!(
+                    r#"{{"service":"{name}","name":"b0","origin":"static","address":"{backend}"}}"#
+                ),
+            );
+        }
+
+        fn state(&self) -> Arc<State> {
+            Arc::new(self.placement.state())
+        }
+    }
+
+    fn vip(i: usize) -> String {
+        format!("198.18.{}.{}:80", i / 250, i % 250 + 1)
+    }
+
+    /// Runs nothing and keeps every command, to see what an apply would send.
+    #[derive(Default, Clone)]
+    struct Recorder(Arc<Mutex<Vec<(String, String)>>>);
+
+    impl netfilter::Runner for Recorder {
+        fn run(
+            &self,
+            program: &str,
+            args: &[&str],
+            stdin: Option<&str>,
+        ) -> Result<String, netfilter::Error> {
+            let command = format!("{program} {}", args.join(" "));
+            let input = stdin.unwrap_or_default().to_string();
+            self.0.lock().unwrap().push((command, input));
+            Ok(String::new())
+        }
+    }
+
+    fn rules(state: &State, table: &RouteTable) -> netfilter::Ruleset {
+        let verdict = Verdict::default();
+        netfilter::render(&desired_rules(state, table, 7171, &[], &verdict, true))
+    }
+
+    #[test]
+    fn one_new_service_rebuilds_its_route_only_and_sends_its_member_only() {
+        let mut catalog = Catalog::new();
+        for i in 0..300 {
+            catalog.service(&format!("svc-{i}"), &vip(i), "127.0.0.1:9001");
+        }
+        let (metrics, mut built) = (Metrics::new(), Built::default());
+        let mut view = RoutedView::new(HOST);
+        assert_eq!(view.update(catalog.state(), None), Changed::All);
+        let before = route_table(view.state(), &mut built, &metrics);
+        let applied = rules(view.state(), &before);
+
+        catalog.service("new-1", "198.18.200.1:80", "127.0.0.1:9001");
+        let changed = view.update(catalog.state(), None);
+        assert_eq!(changed, Changed::Services(["new-1".to_string()].into()));
+        let Changed::Services(names) = changed else {
+            unreachable!()
+        };
+        let mut after = before.clone();
+        update_routes(view.state(), &names, &mut built, &metrics, &mut after);
+
+        // Every other route is the very one of the last table; the new one is there.
+        assert_eq!(after.by_name.len(), 301);
+        for i in 0..300 {
+            let name = format!("svc-{i}");
+            assert!(
+                Arc::ptr_eq(&before.by_name[&name], &after.by_name[&name]),
+                "{name}"
+            );
+        }
+        assert_eq!(
+            after.services[&"198.18.200.1:80".parse().unwrap()].name,
+            "new-1"
+        );
+        // The same table as from scratch.
+        let fresh = route_table(view.state(), &mut Built::default(), &Metrics::new());
+        let names_of = |t: &RouteTable| {
+            let mut v: Vec<(String, String)> = t
+                .services
+                .iter()
+                .map(|(vip, r)| (vip.to_string(), r.name.clone()))
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names_of(&after), names_of(&fresh));
+
+        // What reaches the kernel: the one new member, nothing else.
+        let recorder = Recorder::default();
+        let nf = netfilter::Netfilter::new(recorder.clone());
+        nf.apply_change(&applied, &rules(view.state(), &after))
+            .expect("a recorder runs anything");
+        let sent = recorder.0.lock().unwrap().clone();
+        assert_eq!(
+            sent,
+            [(
+                "ipset restore -exist".to_string(),
+                "add flux-vips 198.18.200.1,tcp:80 comment \"flux:new-1\"\n".to_string()
+            )]
+        );
+    }
+
+    fn container(service: &str, id: &str, host: &str, address: &str) -> Instance {
+        Instance {
+            service: service.into(),
+            name: id.into(),
+            origin: Origin::Container,
+            host: Some(host.into()),
+            rule: Some("v1".into()),
+            container: Some(ContainerInfo {
+                id: id.into(),
+                name: format!("{service}-{id}"),
+                image: "registry.example/shop".into(),
+                tag: "v1".into(),
+                labels: Default::default(),
+                address_note: None,
+            }),
+            address: Some(address.parse().unwrap()),
+        }
+    }
+
+    fn local(instances: &[Instance]) -> Arc<LocalInstances> {
+        Arc::new(
+            instances
+                .iter()
+                .map(|i| {
+                    (
+                        crate::catalog::keys::instance(&i.service, &i.name),
+                        i.clone(),
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn local_containers_keep_their_records_and_routes_while_unchanged() {
+        let mut catalog = Catalog::new();
+        catalog.service("web", "198.18.0.1:80", "192.0.2.1:80");
+        catalog.service("api", "198.18.0.2:80", "192.0.2.2:80");
+        let (metrics, mut built) = (Metrics::new(), Built::default());
+        let mut view = RoutedView::new(HOST);
+        let c1 = container("web", "c1", HOST, "192.0.2.10:8080");
+        view.update(catalog.state(), Some(local(&[c1.clone()])));
+        let mut table = route_table(view.state(), &mut built, &metrics);
+        let web = table.by_name["web"].clone();
+
+        // Another service changes, and the agent publishes the same containers anew.
+        catalog.service("api", "198.18.0.2:80", "192.0.2.3:80");
+        let changed = view.update(catalog.state(), Some(local(&[c1.clone()])));
+        assert_eq!(changed, Changed::Services(["api".to_string()].into()));
+        let Changed::Services(names) = changed else {
+            unreachable!()
+        };
+        update_routes(view.state(), &names, &mut built, &metrics, &mut table);
+        assert!(
+            Arc::ptr_eq(&web, &table.by_name["web"]),
+            "web was not rebuilt"
+        );
+
+        // A container that changes is routed as the agent has it, and only its service moves.
+        let c1b = container("web", "c1", HOST, "192.0.2.11:8080");
+        let c2 = container("api", "c2", HOST, "192.0.2.12:8080");
+        let locals = local(&[c1b, c2]);
+        let changed = view.update(catalog.state(), Some(locals.clone()));
+        assert_eq!(
+            changed,
+            Changed::Services(["api".to_string(), "web".to_string()].into())
+        );
+        let fresh = with_local(&catalog.state(), HOST, Some(&locals));
+        assert_eq!(view.state().instances, fresh.instances);
+        assert_eq!(view.state().services, fresh.services);
+    }
+
+    #[test]
+    fn a_host_change_or_the_agents_first_list_starts_over() {
+        let mut catalog = Catalog::new();
+        catalog.service("web", "198.18.0.1:80", "192.0.2.1:80");
+        let mut view = RoutedView::new(HOST);
+        view.update(catalog.state(), None);
+        catalog.put(
+            "hosts/host-b".into(),
+            r#"{"name":"host-b","ip":"192.0.2.9","version":"t","started_at":0}"#.into(),
+        );
+        assert_eq!(view.update(catalog.state(), None), Changed::All);
+        assert_eq!(view.update(catalog.state(), Some(local(&[]))), Changed::All);
+        assert_eq!(
+            view.update(catalog.state(), Some(local(&[]))),
+            Changed::Services(Default::default())
+        );
+    }
+}
