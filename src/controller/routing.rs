@@ -16,8 +16,9 @@ use crate::proxy::http::pool::Pool;
 use crate::proxy::route_table::{Backend, RouteTable, ServiceRoute};
 
 /// What survives a rebuild of the routing table for one instance: its health and its series.
+/// Taken from the backend of the last route, so a built service holds nothing twice.
 #[derive(Clone)]
-pub struct Kept {
+struct Kept {
     pub health: Arc<Health>,
     pub metrics: InstanceMetrics,
     pub labels: InstanceLabels,
@@ -38,10 +39,10 @@ pub struct Built {
 struct BuiltService {
     service: Arc<Service>,
     instances: Vec<Arc<Instance>>,
+    /// Its backends carry each routed instance's health, series and pool into the next
+    /// build: health survives as long as the instance keeps its address; a new address is a
+    /// new backend, live at first.
     route: Arc<ServiceRoute>,
-    /// Health, series and pool of each routed instance, by name and address: health survives
-    /// as long as the instance keeps its address; a new address is a new backend, live at first.
-    kept: HashMap<(String, SocketAddrV4), Kept>,
 }
 
 /// Builds the table; instances that are gone have their series dropped from `metrics`.
@@ -76,8 +77,8 @@ pub fn update_routes(
         }
         let Some(service) = state.services.get(name) else {
             if let Some(gone) = prev {
-                for k in gone.kept.values() {
-                    metrics.forget(&k.labels);
+                for b in &gone.route.backends {
+                    metrics.forget(&b.labels);
                 }
             }
             if table.by_name.contains_key(name) {
@@ -88,7 +89,7 @@ pub fn update_routes(
         let instances: Vec<&Arc<Instance>> = state.instance_records_of(name).collect();
         let b = match prev {
             Some(prev) if same_records(&prev, service, &instances) => prev,
-            prev => build_service(service, &instances, prev.map(|p| p.kept), metrics),
+            prev => build_service(service, &instances, prev.map(|p| p.route), metrics),
         };
         if !table
             .by_name
@@ -125,12 +126,24 @@ fn same_records(prev: &BuiltService, service: &Arc<Service>, instances: &[&Arc<I
 fn build_service(
     service: &Arc<Service>,
     instances: &[&Arc<Instance>],
-    old: Option<HashMap<(String, SocketAddrV4), Kept>>,
+    old: Option<Arc<ServiceRoute>>,
     metrics: &Metrics,
 ) -> BuiltService {
-    let mut old = old.unwrap_or_default();
+    // Health, series and pool of each instance last routed, by name and address.
+    let mut old: HashMap<(String, SocketAddrV4), Kept> = old
+        .iter()
+        .flat_map(|r| r.backends.iter())
+        .map(|b| {
+            let k = Kept {
+                health: b.health.clone(),
+                metrics: b.metrics.clone(),
+                labels: b.labels.clone(),
+                pool: b.pool.clone(),
+            };
+            ((b.instance.clone(), b.addr), k)
+        })
+        .collect();
     let http = service.protocol == Protocol::Http;
-    let mut kept = HashMap::new();
     let backends: Vec<Arc<Backend>> = instances
         .iter()
         .filter_map(|i| {
@@ -153,7 +166,6 @@ fn build_service(
                     }
                 }
             };
-            kept.insert(key, k.clone());
             Some(Arc::new(Backend {
                 service: i.service.clone(),
                 instance: i.name.clone(),
@@ -171,7 +183,7 @@ fn build_service(
         })
         .collect();
     for k in old.values() {
-        if !kept.values().any(|n| n.labels == k.labels) {
+        if !backends.iter().any(|b| b.labels == k.labels) {
             metrics.forget(&k.labels);
         }
     }
@@ -187,7 +199,6 @@ fn build_service(
             )
             .with_check(service.health.clone()),
         ),
-        kept,
     }
 }
 
@@ -273,12 +284,16 @@ pub fn with_local(state: &State, host: &str, local: Option<&LocalInstances>) -> 
 /// [`with_local`] with the agent's instances already wrapped.
 pub(super) fn merge_local(state: &State, host: &str, local: Option<&[Arc<Instance>]>) -> State {
     let mut merged = state.clone();
-    merged.instances = state
-        .instances
-        .iter()
-        .filter(|(_, i)| keeps_instance(state, host, local.is_some(), i))
-        .map(|(k, i)| (k.clone(), i.clone()))
-        .collect();
+    let keeps = |i: &Instance| keeps_instance(state, host, local.is_some(), i);
+    // Most often every record stands: the catalog's map is then shared, not copied.
+    if !state.instances.values().all(|i| keeps(i)) {
+        merged.instances = state
+            .instances
+            .iter()
+            .filter(|(_, i)| keeps(i))
+            .map(|(k, i)| (k.clone(), i.clone()))
+            .collect();
+    }
     for i in local.unwrap_or_default() {
         if merged.services.contains_key(&i.service) {
             merged
