@@ -71,8 +71,9 @@ pub async fn can_refuse_empty() -> bool {
 pub struct Status {
     pub routes: Arc<ArcSwap<RouteTable>>,
     pub rules: Option<Rules>,
-    /// The ruleset last applied successfully.
-    pub applied: Mutex<Option<netfilter::Ruleset>>,
+    /// The ruleset last applied successfully; shared, not copied, by the readers (the drift
+    /// check, the debug view, the next apply), since it holds a line per VIP.
+    pub applied: Mutex<Option<Arc<netfilter::Ruleset>>>,
     /// The catalog state the data plane was last built from.
     pub state: ArcSwap<State>,
     /// What the VIP guard refused at the last sync, for `fluxd debug` and the services' views.
@@ -288,7 +289,7 @@ impl Controller {
                 .status
                 .applied
                 .lock()
-                .map(|a| a.as_ref() != Some(&desired))
+                .map(|a| a.as_deref() != Some(&desired))
                 .unwrap_or(true);
             tracing::debug!(took = ?t.elapsed(), changed, "rules rendered");
             if changed {
@@ -337,9 +338,9 @@ impl Controller {
                 Some(previous) => rules.netfilter.apply_change(previous, &desired)?,
                 None => rules.netfilter.apply(&desired)?,
             }
-            let routed = netfilter::Routed::between(previous.as_ref(), &desired);
+            let routed = netfilter::Routed::between(previous.as_deref(), &desired);
             if let Ok(mut a) = status.applied.lock() {
-                *a = Some(desired);
+                *a = Some(Arc::new(desired));
             }
             // After the apply: an attempt made before it would otherwise survive.
             clear_unredirected(rules, &routed);
