@@ -375,13 +375,13 @@ mod tests {
         let (metrics, mut built) = (Metrics::new(), Built::default());
         let mut view = RoutedView::new(HOST);
         let c1 = container("web", "c1", HOST, "192.0.2.10:8080");
-        view.update(catalog.state(), Some(local(&[c1.clone()])));
+        view.update(catalog.state(), Some(local(std::slice::from_ref(&c1))));
         let mut table = route_table(view.state(), &mut built, &metrics);
         let web = table.by_name["web"].clone();
 
         // Another service changes, and the agent publishes the same containers anew.
         catalog.service("api", "198.18.0.2:80", "192.0.2.3:80");
-        let changed = view.update(catalog.state(), Some(local(&[c1.clone()])));
+        let changed = view.update(catalog.state(), Some(local(std::slice::from_ref(&c1))));
         assert_eq!(changed, Changed::Services(["api".to_string()].into()));
         let Changed::Services(names) = changed else {
             unreachable!()
