@@ -413,7 +413,13 @@ async fn series(api: &Api, query: &str) -> Answer {
     let lines = api
         .dataplane
         .as_ref()
-        .map(|d| d.history.series(&service, &group))
+        .map(|d| {
+            let routes = d.routes.load();
+            let backends = routes.by_name.get(&service).map(|r| &r.backends[..]);
+            let routed = backends.unwrap_or_default().iter();
+            d.history
+                .series(&service, &group, routed.map(|b| (&b.labels, &b.extra)))
+        })
         .unwrap_or_default();
     let own = serde_json::json!({
         "host": api.host_name,

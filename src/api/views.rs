@@ -118,7 +118,7 @@ impl ServiceInfo {
 }
 
 /// Whether `i` was enrolled by the host named `host`, or by the host whose IP `host` is.
-fn on_host(i: &Instance, host: &str, hosts: &BTreeMap<String, Arc<Host>>) -> bool {
+fn on_host(i: &Instance, host: &str, hosts: &imbl::OrdMap<String, Arc<Host>>) -> bool {
     let Some(name) = &i.host else {
         return false;
     };
@@ -246,7 +246,7 @@ impl InstanceQuery {
 
     /// Whether `view` passes every filter. `host` is a host name or a host's IP, looked up in
     /// `hosts` (the live hosts' records).
-    pub fn matches(&self, view: &InstanceView, hosts: &BTreeMap<String, Arc<Host>>) -> bool {
+    pub fn matches(&self, view: &InstanceView, hosts: &imbl::OrdMap<String, Arc<Host>>) -> bool {
         let i = &view.instance;
         let eq = |want: &Option<String>, have: Option<&String>| {
             want.as_ref().is_none_or(|w| Some(w) == have)

@@ -78,6 +78,7 @@ fn main() -> ExitCode {
         Command::Man { dir } => return doc_result(flux::docs::man_pages(Cli::command(), dir)),
         _ => {}
     }
+    flux::daemon::memory::limit_arenas();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

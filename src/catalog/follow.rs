@@ -1,19 +1,19 @@
 //! Follows the store: one listing, then a watch from the revision after it, with every change
-//! folded into a fresh `State` that subscribers (the data plane controller, the Docker agent)
-//! receive through a watch channel. Bursts of changes are coalesced into one new State (at most
+//! patched into the follower's `State` (see [`super::placement`]: one change costs what it
+//! touches, not the catalog's size), which subscribers (the data plane controller, the Docker
+//! agent) receive through a watch channel. Bursts of changes are coalesced into one new State (at most
 //! one per `COALESCE`, the first of a burst without delay), and a
 //! subscriber that is busy only ever sees the latest one (level-triggered, nothing to replay).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::{sleep, Instant};
 
-use super::state::Decoded;
+use super::placement::Placement;
 use super::State;
-use crate::store::{KeyValue, Store, WatchEvent};
+use crate::store::{Store, WatchEvent};
 
 /// Changes that arrive within this window become one new State.
 /// A change after a quiet spell is published at once; changes that follow it within this window
@@ -22,11 +22,8 @@ const COALESCE: Duration = Duration::from_millis(10);
 
 pub struct Follower {
     store: Arc<dyn Store>,
-    /// Every key under the store root, as last seen.
-    kvs: BTreeMap<String, KeyValue>,
-    revision: i64,
-    /// Records as decoded for the last State, so a change re-decodes only what it touched.
-    decoded: Decoded,
+    /// Every record as last seen, and the State they make, patched per event.
+    placement: Placement,
     tx: watch::Sender<Arc<State>>,
     /// When the last State went out: a change after a quiet spell is published at once, and
     /// only changes that follow it within COALESCE wait to be folded together.
@@ -38,19 +35,11 @@ impl Follower {
     pub async fn start(
         store: Arc<dyn Store>,
     ) -> crate::store::Result<(Follower, watch::Receiver<Arc<State>>)> {
-        let listing = store.list("").await?;
-        let mut decoded = Decoded::default();
-        let state = State::from_kvs(listing.kvs.iter(), listing.revision, &mut decoded);
-        let (tx, rx) = watch::channel(Arc::new(state));
+        let placement = Placement::new(store.list("").await?);
+        let (tx, rx) = watch::channel(Arc::new(placement.state()));
         let follower = Follower {
             store,
-            kvs: listing
-                .kvs
-                .into_iter()
-                .map(|kv| (kv.key.clone(), kv))
-                .collect(),
-            revision: listing.revision,
-            decoded,
+            placement,
             tx,
             published: Instant::now(),
         };
@@ -62,7 +51,7 @@ impl Follower {
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let mut retry = Duration::from_millis(100);
         loop {
-            let mut events = match self.store.watch("", self.revision + 1).await {
+            let mut events = match self.store.watch("", self.placement.revision() + 1).await {
                 Ok(rx) => rx,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot watch the store; retrying");
@@ -101,29 +90,15 @@ impl Follower {
 
     fn apply(&mut self, ev: WatchEvent) {
         match ev {
-            WatchEvent::Put(kv) => {
-                self.revision = self.revision.max(kv.mod_revision);
-                self.kvs.insert(kv.key.clone(), kv);
-            }
-            WatchEvent::Delete { key, revision } => {
-                self.revision = self.revision.max(revision);
-                self.kvs.remove(&key);
-            }
-            WatchEvent::Reset(listing) => {
-                self.kvs = listing
-                    .kvs
-                    .into_iter()
-                    .map(|kv| (kv.key.clone(), kv))
-                    .collect();
-                self.revision = listing.revision;
-            }
+            WatchEvent::Put(kv) => self.placement.put(kv),
+            WatchEvent::Delete { key, revision } => self.placement.delete(&key, revision),
+            WatchEvent::Reset(listing) => self.placement.reset(listing),
         }
     }
 
     fn publish(&mut self) {
-        let t = std::time::Instant::now();
-        let state = State::from_kvs(self.kvs.values(), self.revision, &mut self.decoded);
-        tracing::debug!(revision = self.revision, took = ?t.elapsed(), "catalog state built");
+        let state: State = self.placement.state();
+        tracing::debug!(revision = state.revision, "catalog state published");
         self.tx.send_replace(Arc::new(state));
         self.published = Instant::now();
     }

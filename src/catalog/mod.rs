@@ -5,6 +5,7 @@
 
 pub mod follow;
 pub mod keys;
+pub mod placement;
 mod state;
 
 use std::sync::Arc;

@@ -1,8 +1,15 @@
-//! The typed picture of everything in the store, rebuilt from a listing. Records that do not
-//! validate, or contradict their key, are skipped with a reason instead of poisoning the rest:
-//! the store may hold what an older or foreign writer put there.
+//! The typed picture of everything in the store, built from a listing ([`State::from_kvs`], the
+//! reference) or kept level with the store event by event ([`super::placement`]). Records that
+//! do not validate, or contradict their key, are skipped with a reason instead of poisoning the
+//! rest: the store may hold what an older or foreign writer put there.
+//!
+//! The maps are persistent (`imbl::OrdMap`): a copy of a State costs nothing, a changed copy
+//! shares every part that did not change, and two States are compared in time proportional to
+//! their difference.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+
+use imbl::OrdMap;
 use std::net::SocketAddrV4;
 use std::sync::Arc;
 
@@ -14,14 +21,14 @@ use crate::store::{KeyValue, Listing, Revision};
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct State {
-    pub services: BTreeMap<String, Arc<Service>>,
+    pub services: OrdMap<String, Arc<Service>>,
     /// Keyed by (service, rule name).
     #[serde(skip)]
-    pub rules: BTreeMap<(String, String), Arc<Rule>>,
+    pub rules: OrdMap<(String, String), Arc<Rule>>,
     /// Keyed by (service, instance name).
     #[serde(skip)]
-    pub instances: BTreeMap<(String, String), Arc<Instance>>,
-    pub hosts: BTreeMap<String, Arc<Host>>,
+    pub instances: OrdMap<(String, String), Arc<Instance>>,
+    pub hosts: OrdMap<String, Arc<Host>>,
     /// Store revision this picture was taken at.
     pub revision: Revision,
     /// Records skipped, as `key: reason`, for `fluxd debug` and the logs.
@@ -30,7 +37,7 @@ pub struct State {
 
 /// One store record, decoded and checked against its own key, before it is placed in a State.
 #[derive(Debug, Clone)]
-enum Record {
+pub(super) enum Record {
     Service(Arc<Service>),
     Rule(Arc<Rule>),
     Instance(Arc<Instance>),
@@ -168,7 +175,7 @@ fn rank(key: &str) -> u8 {
 }
 
 /// Decodes a record by what its key says it is, and checks it agrees with its key.
-fn decode_record(kv: &KeyValue) -> Result<Record, String> {
+pub(super) fn decode_record(kv: &KeyValue) -> Result<Record, String> {
     let key = kv.key.as_str();
     if let Some(name) = key.strip_prefix(keys::SERVICES) {
         let s: Service = decode(kv)?;
@@ -361,11 +368,11 @@ mod tests {
         State::from_kvs(kvs.iter(), 100, &mut Decoded::default())
     }
 
-    fn names<T>(map: &BTreeMap<String, T>) -> Vec<&str> {
+    fn names<T: Clone>(map: &OrdMap<String, T>) -> Vec<&str> {
         map.keys().map(String::as_str).collect()
     }
 
-    fn pairs<T>(map: &BTreeMap<(String, String), T>) -> Vec<String> {
+    fn pairs<T: Clone>(map: &OrdMap<(String, String), T>) -> Vec<String> {
         map.keys().map(|(s, n)| format!("{s}/{n}")).collect()
     }
 

@@ -1,11 +1,13 @@
 //! The controller: keeps the data plane level with the catalog. On every new catalog State it
-//! recomputes the routing table and the desired rules from scratch (kube-rs style, so a missed
-//! event cannot cause drift) and installs them; a timer compares the installed rules with the
-//! desired ones and repairs drift.
+//! compares that State with the last one it built from (kube-rs style: from states, not
+//! events, so a missed event cannot cause drift), rebuilds the routes of the services that
+//! differ, recomputes the desired rules and installs what changed; a timer compares the
+//! installed rules with the desired ones and repairs drift.
 
 pub mod guard;
 pub mod routing;
 mod steer;
+pub mod view;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -78,10 +80,11 @@ pub async fn can_refuse_empty() -> bool {
 pub struct Status {
     pub routes: Arc<ArcSwap<RouteTable>>,
     pub rules: Option<Rules>,
-    /// The ruleset last applied successfully (nat path).
-    pub applied: Mutex<Option<netfilter::Ruleset>>,
+    /// The ruleset last applied successfully (nat path); shared, not copied, by the readers
+    /// (the drift check, the debug view, the next apply), since it holds a line per VIP.
+    pub applied: Mutex<Option<Arc<netfilter::Ruleset>>>,
     /// The steering last applied successfully (bpf path).
-    pub steered: Mutex<Option<steering::Desired>>,
+    pub steered: Mutex<Option<Arc<steering::Desired>>>,
     /// The catalog state the data plane was last built from.
     pub state: ArcSwap<State>,
     /// What the VIP guard refused at the last sync, for `fluxd debug` and the services' views.
@@ -154,12 +157,14 @@ impl Status {
 
 pub struct Controller {
     status: Arc<Status>,
-    /// This host's name, to tell its own container instances apart.
-    host: String,
     /// This host's instances from the Docker agent, if it runs.
     local: Option<watch::Receiver<Option<Arc<LocalInstances>>>>,
     /// The catalog state last received.
     catalog: Arc<State>,
+    /// The catalog as this host routes it, patched at each sync.
+    view: view::RoutedView,
+    /// The routes last built, and what they were built from.
+    table: RouteTable,
     built: routing::Built,
     /// The active health checks of the routed instances, kept level with each new table.
     checker: Checker,
@@ -181,10 +186,11 @@ impl Controller {
     ) -> Self {
         Controller {
             checker: Checker::new(status.metrics.clone()),
+            view: view::RoutedView::new(&host),
             status,
-            host,
             local,
             catalog: Arc::new(State::default()),
+            table: RouteTable::default(),
             built: routing::Built::default(),
             reported: Vec::new(),
             addresses: guard::Addresses::default(),
@@ -240,29 +246,40 @@ impl Controller {
         }
     }
 
-    /// Rebuilds routes and rules from the catalog and the local instances, and installs both.
+    /// Brings routes and rules level with the catalog and the local instances, and installs
+    /// both: the routes of the services that changed since the last sync are rebuilt, the
+    /// others kept.
     async fn sync(&mut self) {
         let t = std::time::Instant::now();
         let local = self.local.as_ref().and_then(|l| l.borrow().clone());
-        let state = Arc::new(routing::with_local(
-            &self.catalog,
-            &self.host,
-            local.as_deref(),
-        ));
+        let changed = self.view.update(self.catalog.clone(), local);
+        let state = Arc::new(self.view.state().clone());
         if state.skipped != self.reported {
             for s in state.skipped.iter().filter(|s| !self.reported.contains(s)) {
                 tracing::warn!(record = %s, "skipping a store record that does not validate");
             }
             self.reported = state.skipped.clone();
         }
-        let table = Arc::new(routing::route_table(
-            &state,
-            &mut self.built,
-            &self.status.metrics,
-        ));
+        match &changed {
+            view::Changed::All => {
+                self.table = routing::route_table(&state, &mut self.built, &self.status.metrics)
+            }
+            view::Changed::Services(names) => routing::update_routes(
+                &state,
+                names,
+                &mut self.built,
+                &self.status.metrics,
+                &mut self.table,
+            ),
+        }
+        let table = Arc::new(self.table.clone());
         self.checker.sync(&table);
         self.status.routes.store(table.clone());
-        tracing::debug!(took = ?t.elapsed(), "routes built");
+        let services = match &changed {
+            view::Changed::All => None,
+            view::Changed::Services(names) => Some(names.len()),
+        };
+        tracing::debug!(took = ?t.elapsed(), ?services, "routes built");
         self.read_addresses();
         self.read_ifaces();
         if let Some(rules) = &self.status.rules {
@@ -298,7 +315,7 @@ impl Controller {
                 .status
                 .applied
                 .lock()
-                .map(|a| a.as_ref() != Some(&desired))
+                .map(|a| a.as_deref() != Some(&desired))
                 .unwrap_or(true);
             tracing::debug!(took = ?t.elapsed(), changed, "rules rendered");
             if changed {
@@ -365,9 +382,9 @@ impl Controller {
                 Some(previous) => rules.netfilter.apply_change(previous, &desired)?,
                 None => rules.netfilter.apply(&desired)?,
             }
-            let routed = netfilter::Routed::between(previous.as_ref(), &desired);
+            let routed = netfilter::Routed::between(previous.as_deref(), &desired);
             if let Ok(mut a) = status.applied.lock() {
-                *a = Some(desired);
+                *a = Some(Arc::new(desired));
             }
             // After the apply: an attempt made before it would otherwise survive.
             clear_unredirected(rules, &routed);

@@ -1,7 +1,7 @@
 //! Turns the catalog's state into the proxy's routing table and the netfilter's desired rules.
 //! Pure apart from reusing the health of instances that were already known.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddrV4;
 use std::sync::Arc;
 
@@ -16,8 +16,9 @@ use crate::proxy::http::pool::Pool;
 use crate::proxy::route_table::{Backend, RouteTable, ServiceRoute};
 
 /// What survives a rebuild of the routing table for one instance: its health and its series.
+/// Taken from the backend of the last route, so a built service holds nothing twice.
 #[derive(Clone)]
-pub struct Kept {
+struct Kept {
     pub health: Arc<Health>,
     pub metrics: InstanceMetrics,
     pub labels: InstanceLabels,
@@ -38,37 +39,78 @@ pub struct Built {
 struct BuiltService {
     service: Arc<Service>,
     instances: Vec<Arc<Instance>>,
+    /// Its backends carry each routed instance's health, series and pool into the next
+    /// build: health survives as long as the instance keeps its address; a new address is a
+    /// new backend, live at first.
     route: Arc<ServiceRoute>,
-    /// Health, series and pool of each routed instance, by name and address: health survives
-    /// as long as the instance keeps its address; a new address is a new backend, live at first.
-    kept: HashMap<(String, SocketAddrV4), Kept>,
 }
 
 /// Builds the table; instances that are gone have their series dropped from `metrics`.
 pub fn route_table(state: &State, built: &mut Built, metrics: &Metrics) -> RouteTable {
+    let mut names: BTreeSet<String> = state.services.keys().cloned().collect();
+    names.extend(built.services.keys().cloned());
     let mut table = RouteTable::default();
-    let mut next = HashMap::with_capacity(state.services.len());
-    for (name, service) in &state.services {
-        let instances: Vec<&Arc<Instance>> = state.instance_records_of(name).collect();
-        let b = match built.services.remove(name) {
-            Some(prev) if same_records(&prev, service, &instances) => prev,
-            prev => build_service(service, &instances, prev.map(|p| p.kept), metrics),
+    update_routes(state, &names, built, metrics, &mut table);
+    table
+}
+
+/// Brings the routes of the services named in `changed` level with `state`, in `table` and
+/// `built`, and leaves every other route as it is: what one change costs does not grow with
+/// the number of services. A service whose record and instance records are the very ones of
+/// its last build keeps its route.
+pub fn update_routes(
+    state: &State,
+    changed: &BTreeSet<String>,
+    built: &mut Built,
+    metrics: &Metrics,
+    table: &mut RouteTable,
+) {
+    for name in changed {
+        let prev = built.services.remove(name);
+        // The VIP the service had: dropped unless the service still has it (another service
+        // may have taken it over in the same change; its own entry stands then).
+        if let Some(vip) = prev.as_ref().and_then(|p| p.service.address) {
+            let still = state.services.get(name).and_then(|s| s.address) == Some(vip);
+            if !still && table.services.get(&vip).is_some_and(|r| r.name == *name) {
+                table.services.remove(&vip);
+            }
+        }
+        let Some(service) = state.services.get(name) else {
+            if let Some(gone) = prev {
+                for b in &gone.route.backends {
+                    metrics.forget(&b.labels);
+                }
+            }
+            if table.by_name.contains_key(name) {
+                table.by_name.remove(name);
+            }
+            continue;
         };
-        table.by_name.insert(name.clone(), b.route.clone());
+        let instances: Vec<&Arc<Instance>> = state.instance_records_of(name).collect();
+        let b = match prev {
+            Some(prev) if same_records(&prev, service, &instances) => prev,
+            prev => build_service(service, &instances, prev.map(|p| p.route), metrics),
+        };
+        if !table
+            .by_name
+            .get(name)
+            .is_some_and(|r| Arc::ptr_eq(r, &b.route))
+        {
+            table.by_name.insert(name.clone(), b.route.clone());
+        }
         // A service without a VIP (edge only) is routed by name, for its health, but no
         // connection can arrive for it.
         if let Some(vip) = service.address {
-            table.services.insert(vip, b.route.clone());
+            if !table
+                .services
+                .get(&vip)
+                .is_some_and(|r| Arc::ptr_eq(r, &b.route))
+            {
+                table.services.insert(vip, b.route.clone());
+            }
         }
-        next.insert(name.clone(), b);
+        built.services.insert(name.clone(), b);
     }
-    for gone in built.services.values() {
-        for k in gone.kept.values() {
-            metrics.forget(&k.labels);
-        }
-    }
-    built.services = next;
-    table
 }
 
 fn same_records(prev: &BuiltService, service: &Arc<Service>, instances: &[&Arc<Instance>]) -> bool {
@@ -84,12 +126,24 @@ fn same_records(prev: &BuiltService, service: &Arc<Service>, instances: &[&Arc<I
 fn build_service(
     service: &Arc<Service>,
     instances: &[&Arc<Instance>],
-    old: Option<HashMap<(String, SocketAddrV4), Kept>>,
+    old: Option<Arc<ServiceRoute>>,
     metrics: &Metrics,
 ) -> BuiltService {
-    let mut old = old.unwrap_or_default();
+    // Health, series and pool of each instance last routed, by name and address.
+    let mut old: HashMap<(String, SocketAddrV4), Kept> = old
+        .iter()
+        .flat_map(|r| r.backends.iter())
+        .map(|b| {
+            let k = Kept {
+                health: b.health.clone(),
+                metrics: b.metrics.clone(),
+                labels: b.labels.clone(),
+                pool: b.pool.clone(),
+            };
+            ((b.instance.clone(), b.addr), k)
+        })
+        .collect();
     let http = service.protocol == Protocol::Http;
-    let mut kept = HashMap::new();
     let backends: Vec<Arc<Backend>> = instances
         .iter()
         .filter_map(|i| {
@@ -112,7 +166,6 @@ fn build_service(
                     }
                 }
             };
-            kept.insert(key, k.clone());
             Some(Arc::new(Backend {
                 service: i.service.clone(),
                 instance: i.name.clone(),
@@ -130,7 +183,7 @@ fn build_service(
         })
         .collect();
     for k in old.values() {
-        if !kept.values().any(|n| n.labels == k.labels) {
+        if !backends.iter().any(|b| b.labels == k.labels) {
             metrics.forget(&k.labels);
         }
     }
@@ -146,7 +199,6 @@ fn build_service(
             )
             .with_check(service.health.clone()),
         ),
-        kept,
     }
 }
 
@@ -221,25 +273,43 @@ fn has_no_instance(service: &Service, routes: &RouteTable) -> bool {
 /// than as the store last said: a local container is routable the moment the agent knows it,
 /// even while the store is unreachable. Until the agent has listed Docker once, the store's
 /// record stands. Other hosts' instances at addresses only their own host reaches are left out
-/// (see `only_on_its_host`).
+/// (see `only_on_its_host`). The controller keeps this level by patching (see
+/// [`super::view::RoutedView`]); this is the same from scratch.
 pub fn with_local(state: &State, host: &str, local: Option<&LocalInstances>) -> State {
+    let records: Option<Vec<Arc<Instance>>> =
+        local.map(|l| l.values().map(|i| Arc::new(i.clone())).collect());
+    merge_local(state, host, records.as_deref())
+}
+
+/// [`with_local`] with the agent's instances already wrapped.
+pub(super) fn merge_local(state: &State, host: &str, local: Option<&[Arc<Instance>]>) -> State {
     let mut merged = state.clone();
-    merged.instances.retain(|_, i| {
-        let replaced =
-            local.is_some() && i.origin == Origin::Container && i.host.as_deref() == Some(host);
-        !replaced && !only_on_its_host(state, host, i)
-    });
-    let Some(local) = local else {
-        return merged;
-    };
-    for i in local.values() {
+    let keeps = |i: &Instance| keeps_instance(state, host, local.is_some(), i);
+    // Most often every record stands: the catalog's map is then shared, not copied.
+    if !state.instances.values().all(|i| keeps(i)) {
+        merged.instances = state
+            .instances
+            .iter()
+            .filter(|(_, i)| keeps(i))
+            .map(|(k, i)| (k.clone(), i.clone()))
+            .collect();
+    }
+    for i in local.unwrap_or_default() {
         if merged.services.contains_key(&i.service) {
             merged
                 .instances
-                .insert((i.service.clone(), i.name.clone()), Arc::new(i.clone()));
+                .insert((i.service.clone(), i.name.clone()), i.clone());
         }
     }
     merged
+}
+
+/// Whether a catalog instance is routed as the store has it: not when it is one of this host's
+/// containers and the agent's view (`local`) stands in for those, nor when only its own host
+/// can reach it.
+pub(super) fn keeps_instance(state: &State, host: &str, local: bool, i: &Instance) -> bool {
+    let replaced = local && i.origin == Origin::Container && i.host.as_deref() == Some(host);
+    !replaced && !only_on_its_host(state, host, i)
 }
 
 /// A container instance of another host in `local` mode at an address other than that host's

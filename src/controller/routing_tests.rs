@@ -845,7 +845,9 @@ fn the_series_of_removed_instances_and_services_are_forgotten() {
     // A whole service leaves.
     let mut state = state;
     state.services.remove("api");
-    state.instances.retain(|(s, _), _| s != "api");
+    state.instances = state
+        .instances
+        .without(&("api".to_string(), "a1".to_string()));
     route_table(&state, &mut built, &metrics);
     assert_eq!(series_of(&metrics, "api", "a1"), Vec::<String>::new());
     assert!(!series_of(&metrics, "web", "w1").is_empty());

@@ -37,7 +37,7 @@ pub(super) fn desired(
 /// (one map update for one service), everything from a fresh read otherwise.
 pub(super) async fn sync(status: &Arc<Status>, desired: steering::Desired) {
     let previous = status.steered.lock().ok().and_then(|a| a.clone());
-    if previous.as_ref() == Some(&desired) {
+    if previous.as_deref() == Some(&desired) {
         return;
     }
     let status = status.clone();
@@ -50,7 +50,7 @@ pub(super) async fn sync(status: &Arc<Status>, desired: steering::Desired) {
             None => s.apply(&desired)?,
         }
         if let Ok(mut a) = status.steered.lock() {
-            *a = Some(desired);
+            *a = Some(Arc::new(desired));
         }
         Ok::<_, steering::Error>(())
     })

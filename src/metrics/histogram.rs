@@ -73,6 +73,15 @@ impl AtomicHistogram {
             .fetch_add((seconds * 1e9) as u64, Ordering::Relaxed);
     }
 
+    /// Observations so far, without the allocation of a [`Snapshot`].
+    pub fn count(&self) -> u64 {
+        self.inner
+            .counts
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
+
     pub fn snapshot(&self) -> Snapshot {
         let mut total = 0;
         let cumulative = self

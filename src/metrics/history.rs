@@ -47,6 +47,9 @@ struct Totals {
     request: Snapshot,
 }
 
+/// One instance's chart data. Created at the first round in which the instance has done
+/// anything (most instances of a large catalog never do, and then cost nothing here); its
+/// samples grow as they come, up to [`CAPACITY`].
 struct Track {
     labels: InstanceLabels,
     /// Container labels, for grouping by any label.
@@ -124,6 +127,11 @@ impl History {
             return;
         };
         for (m, labels, extra) in instances {
+            // An instance that has done nothing since its series were created needs no track
+            // yet: its first track starts from zero, as it would have.
+            if !tracks.contains_key(labels) && !has_activity(m) {
+                continue;
+            }
             let now = Totals {
                 connections: m.connections.get(),
                 failures: m.connect_failures.get(),
@@ -145,7 +153,7 @@ impl History {
                 labels: labels.clone(),
                 extra: extra.clone(),
                 last: Totals::default(),
-                samples: VecDeque::with_capacity(CAPACITY),
+                samples: VecDeque::new(),
                 last_seen: t,
             });
             let s = Sample {
@@ -188,27 +196,29 @@ impl History {
         tracks.retain(|_, tr| tr.last_seen >= horizon);
     }
 
-    /// The lines of one service's charts, grouped, oldest first.
-    pub fn series(&self, service: &str, group: &GroupBy) -> Vec<Series> {
+    /// The lines of one service's charts, grouped, oldest first. `routed` are the service's
+    /// instances routed now: one that has no track yet (it has done nothing) still gets its
+    /// line, empty, as every routed instance does.
+    pub fn series<'a>(
+        &self,
+        service: &str,
+        group: &GroupBy,
+        routed: impl Iterator<Item = (&'a InstanceLabels, &'a BTreeMap<String, String>)>,
+    ) -> Vec<Series> {
         let Ok(tracks) = self.tracks.lock() else {
             return vec![];
         };
         // Per group, per timestamp: summed amounts and merged latency buckets.
         let mut groups: BTreeMap<String, BTreeMap<u64, Sample>> = BTreeMap::new();
+        for (labels, extra) in routed.filter(|(l, _)| l.service == service) {
+            if !tracks.contains_key(labels) {
+                groups.entry(group_key(group, labels, extra)).or_default();
+            }
+        }
         for tr in tracks.values().filter(|t| t.labels.service == service) {
-            let key = match group {
-                GroupBy::Instance => tr.labels.instance.clone(),
-                GroupBy::Image => tr.labels.image.clone(),
-                GroupBy::Tag => tr.labels.tag.clone(),
-                GroupBy::Host => tr.labels.host.clone(),
-                GroupBy::Label(l) => tr.extra.get(l).cloned().unwrap_or_default(),
-            };
-            let key = if key.is_empty() {
-                "(none)".to_string()
-            } else {
-                key
-            };
-            let by_t = groups.entry(key).or_default();
+            let by_t = groups
+                .entry(group_key(group, &tr.labels, &tr.extra))
+                .or_default();
             for s in &tr.samples {
                 // Samples of one round share a timestamp to the ms; round to the interval so
                 // that instances sampled a few ms apart still line up.
@@ -264,6 +274,36 @@ impl History {
                 out
             })
             .collect()
+    }
+}
+
+/// Whether an instance has anything to chart: any count moved, or a connection is open.
+/// Reads the counters only, without the allocations of a full [`Totals`].
+fn has_activity(m: &InstanceMetrics) -> bool {
+    m.connections.get() != 0
+        || m.connect_failures.get() != 0
+        || m.bytes_to_instance.get() != 0
+        || m.bytes_to_client.get() != 0
+        || m.active.get() != 0
+        || m.connect_seconds.count() != 0
+        || m.http.as_ref().is_some_and(|h| {
+            h.responses.iter().any(|c| c.get() != 0) || h.request_seconds.count() != 0
+        })
+}
+
+/// The chart line an instance belongs to under `group`.
+fn group_key(group: &GroupBy, labels: &InstanceLabels, extra: &BTreeMap<String, String>) -> String {
+    let key = match group {
+        GroupBy::Instance => labels.instance.clone(),
+        GroupBy::Image => labels.image.clone(),
+        GroupBy::Tag => labels.tag.clone(),
+        GroupBy::Host => labels.host.clone(),
+        GroupBy::Label(l) => extra.get(l).cloned().unwrap_or_default(),
+    };
+    if key.is_empty() {
+        "(none)".to_string()
+    } else {
+        key
     }
 }
 
@@ -329,7 +369,7 @@ mod tests {
             http.request_seconds.observe(0.02);
         }
         h.sample(ms.iter().zip(&ls).map(|(m, l)| (m, l, &extra)));
-        let by_tag = h.series("web", &GroupBy::Tag);
+        let by_tag = h.series("web", &GroupBy::Tag, std::iter::empty());
         assert_eq!(by_tag.len(), 2);
         assert_eq!(by_tag[0].key, "v1");
         let last = |s: &Series| *s.connections_per_s.last().unwrap();
@@ -342,10 +382,51 @@ mod tests {
         assert_eq!(*by_tag[0].http_5xx_per_s.last().unwrap(), per_s(2.0));
         let p50 = by_tag[0].request_p50_ms.last().unwrap().unwrap();
         assert!(p50 > 10.0 && p50 <= 25.0, "{p50}");
-        assert_eq!(h.series("web", &GroupBy::Instance).len(), 3);
+        assert_eq!(
+            h.series("web", &GroupBy::Instance, std::iter::empty())
+                .len(),
+            3
+        );
         assert_eq!(
             GroupBy::parse("label:team"),
             Some(GroupBy::Label("team".into()))
         );
+    }
+
+    #[test]
+    fn an_idle_instance_has_no_track_but_keeps_its_line() {
+        let m = Metrics::new();
+        let h = History::default();
+        let ls = [labels("busy", "v1"), labels("idle", "v2")];
+        let ms: Vec<_> = ls.iter().map(|l| m.instance(l, false)).collect();
+        let extra = BTreeMap::new();
+        let round = |h: &History| h.sample(ms.iter().zip(&ls).map(|(m, l)| (m, l, &extra)));
+        round(&h);
+        assert_eq!(h.tracks.lock().unwrap().len(), 0, "nothing happened yet");
+        ms[0].connections.inc_by(4);
+        round(&h);
+        assert_eq!(
+            h.tracks.lock().unwrap().len(),
+            1,
+            "only the busy one is tracked"
+        );
+        // Everything the busy instance did before its first track counts in that track.
+        let routed = || ls.iter().map(|l| (l, &extra));
+        let lines = h.series("web", &GroupBy::Instance, routed());
+        let keys: Vec<&str> = lines.iter().map(|s| s.key.as_str()).collect();
+        assert_eq!(keys, ["busy", "idle"]);
+        assert_eq!(
+            lines[0].connections_per_s,
+            [4.0 / (INTERVAL_MS as f64 / 1000.0)]
+        );
+        assert!(lines[1].t.is_empty(), "the idle instance's line is empty");
+        // An idle instance no longer routed has no line; one of another service neither.
+        let lines = h.series("web", &GroupBy::Tag, std::iter::empty());
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0].key, "v1");
+        // An open connection is activity even before any count moves.
+        ms[1].active.set(1);
+        round(&h);
+        assert_eq!(h.tracks.lock().unwrap().len(), 2);
     }
 }

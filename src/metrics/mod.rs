@@ -1,46 +1,42 @@
 //! Metrics, collected where the connection is made (the client's host): per service and
 //! instance, connections, connect failures and retries, bytes each way, connect latency and
 //! connection duration. The proxy holds direct handles (shared atomics), so counting costs an
-//! atomic add and no lookup; `/metrics` renders the registry in the Prometheus exposition
-//! format (OpenMetrics text).
+//! atomic add and no lookup; `/metrics` renders every instance's series in the Prometheus
+//! exposition format (OpenMetrics text).
+//!
+//! The series live in one map entry per instance, its labels stored once ([`Metrics`]), and a
+//! collector writes them family by family at each scrape: a prometheus-client `Family` per
+//! series kind kept its own map entry, labels and all, for every instance, which made the
+//! series of 10,000 idle instances cost about 2 KiB each.
 
 pub mod histogram;
 pub mod history;
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use std::collections::HashMap;
+use std::sync::{PoisonError, RwLock};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabel, EncodeLabelSet, EncodeMetric, LabelSetEncoder,
+};
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::{Family, MetricConstructor};
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use histogram::{AtomicHistogram, CONNECT_BUCKETS, DURATION_BUCKETS, REQUEST_BUCKETS};
 
 /// Who a series is about. `host` is the host the instance runs on (empty for static
 /// instances); image and tag let dashboards compare versions of a service.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+#[derive(
+    Debug, Clone, Hash, PartialEq, Eq, PartialOrd, Ord, prometheus_client::encoding::EncodeLabelSet,
+)]
 pub struct InstanceLabels {
     pub service: String,
     pub instance: String,
     pub host: String,
     pub image: String,
     pub tag: String,
-}
-
-/// Variant names are the label values, hence snake case.
-#[allow(non_camel_case_types)]
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelValue)]
-pub enum Direction {
-    /// From the client to the instance.
-    to_instance,
-    /// From the instance to the client.
-    to_client,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
-struct BytesLabels {
-    #[prometheus(flatten)]
-    instance: InstanceLabels,
-    direction: Direction,
 }
 
 /// Status classes of `http` responses, in the order of `HttpMetrics::responses`.
@@ -53,21 +49,6 @@ pub fn code_class(status: u16) -> usize {
     (status / 100).clamp(2, 5) as usize - 2
 }
 
-#[derive(Debug, Clone, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
-struct CodeLabels {
-    #[prometheus(flatten)]
-    instance: InstanceLabels,
-    code: &'static str,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
-struct CheckLabels {
-    #[prometheus(flatten)]
-    instance: InstanceLabels,
-    /// `pass` or `fail`.
-    result: &'static str,
-}
-
 /// The series of one instance's active health check (services with a `health` check only).
 #[derive(Debug, Clone)]
 pub struct CheckMetrics {
@@ -75,15 +56,6 @@ pub struct CheckMetrics {
     pub failed: Counter,
     /// 1 while the check's verdict is failing (the instance is out of the pool), else 0.
     pub failing: Gauge,
-}
-
-#[derive(Clone)]
-struct Buckets(&'static [f64]);
-
-impl MetricConstructor<AtomicHistogram> for Buckets {
-    fn new_metric(&self) -> AtomicHistogram {
-        AtomicHistogram::new(self.0)
-    }
 }
 
 /// The handles of one instance's series; clones share the same counts.
@@ -118,22 +90,50 @@ impl HttpMetrics {
     pub fn requests(&self) -> u64 {
         self.responses.iter().map(|c| c.get()).sum()
     }
+
+    fn new() -> HttpMetrics {
+        HttpMetrics {
+            responses: Default::default(),
+            retries: Counter::default(),
+            request_seconds: AtomicHistogram::new(REQUEST_BUCKETS),
+        }
+    }
 }
 
+impl InstanceMetrics {
+    fn new() -> InstanceMetrics {
+        InstanceMetrics {
+            connections: Counter::default(),
+            active: Gauge::default(),
+            connect_failures: Counter::default(),
+            retries: Counter::default(),
+            bytes_to_instance: Counter::default(),
+            bytes_to_client: Counter::default(),
+            connect_seconds: AtomicHistogram::new(CONNECT_BUCKETS),
+            duration_seconds: AtomicHistogram::new(DURATION_BUCKETS),
+            http: None,
+        }
+    }
+}
+
+/// Every instance's series: what `/metrics` lists.
 pub struct Metrics {
     registry: Registry,
-    connections: Family<InstanceLabels, Counter>,
-    active: Family<InstanceLabels, Gauge>,
-    connect_failures: Family<InstanceLabels, Counter>,
-    retries: Family<InstanceLabels, Counter>,
-    bytes: Family<BytesLabels, Counter>,
-    connect_seconds: Family<InstanceLabels, AtomicHistogram, Buckets>,
-    duration_seconds: Family<InstanceLabels, AtomicHistogram, Buckets>,
-    http_requests: Family<CodeLabels, Counter>,
-    http_retries: Family<InstanceLabels, Counter>,
-    request_seconds: Family<InstanceLabels, AtomicHistogram, Buckets>,
-    health_checks: Family<CheckLabels, Counter>,
-    check_failing: Family<InstanceLabels, Gauge>,
+    series: std::sync::Arc<Series>,
+}
+
+/// The series of every instance, by labels.
+#[derive(Debug, Default)]
+struct Series {
+    instances: RwLock<HashMap<InstanceLabels, Entry>>,
+}
+
+/// One instance's series: those of its connections (while it is routed) and those of its
+/// active check (while it is checked), each dropped on its own.
+#[derive(Debug, Default)]
+struct Entry {
+    instance: Option<InstanceMetrics>,
+    check: Option<CheckMetrics>,
 }
 
 impl Default for Metrics {
@@ -145,184 +145,77 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("flux");
-        let m = Metrics {
-            connections: Family::default(),
-            active: Family::default(),
-            connect_failures: Family::default(),
-            retries: Family::default(),
-            bytes: Family::default(),
-            connect_seconds: Family::new_with_constructor(Buckets(CONNECT_BUCKETS)),
-            duration_seconds: Family::new_with_constructor(Buckets(DURATION_BUCKETS)),
-            http_requests: Family::default(),
-            http_retries: Family::default(),
-            request_seconds: Family::new_with_constructor(Buckets(REQUEST_BUCKETS)),
-            health_checks: Family::default(),
-            check_failing: Family::default(),
-            registry: Registry::default(),
+        let series = std::sync::Arc::new(Series::default());
+        registry.register_collector(Box::new(series.clone()));
+        Metrics { registry, series }
+    }
+
+    /// Changes the entry of `labels` (created if need be), dropping it once it holds nothing.
+    fn with_entry<R>(&self, labels: &InstanceLabels, f: impl FnOnce(&mut Entry) -> R) -> R {
+        let mut map = self
+            .series
+            .instances
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let r = match map.get_mut(labels) {
+            Some(e) => f(e),
+            None => {
+                let mut e = Entry::default();
+                let r = f(&mut e);
+                map.insert(labels.clone(), e);
+                r
+            }
         };
-        registry.register(
-            "connections",
-            "Connections proxied to an instance",
-            m.connections.clone(),
-        );
-        registry.register(
-            "connections_active",
-            "Connections open to an instance now",
-            m.active.clone(),
-        );
-        registry.register(
-            "connect_failures",
-            "Connect attempts to an instance that failed (the next instance was tried)",
-            m.connect_failures.clone(),
-        );
-        registry.register(
-            "connect_retries",
-            "Connections that reached an instance after another instance failed",
-            m.retries.clone(),
-        );
-        registry.register(
-            "transferred_bytes",
-            "Bytes moved between clients and an instance",
-            m.bytes.clone(),
-        );
-        registry.register(
-            "connect_duration_seconds",
-            "Time to connect to an instance",
-            m.connect_seconds.clone(),
-        );
-        registry.register(
-            "connection_duration_seconds",
-            "Lifetime of proxied connections",
-            m.duration_seconds.clone(),
-        );
-        registry.register(
-            "http_requests",
-            "Requests to an instance of an http service, by response status class (code)",
-            m.http_requests.clone(),
-        );
-        registry.register(
-            "http_retries",
-            "Requests answered by an instance after an attempt on another instance or a closed pooled connection failed",
-            m.http_retries.clone(),
-        );
-        registry.register(
-            "http_request_duration_seconds",
-            "Time from a request's head to the last byte of its response, for http services",
-            m.request_seconds.clone(),
-        );
-        registry.register(
-            "health_checks",
-            "Active health checks of an instance, by result (pass or fail)",
-            m.health_checks.clone(),
-        );
-        registry.register(
-            "health_check_failing",
-            "1 while an instance's active health check is failing (out of the pool on this host)",
-            m.check_failing.clone(),
-        );
-        Metrics { registry, ..m }
+        if map
+            .get(labels)
+            .is_some_and(|e| e.instance.is_none() && e.check.is_none())
+        {
+            map.remove(labels);
+        }
+        r
     }
 
     /// The handles of one instance's active check, creating its series.
     pub fn check(&self, labels: &InstanceLabels) -> CheckMetrics {
-        let result = |result| CheckLabels {
-            instance: labels.clone(),
-            result,
-        };
-        let passed = self.health_checks.get_or_create(&result("pass")).clone();
-        let failed = self.health_checks.get_or_create(&result("fail")).clone();
-        let failing = self.check_failing.get_or_create(labels).clone();
-        CheckMetrics {
-            passed,
-            failed,
-            failing,
-        }
+        self.with_entry(labels, |e| {
+            e.check
+                .get_or_insert_with(|| CheckMetrics {
+                    passed: Counter::default(),
+                    failed: Counter::default(),
+                    failing: Gauge::default(),
+                })
+                .clone()
+        })
     }
 
     /// Drops the series of an instance's active check (the check or the instance is gone).
     pub fn forget_check(&self, labels: &InstanceLabels) {
-        for result in ["pass", "fail"] {
-            self.health_checks.remove(&CheckLabels {
-                instance: labels.clone(),
-                result,
-            });
-        }
-        self.check_failing.remove(labels);
+        self.with_entry(labels, |e| e.check = None);
     }
 
-    /// The handles for one instance, creating its series; `http` adds the per-request ones.
+    /// The handles for one instance, creating its series; `http` adds the per-request ones
+    /// (kept until the instance is forgotten, like every series).
     pub fn instance(&self, labels: &InstanceLabels, http: bool) -> InstanceMetrics {
-        let bytes = |direction| BytesLabels {
-            instance: labels.clone(),
-            direction,
-        };
-        // One statement per lookup: get_or_create returns a read guard, and a second lookup
-        // in the same family while the first guard lives would deadlock on the write lock.
-        let bytes_to_instance = self
-            .bytes
-            .get_or_create(&bytes(Direction::to_instance))
-            .clone();
-        let bytes_to_client = self
-            .bytes
-            .get_or_create(&bytes(Direction::to_client))
-            .clone();
-        let connections = self.connections.get_or_create(labels).clone();
-        let active = self.active.get_or_create(labels).clone();
-        let connect_failures = self.connect_failures.get_or_create(labels).clone();
-        let retries = self.retries.get_or_create(labels).clone();
-        let connect_seconds = self.connect_seconds.get_or_create(labels).clone();
-        let duration_seconds = self.duration_seconds.get_or_create(labels).clone();
-        let http = http.then(|| {
-            let code = |code| CodeLabels {
-                instance: labels.clone(),
-                code,
-            };
-            let responses =
-                CODE_CLASSES.map(|c| self.http_requests.get_or_create(&code(c)).clone());
-            let retries = self.http_retries.get_or_create(labels).clone();
-            let request_seconds = self.request_seconds.get_or_create(labels).clone();
-            HttpMetrics {
-                responses,
-                retries,
-                request_seconds,
+        self.with_entry(labels, |e| {
+            let m = e.instance.get_or_insert_with(InstanceMetrics::new);
+            if http && m.http.is_none() {
+                m.http = Some(HttpMetrics::new());
             }
-        });
-        InstanceMetrics {
-            connections,
-            active,
-            connect_failures,
-            retries,
-            bytes_to_instance,
-            bytes_to_client,
-            connect_seconds,
-            duration_seconds,
-            http,
-        }
+            let mut handles = m.clone();
+            if !http {
+                handles.http = None;
+            }
+            handles
+        })
     }
 
     /// Drops the series of an instance that is gone, so that /metrics does not grow forever.
     pub fn forget(&self, labels: &InstanceLabels) {
-        self.connections.remove(labels);
-        self.active.remove(labels);
-        self.connect_failures.remove(labels);
-        self.retries.remove(labels);
-        for direction in [Direction::to_instance, Direction::to_client] {
-            self.bytes.remove(&BytesLabels {
-                instance: labels.clone(),
-                direction,
-            });
-        }
-        self.connect_seconds.remove(labels);
-        self.duration_seconds.remove(labels);
-        for code in CODE_CLASSES {
-            self.http_requests.remove(&CodeLabels {
-                instance: labels.clone(),
-                code,
-            });
-        }
-        self.http_retries.remove(labels);
-        self.request_seconds.remove(labels);
-        self.forget_check(labels);
+        self.series
+            .instances
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(labels);
     }
 
     /// The exposition text for `/metrics`.
@@ -331,6 +224,199 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// An instance's labels and, for families that split a series further, one more label.
+struct SeriesLabels<'a> {
+    instance: &'a InstanceLabels,
+    extra: Option<(&'static str, &'static str)>,
+}
+
+impl EncodeLabelSet for SeriesLabels<'_> {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelSet::encode(self.instance, encoder)?;
+        if let Some(pair) = &self.extra {
+            pair.encode(encoder.encode_label())?;
+        }
+        Ok(())
+    }
+}
+
+/// One metric family: its name, help and type, and how each instance's entry yields its
+/// series (none, one, or one per value of an extra label).
+struct Family {
+    name: &'static str,
+    help: &'static str,
+    kind: MetricType,
+    series: SeriesOf,
+}
+
+/// A family's series in one entry, handed one by one to `out` with their extra label.
+type SeriesOf = for<'e> fn(
+    &'e Entry,
+    &mut dyn FnMut(Option<(&'static str, &'static str)>, &'e dyn EncodeMetric),
+);
+
+/// The families in the order `/metrics` lists them. Help texts end with a period, as the
+/// registry writes them.
+const FAMILIES: [Family; 12] = [
+    Family {
+        name: "connections",
+        help: "Connections proxied to an instance.",
+        kind: MetricType::Counter,
+        series: |e, out| {
+            if let Some(m) = &e.instance {
+                out(None, &m.connections)
+            }
+        },
+    },
+    Family {
+        name: "connections_active",
+        help: "Connections open to an instance now.",
+        kind: MetricType::Gauge,
+        series: |e, out| {
+            if let Some(m) = &e.instance {
+                out(None, &m.active)
+            }
+        },
+    },
+    Family {
+        name: "connect_failures",
+        help: "Connect attempts to an instance that failed (the next instance was tried).",
+        kind: MetricType::Counter,
+        series: |e, out| {
+            if let Some(m) = &e.instance {
+                out(None, &m.connect_failures)
+            }
+        },
+    },
+    Family {
+        name: "connect_retries",
+        help: "Connections that reached an instance after another instance failed.",
+        kind: MetricType::Counter,
+        series: |e, out| {
+            if let Some(m) = &e.instance {
+                out(None, &m.retries)
+            }
+        },
+    },
+    Family {
+        name: "transferred_bytes",
+        help: "Bytes moved between clients and an instance.",
+        kind: MetricType::Counter,
+        series: |e, out| {
+            if let Some(m) = &e.instance {
+                out(Some(("direction", "to_instance")), &m.bytes_to_instance);
+                out(Some(("direction", "to_client")), &m.bytes_to_client);
+            }
+        },
+    },
+    Family {
+        name: "connect_duration_seconds",
+        help: "Time to connect to an instance.",
+        kind: MetricType::Histogram,
+        series: |e, out| {
+            if let Some(m) = &e.instance {
+                out(None, &m.connect_seconds)
+            }
+        },
+    },
+    Family {
+        name: "connection_duration_seconds",
+        help: "Lifetime of proxied connections.",
+        kind: MetricType::Histogram,
+        series: |e, out| {
+            if let Some(m) = &e.instance {
+                out(None, &m.duration_seconds)
+            }
+        },
+    },
+    Family {
+        name: "http_requests",
+        help: "Requests to an instance of an http service, by response status class (code).",
+        kind: MetricType::Counter,
+        series: |e, out| {
+            if let Some(h) = e.instance.as_ref().and_then(|m| m.http.as_ref()) {
+                for (code, c) in CODE_CLASSES.iter().zip(&h.responses) {
+                    out(Some(("code", code)), c);
+                }
+            }
+        },
+    },
+    Family {
+        name: "http_retries",
+        help: "Requests answered by an instance after an attempt on another instance or a closed pooled connection failed.",
+        kind: MetricType::Counter,
+        series: |e, out| {
+            if let Some(h) = e.instance.as_ref().and_then(|m| m.http.as_ref()) {
+                out(None, &h.retries)
+            }
+        },
+    },
+    Family {
+        name: "http_request_duration_seconds",
+        help: "Time from a request's head to the last byte of its response, for http services.",
+        kind: MetricType::Histogram,
+        series: |e, out| {
+            if let Some(h) = e.instance.as_ref().and_then(|m| m.http.as_ref()) {
+                out(None, &h.request_seconds)
+            }
+        },
+    },
+    Family {
+        name: "health_checks",
+        help: "Active health checks of an instance, by result (pass or fail).",
+        kind: MetricType::Counter,
+        series: |e, out| {
+            if let Some(c) = &e.check {
+                out(Some(("result", "pass")), &c.passed);
+                out(Some(("result", "fail")), &c.failed);
+            }
+        },
+    },
+    Family {
+        name: "health_check_failing",
+        help: "1 while an instance's active health check is failing (out of the pool on this host).",
+        kind: MetricType::Gauge,
+        series: |e, out| {
+            if let Some(c) = &e.check {
+                out(None, &c.failing)
+            }
+        },
+    },
+];
+
+impl Collector for Series {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let map = self
+            .instances
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        for family in &FAMILIES {
+            let mut found = Vec::new();
+            for (labels, entry) in map.iter() {
+                (family.series)(entry, &mut |extra, metric| {
+                    found.push((
+                        SeriesLabels {
+                            instance: labels,
+                            extra,
+                        },
+                        metric,
+                    ))
+                });
+            }
+            // A family with no series is not listed at all, as the registry did.
+            if found.is_empty() {
+                continue;
+            }
+            let mut metric_encoder =
+                encoder.encode_descriptor(family.name, family.help, None, family.kind)?;
+            for (labels, metric) in &found {
+                metric.encode(metric_encoder.encode_family(labels)?)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -377,5 +463,38 @@ mod tests {
         assert!(text.contains(r#"flux_health_check_failing{service="web",instance="b0",host="h1",image="docker.io/library/web",tag="v1"} 1"#), "{text}");
         m.forget(&l);
         assert!(!m.encode().contains("b0"));
+    }
+
+    #[test]
+    fn one_entry_per_instance_shares_its_series() {
+        let m = Metrics::new();
+        let l = InstanceLabels {
+            service: "web".into(),
+            instance: "b0".into(),
+            host: String::new(),
+            image: String::new(),
+            tag: String::new(),
+        };
+        let tcp = m.instance(&l, false);
+        tcp.connections.inc();
+        // Asking again, with the per-request series, gives the same counts plus those.
+        let http = m.instance(&l, true);
+        assert_eq!(http.connections.get(), 1);
+        assert!(http.http.is_some() && tcp.http.is_none());
+        assert!(m.instance(&l, false).http.is_none());
+        // A check's series come and go on their own.
+        m.check(&l).passed.inc();
+        m.forget_check(&l);
+        let text = m.encode();
+        assert!(!text.contains("flux_health_checks"), "{text}");
+        assert!(text.contains("flux_http_requests_total"), "{text}");
+        assert_eq!(m.series.instances.read().unwrap().len(), 1);
+        // A check without connection series still has its own entry, dropped with it.
+        m.forget(&l);
+        m.check(&l).failed.inc();
+        assert!(!m.encode().contains("flux_connections_total"));
+        m.forget_check(&l);
+        assert_eq!(m.encode(), "# EOF\n");
+        assert_eq!(m.series.instances.read().unwrap().len(), 0);
     }
 }

@@ -9,7 +9,6 @@
 //! everywhere at once is more often the check's fault (a wrong path, a shared dependency down)
 //! than every instance's, and refusing every connection would turn it into a full outage.
 
-use std::collections::HashMap;
 use std::net::SocketAddrV4;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -152,16 +151,20 @@ fn least_of_two(avail: &[Arc<Backend>]) -> usize {
     }
 }
 
-/// Everything the proxy routes, by VIP.
-#[derive(Debug, Default)]
+/// Everything the proxy routes, by VIP. The maps are persistent (`imbl`): the controller
+/// copies the last table and changes the routes of the services that changed, whatever the
+/// number of services.
+#[derive(Debug, Default, Clone)]
 pub struct RouteTable {
-    pub services: HashMap<SocketAddrV4, Arc<ServiceRoute>>,
+    pub services: imbl::HashMap<SocketAddrV4, Arc<ServiceRoute>>,
     /// The same routes by service name, for health lookups from the API.
-    pub by_name: HashMap<String, Arc<ServiceRoute>>,
+    pub by_name: imbl::HashMap<String, Arc<ServiceRoute>>,
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
     fn route(n: usize, balance: Balance) -> ServiceRoute {
