@@ -1,14 +1,18 @@
 //! The data plane's userspace half: the listener that nat rules redirect VIP connections to,
-//! the per-instance health (passive, and the active checker), and zero-copy forwarding.
+//! the per-instance health (passive, and the active checker), and forwarding: small payloads
+//! copied through a per-thread buffer, streams spliced through pipes.
 
 pub mod activation;
+mod buffer;
+mod connect;
 pub mod health;
 pub mod http;
 pub mod limits;
 mod listener;
-pub mod pipe;
+mod pipe;
 pub mod route_table;
-pub mod splice;
+mod session;
 mod tcp;
+mod way;
 
 pub use listener::{Proxy, ProxyConfig};
