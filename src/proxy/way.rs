@@ -298,3 +298,253 @@ fn shutdown_write(dst: &TcpStream) -> io::Result<()> {
         r => r,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::poll_fn;
+    use std::io::{Read, Write};
+    use std::time::Duration;
+
+    /// Two loopback connections: `writer` sends into the proxy's socket `src`, and what the
+    /// direction moves into the proxy's socket `dst` reaches `reader`.
+    struct Wires {
+        writer: std::net::TcpStream,
+        src: std::net::TcpStream,
+        dst: std::net::TcpStream,
+        reader: std::net::TcpStream,
+    }
+
+    fn wires() -> Wires {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let writer = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (src, _) = l.accept().unwrap();
+        let dst = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (reader, _) = l.accept().unwrap();
+        for s in [&src, &dst] {
+            s.set_nonblocking(true).unwrap();
+            s.set_nodelay(true).unwrap();
+        }
+        Wires {
+            writer,
+            src,
+            dst,
+            reader,
+        }
+    }
+
+    /// Byte `i` of a test stream: not periodic at any power of two, so that a lost, repeated
+    /// or reordered chunk shows.
+    fn pattern(i: usize) -> u8 {
+        (i % 251) as u8
+    }
+
+    fn stream(from: usize, len: usize) -> Vec<u8> {
+        (from..from + len).map(pattern).collect()
+    }
+
+    /// Polls `way` until it has delivered `total` bytes in all (Ok(None)), or until it ends or
+    /// fails (Ok(Some(result))); bounded by 5 s.
+    async fn pump(
+        way: &mut Way,
+        src: &TcpStream,
+        dst: &TcpStream,
+        counted: &Counter,
+        hangup_replaces: bool,
+        total: u64,
+    ) -> Option<Result<(), Broken>> {
+        let run = poll_fn(|cx| match way.poll(cx, src, dst, counted, hangup_replaces) {
+            Poll::Ready(r) => Poll::Ready(Some(r)),
+            Poll::Pending if way.moved >= total && way.in_pipe == 0 => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        });
+        tokio::time::timeout(Duration::from_secs(5), run)
+            .await
+            .expect("the direction stalled")
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// Messages smaller than the copy buffer go through it: no splice, no pipe, and the bytes
+    /// arrive as sent.
+    #[test]
+    fn small_messages_are_copied_without_a_pipe() {
+        let mut w = wires();
+        let counted = Counter::default();
+        let mut way = Way::default();
+        runtime().block_on(async {
+            let (src, dst) = (
+                TcpStream::from_std(w.src).unwrap(),
+                TcpStream::from_std(w.dst).unwrap(),
+            );
+            for i in 0..3 {
+                w.writer.write_all(&stream(i * 64, 64)).unwrap();
+                let total = (i as u64 + 1) * 64;
+                assert!(pump(&mut way, &src, &dst, &counted, false, total).await.is_none());
+                assert!(!way.streaming, "message {i} was spliced");
+                assert!(way.pipe.is_none(), "message {i} holds a pipe");
+            }
+        });
+        let mut got = vec![0u8; 192];
+        w.reader.read_exact(&mut got).unwrap();
+        assert_eq!(got, stream(0, 192));
+        assert_eq!(way.moved, 192);
+        assert_eq!(counted.get(), 192);
+    }
+
+    /// A recv that fills the whole copy buffer means a stream: the rest is spliced, arrives
+    /// intact, and once it is through the pipe is back in the pool.
+    #[test]
+    fn a_stream_switches_to_splice_and_arrives_intact() {
+        const LEN: usize = 1 << 20;
+        let w = wires();
+        let mut writer = w.writer;
+        // Kept open (returned) until the end: its end of stream is another test.
+        let feeder = std::thread::spawn(move || {
+            writer.write_all(&stream(0, LEN)).unwrap();
+            writer
+        });
+        let mut reader = w.reader;
+        let drain = std::thread::spawn(move || {
+            let mut got = vec![0u8; LEN];
+            reader.read_exact(&mut got).map(|_| got)
+        });
+        let counted = Counter::default();
+        let mut way = Way::default();
+        runtime().block_on(async {
+            let (src, dst) = (
+                TcpStream::from_std(w.src).unwrap(),
+                TcpStream::from_std(w.dst).unwrap(),
+            );
+            assert!(pump(&mut way, &src, &dst, &counted, false, LEN as u64)
+                .await
+                .is_none());
+        });
+        feeder.join().unwrap();
+        assert!(drain.join().unwrap().unwrap() == stream(0, LEN), "bytes changed");
+        assert!(way.streaming, "1 MiB never filled the copy buffer");
+        assert!(way.pipe.is_none(), "an idle direction holds a pipe");
+        assert_eq!(counted.get(), LEN as u64);
+    }
+
+    /// What a slow destination does not take at once waits in a pipe (the copy buffer is the
+    /// next connection's), and reaches it in order once it reads.
+    #[test]
+    fn what_a_slow_destination_leaves_waits_in_a_pipe() {
+        const CHUNK: usize = COPY_BUF / 2;
+        let mut w = wires();
+        socket2::SockRef::from(&w.dst)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        socket2::SockRef::from(&w.reader)
+            .set_recv_buffer_size(4096)
+            .unwrap();
+        let counted = Counter::default();
+        let mut way = Way::default();
+        let rt = runtime();
+        let (src, dst) = rt.block_on(async {
+            (
+                TcpStream::from_std(w.src).unwrap(),
+                TcpStream::from_std(w.dst).unwrap(),
+            )
+        });
+        // Chunks smaller than the copy buffer, one at a time, until the destination (which
+        // reads nothing) leaves part of one.
+        let mut sent = 0;
+        while way.in_pipe == 0 {
+            assert!(sent < 256 * CHUNK, "the destination never filled up");
+            w.writer.write_all(&stream(sent, CHUNK)).unwrap();
+            sent += CHUNK;
+            rt.block_on(async {
+                let settled = poll_fn(|cx| {
+                    match way.poll(cx, &src, &dst, &counted, false) {
+                        Poll::Ready(r) => panic!("ended early: {:?}", r.err()),
+                        Poll::Pending if way.moved + way.in_pipe as u64 == sent as u64 => {
+                            Poll::Ready(())
+                        }
+                        Poll::Pending => Poll::Pending,
+                    }
+                });
+                tokio::time::timeout(Duration::from_secs(5), settled)
+                    .await
+                    .expect("a chunk never left the source");
+            });
+        }
+        assert!(way.streaming, "a partial send must switch to splice");
+        assert!(way.pipe.is_some());
+        let mut reader = w.reader;
+        let drain = std::thread::spawn(move || {
+            let mut got = vec![0u8; sent];
+            reader.read_exact(&mut got).map(|_| got)
+        });
+        rt.block_on(async {
+            assert!(pump(&mut way, &src, &dst, &counted, false, sent as u64)
+                .await
+                .is_none());
+        });
+        assert!(drain.join().unwrap().unwrap() == stream(0, sent), "bytes changed");
+        assert!(way.pipe.is_none(), "the pipe went back once empty");
+    }
+
+    /// End of stream from the source is passed on as a half-close.
+    #[test]
+    fn end_of_stream_is_passed_on() {
+        let mut w = wires();
+        w.writer.write_all(b"last words").unwrap();
+        w.writer.shutdown(std::net::Shutdown::Write).unwrap();
+        let counted = Counter::default();
+        let mut way = Way::default();
+        let end = runtime().block_on(async {
+            let (src, dst) = (
+                TcpStream::from_std(w.src).unwrap(),
+                TcpStream::from_std(w.dst).unwrap(),
+            );
+            pump(&mut way, &src, &dst, &counted, true, u64::MAX).await
+        });
+        assert!(matches!(end, Some(Ok(()))), "{end:?}");
+        assert!(way.ended);
+        let mut got = Vec::new();
+        w.reader.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"last words");
+    }
+
+    /// Asked to tell a hang-up apart (nothing exchanged yet): the source's end of stream or
+    /// reset is `HungUp`, and the destination is told nothing.
+    #[test]
+    fn a_hangup_before_anything_moved_is_told_apart() {
+        for reset in [false, true] {
+            let w = wires();
+            if reset {
+                socket2::SockRef::from(&w.writer)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
+            }
+            drop(w.writer);
+            let counted = Counter::default();
+            let mut way = Way::default();
+            let rt = runtime();
+            // Both kept open to the end: dropping `dst` would itself close it.
+            let (src, dst) = rt.block_on(async {
+                (
+                    TcpStream::from_std(w.src).unwrap(),
+                    TcpStream::from_std(w.dst).unwrap(),
+                )
+            });
+            let end = rt.block_on(pump(&mut way, &src, &dst, &counted, true, u64::MAX));
+            assert!(matches!(end, Some(Err(Broken::HungUp(_)))), "{end:?}");
+            assert!(!way.ended);
+            w.reader.set_nonblocking(true).unwrap();
+            let mut buf = [0u8; 1];
+            assert_eq!(
+                (&w.reader).read(&mut buf).map_err(|e| e.kind()),
+                Err(io::ErrorKind::WouldBlock),
+                "the destination must not hear of it (reset: {reset})"
+            );
+        }
+    }
+}
