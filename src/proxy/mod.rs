@@ -1,17 +1,21 @@
 //! The data plane's userspace half: the listener that VIP connections reach (redirected by nat
-//! rules, or handed over by the bpf steering),
-//! the per-instance health (passive, and the active checker), and zero-copy forwarding.
+//! rules, or handed over by the bpf steering), the per-instance health (passive, and the active
+//! checker), and forwarding: small payloads copied through a per-thread buffer, streams spliced
+//! through pipes.
 
 pub mod activation;
+mod buffer;
+mod connect;
 mod destination;
 pub mod health;
 pub mod http;
 pub mod limits;
 mod listener;
-pub mod pipe;
+mod pipe;
 pub mod route_table;
-pub mod splice;
+mod session;
 mod tcp;
+mod way;
 
 pub use destination::VipSource;
 pub use listener::{Proxy, ProxyConfig};
