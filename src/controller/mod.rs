@@ -17,6 +17,7 @@ use crate::catalog::State;
 use crate::docker::LocalInstances;
 use crate::metrics::history::History;
 use crate::metrics::Metrics;
+use crate::model::Forwarding;
 use crate::proxy::health::checker::Checker;
 use crate::proxy::route_table::RouteTable;
 
@@ -191,6 +192,7 @@ impl Controller {
     ) {
         let mut drift_timer = tokio::time::interval(DRIFT_CHECK);
         drift_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let verdicts = self.checker.verdicts();
         loop {
             tokio::select! {
                 changed = states.changed() => {
@@ -205,6 +207,13 @@ impl Controller {
                         self.local = None;
                     }
                     self.sync().await;
+                }
+                // An instance entered or left the pool by its active check: the proxy reads
+                // that from the table by itself, the kernel-forwarding rules need rewriting.
+                _ = verdicts.notified() => {
+                    if self.catalog.services.values().any(|s| s.forward == Forwarding::Kernel) {
+                        self.sync().await;
+                    }
                 }
                 _ = drift_timer.tick() => {
                     // Addresses come and go (DHCP, a new Docker bridge, an operator): the
@@ -322,11 +331,14 @@ impl Controller {
                 None => rules.netfilter.apply(&desired)?,
             }
             let routed = netfilter::Routed::between(previous.as_ref(), &desired);
+            let unforwarded = netfilter::Unforwarded::between(previous.as_ref(), &desired);
             if let Ok(mut a) = status.applied.lock() {
                 *a = Some(desired);
             }
-            // After the apply: an attempt made before it would otherwise survive.
+            // After the apply: an attempt made before it would otherwise survive, and no new
+            // connection goes to an instance that left any more.
             clear_unredirected(rules, &routed);
+            clear_unforwarded(rules, &unforwarded);
             Ok::<_, netfilter::Error>(())
         })
         .await;
@@ -415,6 +427,30 @@ fn clear_unredirected(rules: &Rules, routed: &netfilter::Routed) {
             ranges = routed.ranges.len(),
             ms = started.elapsed().as_millis() as u64,
             "cleared conntrack entries of connections made before their VIP was routed"
+        ),
+        Err(e @ netfilter::Error::ConntrackMissing) => {
+            tracing::warn!(error = %e, "not clearing conntrack entries any more");
+            rules.conntrack.store(false, Ordering::Relaxed);
+        }
+        Err(e) => tracing::warn!(error = %e, "clearing conntrack entries failed"),
+    }
+}
+
+/// Deletes the conntrack entries of connections the kernel forwarded to instances that left
+/// their service, so those connections fail at the client's next packet instead of hanging
+/// (see [`netfilter::Unforwarded`]). Runs on the blocking task; a failure is logged and costs
+/// only this clean-up, never the routing.
+fn clear_unforwarded(rules: &Rules, unforwarded: &netfilter::Unforwarded) {
+    if unforwarded.is_empty() || !rules.conntrack.load(Ordering::Relaxed) {
+        return;
+    }
+    let started = std::time::Instant::now();
+    match rules.netfilter.clear_unforwarded(unforwarded) {
+        Ok(deleted) => tracing::debug!(
+            deleted,
+            instances = unforwarded.flows.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "cleared conntrack entries of connections forwarded to instances that left"
         ),
         Err(e @ netfilter::Error::ConntrackMissing) => {
             tracing::warn!(error = %e, "not clearing conntrack entries any more");
