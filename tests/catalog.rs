@@ -45,6 +45,7 @@ fn service(name: &str, vip: &str) -> Service {
         instance_port: None,
         balance: Default::default(),
         health: None,
+        forward: Default::default(),
     }
 }
 

@@ -1,18 +1,20 @@
 //! Rendering flux's nat and filter rules and its two sets from service names (anyone who can
-//! add a service chooses one), VIPs (redirected, or refused for want of an instance), bridge
-//! interfaces and VIP ranges, then reading them back as `iptables-save` / `ipset save` text. No
-//! panic; no rendered line holds a line break or a quote outside its comment, nor anything but
-//! plain rule characters; every comment names a real service or flux itself; no VIP is in both
-//! sets; the ruleset read back shows no drift and annotates each member of either set with the
-//! service that owns it. Arbitrary save text is parsed without panic too.
+//! add a service chooses one), VIPs (redirected, refused for want of an instance, or forwarded
+//! by the kernel to instances with names and addresses of their own), bridge interfaces and VIP
+//! ranges, then reading them back as `iptables-save` / `ipset save` text. No panic; no rendered
+//! line holds a line break or a quote outside its comment, nor anything but plain rule
+//! characters; every comment names a real service (and instance) or flux itself; no VIP is in
+//! both sets, nor forwarded and in a set; the ruleset read back shows no drift, annotates each
+//! member of either set with the service that owns it and each DNAT rule with its service and
+//! instance. Arbitrary save text is parsed without panic too.
 #![no_main]
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use libfuzzer_sys::fuzz_target;
 use netfilter::{
-    annotate, annotate_empty_set, annotate_set, render, Desired, Drift, Installed, Redirect,
-    VipRange,
+    annotate, annotate_empty_set, annotate_set, render, Desired, Destination, Drift, Forward,
+    Installed, Redirect, VipRange,
 };
 
 /// Little-endian cursor over the input; runs out into zeros.
@@ -101,17 +103,32 @@ fuzz_target!(|data: &[u8]| {
             prefix_len: b.u8() % 33,
         });
     }
-    while !b.0.is_empty() && desired.redirects.len() + desired.rejects.len() < 32 {
-        // The low bit says which list: redirected or refused (no instance).
-        let refused = b.u8() & 1 == 1;
+    while !b.0.is_empty()
+        && desired.redirects.len() + desired.rejects.len() + desired.forwards.len() < 32
+    {
+        // Which list: redirected, refused (no instance) or forwarded by the kernel.
+        let list = b.u8() % 3;
         let entry = Redirect {
             service: b.string(),
             vip: SocketAddrV4::new(b.ip(), b.u16()),
         };
-        if refused {
-            desired.rejects.push(entry);
-        } else {
-            desired.redirects.push(entry);
+        match list {
+            0 => desired.redirects.push(entry),
+            1 => desired.rejects.push(entry),
+            _ => {
+                let destinations = (0..b.u8() % 4)
+                    .map(|_| Destination {
+                        instance: b.string(),
+                        addr: SocketAddrV4::new(b.ip(), b.u16()),
+                        standby: b.u8() & 1 == 1,
+                    })
+                    .collect();
+                desired.forwards.push(Forward {
+                    service: entry.service,
+                    vip: entry.vip,
+                    destinations,
+                });
+            }
         }
     }
     let ruleset = render(&desired);
@@ -120,6 +137,16 @@ fuzz_target!(|data: &[u8]| {
         .iter()
         .chain(&desired.rejects)
         .map(|r| r.service.as_str())
+        .chain(desired.forwards.iter().map(|f| f.service.as_str()))
+        .collect();
+    let instances: Vec<(&str, &str)> = desired
+        .forwards
+        .iter()
+        .flat_map(|f| {
+            f.destinations
+                .iter()
+                .map(move |d| (f.service.as_str(), d.instance.as_str()))
+        })
         .collect();
 
     for line in ruleset
@@ -141,6 +168,28 @@ fuzz_target!(|data: &[u8]| {
             !ruleset.routed_vips().contains(vip),
             "{vip} both redirected and refused"
         );
+    }
+    for f in ruleset.forwards() {
+        assert!(
+            !ruleset.routed_vips().contains(&f.vip) && !ruleset.empty_vips().contains(&f.vip),
+            "{} both forwarded and in a set",
+            f.vip
+        );
+        assert!(f.destinations.iter().any(|d| !d.standby), "{f:?} forwards nowhere");
+    }
+    for line in ruleset
+        .forward_rules()
+        .iter()
+        .chain(ruleset.forward_chains().values().flatten())
+    {
+        let comment = check_line(line);
+        let named = comment.strip_prefix("flux:").expect("names a service");
+        match named.split_once('/') {
+            Some((service, instance)) => {
+                assert!(instances.contains(&(service, instance)), "{line:?}")
+            }
+            None => assert!(services.contains(&named), "{line:?}"),
+        }
     }
     for line in ruleset.set_members().iter().chain(ruleset.empty_members()) {
         let comment = check_line(line);
@@ -189,6 +238,21 @@ fuzz_target!(|data: &[u8]| {
         drift.is_clean(),
         "rendered rules read back with drift: {drift:?}"
     );
+    let dnat: Vec<_> = annotate(&installed)
+        .into_iter()
+        .filter(|a| a.rule.contains(" -j DNAT "))
+        .collect();
+    assert_eq!(
+        dnat.len(),
+        ruleset.forward_chains().values().map(Vec::len).sum::<usize>()
+    );
+    for a in &dnat {
+        let pair = (
+            a.service.as_deref().expect("a DNAT rule names its service"),
+            a.instance.as_deref().expect("and its instance"),
+        );
+        assert!(instances.contains(&pair), "{a:?}");
+    }
     let annotated = annotate_set(&installed);
     assert_eq!(annotated.len(), ruleset.set_members().len());
     let refused = annotate_empty_set(&installed);

@@ -17,16 +17,21 @@ pub struct AnnotatedRule {
     /// The service named by the rule's `flux:` comment; `None` for hooks and for rules flux did
     /// not write, which is itself worth showing.
     pub service: Option<String>,
+    /// The instance a kernel-forwarded service's `DNAT` rule sends to (its comment is
+    /// `flux:SERVICE/INSTANCE`); `None` for every other rule.
+    pub instance: Option<String>,
 }
 
 /// Labels every installed flux rule: nat's hooks first (where traffic enters), then the services
-/// chain in kernel order, then anything in the canary chain; then filter's hooks and the reject
-/// chain.
+/// chain in kernel order, the kernel-forwarding chains (the forward chain, then each service's
+/// own by name), then anything in the canary chain; then filter's hooks and the reject chain.
 pub fn annotate(installed: &Installed) -> Vec<AnnotatedRule> {
     let nat = installed
         .hooks
         .iter()
         .chain(&installed.service_rules)
+        .chain(&installed.forward_rules)
+        .chain(installed.forward_chains.values().flatten())
         .chain(&installed.canary_rules)
         .map(|line| ("nat", line));
     let filter = installed
@@ -35,14 +40,18 @@ pub fn annotate(installed: &Installed) -> Vec<AnnotatedRule> {
         .chain(&installed.reject_rules)
         .map(|line| ("filter", line));
     nat.chain(filter)
-        .map(|(table, line)| AnnotatedRule {
-            table,
-            chain: rule::split_append(line)
-                .map(|(chain, _)| chain.to_string())
-                .unwrap_or_default(),
-            rule: line.clone(),
-            service: rule::comment(line)
-                .and_then(|c| c.strip_prefix(SERVICE_COMMENT_PREFIX).map(str::to_string)),
+        .map(|(table, line)| {
+            let comment = rule::comment(line);
+            let named = comment.as_deref().and_then(rule::instance_comment);
+            AnnotatedRule {
+                table,
+                chain: rule::split_append(line)
+                    .map(|(chain, _)| chain.to_string())
+                    .unwrap_or_default(),
+                rule: line.clone(),
+                service: named.map(|(service, _)| service.to_string()),
+                instance: named.and_then(|(_, instance)| instance.map(str::to_string)),
+            }
         })
         .collect()
 }
@@ -161,24 +170,42 @@ mod tests {
             ..Installed::default()
         };
         let with_filter = Installed {
+            forward_chain: true,
+            forward_rules: vec![
+                r#"-A FLUX-FORWARD -d 198.18.0.11/32 -p tcp -m tcp --dport 80 -m comment --comment "flux:bulk" -j FLUX-FWD-C612000B-80"#.into(),
+            ],
+            forward_chains: [(
+                "FLUX-FWD-C612000B-80".to_string(),
+                vec![r#"-A FLUX-FWD-C612000B-80 -p tcp -m comment --comment "flux:bulk/b1" -j DNAT --to-destination 10.0.0.1:80"#.into()],
+            )]
+            .into(),
             reject_chain: true,
             reject_rules: vec![rule::reject_rule()],
             filter_hooks: vec![rule::filter_output_hook()],
             ..installed.clone()
         };
         let annotated = annotate(&with_filter);
-        let summary: Vec<(&str, &str, Option<&str>)> = annotated
+        let summary: Vec<(&str, &str, Option<&str>, Option<&str>)> = annotated
             .iter()
-            .map(|a| (a.table, a.chain.as_str(), a.service.as_deref()))
+            .map(|a| {
+                (
+                    a.table,
+                    a.chain.as_str(),
+                    a.service.as_deref(),
+                    a.instance.as_deref(),
+                )
+            })
             .collect();
         assert_eq!(
             summary,
             [
-                ("nat", "OUTPUT", None),
-                ("nat", "FLUX-SERVICES", Some("web")),
-                ("nat", "FLUX-SERVICES", None),
-                ("filter", "OUTPUT", None),
-                ("filter", "FLUX-REJECT", None),
+                ("nat", "OUTPUT", None, None),
+                ("nat", "FLUX-SERVICES", Some("web"), None),
+                ("nat", "FLUX-SERVICES", None, None),
+                ("nat", "FLUX-FORWARD", Some("bulk"), None),
+                ("nat", "FLUX-FWD-C612000B-80", Some("bulk"), Some("b1")),
+                ("filter", "OUTPUT", None, None),
+                ("filter", "FLUX-REJECT", None, None),
             ]
         );
     }

@@ -7,7 +7,7 @@ use crate::netfilter::Netfilter;
 use crate::render::Ruleset;
 use crate::rule;
 use crate::Error;
-use crate::{CANARY_CHAIN, EMPTY_SET, REJECT_CHAIN, SERVICES_CHAIN, VIP_SET};
+use crate::{CANARY_CHAIN, EMPTY_SET, FORWARD_CHAIN, REJECT_CHAIN, SERVICES_CHAIN, VIP_SET};
 
 impl Netfilter {
     /// Makes flux's chains hold exactly `ruleset`, its hooks exist exactly once and its sets
@@ -27,7 +27,10 @@ impl Netfilter {
     ///    in place, so the VIP is never out of the set;
     /// 2. the chains and hooks, in one `iptables-restore --noflush` call, only where they
     ///    differ from the rendered ones: the filter table, then nat (each table is one
-    ///    transaction: all of it takes effect or none of it);
+    ///    transaction: all of it takes effect or none of it). When there is such a call, the
+    ///    set deletions of step 1 wait until after it: a kernel-forwarded service that gets its
+    ///    first instance gets its forwarding rule before its VIP leaves `flux-empty`, and one
+    ///    that loses its last is refused before its rule goes, so its VIP is never unrouted;
     /// 3. a set the ruleset no longer uses (every VIP inside a `--vip-range`; refusals turned
     ///    off) is destroyed, after step 2 removed the rules that referenced it.
     ///
@@ -63,12 +66,8 @@ impl Netfilter {
             }
             installed = self.installed()?;
         }
-        if let Some(input) = set_plan(ruleset, &installed) {
-            self.ipset(&["restore", "-exist"], Some(&input))?;
-        }
-        if let Some(input) = plan(ruleset, &installed) {
-            self.restore(&input)?;
-        }
+        let (adds, dels) = set_plan_parts(ruleset, &installed);
+        self.apply_in_order(&adds, plan(ruleset, &installed), &dels)?;
         if !ruleset.uses_set() && installed.set.is_some() {
             self.ipset(&["destroy", VIP_SET], None)?;
         }
@@ -76,6 +75,24 @@ impl Netfilter {
             self.ipset(&["destroy", EMPTY_SET], None)?;
         }
         Ok(())
+    }
+
+    /// Set additions, then one `iptables-restore` of `tables` (if any), then set deletions;
+    /// without a restore, additions and deletions go in one `ipset restore` call. See
+    /// [`Netfilter::apply`] for why in that order.
+    fn apply_in_order(&self, adds: &str, tables: Option<String>, dels: &str) -> Result<(), Error> {
+        let ipset = |input: &str| match input.is_empty() {
+            true => Ok(()),
+            false => self.ipset(&["restore", "-exist"], Some(input)).map(drop),
+        };
+        match tables {
+            None => ipset(&format!("{adds}{dels}")),
+            Some(tables) => {
+                ipset(adds)?;
+                self.restore(&tables)?;
+                ipset(dels)
+            }
+        }
     }
 }
 
@@ -97,8 +114,11 @@ impl Netfilter {
     /// without reading the kernel first: when only set members differ (services added, removed
     /// or moved, services losing their last instance or getting their first) this is one
     /// `ipset restore -exist` with the member delta of both sets, a few milliseconds whatever
-    /// the number of services. Anything else (chain rules, hooks, which sets are used) goes
-    /// through a full [`Netfilter::apply`].
+    /// the number of services. When kernel-forwarded services changed (an instance came, went,
+    /// or fails its check; a forwarded service added or removed while others remain), one
+    /// `iptables-restore --noflush` rewrites only the forwarding chains that differ, between
+    /// the set additions and deletions. Anything else (the services chain, hooks, which sets are
+    /// used) goes through a full [`Netfilter::apply`].
     ///
     /// Why not always read first: `ipset save` looks up the protocol name of every member in
     /// `/etc/protocols` (glibc reopens the file per lookup), about 65 ms for 10,000 members.
@@ -126,19 +146,54 @@ impl Netfilter {
             empty_members: from.empty_members().to_vec(),
             ..Installed::default()
         };
-        match set_plan(to, &assumed) {
-            Some(input) => self.ipset(&["restore", "-exist"], Some(&input)).map(drop),
-            None => Ok(()),
-        }
+        let (adds, dels) = set_plan_parts(to, &assumed);
+        self.apply_in_order(&adds, forward_change(from, to), &dels)
     }
 }
 
-/// The `ipset restore -exist` input that turns the installed sets into the rendered ones, or
-/// `None` when they already match: the sets that are missing created, then every add, then
-/// every delete (see [`Netfilter::apply`] for why in that order). Only the sets the ruleset uses
-/// are looked at. Members are compared by element: one flux did not render is deleted, one
-/// missing or with another comment is (re-)added.
+/// The restore input that rewrites the kernel-forwarding chains of `from` into those of `to`
+/// (the services chain being the same in both), or `None` when they are equal: the forward
+/// chain when its jumps changed, each service chain that is new or changed (declaring it
+/// flushes it), and the deletion of those that are gone, all in one transaction.
+fn forward_change(from: &Ruleset, to: &Ruleset) -> Option<String> {
+    let jumps_changed = from.forward_rules() != to.forward_rules();
+    let changed: Vec<(&str, &Vec<String>)> = to
+        .forward_chains()
+        .iter()
+        .filter(|(chain, rules)| from.forward_chains().get(*chain) != Some(*rules))
+        .map(|(chain, rules)| (chain.as_str(), rules))
+        .collect();
+    let gone: Vec<&String> = from
+        .forward_chains()
+        .keys()
+        .filter(|chain| !to.forward_chains().contains_key(*chain))
+        .collect();
+    if !jumps_changed && changed.is_empty() && gone.is_empty() {
+        return None;
+    }
+    let (declarations, rules) = to.forward_contents(jumps_changed, changed.into_iter());
+    let mut input = format!("*nat\n{declarations}{rules}");
+    for chain in gone {
+        input.push_str(&format!("-F {chain}\n-X {chain}\n"));
+    }
+    input.push_str("COMMIT\n");
+    Some(input)
+}
+
+/// [`set_plan_parts`] as one `ipset restore` input, or `None` when the sets already match.
+#[cfg(test)]
 pub(crate) fn set_plan(ruleset: &Ruleset, installed: &Installed) -> Option<String> {
+    let (adds, dels) = set_plan_parts(ruleset, installed);
+    let input = adds + &dels;
+    (!input.is_empty()).then_some(input)
+}
+
+/// The `ipset restore -exist` input that turns the installed sets into the rendered ones, in
+/// two parts: the sets that are missing created, then every add; then every delete (see
+/// [`Netfilter::apply`] for why in that order). Both empty when the sets already match. Only
+/// the sets the ruleset uses are looked at. Members are compared by element: one flux did not
+/// render is deleted, one missing or with another comment is (re-)added.
+fn set_plan_parts(ruleset: &Ruleset, installed: &Installed) -> (String, String) {
     let mut sets = Vec::new();
     if ruleset.uses_set() {
         sets.push((
@@ -164,8 +219,7 @@ pub(crate) fn set_plan(ruleset: &Ruleset, installed: &Installed) -> Option<Strin
         }
         member_delta(set, have, want, &mut adds, &mut dels);
     }
-    let input = creates + &adds + &dels;
-    (!input.is_empty()).then_some(input)
+    (creates + &adds, dels)
 }
 
 /// The `add` lines that bring `want` into `set` and the `del` lines that take out what `have`
@@ -219,16 +273,33 @@ pub(crate) fn plan(ruleset: &Ruleset, installed: &Installed) -> Option<String> {
     (!input.is_empty()).then_some(input)
 }
 
-/// The nat table's part of [`plan`], with its `COMMIT`.
+/// The nat table's part of [`plan`], with its `COMMIT`. Kernel-forwarding chains that are not
+/// wanted (left from services no longer forwarded) are deleted after the chains that jump to
+/// them are rewritten.
 fn nat_plan(ruleset: &Ruleset, installed: &Installed) -> Option<String> {
     let hook_commands = hook_commands(ruleset.hooks(), &installed.hooks);
     let chains_match = installed.services_chain
         && installed.canary_chain
-        && installed.service_rules == ruleset.service_rules();
+        && installed.service_rules == ruleset.service_rules()
+        && installed.forward_chain == ruleset.forwards_any()
+        && installed.forward_rules == ruleset.forward_rules()
+        && installed.forward_chains == *ruleset.forward_chains();
     if chains_match && hook_commands.is_empty() {
         return None;
     }
     let mut input = ruleset.nat_contents();
+    let stale_forward =
+        (installed.forward_chain && !ruleset.forwards_any()).then_some(FORWARD_CHAIN);
+    let stale = stale_forward.into_iter().chain(
+        installed
+            .forward_chains
+            .keys()
+            .map(String::as_str)
+            .filter(|chain| !ruleset.forward_chains().contains_key(*chain)),
+    );
+    for chain in stale {
+        input.push_str(&format!("-F {chain}\n-X {chain}\n"));
+    }
     input.push_str(&hook_commands);
     input.push_str("COMMIT\n");
     Some(input)
@@ -354,6 +425,9 @@ mod tests {
             filter_hooks: rs.filter_hooks().to_vec(),
             empty_set: rs.rejects_empty().then(|| rule::set_create(EMPTY_SET)),
             empty_members: rs.empty_members().to_vec(),
+            forward_chain: rs.forwards_any(),
+            forward_rules: rs.forward_rules().to_vec(),
+            forward_chains: rs.forward_chains().clone(),
             ..Installed::default()
         }
     }
@@ -627,6 +701,167 @@ mod tests {
         assert!(calls
             .iter()
             .any(|(c, _)| c == "iptables-restore -w 5 --noflush"));
+    }
+
+    fn dest(instance: &str, addr: &str) -> crate::Destination {
+        crate::Destination {
+            instance: instance.into(),
+            addr: addr.parse().expect("valid"),
+            standby: false,
+        }
+    }
+
+    /// `web` proxied; `bulk` forwarded to `bulk` (refused when empty), `api` to one instance.
+    fn forwarding(bulk: Vec<crate::Destination>) -> Ruleset {
+        let bulk_vip = "198.18.0.5:80".parse().expect("valid");
+        let mut forwards = vec![crate::Forward {
+            service: "api".into(),
+            vip: "198.18.0.6:80".parse().expect("valid"),
+            destinations: vec![dest("a1", "10.0.0.9:80")],
+        }];
+        let mut rejects = vec![];
+        if bulk.is_empty() {
+            rejects.push(redirect("bulk", "198.18.0.5:80"));
+        } else {
+            forwards.push(crate::Forward {
+                service: "bulk".into(),
+                vip: bulk_vip,
+                destinations: bulk,
+            });
+        }
+        render(&Desired {
+            redirects: vec![redirect("web", "198.18.0.10:80")],
+            rejects,
+            reject_empty: true,
+            forwards,
+            proxy_port: 7100,
+            ..Desired::default()
+        })
+    }
+
+    fn recorded(
+        nf: &Netfilter,
+        recorder: &Recorder,
+        from: &Ruleset,
+        to: &Ruleset,
+    ) -> Vec<(String, Option<String>)> {
+        nf.apply_change(from, to).expect("change");
+        std::mem::take(&mut *recorder.0.lock().unwrap())
+    }
+
+    #[test]
+    fn an_instance_joining_rewrites_only_its_services_chain() {
+        let recorder = std::sync::Arc::new(Recorder(Default::default()));
+        let nf = Netfilter::new(recorder.clone());
+        let one = forwarding(vec![dest("b1", "10.0.0.1:80")]);
+        let two = forwarding(vec![dest("b1", "10.0.0.1:80"), dest("b2", "10.0.0.2:80")]);
+        assert_eq!(
+            recorded(&nf, &recorder, &one, &two),
+            [(
+                "iptables-restore -w 5 --noflush".to_string(),
+                Some(concat!(
+                    "*nat\n",
+                    ":FLUX-FWD-C6120005-80 - [0:0]\n",
+                    "-A FLUX-FWD-C6120005-80 -p tcp -m comment --comment \"flux:bulk/b1\" -m statistic --mode random --probability 0.50000000000 -j DNAT --to-destination 10.0.0.1:80\n",
+                    "-A FLUX-FWD-C6120005-80 -p tcp -m comment --comment \"flux:bulk/b2\" -j DNAT --to-destination 10.0.0.2:80\n",
+                    "COMMIT\n",
+                ).to_string())
+            )]
+        );
+        assert!(
+            recorded(&nf, &recorder, &two, &two).is_empty(),
+            "no change, no command"
+        );
+    }
+
+    /// Its rule comes before its VIP leaves `flux-empty`, and it is back in `flux-empty` before
+    /// its rule goes: refused for a moment, never unrouted.
+    #[test]
+    fn a_forwarded_service_changing_between_refused_and_forwarded_is_never_unrouted() {
+        let recorder = std::sync::Arc::new(Recorder(Default::default()));
+        let nf = Netfilter::new(recorder.clone());
+        let empty = forwarding(vec![]);
+        let served = forwarding(vec![dest("b1", "10.0.0.1:80")]);
+        let calls = recorded(&nf, &recorder, &empty, &served);
+        let commands: Vec<&str> = calls.iter().map(|(c, _)| c.as_str()).collect();
+        assert_eq!(
+            commands,
+            ["iptables-restore -w 5 --noflush", "ipset restore -exist"]
+        );
+        let restore = calls[0].1.as_deref().unwrap();
+        assert!(
+            restore.starts_with("*nat\n:FLUX-FORWARD - [0:0]\n:FLUX-FWD-C6120005-80 - [0:0]\n"),
+            "{restore}"
+        );
+        assert!(!restore.contains("FLUX-SERVICES"), "{restore}");
+        assert_eq!(
+            calls[1].1.as_deref(),
+            Some("del flux-empty 198.18.0.5,tcp:80\n")
+        );
+
+        let calls = recorded(&nf, &recorder, &served, &empty);
+        let commands: Vec<&str> = calls.iter().map(|(c, _)| c.as_str()).collect();
+        assert_eq!(
+            commands,
+            ["ipset restore -exist", "iptables-restore -w 5 --noflush"]
+        );
+        assert_eq!(
+            calls[0].1.as_deref(),
+            Some("add flux-empty 198.18.0.5,tcp:80 comment \"flux:bulk\"\n")
+        );
+        assert!(calls[1]
+            .1
+            .as_deref()
+            .unwrap()
+            .ends_with("-F FLUX-FWD-C6120005-80\n-X FLUX-FWD-C6120005-80\nCOMMIT\n"));
+    }
+
+    #[test]
+    fn the_first_forwarded_service_is_a_full_apply() {
+        let recorder = std::sync::Arc::new(Recorder(Default::default()));
+        let nf = Netfilter::new(recorder.clone());
+        let proxied = refusing(vec![redirect("web", "198.18.0.10:80")], vec![], &[]);
+        let calls = recorded(&nf, &recorder, &proxied, &forwarding(vec![]));
+        assert_eq!(
+            calls[0].0, "iptables-save -t nat",
+            "the services chain changes"
+        );
+    }
+
+    #[test]
+    fn a_full_apply_writes_the_forwarding_chains_and_deletes_stale_ones() {
+        let rs = forwarding(vec![dest("b1", "10.0.0.1:80")]);
+        let input = plan(&rs, &Installed::default()).expect("changes");
+        let nat = &input[input.find("*nat").unwrap()..];
+        assert!(nat.starts_with(concat!(
+            "*nat\n:FLUX-SERVICES - [0:0]\n:FLUX-CANARY - [0:0]\n",
+            ":FLUX-FORWARD - [0:0]\n:FLUX-FWD-C6120005-80 - [0:0]\n:FLUX-FWD-C6120006-80 - [0:0]\n",
+            "-A FLUX-SERVICES -p tcp -m set --match-set flux-empty dst,dst -m comment --comment \"flux no instance\" -j RETURN\n",
+            "-A FLUX-SERVICES -p tcp -m comment --comment \"flux forward\" -j FLUX-FORWARD\n",
+            "-A FLUX-SERVICES -p tcp -m set --match-set flux-vips dst,dst -m comment --comment \"flux vips\" -j REDIRECT --to-ports 7100\n",
+            "-A FLUX-FORWARD ",
+        )), "{nat}");
+        assert_eq!(plan(&rs, &installed_as(&rs)), None);
+        // A chain left from a service no longer forwarded is deleted, after the chain that
+        // jumps to it is rewritten.
+        let mut installed = installed_as(&rs);
+        installed
+            .forward_chains
+            .insert("FLUX-FWD-C6120063-80".into(), vec![]);
+        let input = plan(&rs, &installed).expect("a stale chain");
+        let rewritten = input.find(":FLUX-FORWARD - [0:0]").unwrap();
+        let deleted = input
+            .find("-F FLUX-FWD-C6120063-80\n-X FLUX-FWD-C6120063-80\n")
+            .unwrap();
+        assert!(rewritten < deleted, "{input}");
+        // Nothing forwarded any more: the forward chain goes too.
+        let proxied = refusing(vec![redirect("web", "198.18.0.10:80")], vec![], &[]);
+        let input = plan(&proxied, &installed_as(&rs)).expect("changes");
+        assert!(
+            input.contains("-F FLUX-FORWARD\n-X FLUX-FORWARD\n-F FLUX-FWD-C6120005-80\n"),
+            "{input}"
+        );
+        assert!(!input.contains(":FLUX-FORWARD"), "{input}");
     }
 
     #[test]

@@ -34,7 +34,7 @@ use crate::Error;
 
 /// Up to this many VIP:ports (and no range), each gets a filtered delete straight away; more,
 /// and the table is listed once to find the few that have stale entries.
-const DIRECT_LIMIT: usize = 8;
+pub(crate) const DIRECT_LIMIT: usize = 8;
 
 /// The conntrack state of a connection whose SYN got no answer yet.
 const SYN_SENT: &str = "SYN_SENT";
@@ -51,21 +51,25 @@ pub struct Routed {
 
 impl Routed {
     /// What `to` routes that `from` (the ruleset applied before, `None` when nothing was, as at
-    /// start or after a drift repair) did not.
+    /// start or after a drift repair) did not. Kernel-forwarded VIPs count as routed: an
+    /// attempt made before their rule would hold back a later connection just the same.
     pub fn between(from: Option<&Ruleset>, to: &Ruleset) -> Routed {
+        fn routed(r: &Ruleset) -> impl Iterator<Item = SocketAddrV4> + '_ {
+            let forwarded = r.forwards().iter().map(|f| f.vip);
+            r.routed_vips().iter().copied().chain(forwarded)
+        }
         let (old_vips, old_ranges): (HashSet<SocketAddrV4>, HashSet<VipRange>) = match from {
             Some(f) => (
-                f.routed_vips().iter().copied().collect(),
+                routed(f).collect(),
                 f.vip_ranges().iter().copied().collect(),
             ),
             None => Default::default(),
         };
-        let vips = to
-            .routed_vips()
-            .iter()
-            .copied()
+        let mut vips: Vec<SocketAddrV4> = routed(to)
             .filter(|v| !old_vips.contains(v) && !old_ranges.iter().any(|r| r.contains(*v.ip())))
             .collect();
+        vips.sort();
+        vips.dedup();
         let ranges = to
             .vip_ranges()
             .iter()
@@ -85,7 +89,7 @@ impl Routed {
     }
 }
 
-/// One TCP entry of `conntrack -L`, the fields the choice needs.
+/// One TCP entry of `conntrack -L`, the fields the choices need.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Entry {
     pub state: String,
@@ -156,7 +160,7 @@ pub(crate) fn stale_destinations(listing: &str, routed: &Routed) -> Vec<SocketAd
 }
 
 /// The number of entries a `conntrack -D` reports deleted: it prints each on stdout.
-fn deleted_count(stdout: &str) -> usize {
+pub(crate) fn deleted_count(stdout: &str) -> usize {
     stdout.lines().filter(|l| Entry::parse(l).is_some()).count()
 }
 
@@ -214,7 +218,7 @@ impl Netfilter {
 
     /// Runs `conntrack ARGS`; a missing program is [`Error::ConntrackMissing`], whether it
     /// shows as a failed spawn or as the failure of a prefix (`ip netns exec`, `nice`).
-    fn conntrack(&self, args: &[&str]) -> Result<String, Error> {
+    pub(crate) fn conntrack(&self, args: &[&str]) -> Result<String, Error> {
         match self.runner.run("conntrack", args, None) {
             Err(Error::Spawn { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                 Err(Error::ConntrackMissing)

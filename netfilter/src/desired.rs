@@ -42,6 +42,11 @@ pub struct Desired {
     /// matching then costs the same at 10,000 services as at 10, and adding or removing a
     /// service changes no rule. VIPs outside every range keep a rule of their own.
     pub vip_ranges: Vec<VipRange>,
+    /// Services forwarded by the kernel (DNAT) rather than by the proxy. Their VIPs are no
+    /// members of [`crate::VIP_SET`] and no VIP range takes them; a service with no instance
+    /// belongs in [`Desired::rejects`] instead. How proxied services are steered does not
+    /// change how these are rendered. Order does not matter.
+    pub forwards: Vec<Forward>,
 }
 
 /// An IPv4 network, `addr/prefix_len`, with `addr` the network address.
@@ -68,4 +73,33 @@ impl std::fmt::Display for VipRange {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix_len)
     }
+}
+
+/// A service whose connections the kernel forwards itself: its VIP:port is rewritten (DNAT)
+/// straight to one of its instances, spread at random, with no proxy in the path. In
+/// [`Desired::forwards`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Forward {
+    /// Written into the rules' comments, as for [`Redirect::service`].
+    pub service: String,
+    /// The address clients connect to.
+    pub vip: SocketAddrV4,
+    /// The service's instances, in any order. Those not on [`Destination::standby`] share new
+    /// connections evenly; at least one must be, or the service gets no rule (it is reported in
+    /// [`crate::Ruleset::rejected`]).
+    pub destinations: Vec<Destination>,
+}
+
+/// One instance of a [`Forward`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Destination {
+    /// The instance's name, written into its rule's comment (`flux:SERVICE/INSTANCE`) so that
+    /// `fluxd debug` can say which instance each rule sends to.
+    pub instance: String,
+    /// Where its connections are sent.
+    pub addr: SocketAddrV4,
+    /// True while no new connection may go to it (its active health check fails): it gets no
+    /// rule, but it is still the service's, so connections already forwarded to it are left
+    /// alone ([`crate::Unforwarded`] lists only instances that left the service).
+    pub standby: bool,
 }

@@ -15,14 +15,22 @@ pub struct Drift {
     pub canary_missing: bool,
     /// The services chain is gone, so every VIP is unrouted.
     pub services_chain_missing: bool,
-    /// Desired service rules the kernel lacks (e.g. after `iptables -t nat -F FLUX-SERVICES`,
-    /// which leaves the canary intact).
+    /// Desired rules of flux's nat chains the kernel lacks (e.g. after `iptables -t nat -F
+    /// FLUX-SERVICES`, which leaves the canary intact): the services chain, and the forward
+    /// chain and service chains of kernel-forwarded services.
     pub missing_rules: Vec<String>,
-    /// Rules in flux's services chain that flux did not render (stale or inserted by someone).
+    /// Rules in those chains that flux did not render (stale or inserted by someone).
     pub extra_rules: Vec<String>,
-    /// Same rules, different order. Rendered rules never overlap, but the kernel should still
-    /// hold exactly what was rendered.
+    /// Same rules, different order, in one of those chains. Redirects never overlap, but the
+    /// order of a kernel-forwarded service's `DNAT` rules sets each instance's share, and the
+    /// kernel should hold exactly what was rendered anyway.
     pub misordered: bool,
+    /// Kernel-forwarding chains flux wants that do not exist ([`crate::FORWARD_CHAIN`] or a
+    /// service's own chain): those services' connections are not forwarded.
+    pub missing_chains: Vec<String>,
+    /// Kernel-forwarding chains that exist but are not wanted: left from services that are no
+    /// longer forwarded (apply deletes them).
+    pub extra_chains: Vec<String>,
     /// Desired hooks the kernel lacks, in nat (some traffic is not redirected at all) or in
     /// filter (some connections to services with no instance are not refused).
     pub missing_hooks: Vec<String>,
@@ -59,11 +67,42 @@ impl Drift {
     /// [`crate::Netfilter::drift`] so `fluxd debug` can show the installed rules and the drift
     /// from the same read.
     pub fn between(desired: &Ruleset, installed: &Installed) -> Self {
-        let (missing_rules, extra_rules) =
-            difference(desired.service_rules(), &installed.service_rules);
-        let misordered = missing_rules.is_empty()
-            && extra_rules.is_empty()
-            && desired.service_rules() != installed.service_rules.as_slice();
+        let (mut missing_rules, mut extra_rules) = (Vec::new(), Vec::new());
+        let mut misordered = false;
+        let no_rules = Vec::new();
+        let mut compare = |want: &[String], have: &[String]| {
+            let (missing, extra) = difference(want, have);
+            misordered |= missing.is_empty() && extra.is_empty() && want != have;
+            missing_rules.extend(missing);
+            extra_rules.extend(extra);
+        };
+        compare(desired.service_rules(), &installed.service_rules);
+        compare(desired.forward_rules(), &installed.forward_rules);
+        for (chain, want) in desired.forward_chains() {
+            compare(
+                want,
+                installed.forward_chains.get(chain).unwrap_or(&no_rules),
+            );
+        }
+        let (mut missing_chains, mut extra_chains) = (Vec::new(), Vec::new());
+        match (desired.forwards_any(), installed.forward_chain) {
+            (true, false) => missing_chains.push(crate::FORWARD_CHAIN.to_string()),
+            (false, true) => extra_chains.push(crate::FORWARD_CHAIN.to_string()),
+            _ => {}
+        }
+        for (chain, have) in &installed.forward_chains {
+            if !desired.forward_chains().contains_key(chain) {
+                extra_chains.push(chain.clone());
+                compare(&[], have);
+            }
+        }
+        missing_chains.extend(
+            desired
+                .forward_chains()
+                .keys()
+                .filter(|c| !installed.forward_chains.contains_key(*c))
+                .cloned(),
+        );
         let (mut missing_hooks, mut extra_hooks) = difference(desired.hooks(), &installed.hooks);
         let (missing, extra) = difference(desired.filter_hooks(), &installed.filter_hooks);
         missing_hooks.extend(missing);
@@ -92,6 +131,8 @@ impl Drift {
             missing_rules,
             extra_rules,
             misordered,
+            missing_chains,
+            extra_chains,
             missing_hooks,
             extra_hooks,
             reject_chain_missing: desired.rejects_empty() && !installed.reject_chain,
@@ -142,6 +183,8 @@ impl fmt::Display for Drift {
             parts.push(format!("set {} has the wrong type", crate::EMPTY_SET));
         }
         for (count, what) in [
+            (self.missing_chains.len(), "forwarding chains missing"),
+            (self.extra_chains.len(), "unexpected forwarding chains"),
             (self.missing_rules.len(), "service rules missing"),
             (self.extra_rules.len(), "unexpected service rules"),
             (self.missing_reject_rules.len(), "reject rules missing"),
@@ -245,6 +288,9 @@ mod tests {
                 .rejects_empty()
                 .then(|| crate::rule::set_create(crate::EMPTY_SET)),
             empty_members: rs.empty_members().to_vec(),
+            forward_chain: rs.forwards_any(),
+            forward_rules: rs.forward_rules().to_vec(),
+            forward_chains: rs.forward_chains().clone(),
         }
     }
 
@@ -354,6 +400,85 @@ mod tests {
         assert_eq!(drift.extra_reject_rules, leftover.reject_rules());
         // An unused set is not compared: nothing matches it once the rules are gone.
         assert!(drift.extra_members.is_empty() && !drift.empty_set_missing);
+    }
+
+    /// `bulk` forwarded to two instances, beside the two proxied services of [`ruleset`].
+    fn forwarding() -> Ruleset {
+        let dest = |instance: &str, addr: &str| crate::Destination {
+            instance: instance.into(),
+            addr: addr.parse().expect("valid"),
+            standby: false,
+        };
+        render(&Desired {
+            forwards: vec![crate::Forward {
+                service: "bulk".into(),
+                vip: "198.18.0.5:80".parse().expect("valid"),
+                destinations: vec![dest("b1", "10.0.0.1:80"), dest("b2", "10.0.0.2:80")],
+            }],
+            proxy_port: 7100,
+            ..Desired::default()
+        })
+    }
+
+    #[test]
+    fn damage_to_the_forwarding_chains_is_drift() {
+        let rs = forwarding();
+        assert!(Drift::between(&rs, &installed_as(&rs)).is_clean());
+
+        // A flushed service chain: its rules missing.
+        let mut flushed = installed_as(&rs);
+        flushed.forward_chains.values_mut().for_each(Vec::clear);
+        let drift = Drift::between(&rs, &flushed);
+        assert_eq!(drift.missing_rules.len(), 2);
+        assert_eq!(drift.to_string(), "2 service rules missing");
+
+        // Reordered DNAT rules change each instance's share.
+        let mut reordered = installed_as(&rs);
+        reordered
+            .forward_chains
+            .values_mut()
+            .for_each(|r| r.reverse());
+        assert!(Drift::between(&rs, &reordered).misordered);
+
+        // A deleted chain, and one left from a service no longer forwarded.
+        let mut chains = installed_as(&rs);
+        let (name, _) = chains.forward_chains.pop_first().expect("one chain");
+        chains.forward_chains.insert(
+            "FLUX-FWD-C6120063-80".into(),
+            vec!["-A FLUX-FWD-C6120063-80 -j ACCEPT".into()],
+        );
+        let drift = Drift::between(&rs, &chains);
+        assert_eq!(drift.missing_chains, [name]);
+        assert_eq!(drift.extra_chains, ["FLUX-FWD-C6120063-80"]);
+        assert_eq!(drift.extra_rules, ["-A FLUX-FWD-C6120063-80 -j ACCEPT"]);
+        assert_eq!(
+            drift.to_string(),
+            "1 forwarding chains missing, 1 unexpected forwarding chains, 2 service rules missing, 1 unexpected service rules"
+        );
+
+        // The forward chain gone with the jump still in the services chain.
+        let mut no_forward = installed_as(&rs);
+        no_forward.forward_chain = false;
+        no_forward.forward_rules.clear();
+        let drift = Drift::between(&rs, &no_forward);
+        assert_eq!(drift.missing_chains, ["FLUX-FORWARD"]);
+        assert_eq!(drift.missing_rules, rs.forward_rules());
+    }
+
+    #[test]
+    fn forwarding_chains_left_when_nothing_is_forwarded_are_drift() {
+        let rs = ruleset();
+        let leftover = forwarding();
+        let installed = Installed {
+            forward_chain: true,
+            forward_rules: leftover.forward_rules().to_vec(),
+            forward_chains: leftover.forward_chains().clone(),
+            ..installed_as(&rs)
+        };
+        let drift = Drift::between(&rs, &installed);
+        assert_eq!(drift.extra_chains.len(), 2);
+        assert_eq!(drift.extra_rules.len(), 3);
+        assert!(drift.missing_rules.is_empty());
     }
 
     #[test]

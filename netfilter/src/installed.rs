@@ -1,8 +1,13 @@
 //! What the kernel holds, read back from `iptables-save -t nat`, `iptables-save -t filter`,
 //! `ipset save flux-vips` and `ipset save flux-empty`.
 
+use std::collections::BTreeMap;
+
 use crate::rule;
-use crate::{CANARY_CHAIN, EMPTY_SET, REJECT_CHAIN, SERVICES_CHAIN, VIP_SET};
+use crate::{
+    CANARY_CHAIN, EMPTY_SET, FORWARD_CHAIN, FORWARD_CHAIN_PREFIX, REJECT_CHAIN, SERVICES_CHAIN,
+    VIP_SET,
+};
 
 /// flux's part of the nat and filter tables as the kernel reports it, in `iptables-save` text,
 /// and flux's sets in `ipset save` text. Everything else in the tables is ignored: flux neither
@@ -40,6 +45,14 @@ pub struct Installed {
     /// That set's members (`add flux-empty ELEMENT ...` lines), foreign ones included, in hash
     /// order.
     pub empty_members: Vec<String>,
+    /// Whether the nat chain of kernel-forwarded services ([`FORWARD_CHAIN`]) exists.
+    pub forward_chain: bool,
+    /// Its rules in kernel order, foreign ones included.
+    pub forward_rules: Vec<String>,
+    /// Every nat chain named like a kernel-forwarded service's own chain
+    /// ([`FORWARD_CHAIN_PREFIX`]), with its rules in kernel order: the ones flux wants and any
+    /// left from services that are gone.
+    pub forward_chains: BTreeMap<String, Vec<String>>,
 }
 
 impl Installed {
@@ -74,6 +87,10 @@ impl Installed {
                 match (in_table, declaration.split(' ').next()) {
                     (Table::Nat, Some(SERVICES_CHAIN)) => self.services_chain = true,
                     (Table::Nat, Some(CANARY_CHAIN)) => self.canary_chain = true,
+                    (Table::Nat, Some(FORWARD_CHAIN)) => self.forward_chain = true,
+                    (Table::Nat, Some(name)) if name.starts_with(FORWARD_CHAIN_PREFIX) => {
+                        self.forward_chains.entry(name.to_string()).or_default();
+                    }
                     (Table::Filter, Some(REJECT_CHAIN)) => self.reject_chain = true,
                     _ => {}
                 }
@@ -83,6 +100,14 @@ impl Installed {
                         self.service_rules.push(line.to_string())
                     }
                     Table::Nat if chain == CANARY_CHAIN => self.canary_rules.push(line.to_string()),
+                    Table::Nat if chain == FORWARD_CHAIN => {
+                        self.forward_rules.push(line.to_string())
+                    }
+                    Table::Nat if chain.starts_with(FORWARD_CHAIN_PREFIX) => self
+                        .forward_chains
+                        .entry(chain.to_string())
+                        .or_default()
+                        .push(line.to_string()),
                     Table::Nat if rule::is_hook(chain, line) => self.hooks.push(line.to_string()),
                     Table::Filter if chain == REJECT_CHAIN => {
                         self.reject_rules.push(line.to_string())
@@ -269,6 +294,31 @@ COMMIT
             installed.empty_members,
             [r#"add flux-empty 198.18.0.11,tcp:80 comment "flux:idle""#]
         );
+    }
+
+    #[test]
+    fn picks_out_the_forward_chain_and_every_service_chain() {
+        let save = r#"*nat
+:OUTPUT ACCEPT [0:0]
+:FLUX-FORWARD - [0:0]
+:FLUX-FWD-C612000A-80 - [0:0]
+:FLUX-FWD-C612000B-80 - [0:0]
+:FLUX-FWDX - [0:0]
+-A FLUX-FORWARD -d 198.18.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "flux:web" -j FLUX-FWD-C612000A-80
+-A FLUX-FWD-C612000A-80 -p tcp -m comment --comment "flux:web/b1" -j DNAT --to-destination 127.0.0.1:9001
+-A FLUX-FWDX -j ACCEPT
+COMMIT
+"#;
+        let installed = Installed::parse(save);
+        assert!(installed.forward_chain);
+        assert_eq!(installed.forward_rules.len(), 1);
+        assert_eq!(
+            installed.forward_chains.keys().collect::<Vec<_>>(),
+            ["FLUX-FWD-C612000A-80", "FLUX-FWD-C612000B-80"],
+            "a declared chain with no rule is listed too; FLUX-FWDX is not flux's"
+        );
+        assert_eq!(installed.forward_chains["FLUX-FWD-C612000A-80"].len(), 1);
+        assert!(installed.forward_chains["FLUX-FWD-C612000B-80"].is_empty());
     }
 
     #[test]

@@ -29,9 +29,18 @@
 //! endpoints. This needs ipset: with [`Desired::reject_empty`] off, empty services are
 //! redirected like the others.
 //!
-//! flux owns two chains in the `nat` table and one in the `filter` table, the hook rules that
-//! jump to them (recognised by their `flux hook` comment) and the `flux-vips` and `flux-empty`
-//! sets. Every other chain, rule and set belongs to someone else (Docker, the operator's
+//! A service may instead be forwarded by the kernel itself ([`Desired::forwards`], `fluxctl
+//! service add --forward kernel`): its VIP:port is no set member; the services chain jumps to
+//! [`FORWARD_CHAIN`], which sends it to a chain of the service's own holding one `DNAT` rule per
+//! instance, chosen with kube-proxy's `-m statistic --mode random --probability 1/(n-i)` chain so
+//! that each instance gets an even share. These rules are rendered apart from the redirect of
+//! proxied services and do not depend on it. When an instance leaves such a service, the
+//! conntrack entries of connections forwarded to it are deleted ([`Unforwarded`]).
+//!
+//! flux owns two chains in the `nat` table (and, while some service is kernel-forwarded,
+//! [`FORWARD_CHAIN`] and one chain per such service) and one in the `filter` table, the hook
+//! rules that jump to them (recognised by their `flux hook` comment) and the `flux-vips` and
+//! `flux-empty` sets. Every other chain, rule and set belongs to someone else (Docker, the operator's
 //! firewall) and is never rewritten, reordered or deleted.
 //!
 //! The crate knows nothing of Docker or the store; it does not judge whether a VIP is safe to
@@ -47,6 +56,7 @@
 //!     proxy_port: 7100,
 //!     bridge_interfaces: vec!["docker0".into(), "br-+".into()],
 //!     vip_ranges: vec![],
+//!     forwards: vec![],
 //! };
 //! let ruleset = render(&desired);
 //! for rejected in ruleset.rejected() {
@@ -69,23 +79,26 @@ mod conntrack;
 mod desired;
 mod drift;
 mod error;
+mod forward;
 mod installed;
 mod netfilter;
 mod remove;
 mod render;
 mod rule;
 mod runner;
+mod unforwarded;
 mod validate;
 
 pub use annotate::{annotate, annotate_empty_set, annotate_set, AnnotatedMember, AnnotatedRule};
 pub use conntrack::Routed;
-pub use desired::{Desired, Redirect, VipRange};
+pub use desired::{Desired, Destination, Forward, Redirect, VipRange};
 pub use drift::Drift;
 pub use error::Error;
 pub use installed::Installed;
 pub use netfilter::Netfilter;
 pub use render::{render, Rejected, Ruleset};
 pub use runner::{CommandRunner, Runner};
+pub use unforwarded::Unforwarded;
 
 /// The chain holding the REDIRECT rules: one matching the VIP set, then one per VIP range.
 pub const SERVICES_CHAIN: &str = "FLUX-SERVICES";
@@ -119,3 +132,18 @@ pub const REJECT_CHAIN: &str = "FLUX-REJECT";
 /// The comment on the two rules that match [`EMPTY_SET`]: the `RETURN` ahead of the redirects
 /// and the `REJECT`.
 pub const EMPTY_RULE_COMMENT: &str = "flux no instance";
+
+/// The nat chain of kernel-forwarded services ([`Desired::forwards`]): one rule per service,
+/// matching its VIP:port and jumping to the service's own chain. The services chain jumps here
+/// (after the refusal of services with no instance, before any redirect) only while some
+/// service is forwarded, so a host without any pays nothing for it.
+pub const FORWARD_CHAIN: &str = "FLUX-FORWARD";
+
+/// The start of each kernel-forwarded service's own chain, followed by its VIP in hex and its
+/// port (`FLUX-FWD-C612000A-80` for 198.18.0.10:80): a name unique per VIP:port that fits
+/// iptables' 28-byte limit whatever the service is called. It holds one `DNAT` rule per
+/// instance, kube-proxy's way.
+pub const FORWARD_CHAIN_PREFIX: &str = "FLUX-FWD-";
+
+/// The comment on the services chain's jump to [`FORWARD_CHAIN`].
+pub const FORWARD_RULE_COMMENT: &str = "flux forward";

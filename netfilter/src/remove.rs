@@ -4,7 +4,7 @@ use crate::installed::Installed;
 use crate::netfilter::Netfilter;
 use crate::rule;
 use crate::Error;
-use crate::{CANARY_CHAIN, EMPTY_SET, REJECT_CHAIN, SERVICES_CHAIN, VIP_SET};
+use crate::{CANARY_CHAIN, EMPTY_SET, FORWARD_CHAIN, REJECT_CHAIN, SERVICES_CHAIN, VIP_SET};
 
 impl Netfilter {
     /// Deletes flux's hooks and chains, each table in one transaction, so VIP traffic is never
@@ -36,10 +36,16 @@ impl Netfilter {
 /// delete (so a repeated remove does not even touch the tables).
 pub(crate) fn plan(installed: &Installed) -> Option<String> {
     let mut input = String::new();
-    let nat = [
+    // Each chain after those that jump to it: the services chain, the forward chain, then the
+    // forwarded services' own chains.
+    let nat: Vec<(bool, &str)> = [
         (installed.services_chain, SERVICES_CHAIN),
         (installed.canary_chain, CANARY_CHAIN),
-    ];
+        (installed.forward_chain, FORWARD_CHAIN),
+    ]
+    .into_iter()
+    .chain(installed.forward_chains.keys().map(|c| (true, c.as_str())))
+    .collect();
     table_plan(&mut input, "nat", &installed.hooks, &nat);
     let filter = [(installed.reject_chain, REJECT_CHAIN)];
     table_plan(&mut input, "filter", &installed.filter_hooks, &filter);
@@ -134,6 +140,34 @@ mod tests {
         assert_eq!(
             plan(&filter_only).as_deref(),
             Some("*filter\n-F FLUX-REJECT\n-X FLUX-REJECT\nCOMMIT\n")
+        );
+    }
+
+    #[test]
+    fn removes_the_kernel_forwarding_chains_after_the_chain_that_jumps_to_them() {
+        let installed = Installed {
+            services_chain: true,
+            canary_chain: true,
+            forward_chain: true,
+            forward_rules: vec!["-A FLUX-FORWARD -j FLUX-FWD-C612000A-80".into()],
+            forward_chains: [
+                ("FLUX-FWD-C612000A-80".to_string(), vec![]),
+                ("FLUX-FWD-C612000B-80".to_string(), vec![]),
+            ]
+            .into(),
+            ..Installed::default()
+        };
+        assert_eq!(
+            plan(&installed).as_deref(),
+            Some(concat!(
+                "*nat\n",
+                "-F FLUX-SERVICES\n-X FLUX-SERVICES\n",
+                "-F FLUX-CANARY\n-X FLUX-CANARY\n",
+                "-F FLUX-FORWARD\n-X FLUX-FORWARD\n",
+                "-F FLUX-FWD-C612000A-80\n-X FLUX-FWD-C612000A-80\n",
+                "-F FLUX-FWD-C612000B-80\n-X FLUX-FWD-C612000B-80\n",
+                "COMMIT\n",
+            ))
         );
     }
 

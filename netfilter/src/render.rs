@@ -4,19 +4,21 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddrV4;
 
-use crate::desired::{Desired, Redirect};
+use crate::desired::{Desired, Forward, Redirect};
+use crate::forward::render_forwards;
 use crate::rule;
 use crate::validate::{interface_problem, redirect_problem};
-use crate::{CANARY_CHAIN, EMPTY_SET, REJECT_CHAIN, SERVICES_CHAIN, VIP_SET};
+use crate::{CANARY_CHAIN, EMPTY_SET, FORWARD_CHAIN, REJECT_CHAIN, SERVICES_CHAIN, VIP_SET};
 
 /// The complete contents of flux's chains, the members of its sets and the hooks into the
 /// chains, as `iptables-save` and `ipset save` would print them once installed. Built only by
 /// [`render`], so every line in it has passed its checks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ruleset {
-    /// `-A FLUX-SERVICES ...` lines: the return of refused VIPs (when they are refused), the set
-    /// rule (when the set is used), then one rule per VIP range, so that the same desired state
-    /// always gives the same text.
+    /// `-A FLUX-SERVICES ...` lines: the return of refused VIPs (when they are refused), the
+    /// jump to the kernel-forwarded services (when there are any), the set rule (when the set is
+    /// used), then one rule per VIP range, so that the same desired state always gives the same
+    /// text.
     service_rules: Vec<String>,
     /// `add flux-vips IP,tcp:PORT comment "flux:SERVICE"` lines, sorted by VIP: one per
     /// redirect not covered by a VIP range.
@@ -48,6 +50,13 @@ pub struct Ruleset {
     /// `-A OUTPUT|INPUT|FORWARD ...` hooks of the filter table into [`crate::REJECT_CHAIN`],
     /// in the order they should end up in.
     filter_hooks: Vec<String>,
+    /// The kernel-forwarded services that got rules, sorted by VIP, with their destinations.
+    forwards: Vec<Forward>,
+    /// `-A FLUX-FORWARD ...` lines, one per forward, sorted by VIP; empty (and the chain not
+    /// used) when no service is forwarded.
+    forward_rules: Vec<String>,
+    /// Each forward's own chain by name, with its `DNAT` rules in order.
+    forward_chains: BTreeMap<String, Vec<String>>,
     /// What [`render`] left out, for the controller to report.
     rejected: Vec<Rejected>,
 }
@@ -67,6 +76,26 @@ pub enum Rejected {
     Refusal {
         /// The entry as given.
         redirect: Redirect,
+        /// Why, for the operator.
+        reason: String,
+    },
+    /// A kernel-forwarded service ([`Desired::forwards`]) that got no rule.
+    Forward {
+        /// The service as given.
+        service: String,
+        /// Its VIP.
+        vip: SocketAddrV4,
+        /// Why, for the operator.
+        reason: String,
+    },
+    /// One destination of a kernel-forwarded service that got no rule (the others did).
+    Destination {
+        /// The service.
+        service: String,
+        /// The instance as given.
+        instance: String,
+        /// Its address.
+        addr: SocketAddrV4,
         /// Why, for the operator.
         reason: String,
     },
@@ -91,6 +120,23 @@ impl fmt::Display for Rejected {
                 f,
                 "refusal of {} for service {:?} (no instance) skipped: {reason}",
                 redirect.vip, redirect.service
+            ),
+            Rejected::Forward {
+                service,
+                vip,
+                reason,
+            } => write!(
+                f,
+                "kernel forwarding of {vip} for service {service:?} skipped: {reason}"
+            ),
+            Rejected::Destination {
+                service,
+                instance,
+                addr,
+                reason,
+            } => write!(
+                f,
+                "kernel forwarding of service {service:?} to instance {instance:?} at {addr} skipped: {reason}"
             ),
             Rejected::BridgeInterface { name, reason } => {
                 write!(f, "bridge interface {name:?} skipped: {reason}")
@@ -157,6 +203,28 @@ impl Ruleset {
         &self.filter_hooks
     }
 
+    /// The kernel-forwarded services that got rules, sorted by VIP, each with its destinations
+    /// (those on standby included) sorted by instance name.
+    pub fn forwards(&self) -> &[Forward] {
+        &self.forwards
+    }
+
+    /// The lines [`crate::FORWARD_CHAIN`] should hold, in order; empty when the chain is not
+    /// used.
+    pub fn forward_rules(&self) -> &[String] {
+        &self.forward_rules
+    }
+
+    /// Each kernel-forwarded service's own chain by name, with the lines it should hold.
+    pub fn forward_chains(&self) -> &BTreeMap<String, Vec<String>> {
+        &self.forward_chains
+    }
+
+    /// Whether [`crate::FORWARD_CHAIN`] is used (some service is forwarded by the kernel).
+    pub fn forwards_any(&self) -> bool {
+        !self.forward_rules.is_empty()
+    }
+
     /// What was left out of the ruleset and why.
     pub fn rejected(&self) -> &[Rejected] {
         &self.rejected
@@ -189,11 +257,44 @@ impl Ruleset {
         input.push_str("*nat\n");
         input.push_str(&format!(":{SERVICES_CHAIN} - [0:0]\n"));
         input.push_str(&format!(":{CANARY_CHAIN} - [0:0]\n"));
+        // Every chain is declared before any rule, since a rule may only jump to a chain
+        // declared already.
+        let chains = self.forward_chains.iter().map(|(c, r)| (c.as_str(), r));
+        let (declarations, rules) = self.forward_contents(self.forwards_any(), chains);
+        input.push_str(&declarations);
         for line in &self.service_rules {
             input.push_str(line);
             input.push('\n');
         }
+        input.push_str(&rules);
         input
+    }
+
+    /// The kernel-forwarding part of the nat table's restore input, on its own so that a change
+    /// of instances rewrites only the chains that changed: the lines declaring (and so
+    /// flushing) the forward chain, when `with_jumps`, and the given service chains; then their
+    /// rules.
+    pub(crate) fn forward_contents<'a>(
+        &self,
+        with_jumps: bool,
+        chains: impl Iterator<Item = (&'a str, &'a Vec<String>)> + Clone,
+    ) -> (String, String) {
+        let (mut declarations, mut rules) = (String::new(), String::new());
+        if with_jumps {
+            declarations.push_str(&format!(":{FORWARD_CHAIN} - [0:0]\n"));
+            for line in &self.forward_rules {
+                rules.push_str(line);
+                rules.push('\n');
+            }
+        }
+        for (chain, lines) in chains {
+            declarations.push_str(&format!(":{chain} - [0:0]\n"));
+            for line in lines {
+                rules.push_str(line);
+                rules.push('\n');
+            }
+        }
+        (declarations, rules)
     }
 
     /// The filter part of the restore input up to its `COMMIT`: flux's reject chain, declared
@@ -213,6 +314,15 @@ impl Ruleset {
 pub fn render(desired: &Desired) -> Ruleset {
     let mut rejected = Vec::new();
     let owners = render_members(desired, &mut rejected);
+    let forwarded = render_forwards(
+        desired.forwards.iter().filter(|f| {
+            owners
+                .forwarded
+                .get(&f.vip)
+                .is_some_and(|service| *service == f.service)
+        }),
+        &mut rejected,
+    );
     let routed_vips: Vec<SocketAddrV4> = owners.routed.keys().copied().collect();
     let set_members: Vec<String> = owners
         .routed
@@ -231,11 +341,12 @@ pub fn render(desired: &Desired) -> Ruleset {
     ranges.sort();
     ranges.dedup();
     // The return of refused VIPs first, so neither their own member nor a range takes them;
-    // then the set rule, so a VIP outside every range is matched by its member; the ranges'
-    // rules after it.
+    // then the kernel-forwarded VIPs, which no redirect may take either; then the set rule, so
+    // a VIP outside every range is matched by its member; the ranges' rules after it.
     let service_rules = rejects_empty
         .then(rule::empty_return_rule)
         .into_iter()
+        .chain((!forwarded.rules.is_empty()).then(rule::forward_jump_rule))
         .chain(uses_set.then(|| rule::set_rule(desired.proxy_port)))
         .chain(
             ranges
@@ -271,27 +382,32 @@ pub fn render(desired: &Desired) -> Ruleset {
         empty_vips,
         reject_rules,
         filter_hooks,
+        forwards: forwarded.forwards,
+        forward_rules: forwarded.rules,
+        forward_chains: forwarded.chains,
         rejected,
     }
 }
 
 /// What a VIP gets. `Route` sorts first, so of two identical entries (a service listed both to
-/// route and to refuse) the route is kept.
+/// route and to refuse) the route is kept; a forward is kept over a refusal likewise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Kind {
     Route,
+    Forward,
     Refuse,
 }
 
-/// Each set's members by VIP, with the service that keeps it.
+/// Each set's members by VIP, with the service that keeps it, and the kernel-forwarded VIPs.
 struct Owners<'a> {
     routed: BTreeMap<SocketAddrV4, &'a str>,
     empty: BTreeMap<SocketAddrV4, &'a str>,
+    forwarded: BTreeMap<SocketAddrV4, &'a str>,
 }
 
-/// The redirects outside every VIP range and the refusals, by VIP, each with the service that
-/// keeps it. A VIP belongs to one service and lands in one set at most: were it in both, it
-/// would be refused although routable.
+/// The redirects outside every VIP range, the refusals and the kernel forwards, by VIP, each
+/// with the service that keeps it. A VIP belongs to one service and gets one treatment at most:
+/// were it in both sets, it would be refused although routable.
 fn render_members<'a>(desired: &'a Desired, rejected: &mut Vec<Rejected>) -> Owners<'a> {
     // Without the refusal's set, a service with no instance is redirected like any other (the
     // proxy resets its connections).
@@ -300,46 +416,55 @@ fn render_members<'a>(desired: &'a Desired, rejected: &mut Vec<Rejected>) -> Own
     } else {
         Kind::Route
     };
-    let mut entries: Vec<(&Redirect, Kind)> = desired
+    let entry = |r: &'a Redirect, kind| Entry {
+        service: &r.service,
+        vip: r.vip,
+        kind,
+    };
+    let mut entries: Vec<Entry<'a>> = desired
         .redirects
         .iter()
-        .map(|r| (r, Kind::Route))
-        .chain(desired.rejects.iter().map(|r| (r, refuse)))
+        .map(|r| entry(r, Kind::Route))
+        .chain(desired.rejects.iter().map(|r| entry(r, refuse)))
+        .chain(desired.forwards.iter().map(|f| Entry {
+            service: &f.service,
+            vip: f.vip,
+            kind: Kind::Forward,
+        }))
         .collect();
     entries.sort();
-    entries.dedup_by(|a, b| a.0 == b.0);
+    entries.dedup_by(|a, b| (a.service, a.vip) == (b.service, b.vip));
     // A set holds a VIP:port once; the service whose name sorts first keeps it so the outcome
     // does not depend on the order the controller listed them in.
     let mut owner: BTreeMap<SocketAddrV4, (&str, Option<Kind>)> = BTreeMap::new();
-    for (redirect, kind) in entries {
-        if kind == Kind::Route
-            && desired
-                .vip_ranges
-                .iter()
-                .any(|r| r.contains(*redirect.vip.ip()))
-        {
+    for Entry { service, vip, kind } in entries {
+        if kind == Kind::Route && desired.vip_ranges.iter().any(|r| r.contains(*vip.ip())) {
             // The range rule covers it; it still holds its VIP against a refusal by another
             // service. Nothing is rendered from it, so there is nothing to check.
-            owner
-                .entry(redirect.vip)
-                .or_insert((&redirect.service, None));
+            owner.entry(vip).or_insert((service, None));
             continue;
         }
-        let taken_by = owner.get(&redirect.vip).map(|(service, _)| *service);
+        // A forward, unlike a redirect, is not covered by a range: it needs its own rule.
+        let taken_by = owner.get(&vip).map(|(service, _)| *service);
         let proxy_port = (kind == Kind::Route).then_some(desired.proxy_port);
-        match redirect_problem(redirect, proxy_port, taken_by) {
-            Some(reason) => rejected.push(match kind {
-                Kind::Route => Rejected::Redirect {
-                    redirect: redirect.clone(),
-                    reason,
-                },
-                Kind::Refuse => Rejected::Refusal {
-                    redirect: redirect.clone(),
-                    reason,
-                },
-            }),
+        match redirect_problem(service, vip, proxy_port, taken_by) {
+            Some(reason) => {
+                let redirect = Redirect {
+                    service: service.to_string(),
+                    vip,
+                };
+                rejected.push(match kind {
+                    Kind::Route => Rejected::Redirect { redirect, reason },
+                    Kind::Refuse => Rejected::Refusal { redirect, reason },
+                    Kind::Forward => Rejected::Forward {
+                        service: redirect.service,
+                        vip,
+                        reason,
+                    },
+                })
+            }
             None => {
-                owner.insert(redirect.vip, (&redirect.service, Some(kind)));
+                owner.insert(vip, (service, Some(kind)));
             }
         }
     }
@@ -353,7 +478,17 @@ fn render_members<'a>(desired: &'a Desired, rejected: &mut Vec<Rejected>) -> Own
     Owners {
         routed: of(Kind::Route),
         empty: of(Kind::Refuse),
+        forwarded: of(Kind::Forward),
     }
+}
+
+/// One VIP as some service wants it treated, for [`render_members`]. Sorted by service, then
+/// VIP, then kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Entry<'a> {
+    service: &'a str,
+    vip: SocketAddrV4,
+    kind: Kind,
 }
 
 /// The bridge interfaces that can be hooked, sorted, each once; the others are reported.
@@ -564,6 +699,122 @@ mod tests {
             .rejected()
             .iter()
             .all(|r| matches!(r, Rejected::Refusal { .. })));
+    }
+
+    fn forward(service: &str, vip: &str, instances: &[(&str, &str)]) -> Forward {
+        Forward {
+            service: service.into(),
+            vip: vip.parse().expect("test VIPs are valid"),
+            destinations: instances
+                .iter()
+                .map(|(instance, addr)| crate::Destination {
+                    instance: instance.to_string(),
+                    addr: addr.parse().expect("test addresses are valid"),
+                    standby: false,
+                })
+                .collect(),
+        }
+    }
+
+    const FORWARD_JUMP: &str =
+        r#"-A FLUX-SERVICES -p tcp -m comment --comment "flux forward" -j FLUX-FORWARD"#;
+
+    #[test]
+    fn forwarded_services_are_no_set_members_and_come_before_every_redirect() {
+        let mut d = refusing(
+            vec![redirect("web", "198.18.0.10:80")],
+            vec![redirect("idle", "198.18.0.11:80")],
+            &["docker0"],
+        );
+        d.vip_ranges = vec![range()];
+        d.forwards = vec![forward(
+            "bulk",
+            "198.18.0.12:80",
+            &[("b1", "127.0.0.1:9001"), ("b2", "127.0.0.1:9002")],
+        )];
+        let rs = render(&d);
+        assert!(rs.rejected().is_empty(), "{:?}", rs.rejected());
+        // Refusals first, then forwards, then the redirects (the range's included).
+        assert_eq!(rs.service_rules(), [RETURN_RULE, FORWARD_JUMP, RANGE_RULE]);
+        assert!(rs.set_members().is_empty());
+        assert_eq!(rs.empty_members().len(), 1);
+        assert_eq!(
+            rs.forward_rules(),
+            [
+                r#"-A FLUX-FORWARD -d 198.18.0.12/32 -p tcp -m tcp --dport 80 -m comment --comment "flux:bulk" -j FLUX-FWD-C612000C-80"#
+            ]
+        );
+        assert_eq!(rs.forward_chains()["FLUX-FWD-C612000C-80"].len(), 2);
+        assert_eq!(rs.forwards().len(), 1);
+        assert!(rs.forwards_any());
+        let nat = rs.restore_input();
+        let nat = &nat[nat.find("*nat").unwrap()..];
+        assert_eq!(
+            nat,
+            format!(
+                "*nat\n:FLUX-SERVICES - [0:0]\n:FLUX-CANARY - [0:0]\n\
+                 :FLUX-FORWARD - [0:0]\n:FLUX-FWD-C612000C-80 - [0:0]\n\
+                 {RETURN_RULE}\n{FORWARD_JUMP}\n{RANGE_RULE}\n{}\n{}\n{}\nCOMMIT\n",
+                rs.forward_rules()[0],
+                rs.forward_chains()["FLUX-FWD-C612000C-80"][0],
+                rs.forward_chains()["FLUX-FWD-C612000C-80"][1],
+            )
+        );
+    }
+
+    #[test]
+    fn without_forwarded_services_nothing_of_forwarding_is_rendered() {
+        let rs = render(&desired(vec![redirect("web", "198.18.0.10:80")], &[]));
+        assert!(!rs.forwards_any());
+        assert!(rs.forward_rules().is_empty() && rs.forward_chains().is_empty());
+        assert!(!rs.restore_input().contains("FORWARD"));
+    }
+
+    #[test]
+    fn a_forwarded_vip_is_held_by_one_service() {
+        let mut d = desired(vec![redirect("alpha", "198.18.0.10:80")], &[]);
+        d.forwards = vec![
+            forward("zeta", "198.18.0.10:80", &[("b1", "10.0.0.1:80")]),
+            forward("beta", "198.18.0.11:0", &[("b1", "10.0.0.1:80")]),
+        ];
+        let rs = render(&d);
+        assert!(!rs.forwards_any());
+        assert_eq!(rs.set_members().len(), 1);
+        let reasons: Vec<String> = rs.rejected().iter().map(|r| r.to_string()).collect();
+        assert_eq!(
+            reasons,
+            [
+                "kernel forwarding of 198.18.0.11:0 for service \"beta\" skipped: port 0 matches no connection",
+                "kernel forwarding of 198.18.0.10:80 for service \"zeta\" skipped: 198.18.0.10:80 is already taken by service \"alpha\"",
+            ]
+        );
+        // The forward keeps its VIP against a refusal of a service sorting after it.
+        let mut d = refusing(vec![], vec![redirect("zeta", "198.18.0.10:80")], &[]);
+        d.forwards = vec![forward("alpha", "198.18.0.10:80", &[("b1", "10.0.0.1:80")])];
+        let rs = render(&d);
+        assert!(rs.forwards_any() && rs.empty_members().is_empty());
+    }
+
+    #[test]
+    fn forwarded_output_does_not_depend_on_input_order() {
+        let f = vec![
+            forward(
+                "b",
+                "198.18.0.2:80",
+                &[("x", "10.0.0.1:80"), ("y", "10.0.0.2:80")],
+            ),
+            forward("a", "198.18.0.1:80", &[("z", "10.0.0.3:80")]),
+        ];
+        let mut reversed = f.clone();
+        reversed.reverse();
+        reversed[0].destinations.reverse();
+        let with = |forwards| {
+            render(&Desired {
+                forwards,
+                ..desired(vec![], &[])
+            })
+        };
+        assert_eq!(with(f), with(reversed));
     }
 
     const SET_RULE: &str = r#"-A FLUX-SERVICES -p tcp -m set --match-set flux-vips dst,dst -m comment --comment "flux vips" -j REDIRECT --to-ports 7100"#;

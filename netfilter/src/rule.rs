@@ -8,8 +8,8 @@
 use std::net::SocketAddrV4;
 
 use crate::{
-    EMPTY_RULE_COMMENT, EMPTY_SET, HOOK_COMMENT, REJECT_CHAIN, SERVICES_CHAIN,
-    SERVICE_COMMENT_PREFIX, SET_RULE_COMMENT, VIP_SET,
+    EMPTY_RULE_COMMENT, EMPTY_SET, FORWARD_CHAIN, FORWARD_CHAIN_PREFIX, FORWARD_RULE_COMMENT,
+    HOOK_COMMENT, REJECT_CHAIN, SERVICES_CHAIN, SERVICE_COMMENT_PREFIX, SET_RULE_COMMENT, VIP_SET,
 };
 
 /// The rule that sends connections to every VIP in [`VIP_SET`] to the proxy: `dst,dst` matches
@@ -41,6 +41,74 @@ pub(crate) fn reject_rule() -> String {
         "-A {REJECT_CHAIN} -p tcp -m set --match-set {EMPTY_SET} dst,dst \
          -m comment --comment \"{EMPTY_RULE_COMMENT}\" -j REJECT --reject-with tcp-reset"
     )
+}
+
+/// The services chain's jump to [`FORWARD_CHAIN`], right after the return of refused VIPs and
+/// before every redirect, so that no set member or VIP range rule takes a kernel-forwarded VIP.
+pub(crate) fn forward_jump_rule() -> String {
+    format!(
+        "-A {SERVICES_CHAIN} -p tcp -m comment --comment \"{FORWARD_RULE_COMMENT}\" -j {FORWARD_CHAIN}"
+    )
+}
+
+/// The chain of the kernel-forwarded service at `vip`: see [`FORWARD_CHAIN_PREFIX`].
+pub(crate) fn forward_chain_name(vip: SocketAddrV4) -> String {
+    format!(
+        "{FORWARD_CHAIN_PREFIX}{:08X}-{}",
+        u32::from(*vip.ip()),
+        vip.port()
+    )
+}
+
+/// The rule of [`FORWARD_CHAIN`] that sends connections to `vip` to the service's own chain.
+pub(crate) fn forward_service_rule(service: &str, vip: SocketAddrV4) -> String {
+    format!(
+        "-A {FORWARD_CHAIN} -d {}/32 -p tcp -m tcp --dport {} \
+         -m comment --comment \"{SERVICE_COMMENT_PREFIX}{service}\" -j {}",
+        vip.ip(),
+        vip.port(),
+        forward_chain_name(vip)
+    )
+}
+
+/// One instance's rule in its service's chain: `DNAT` to `addr`, taken with `probability`
+/// (as [`probability`] prints it) or, for the chain's last rule, always. The comment names
+/// the service and the instance (`flux:web/b1`), which [`instance_comment`] reads back.
+pub(crate) fn dnat_rule(
+    chain: &str,
+    service: &str,
+    instance: &str,
+    probability: Option<&str>,
+    addr: SocketAddrV4,
+) -> String {
+    let statistic = probability
+        .map(|p| format!(" -m statistic --mode random --probability {p}"))
+        .unwrap_or_default();
+    format!(
+        "-A {chain} -p tcp -m comment --comment \"{SERVICE_COMMENT_PREFIX}{service}/{instance}\"\
+         {statistic} -j DNAT --to-destination {addr}"
+    )
+}
+
+/// The probability that gives one of the `remaining` rules left in a chain an even share:
+/// `1/remaining`, in the form `iptables-save` prints it. The kernel keeps it as a 31-bit
+/// fraction (`lround(2^31 * p)`) and iptables prints that fraction back with 11 decimals, so
+/// writing the printed form makes the round trip exact (1/3 reads back as `0.33333333349`).
+pub(crate) fn probability(remaining: usize) -> String {
+    const SCALE: f64 = 2_147_483_648.0; // 2^31
+    let fixed = (SCALE / remaining.max(1) as f64).round();
+    format!("{:.11}", fixed / SCALE)
+}
+
+/// The service and instance of a rule comment `flux:SERVICE/INSTANCE` (an instance's `DNAT`
+/// rule); the service alone for `flux:SERVICE`. Service names hold no `/`, so the split is
+/// unambiguous.
+pub(crate) fn instance_comment(comment: &str) -> Option<(&str, Option<&str>)> {
+    let named = comment.strip_prefix(SERVICE_COMMENT_PREFIX)?;
+    Some(match named.split_once('/') {
+        Some((service, instance)) => (service, Some(instance)),
+        None => (named, None),
+    })
 }
 
 /// The `ipset restore` command that creates `set` ([`VIP_SET`] or [`EMPTY_SET`]). `maxelem`
@@ -258,6 +326,53 @@ mod tests {
             filter_bridge_hook("FORWARD", "br-+"),
             r#"-A FORWARD -i br-+ -m conntrack --ctstate NEW -m comment --comment "flux hook" -j FLUX-REJECT"#
         );
+    }
+
+    /// The exact text `iptables-save` printed (iptables 1.8.9, nf_tables) for a service forwarded
+    /// to three instances, so the round trip is exact.
+    #[test]
+    fn forward_rules_read_as_iptables_save_prints_them() {
+        let vip: SocketAddrV4 = "198.18.0.10:80".parse().unwrap();
+        let chain = forward_chain_name(vip);
+        assert_eq!(chain, "FLUX-FWD-C612000A-80");
+        assert!(chain.len() <= 28, "iptables' limit");
+        assert_eq!(
+            forward_chain_name("255.255.255.255:65535".parse().unwrap()).len(),
+            23
+        );
+        assert_eq!(
+            forward_jump_rule(),
+            r#"-A FLUX-SERVICES -p tcp -m comment --comment "flux forward" -j FLUX-FORWARD"#
+        );
+        assert_eq!(
+            forward_service_rule("web", vip),
+            r#"-A FLUX-FORWARD -d 198.18.0.10/32 -p tcp -m tcp --dport 80 -m comment --comment "flux:web" -j FLUX-FWD-C612000A-80"#
+        );
+        let to = |p: u16| SocketAddrV4::new([127, 0, 0, 1].into(), p);
+        assert_eq!(
+            dnat_rule(&chain, "web", "b1", Some(&probability(3)), to(9001)),
+            r#"-A FLUX-FWD-C612000A-80 -p tcp -m comment --comment "flux:web/b1" -m statistic --mode random --probability 0.33333333349 -j DNAT --to-destination 127.0.0.1:9001"#
+        );
+        assert_eq!(
+            dnat_rule(&chain, "web", "b3", None, to(9003)),
+            r#"-A FLUX-FWD-C612000A-80 -p tcp -m comment --comment "flux:web/b3" -j DNAT --to-destination 127.0.0.1:9003"#
+        );
+    }
+
+    #[test]
+    fn probabilities_are_printed_as_iptables_prints_them() {
+        assert_eq!(probability(2), "0.50000000000");
+        assert_eq!(probability(3), "0.33333333349");
+        assert_eq!(probability(4), "0.25000000000");
+        assert_eq!(probability(7), "0.14285714272");
+        assert_eq!(probability(1000), "0.00100000016");
+    }
+
+    #[test]
+    fn reads_service_and_instance_from_comments() {
+        assert_eq!(instance_comment("flux:web/b1"), Some(("web", Some("b1"))));
+        assert_eq!(instance_comment("flux:web"), Some(("web", None)));
+        assert_eq!(instance_comment("flux forward"), None);
     }
 
     #[test]

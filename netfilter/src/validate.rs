@@ -4,26 +4,42 @@
 //! line-based), so a stray quote or newline in a name could inject rules or commands of its own; and anything iptables would rewrite on the way back
 //! through `iptables-save` would show as permanent drift.
 
-use crate::desired::Redirect;
-
-/// Why `redirect` cannot be rendered, if it cannot. `proxy_port` is where it is redirected to,
-/// `None` for a refusal (which needs no proxy); `taken_by` is the service already holding its
-/// VIP.
+/// Why the VIP `vip` of `service` cannot be rendered, if it cannot. `proxy_port` is where it is
+/// redirected to, `None` for a refusal or a kernel forward (which need no proxy); `taken_by` is
+/// the service already holding the VIP.
 pub(crate) fn redirect_problem(
-    redirect: &Redirect,
+    service: &str,
+    vip: std::net::SocketAddrV4,
     proxy_port: Option<u16>,
     taken_by: Option<&str>,
 ) -> Option<String> {
-    if let Some(reason) = service_name_problem(&redirect.service) {
+    if let Some(reason) = service_name_problem(service) {
         return Some(reason.to_string());
     }
     if proxy_port == Some(0) {
         return Some("no proxy port to redirect to".to_string());
     }
-    if redirect.vip.port() == 0 {
+    if vip.port() == 0 {
         return Some("port 0 matches no connection".to_string());
     }
-    taken_by.map(|first| format!("{} is already taken by service {first:?}", redirect.vip))
+    taken_by.map(|first| format!("{vip} is already taken by service {first:?}"))
+}
+
+/// Why `destination` of the kernel-forwarded `service` cannot be rendered, if it cannot: its
+/// name goes into a comment beside the service's (`flux:SERVICE/INSTANCE`, at most 255 bytes),
+/// and port 0 is no place to send a connection.
+pub(crate) fn destination_problem(
+    service: &str,
+    destination: &crate::Destination,
+) -> Option<String> {
+    if let Some(reason) = service_name_problem(&destination.instance) {
+        return Some(reason.replace("service name", "instance name"));
+    }
+    let comment = crate::SERVICE_COMMENT_PREFIX.len() + service.len() + 1;
+    if comment + destination.instance.len() > 255 {
+        return Some("service and instance names together longer than 249 bytes".to_string());
+    }
+    (destination.addr.port() == 0).then(|| "port 0 is no destination".to_string())
 }
 
 /// Only characters that need no quoting or escaping, so the name cannot break out of the

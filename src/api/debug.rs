@@ -30,6 +30,10 @@ pub struct DebugView {
     /// accepts their connections and resets them.
     #[serde(default)]
     pub refuses_empty: bool,
+    /// Services forwarded by the kernel (`--forward kernel`), as last applied: where their new
+    /// connections go. Absent from fluxds that know no such thing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forwarded: Vec<ForwardView>,
     pub drift: DriftView,
     /// Drift repairs since fluxd started.
     pub repairs: u64,
@@ -97,6 +101,28 @@ pub struct RuleView {
     pub rule: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
+    /// The instance a kernel-forwarded service's `DNAT` rule sends to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+}
+
+/// A kernel-forwarded service in the rules last applied.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ForwardView {
+    pub service: String,
+    /// `VIP:PORT`.
+    pub vip: String,
+    pub instances: Vec<ForwardedInstance>,
+}
+
+/// One instance of a kernel-forwarded service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ForwardedInstance {
+    pub instance: String,
+    pub address: String,
+    /// False while its active check fails: no new connection is forwarded to it (its
+    /// established ones go on).
+    pub in_rules: bool,
 }
 
 /// The table of rules from a fluxd that did not say (it had rules in nat only).
@@ -148,6 +174,7 @@ impl DebugView {
             vips: vec![],
             no_instance: vec![],
             refuses_empty: false,
+            forwarded: vec![],
             drift: DriftView::default(),
             repairs: 0,
             services: vec![],
@@ -193,8 +220,31 @@ impl DebugView {
             view.steering_fallback = rules.steering_fallback.clone();
             if rules.steering.is_some() {
                 view.steering = "bpf".into();
-                return gather_bpf(view, status).await;
+                let forwarding = matches!(status.applied.lock().as_deref(), Ok(Some(_)));
+                let view = gather_bpf(view, status.clone()).await;
+                if !forwarding {
+                    return view;
+                }
+                // Kernel-forwarded services keep nat rules on the bpf path: both parts count.
+                let bpf = view.drift.clone();
+                let mut view = gather_nat(view, status).await;
+                view.drift.clean &= bpf.clean;
+                view.drift.differences.splice(0..0, bpf.differences);
+                view.drift.error = bpf.error.or(view.drift.error);
+                return view;
             }
+        }
+        gather_nat(view, status).await
+    }
+}
+
+/// The nat path's part of the view (also the bpf path's, when services are forwarded by the
+/// kernel): the installed rules and sets, annotated, and drift against the ruleset last
+/// applied.
+async fn gather_nat(mut view: DebugView, status: Arc<Status>) -> DebugView {
+    {
+        if let Ok(Some(applied)) = status.applied.lock().as_deref().map(Option::as_ref) {
+            view.forwarded = applied.forwards().iter().map(forward_view).collect();
         }
         // Reading the kernel's rules runs iptables-save and ipset: off the async threads. One
         // read serves both the listing and the drift (reading 10,000 set members costs tens of
@@ -223,6 +273,7 @@ impl DebugView {
                         chain: a.chain,
                         rule: a.rule,
                         service: a.service,
+                        instance: a.instance,
                     })
                     .collect();
                 let members = |annotated: Vec<netfilter::AnnotatedMember>| {
@@ -324,6 +375,22 @@ async fn gather_bpf(mut view: DebugView, status: Arc<Status>) -> DebugView {
     view
 }
 
+fn forward_view(f: &netfilter::Forward) -> ForwardView {
+    ForwardView {
+        service: f.service.clone(),
+        vip: f.vip.to_string(),
+        instances: f
+            .destinations
+            .iter()
+            .map(|d| ForwardedInstance {
+                instance: d.instance.clone(),
+                address: d.addr.to_string(),
+                in_rules: !d.standby,
+            })
+            .collect(),
+    }
+}
+
 /// One line per difference, so an operator sees which rule is missing or foreign.
 fn drift_lines(d: &netfilter::Drift) -> Vec<String> {
     let mut out = Vec::new();
@@ -336,6 +403,16 @@ fn drift_lines(d: &netfilter::Drift) -> Vec<String> {
     if d.services_chain_missing {
         out.push(format!("chain {} is missing", netfilter::SERVICES_CHAIN));
     }
+    out.extend(
+        d.missing_chains
+            .iter()
+            .map(|c| format!("chain {c} is missing")),
+    );
+    out.extend(
+        d.extra_chains
+            .iter()
+            .map(|c| format!("chain {c} is left over")),
+    );
     out.extend(d.missing_rules.iter().map(|r| format!("missing: {r}")));
     out.extend(d.extra_rules.iter().map(|r| format!("extra:   {r}")));
     if d.misordered {

@@ -81,6 +81,7 @@ mod tests {
             instance_port: Some(8080),
             balance: Default::default(),
             health: None,
+            forward: Default::default(),
         };
         let v1 = Rule {
             service: "web-2".into(),

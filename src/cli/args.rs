@@ -7,7 +7,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::model::health_check::parse_duration_ms;
 use crate::model::{
-    validate, Balance, HealthCheck, InvalidInput, Protocol, Rule, Selector, Service, Validate,
+    validate, Balance, Forwarding, HealthCheck, InvalidInput, Protocol, Rule, Selector, Service,
+    Validate,
 };
 
 #[derive(Parser)]
@@ -120,6 +121,11 @@ pub struct ServiceAddArgs {
     /// round-robin (default), random or least-conn.
     #[arg(long)]
     pub balance: Option<String>,
+    /// Who forwards connections: proxy (default: connect retry, per-connection metrics) or
+    /// kernel (iptables DNAT straight to a live instance, for bulk-heavy tcp services that can
+    /// do without retry and per-connection metrics).
+    #[arg(long, value_name = "proxy|kernel")]
+    pub forward: Option<String>,
     #[command(flatten)]
     pub health: Box<HealthArgs>,
 }
@@ -151,6 +157,12 @@ impl ServiceAddArgs {
                 .transpose()?
                 .unwrap_or(Balance::RoundRobin),
             health: self.health.to_check()?,
+            forward: self
+                .forward
+                .as_deref()
+                .map(str::parse)
+                .transpose()?
+                .unwrap_or(Forwarding::Proxy),
         };
         service.validate()?;
         Ok(service)

@@ -130,27 +130,65 @@ fn render(v: &DebugView) -> String {
         render_bpf(&mut out, b);
     }
     for name in ["nat", "filter"] {
-        // On the bpf path, nat rules are only shown if there are any (leftovers).
+        // On the bpf path, nat rules are only shown if there are any (kernel-forwarded
+        // services, or leftovers).
         if v.bpf.is_some() && !v.rules.iter().any(|r| r.table == name) {
             continue;
         }
-        let rows: Vec<Vec<String>> = v
-            .rules
-            .iter()
-            .filter(|r| r.table == name)
+        let rules = || v.rules.iter().filter(|r| r.table == name);
+        // The instance column only when some rule sends to one (a kernel-forwarded service's
+        // DNAT), so that hosts without any see the table they always did.
+        let instances = rules().any(|r| r.instance.is_some());
+        let rows: Vec<Vec<String>> = rules()
             .map(|r| {
-                vec![
-                    r.service.clone().unwrap_or_else(|| "-".into()),
-                    r.rule.clone(),
-                ]
+                let dash = || "-".to_string();
+                let mut row = vec![r.service.clone().unwrap_or_else(dash)];
+                if instances {
+                    row.push(r.instance.clone().unwrap_or_else(dash));
+                }
+                row.push(r.rule.clone());
+                row
             })
             .collect();
         // nat always, even empty (that itself says something); filter only when flux has
         // rules there.
         if name == "nat" || !rows.is_empty() {
             let _ = writeln!(out, "\nINSTALLED RULES ({name})");
-            out.push_str(&table(&["SERVICE", "RULE"], &rows));
+            let header: &[&str] = if instances {
+                &["SERVICE", "INSTANCE", "RULE"]
+            } else {
+                &["SERVICE", "RULE"]
+            };
+            out.push_str(&table(header, &rows));
         }
+    }
+    if !v.forwarded.is_empty() {
+        out.push_str(
+            "\nKERNEL-FORWARDED (iptables DNAT, no proxy: no connect retry, no per-connection counts)\n",
+        );
+        let rows: Vec<Vec<String>> = v
+            .forwarded
+            .iter()
+            .flat_map(|f| {
+                f.instances.iter().map(|i| {
+                    vec![
+                        f.service.clone(),
+                        f.vip.clone(),
+                        i.instance.clone(),
+                        i.address.clone(),
+                        if i.in_rules {
+                            "new connections".to_string()
+                        } else {
+                            "none new: fails its health check".to_string()
+                        },
+                    ]
+                })
+            })
+            .collect();
+        out.push_str(&table(
+            &["SERVICE", "VIP", "INSTANCE", "ADDRESS", "GETS"],
+            &rows,
+        ));
     }
     if !v.vips.is_empty() {
         let _ = writeln!(
@@ -300,6 +338,46 @@ mod tests {
             .lines()
             .any(|l| l.starts_with("idle") && l.ends_with("198.18.0.11,tcp:80")));
         assert!(!text.contains("not refused"), "{text}");
+    }
+
+    #[test]
+    fn shows_kernel_forwarded_services_and_the_instance_of_each_rule() {
+        let plain = render(&view(true));
+        assert!(!plain.contains("INSTANCE  RULE") && !plain.contains("KERNEL-FORWARDED"));
+        let mut v = view(true);
+        v.rules.push(
+            serde_json::from_value(serde_json::json!({
+                "table": "nat", "chain": "FLUX-FWD-C612000C-80", "service": "bulk", "instance": "b1",
+                "rule": "-A FLUX-FWD-C612000C-80 -p tcp -m comment --comment \"flux:bulk/b1\" -j DNAT --to-destination 10.0.0.1:80"
+            }))
+            .unwrap(),
+        );
+        v.forwarded = serde_json::from_value(serde_json::json!([{
+            "service": "bulk", "vip": "198.18.0.12:80", "instances": [
+                {"instance": "b1", "address": "10.0.0.1:80", "in_rules": true},
+                {"instance": "b2", "address": "10.0.0.2:80", "in_rules": false}
+            ]
+        }]))
+        .unwrap();
+        let text = render(&v);
+        assert!(text.contains("SERVICE  INSTANCE  RULE"), "{text}");
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("bulk     b1        -A FLUX-FWD-C612000C-80")),
+            "{text}"
+        );
+        let fwd = text.find("KERNEL-FORWARDED").expect(&text);
+        assert!(text[fwd..]
+            .lines()
+            .any(|l| l.starts_with("bulk") && l.ends_with("new connections")));
+        assert!(text[fwd..]
+            .lines()
+            .any(|l| l.contains("b2") && l.ends_with("none new: fails its health check")));
+        // The filter table, without instances, keeps its two columns.
+        assert!(
+            text.contains("\nINSTALLED RULES (filter)\nSERVICE  RULE"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::fmt::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::api::views::{HostView, InstanceState, InstanceView, ServiceInfo};
-use crate::model::Selector;
+use crate::model::{Forwarding, Selector};
 
 /// Left-aligned columns separated by two spaces, header first.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
@@ -261,8 +261,12 @@ pub fn render_template(t: &str, v: &InstanceView) -> String {
     out.replace("\\n", "\n").replace("\\t", "\t")
 }
 
-/// `fluxctl list`: one line per service.
+/// `fluxctl list`: one line per service, with a last `FORWARD` column (`proxy` or `kernel`)
+/// only when some service is forwarded by the kernel, so lists without any look as they did.
 pub fn list_text(services: &[ServiceInfo], verbose: bool) -> String {
+    let kernel = services
+        .iter()
+        .any(|s| s.service.forward == Forwarding::Kernel);
     let rows: Vec<Vec<String>> = services
         .iter()
         .map(|s| {
@@ -284,20 +288,24 @@ pub fn list_text(services: &[ServiceInfo], verbose: bool) -> String {
                     .map(|h| h.spec())
                     .unwrap_or_else(|| "-".into()),
             ]
+            .into_iter()
+            .chain(kernel.then(|| s.service.forward.to_string()))
+            .collect()
         })
         .collect();
-    let mut out = table(
-        &[
-            "NAME",
-            "ADDRESS",
-            "PROTOCOL",
-            "RULES",
-            "INSTANCES",
-            "LIVE",
-            "HEALTH-CHECK",
-        ],
-        &rows,
-    );
+    let mut header = vec![
+        "NAME",
+        "ADDRESS",
+        "PROTOCOL",
+        "RULES",
+        "INSTANCES",
+        "LIVE",
+        "HEALTH-CHECK",
+    ];
+    if kernel {
+        header.push("FORWARD");
+    }
+    let mut out = table(&header, &rows);
     if verbose {
         out = with_rules_under_rows(&out, services);
     }
@@ -382,6 +390,11 @@ pub fn info_text(s: &ServiceInfo) -> String {
         svc.default_instance_port(),
         svc.balance
     );
+    if svc.forward == Forwarding::Kernel {
+        out.push_str(
+            "forwarded by the kernel: iptables DNAT to a live instance at random; no connect retry, no per-connection metrics\n",
+        );
+    }
     if let Some(h) = &svc.health {
         out.push_str(&format!("health check: {}\n", h.describe()));
     }
@@ -472,6 +485,36 @@ mod tests {
         let all: serde_json::Value =
             serde_json::from_str(&render_template("{{json .}}", &v)).unwrap();
         assert_eq!(all, serde_json::to_value(&v).unwrap());
+    }
+
+    fn service_info(json: serde_json::Value) -> ServiceInfo {
+        let mut info = json;
+        info["rules"] = serde_json::json!([]);
+        info["instances"] = serde_json::json!([]);
+        serde_json::from_value(info).unwrap()
+    }
+
+    #[test]
+    fn forward_column_only_when_a_service_is_kernel_forwarded() {
+        let web = service_info(serde_json::json!({"name": "web", "address": "198.18.0.10:80"}));
+        let bulk = service_info(
+            serde_json::json!({"name": "bulk", "address": "198.18.0.11:80", "forward": "kernel"}),
+        );
+        let t = list_text(std::slice::from_ref(&web), false);
+        assert!(!t.contains("FORWARD"), "{t}");
+        let t = list_text(&[web.clone(), bulk.clone()], false);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].ends_with("HEALTH-CHECK  FORWARD"), "{t}");
+        assert!(
+            lines[1].starts_with("web ") && lines[1].ends_with("  proxy"),
+            "{t}"
+        );
+        assert!(
+            lines[2].starts_with("bulk ") && lines[2].ends_with("  kernel"),
+            "{t}"
+        );
+        assert!(info_text(&bulk).contains("\nforwarded by the kernel: "));
+        assert!(!info_text(&web).contains("kernel"));
     }
 
     fn container_view(name: &str, note: Option<&str>) -> InstanceView {

@@ -20,6 +20,7 @@ use crate::catalog::State;
 use crate::docker::LocalInstances;
 use crate::metrics::history::History;
 use crate::metrics::Metrics;
+use crate::model::Forwarding;
 use crate::proxy::health::checker::Checker;
 use crate::proxy::route_table::RouteTable;
 
@@ -213,6 +214,7 @@ impl Controller {
     ) {
         let mut drift_timer = tokio::time::interval(DRIFT_CHECK);
         drift_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let verdicts = self.checker.verdicts();
         loop {
             tokio::select! {
                 changed = states.changed() => {
@@ -227,6 +229,13 @@ impl Controller {
                         self.local = None;
                     }
                     self.sync().await;
+                }
+                // An instance entered or left the pool by its active check: the proxy reads
+                // that from the table by itself, the kernel-forwarding rules need rewriting.
+                _ = verdicts.notified() => {
+                    if self.catalog.services.values().any(|s| s.forward == Forwarding::Kernel) {
+                        self.sync().await;
+                    }
                 }
                 _ = drift_timer.tick() => {
                     // Addresses come and go (DHCP, a new Docker bridge, an operator): the
@@ -307,6 +316,7 @@ impl Controller {
             self.status.guard.store(Arc::new(verdict));
             if rules.steering.is_some() {
                 steer::sync(&self.status, steer::desired(&wanted, &self.ifaces)).await;
+                self.forward_beside_steering(&wanted).await;
                 self.status.state.store(state);
                 return;
             }
@@ -327,6 +337,50 @@ impl Controller {
             }
         }
         self.status.state.store(state);
+    }
+
+    /// The bpf path's nat rules: only the DNAT chains of kernel-forwarded services (the bpf
+    /// steering takes every proxied VIP). Installed while some service is forwarded, removed
+    /// once none is, so that a bpf host without any keeps no nat rule at all.
+    async fn forward_beside_steering(&self, wanted: &netfilter::Desired) {
+        let installed = matches!(self.status.applied.lock().as_deref(), Ok(Some(_)));
+        if wanted.forwards.is_empty() && !installed {
+            return;
+        }
+        let desired = netfilter::render(&netfilter::Desired {
+            forwards: wanted.forwards.clone(),
+            proxy_port: wanted.proxy_port,
+            bridge_interfaces: wanted.bridge_interfaces.clone(),
+            ..Default::default()
+        });
+        let changed = self
+            .status
+            .applied
+            .lock()
+            .map(|a| a.as_deref() != Some(&desired))
+            .unwrap_or(true);
+        if changed {
+            // Also when the last forwarded service left: its instances' conntrack entries are
+            // cleared on the way.
+            self.install(desired).await;
+        }
+        if wanted.forwards.is_empty() {
+            let status = self.status.clone();
+            let removed = tokio::task::spawn_blocking(move || {
+                let rules = status.rules.as_ref()?;
+                let result = rules.netfilter.remove();
+                if result.is_ok() {
+                    if let Ok(mut a) = status.applied.lock() {
+                        *a = None;
+                    }
+                }
+                Some(result)
+            })
+            .await;
+            if let Ok(Some(Err(e))) = removed {
+                tracing::error!(error = %e, "could not remove the nat rules of the last kernel-forwarded service; retrying at the next sync");
+            }
+        }
     }
 
     /// Reads this host's interface addresses again; true when they changed. On a failure to
@@ -383,11 +437,14 @@ impl Controller {
                 None => rules.netfilter.apply(&desired)?,
             }
             let routed = netfilter::Routed::between(previous.as_deref(), &desired);
+            let unforwarded = netfilter::Unforwarded::between(previous.as_deref(), &desired);
             if let Ok(mut a) = status.applied.lock() {
                 *a = Some(Arc::new(desired));
             }
-            // After the apply: an attempt made before it would otherwise survive.
+            // After the apply: an attempt made before it would otherwise survive, and no new
+            // connection goes to an instance that left any more.
             clear_unredirected(rules, &routed);
+            clear_unforwarded(rules, &unforwarded);
             Ok::<_, netfilter::Error>(())
         })
         .await;
@@ -403,17 +460,22 @@ impl Controller {
 
     /// Compares the kernel's rules with the last applied set and re-applies on any difference.
     async fn check_drift(&mut self) {
-        if self
+        let bpf = self
             .status
             .rules
             .as_ref()
-            .is_some_and(|r| r.steering.is_some())
-        {
-            if steer::drifted(&self.status).await {
-                self.status.repairs.fetch_add(1, Ordering::Relaxed);
-                self.sync().await;
+            .is_some_and(|r| r.steering.is_some());
+        let mut repair = false;
+        if bpf {
+            repair = steer::drifted(&self.status).await;
+            // Nat rules on the bpf path are kernel-forwarded services' only.
+            if !matches!(self.status.applied.lock().as_deref(), Ok(Some(_))) {
+                if repair {
+                    self.status.repairs.fetch_add(1, Ordering::Relaxed);
+                    self.sync().await;
+                }
+                return;
             }
-            return;
         }
         let status = self.status.clone();
         let drifted = tokio::task::spawn_blocking(move || {
@@ -441,6 +503,9 @@ impl Controller {
             if let Ok(mut a) = self.status.applied.lock() {
                 *a = None;
             }
+            repair = true;
+        }
+        if repair {
             self.status.repairs.fetch_add(1, Ordering::Relaxed);
             self.sync().await;
         }
@@ -488,6 +553,30 @@ fn clear_unredirected(rules: &Rules, routed: &netfilter::Routed) {
             ranges = routed.ranges.len(),
             ms = started.elapsed().as_millis() as u64,
             "cleared conntrack entries of connections made before their VIP was routed"
+        ),
+        Err(e @ netfilter::Error::ConntrackMissing) => {
+            tracing::warn!(error = %e, "not clearing conntrack entries any more");
+            rules.conntrack.store(false, Ordering::Relaxed);
+        }
+        Err(e) => tracing::warn!(error = %e, "clearing conntrack entries failed"),
+    }
+}
+
+/// Deletes the conntrack entries of connections the kernel forwarded to instances that left
+/// their service, so those connections fail at the client's next packet instead of hanging
+/// (see [`netfilter::Unforwarded`]). Runs on the blocking task; a failure is logged and costs
+/// only this clean-up, never the routing.
+fn clear_unforwarded(rules: &Rules, unforwarded: &netfilter::Unforwarded) {
+    if unforwarded.is_empty() || !rules.conntrack.load(Ordering::Relaxed) {
+        return;
+    }
+    let started = std::time::Instant::now();
+    match rules.netfilter.clear_unforwarded(unforwarded) {
+        Ok(deleted) => tracing::debug!(
+            deleted,
+            instances = unforwarded.flows.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "cleared conntrack entries of connections forwarded to instances that left"
         ),
         Err(e @ netfilter::Error::ConntrackMissing) => {
             tracing::warn!(error = %e, "not clearing conntrack entries any more");

@@ -9,8 +9,8 @@ use super::guard;
 use crate::catalog::State;
 use crate::docker::LocalInstances;
 use crate::metrics::{InstanceLabels, InstanceMetrics, Metrics};
+use crate::model::{Forwarding, NetworkMode, Origin, Protocol};
 use crate::model::{Instance, Service};
-use crate::model::{NetworkMode, Origin, Protocol};
 use crate::proxy::health::Health;
 use crate::proxy::http::pool::Pool;
 use crate::proxy::route_table::{Backend, RouteTable, ServiceRoute};
@@ -222,6 +222,10 @@ fn labels_of(i: &Instance) -> InstanceLabels {
 /// its connections and reset them, while a refusal tells the client at once. An instance that
 /// failed, or fails its active check, still counts: the proxy tries it as a last resort. An
 /// `http` service is always redirected, so its clients get a `503` they can read.
+///
+/// A `--forward kernel` service with backends is forwarded by the kernel (`forwards`) to the
+/// same backends the proxy would use, at the addresses they have from this host; see
+/// [`forward_of`] for which take new connections.
 pub fn desired_rules(
     state: &State,
     routes: &RouteTable,
@@ -230,22 +234,28 @@ pub fn desired_rules(
     verdict: &guard::Verdict,
     reject_empty: bool,
 ) -> netfilter::Desired {
-    let (rejects, redirects) = state
-        .services
-        .values()
-        .filter(|s| verdict.allows(&s.name))
-        .filter_map(|s| {
-            // A service without a VIP (edge only) has nothing to redirect or refuse.
-            let entry = netfilter::Redirect {
-                service: s.name.clone(),
-                vip: s.address?,
-            };
-            Some((has_no_instance(s, routes), entry))
-        })
-        .partition::<Vec<_>, _>(|(empty, _)| *empty);
+    let (mut redirects, mut rejects, mut forwards) = (Vec::new(), Vec::new(), Vec::new());
+    for s in state.services.values().filter(|s| verdict.allows(&s.name)) {
+        // A service without a VIP (edge only) has nothing to redirect or refuse.
+        let Some(vip) = s.address else {
+            continue;
+        };
+        let entry = netfilter::Redirect {
+            service: s.name.clone(),
+            vip,
+        };
+        if has_no_instance(s, routes) {
+            rejects.push(entry);
+        } else if let Some(forward) = forward_of(s, vip, routes) {
+            forwards.push(forward);
+        } else {
+            redirects.push(entry);
+        }
+    }
     netfilter::Desired {
-        redirects: redirects.into_iter().map(|(_, r)| r).collect(),
-        rejects: rejects.into_iter().map(|(_, r)| r).collect(),
+        redirects,
+        rejects,
+        forwards,
         reject_empty,
         proxy_port,
         bridge_interfaces: bridge_interfaces.to_vec(),
@@ -258,6 +268,37 @@ pub fn desired_rules(
             })
             .collect(),
     }
+}
+
+/// The kernel forwarding of `service`, if it is forwarded by the kernel: each backend of its
+/// route as a destination. Those failing their active check are on standby (no new
+/// connection, established ones kept), unless all are: then, as the proxy's panic mode does,
+/// every one takes connections, since a check failing everywhere at once is more often the
+/// check's fault than every instance's. Passive health (failed connects) is the proxy's
+/// alone: the kernel never sees a connect fail.
+fn forward_of(
+    service: &Service,
+    vip: SocketAddrV4,
+    routes: &RouteTable,
+) -> Option<netfilter::Forward> {
+    if service.forward != Forwarding::Kernel {
+        return None;
+    }
+    let route = routes.by_name.get(&service.name)?;
+    let panic = route.backends.iter().all(|b| b.health.check_failing());
+    Some(netfilter::Forward {
+        service: service.name.clone(),
+        vip,
+        destinations: route
+            .backends
+            .iter()
+            .map(|b| netfilter::Destination {
+                instance: b.instance.clone(),
+                addr: b.addr,
+                standby: !panic && b.health.check_failing(),
+            })
+            .collect(),
+    })
 }
 
 /// Whether `service` is a `tcp` service the proxy has no instance to send to.

@@ -51,6 +51,7 @@ fn service(name: &str, vip: &str) -> Service {
         instance_port: None,
         balance: Balance::RoundRobin,
         health: None,
+        forward: Default::default(),
     }
 }
 
@@ -991,6 +992,7 @@ mod refusals {
             instance_port: None,
             balance: Balance::default(),
             health: None,
+            forward: Default::default(),
         })
     }
 
@@ -1185,4 +1187,104 @@ fn with_refusals_on_a_tcp_service_without_backends_is_refused_and_the_rest_redir
             r#"-A FORWARD -i docker0 -m conntrack --ctstate NEW -m comment --comment "flux hook" -j FLUX-REJECT"#,
         ]
     );
+}
+
+/// `--forward kernel`: a `tcp` service with backends is forwarded by the kernel (DNAT straight
+/// to each backend, at the address the proxy would use), not redirected; with none it is
+/// refused like any `tcp` service; a proxied service beside it is unchanged.
+#[test]
+fn a_kernel_forwarded_service_is_dnated_to_its_backends_and_refused_without_any() {
+    let kernel = |name: &str, vip: &str| Service {
+        forward: model::Forwarding::Kernel,
+        ..service(name, vip)
+    };
+    let state = StateBuilder::default()
+        .service(service("web", "198.18.0.10:80"))
+        .service(kernel("bulk", "198.18.0.12:80"))
+        .service(kernel("idle", "198.18.0.13:80"))
+        .instance(static_instance("web", "w1", "192.0.2.1:8080"))
+        .instance(static_instance("bulk", "b2", "192.0.2.3:9000"))
+        .instance(container("bulk", "c1", "host-b", Some("10.0.0.2:32768")))
+        .instance(container("bulk", "c2", "host-b", None))
+        .instance(container("idle", "0123456789ab", THIS_HOST, None))
+        .build();
+    let table = route_table(&state, &mut Built::default(), &Metrics::new());
+    let desired = desired_rules(
+        &state,
+        &table,
+        PROXY_PORT,
+        &["docker0".to_string()],
+        &allow_all(&state),
+        true,
+    );
+    let rules = netfilter::render(&desired);
+    assert_eq!(rules.rejected(), []);
+    assert_eq!(
+        rules.service_rules(),
+        [
+            r#"-A FLUX-SERVICES -p tcp -m set --match-set flux-empty dst,dst -m comment --comment "flux no instance" -j RETURN"#,
+            r#"-A FLUX-SERVICES -p tcp -m comment --comment "flux forward" -j FLUX-FORWARD"#,
+            SET_RULE,
+        ]
+    );
+    assert_eq!(rules.set_members(), [member("198.18.0.10:80", "web")]);
+    assert_eq!(
+        rules.empty_members(),
+        [r#"add flux-empty 198.18.0.13,tcp:80 comment "flux:idle""#]
+    );
+    assert_eq!(
+        rules.forward_rules(),
+        [
+            r#"-A FLUX-FORWARD -d 198.18.0.12/32 -p tcp -m tcp --dport 80 -m comment --comment "flux:bulk" -j FLUX-FWD-C612000C-80"#
+        ]
+    );
+    assert_eq!(
+        rules.forward_chains()["FLUX-FWD-C612000C-80"],
+        [
+            r#"-A FLUX-FWD-C612000C-80 -p tcp -m comment --comment "flux:bulk/b2" -m statistic --mode random --probability 0.50000000000 -j DNAT --to-destination 192.0.2.3:9000"#,
+            r#"-A FLUX-FWD-C612000C-80 -p tcp -m comment --comment "flux:bulk/c1" -j DNAT --to-destination 10.0.0.2:32768"#,
+        ]
+    );
+    assert_eq!(rules.hooks(), HOOKS);
+}
+
+/// Only instances that pass their active check (or have none yet) take new connections; the
+/// failing ones stay the service's (on standby) so their established connections are kept.
+/// When every instance fails, all take connections, as in the proxy's panic mode.
+#[test]
+fn a_kernel_forwarded_instance_failing_its_check_is_on_standby_unless_all_fail() {
+    let state = StateBuilder::default()
+        .service(Service {
+            forward: model::Forwarding::Kernel,
+            health: Some(HealthCheck {
+                fall: 1,
+                ..HealthCheck::tcp()
+            }),
+            ..service("bulk", "198.18.0.12:80")
+        })
+        .instance(static_instance("bulk", "b1", "192.0.2.1:80"))
+        .instance(static_instance("bulk", "b2", "192.0.2.2:80"))
+        .build();
+    let table = route_table(&state, &mut Built::default(), &Metrics::new());
+    let check = table.by_name["bulk"].check.clone().expect("a check");
+    let fail = |instance: &str| {
+        let b = backend(&table, "bulk", instance);
+        b.health.check_started(&check);
+        b.health
+            .check_result(&check, Err("tcp connect refused".into()));
+    };
+    let standby = |table: &RouteTable| {
+        let desired = desired_rules(&state, table, PROXY_PORT, &[], &allow_all(&state), true);
+        desired.forwards[0]
+            .destinations
+            .iter()
+            .map(|d| (d.instance.clone(), d.standby))
+            .collect::<Vec<_>>()
+    };
+    let pair = |a: bool, b: bool| vec![("b1".to_string(), a), ("b2".to_string(), b)];
+    assert_eq!(standby(&table), pair(false, false));
+    fail("b1");
+    assert_eq!(standby(&table), pair(true, false));
+    fail("b2");
+    assert_eq!(standby(&table), pair(false, false), "panic mode");
 }

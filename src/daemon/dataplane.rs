@@ -50,7 +50,13 @@ impl Dataplane {
         let status = self.status.clone();
         let removed = tokio::task::spawn_blocking(move || match &status.rules {
             Some(r) => match &r.steering {
-                Some(s) => s.remove().map_err(|e| e.to_string()),
+                // Nat rules beside the steering: kernel-forwarded services'.
+                Some(s) => s.remove().map_err(|e| e.to_string()).and_then(|()| {
+                    match status.applied.lock().as_deref() {
+                        Ok(Some(_)) => r.netfilter.remove().map_err(|e| e.to_string()),
+                        _ => Ok(()),
+                    }
+                }),
                 None => r.netfilter.remove().map_err(|e| e.to_string()),
             },
             None => Ok(()),
@@ -156,6 +162,10 @@ async fn remove_other_path(status: &Arc<Status>) {
         Some(match &rules.steering {
             Some(_) => {
                 status.steered.lock().ok()?.as_ref()?;
+                // Nat rules this fluxd installed (kernel-forwarded services) replaced any left.
+                if status.applied.lock().ok()?.is_some() {
+                    return None;
+                }
                 let leftovers = rules.netfilter.installed().map(|i| i != Default::default());
                 match leftovers {
                     Ok(true) => rules.netfilter.remove().map(|()| true),

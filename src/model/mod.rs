@@ -15,7 +15,7 @@ pub use health_check::{CheckKind, HealthCheck};
 pub use host::{Host, NetworkMode};
 pub use instance::{ContainerInfo, Instance, Origin, MAX_ADDRESS_NOTE};
 pub use rule::{Rule, Selector};
-pub use service::{Balance, Protocol, Service};
+pub use service::{Balance, Forwarding, Protocol, Service};
 
 /// A value that can check its own invariants after deserialising.
 pub trait Validate {
@@ -127,6 +127,46 @@ mod tests {
         // Records written before the field could be none load as they always did.
         let old: Service = decode(br#"{"name":"web","address":"10.128.0.1:80"}"#).unwrap();
         assert_eq!(old.address, Some("10.128.0.1:80".parse().unwrap()));
+    }
+
+    #[test]
+    fn forward_is_optional_and_only_for_tcp_services_with_a_vip() {
+        // A record without it encodes exactly as before the field existed.
+        let s: Service = decode(br#"{"name":"web","address":"10.128.0.1:80"}"#).unwrap();
+        assert_eq!(s.forward, Forwarding::Proxy);
+        assert!(!String::from_utf8(encode(&s)).unwrap().contains("forward"));
+        let explicit: Service =
+            decode(br#"{"name":"web","address":"10.128.0.1:80","forward":"proxy"}"#).unwrap();
+        assert_eq!(encode(&explicit), encode(&s));
+        let k: Service =
+            decode(br#"{"name":"bulk","address":"10.128.0.2:80","forward":"kernel"}"#).unwrap();
+        assert_eq!(k.forward, Forwarding::Kernel);
+        assert!(String::from_utf8(encode(&k))
+            .unwrap()
+            .contains(r#""forward":"kernel""#));
+        assert_eq!(decode::<Service>(&encode(&k)).unwrap(), k);
+        for (body, reason) in [
+            (
+                r#"{"name":"w","address":"10.128.0.1:80","protocol":"http","forward":"kernel"}"#,
+                "for tcp services",
+            ),
+            (
+                r#"{"name":"w","address":"none","instance_port":80,"forward":"kernel"}"#,
+                "address none",
+            ),
+            (
+                r#"{"name":"w","address":"10.128.0.1:80","balance":"least-conn","forward":"kernel"}"#,
+                "least-conn",
+            ),
+            (
+                r#"{"name":"w","address":"10.128.0.1:80","forward":"dnat"}"#,
+                "kernel",
+            ),
+        ] {
+            let e = decode::<Service>(body.as_bytes()).unwrap_err();
+            assert_eq!(e.field, "forward", "{body}: {e}");
+            assert!(e.reason.contains(reason), "{body}: {e}");
+        }
     }
 
     #[test]

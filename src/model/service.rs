@@ -30,6 +30,47 @@ pub enum Balance {
     LeastConn,
 }
 
+/// Who carries a `tcp` service's connections from the VIP to an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Forwarding {
+    /// fluxd's proxy: connect retry across instances, per-connection metrics, the service's
+    /// balance policy.
+    #[default]
+    Proxy,
+    /// The kernel: iptables DNAT from the VIP straight to a live instance, chosen at random,
+    /// for bulk-heavy services that can do without connect retry and per-connection metrics.
+    Kernel,
+}
+
+impl Forwarding {
+    /// The default, left out of the record so that records that do not set it encode exactly
+    /// as they did before the field existed.
+    pub fn is_proxy(&self) -> bool {
+        *self == Forwarding::Proxy
+    }
+}
+
+impl std::fmt::Display for Forwarding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Forwarding::Proxy => "proxy",
+            Forwarding::Kernel => "kernel",
+        })
+    }
+}
+
+impl std::str::FromStr for Forwarding {
+    type Err = InvalidInput;
+    fn from_str(s: &str) -> Result<Self, InvalidInput> {
+        match s {
+            "proxy" => Ok(Forwarding::Proxy),
+            "kernel" => Ok(Forwarding::Kernel),
+            _ => Err(InvalidInput::new("forward", "must be proxy or kernel").value(s)),
+        }
+    }
+}
+
 impl std::fmt::Display for Protocol {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -94,6 +135,10 @@ pub struct Service {
     /// (and not written) when the service relies on passive health alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthCheck>,
+    /// Who forwards its connections: the proxy (default, absent from the record) or the
+    /// kernel (`tcp` services with a VIP only).
+    #[serde(default, skip_serializing_if = "Forwarding::is_proxy")]
+    pub forward: Forwarding,
 }
 
 impl Service {
@@ -132,6 +177,20 @@ impl Validate for Service {
         }
         if let Some(h) = &self.health {
             h.validate()?;
+        }
+        if self.forward == Forwarding::Kernel {
+            let why = if self.protocol == Protocol::Http {
+                Some("kernel forwarding is for tcp services: http services are balanced per request by the proxy")
+            } else if self.address.is_none() {
+                Some("kernel forwarding needs a VIP to forward from; this service has address none")
+            } else if self.balance == Balance::LeastConn {
+                Some("kernel forwarding spreads connections at random; least-conn needs the proxy")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(InvalidInput::new("forward", why).value("kernel"));
+            }
         }
         Ok(())
     }

@@ -353,11 +353,13 @@ mod tests {
         hangup_replaces: bool,
         total: u64,
     ) -> Option<Result<(), Broken>> {
-        let run = poll_fn(|cx| match way.poll(cx, src, dst, counted, hangup_replaces) {
-            Poll::Ready(r) => Poll::Ready(Some(r)),
-            Poll::Pending if way.moved >= total && way.in_pipe == 0 => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
-        });
+        let run = poll_fn(
+            |cx| match way.poll(cx, src, dst, counted, hangup_replaces) {
+                Poll::Ready(r) => Poll::Ready(Some(r)),
+                Poll::Pending if way.moved >= total && way.in_pipe == 0 => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
+        );
         tokio::time::timeout(Duration::from_secs(5), run)
             .await
             .expect("the direction stalled")
@@ -385,7 +387,9 @@ mod tests {
             for i in 0..3 {
                 w.writer.write_all(&stream(i * 64, 64)).unwrap();
                 let total = (i as u64 + 1) * 64;
-                assert!(pump(&mut way, &src, &dst, &counted, false, total).await.is_none());
+                assert!(pump(&mut way, &src, &dst, &counted, false, total)
+                    .await
+                    .is_none());
                 assert!(!way.streaming, "message {i} was spliced");
                 assert!(way.pipe.is_none(), "message {i} holds a pipe");
             }
@@ -426,7 +430,10 @@ mod tests {
                 .is_none());
         });
         feeder.join().unwrap();
-        assert!(drain.join().unwrap().unwrap() == stream(0, LEN), "bytes changed");
+        assert!(
+            drain.join().unwrap().unwrap() == stream(0, LEN),
+            "bytes changed"
+        );
         assert!(way.streaming, "1 MiB never filled the copy buffer");
         assert!(way.pipe.is_none(), "an idle direction holds a pipe");
         assert_eq!(counted.get(), LEN as u64);
@@ -461,14 +468,12 @@ mod tests {
             w.writer.write_all(&stream(sent, CHUNK)).unwrap();
             sent += CHUNK;
             rt.block_on(async {
-                let settled = poll_fn(|cx| {
-                    match way.poll(cx, &src, &dst, &counted, false) {
-                        Poll::Ready(r) => panic!("ended early: {:?}", r.err()),
-                        Poll::Pending if way.moved + way.in_pipe as u64 == sent as u64 => {
-                            Poll::Ready(())
-                        }
-                        Poll::Pending => Poll::Pending,
+                let settled = poll_fn(|cx| match way.poll(cx, &src, &dst, &counted, false) {
+                    Poll::Ready(r) => panic!("ended early: {:?}", r.err()),
+                    Poll::Pending if way.moved + way.in_pipe as u64 == sent as u64 => {
+                        Poll::Ready(())
                     }
+                    Poll::Pending => Poll::Pending,
                 });
                 tokio::time::timeout(Duration::from_secs(5), settled)
                     .await
@@ -487,7 +492,10 @@ mod tests {
                 .await
                 .is_none());
         });
-        assert!(drain.join().unwrap().unwrap() == stream(0, sent), "bytes changed");
+        assert!(
+            drain.join().unwrap().unwrap() == stream(0, sent),
+            "bytes changed"
+        );
         assert!(way.pipe.is_none(), "the pipe went back once empty");
     }
 

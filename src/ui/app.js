@@ -17,6 +17,7 @@
 //   #services tr[data-service]      one row per service, with data-total and data-live
 //   .refused[data-refused]          in a service's row and on its page (#refused) when this
 //                                   host does not route it (VIP guard); data-refused = reason
+//   #forwarding                     on a service's page when the kernel forwards it
 //   #instances tr[data-instance]    one row per instance, with data-state
 //   .note[data-note]                in an instance's state cell: why it has no address, or an
 //                                   unusual one (the agent's container.address_note)
@@ -52,6 +53,8 @@
     { metric: "request_latency", title: "Request latency", unit: "p50 solid, p99 dashed", fmt: fmtMs },
   ];
   const CLASSES = ["2xx", "3xx", "4xx", "5xx"];
+  // What `--forward kernel` means for what the pages can show.
+  const KERNEL_NOTE = "iptables DNAT straight to a live instance: no connect retry, and no per-connection counts or charts (fluxd never sees the connections)";
 
   // What the current view shows; `gen` ignores answers to polls of a previous view.
   const view = { gen: 0, timer: null, route: null, lastOk: 0, services: null, info: null, series: null };
@@ -356,7 +359,8 @@
         return h("tr", { "data-service": svc.name, "data-total": total, "data-live": live, "data-health": cls },
           h("td", {}, h("a", { href: serviceHref(svc.name), text: svc.name })),
           h("td", { class: "mono", text: addressText(svc.address) }),
-          h("td", { text: svc.protocol || "tcp" }),
+          h("td", { text: (svc.protocol || "tcp") + (svc.forward === "kernel" ? " · kernel" : ""),
+            title: svc.forward === "kernel" ? KERNEL_NOTE : undefined }),
           h("td", { class: "num instances", text: total + " / " + live + " live" }),
           h("td", {}, h("span", { class: "badge " + cls, text: text }), refusedMarker(svc)),
           h("td", { class: "num", text: String(active) }),
@@ -424,6 +428,7 @@
         info.instance_port ? h("span", { text: "instance port " + info.instance_port }) : null,
         info.balance ? h("span", { text: String(info.balance) }) : null,
         info.health ? h("span", { id: "health-check", text: "health check " + (info.health.kind === "http" ? "http:" + info.health.path : info.health.kind) }) : null,
+        info.forward === "kernel" ? h("span", { id: "forwarding", title: KERNEL_NOTE, text: "forwarded by the kernel" }) : null,
         h("span", { id: "instance-count", "data-total": total, "data-live": live, text: total + " instances, " + live + " live" }),
         h("span", {}, h("span", { class: "badge " + cls, text: text }))),
       info.refused ? h("p", {}, refusedMarker(info, "refused")) : null,

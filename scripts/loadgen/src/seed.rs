@@ -64,6 +64,7 @@ pub async fn run(a: Args) -> std::io::Result<Value> {
             instance_port: None,
             balance: Balance::RoundRobin,
             health: None,
+            forward: Default::default(),
         };
         let instance = Instance::new_static(&name, "b0", a.instance);
         service.validate().map_err(std::io::Error::other)?;

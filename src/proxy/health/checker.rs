@@ -34,6 +34,10 @@ pub struct Checker {
     metrics: Arc<Metrics>,
     /// Bumped at every sync; a task not marked with the current one is gone from the table.
     generation: u64,
+    /// Signalled whenever an instance enters or leaves the pool by its check's verdict, so that
+    /// what depends on the verdicts beyond the route table (the kernel-forwarding rules) can
+    /// follow. Signals coalesce: a burst of verdicts wakes the listener once.
+    verdicts: Arc<tokio::sync::Notify>,
 }
 
 /// One instance's running check.
@@ -57,7 +61,13 @@ impl Checker {
             tasks: HashMap::new(),
             metrics,
             generation: 0,
+            verdicts: Arc::default(),
         }
+    }
+
+    /// Signalled when an instance enters or leaves the pool by its check's verdict.
+    pub fn verdicts(&self) -> Arc<tokio::sync::Notify> {
+        self.verdicts.clone()
     }
 
     /// Instances checked now.
@@ -117,6 +127,7 @@ impl Checker {
             check: check.clone(),
             health: b.health.clone(),
             metrics: self.metrics.check(&b.labels),
+            verdicts: self.verdicts.clone(),
         };
         Task {
             health: b.health.clone(),
@@ -144,6 +155,8 @@ struct Probe {
     check: HealthCheck,
     health: Arc<Health>,
     metrics: CheckMetrics,
+    /// [`Checker::verdicts`].
+    verdicts: Arc<tokio::sync::Notify>,
 }
 
 impl Probe {
@@ -176,6 +189,9 @@ impl Probe {
             self.metrics
                 .failing
                 .set(i64::from(self.health.check_failing()));
+            if was_failing != self.health.check_failing() {
+                self.verdicts.notify_one();
+            }
             match changed {
                 Some(CheckState::Failing) => tracing::warn!(
                     service = %self.service,
