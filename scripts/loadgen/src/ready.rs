@@ -1,8 +1,8 @@
 //! Waits for fluxd to route a given number of services: polls its debug view (`GET /v1/debug`,
-//! what `fluxd debug --json` prints) until it lists the services, the redirect rules for them
-//! are installed (one VIP set member per service, or the one rule of a VIP range) and drift is
-//! clean. Prints the
-//! time from `--since-us` (when the script started fluxd) to that answer.
+//! what `fluxd debug --json` prints) until it lists the services, the kernel holds what steers
+//! them (on the bpf path one `proxy` entry of the services map per service; on the nat path
+//! one VIP set member per service, or the one rule of a VIP range) and drift is clean. Prints
+//! the time from `--since-us` (when the script started fluxd) to that answer.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -52,13 +52,21 @@ pub async fn run(a: Args) -> std::io::Result<Value> {
         if let Ok(view) = client.get::<DebugView>("/v1/debug").await {
             let at = now_us();
             first_answer.get_or_insert(at);
-            // Per VIP: the members of flux's VIP set that name a service.
-            let rules = view.vips.iter().filter(|m| m.service.is_some()).count();
-            let installed = match &a.range {
-                Some(range) => view.rules.iter().any(|r| {
+            // Per VIP: the services map's entries sending to the proxy (bpf), or the members of
+            // flux's VIP set (nat) that name a service.
+            let rules = match &view.bpf {
+                Some(bpf) => bpf
+                    .entries
+                    .iter()
+                    .filter(|e| e.action == "proxy" && e.service.is_some())
+                    .count(),
+                None => view.vips.iter().filter(|m| m.service.is_some()).count(),
+            };
+            let installed = match (&a.range, &view.bpf) {
+                (Some(range), None) => view.rules.iter().any(|r| {
                     r.chain == netfilter::SERVICES_CHAIN && r.rule.contains(&format!("-d {range} "))
                 }),
-                None => rules >= a.services,
+                _ => rules >= a.services,
             };
             let clean = view.drift.clean && view.drift.error.is_none();
             if view.services.len() >= a.services && installed && clean {
