@@ -173,12 +173,14 @@ fn notify_ready_after_steering_watchdog_and_stopping(steering: &str) {
             log(dir)
         );
         // The map entry and the listener: a connection is accepted by the proxy (which then
-        // resets it, since nothing listens at the instance), not refused by the program.
+        // resets it, since nothing listens at the instance), not refused by the program. The
+        // reset may beat the client's own wake-up on loopback: connect then reports it.
         let vip = "198.18.7.1:80".parse().unwrap();
         let connected =
             ns.run(move || std::net::TcpStream::connect_timeout(&vip, Duration::from_secs(2)));
         assert!(
-            connected.is_ok(),
+            matches!(&connected, Ok(_))
+                || matches!(&connected, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
             "READY=1 before the map entry: {connected:?}\n{}",
             log(dir)
         );
