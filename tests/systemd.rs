@@ -179,7 +179,7 @@ fn notify_ready_after_steering_watchdog_and_stopping(steering: &str) {
         let connected =
             ns.run(move || std::net::TcpStream::connect_timeout(&vip, Duration::from_secs(2)));
         assert!(
-            matches!(&connected, Ok(_))
+            connected.is_ok()
                 || matches!(&connected, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
             "READY=1 before the map entry: {connected:?}\n{}",
             log(dir)

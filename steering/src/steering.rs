@@ -97,17 +97,19 @@ impl Steering {
     /// Makes the kernel match `desired`, starting from what it holds now: repairs any drift.
     pub fn apply(&self, desired: &Desired) -> Result<(), Error> {
         let installed = self.read_maps()?;
+        let wanted = desired.addresses();
         self.update_maps(
             &installed.services,
             &installed.addresses,
             &installed.ifaces,
             desired,
+            &wanted,
         )?;
         if !installed.socket {
             self.restore_socket()?;
         }
         self.attach_and_pin()?;
-        let lines = routes::batch(&routes::read(self.runner.as_ref())?, &desired.addresses());
+        let lines = routes::batch(&routes::read(self.runner.as_ref())?, &wanted);
         routes::apply(self.runner.as_ref(), &lines)
     }
 
@@ -121,13 +123,15 @@ impl Steering {
             .map(|(vip, (_, action))| (*vip, Some(*action)))
             .collect();
         let ifaces = previous.ifaces.keys().copied().collect();
-        self.update_maps(&services, &previous.addresses(), &ifaces, next)?;
+        // Each address set is a walk over every service: made once.
+        let (before, wanted) = (previous.addresses(), next.addresses());
+        self.update_maps(&services, &before, &ifaces, next, &wanted)?;
         self.attach_and_pin()?;
-        let lines = routes::batch(&previous.addresses(), &next.addresses());
+        let lines = routes::batch(&before, &wanted);
         routes::apply(self.runner.as_ref(), &lines)
     }
 
-    /// Brings the maps from `services`, `addresses` and `ifaces` to `desired`: additions and
+    /// Brings the maps from `services`, `addresses` and `ifaces` to `desired` (whose addresses are `wanted`): additions and
     /// changes first, then removals.
     fn update_maps(
         &self,
@@ -135,6 +139,7 @@ impl Steering {
         addresses: &BTreeSet<Prefix>,
         ifaces: &BTreeSet<u32>,
         desired: &Desired,
+        wanted: &BTreeSet<Prefix>,
     ) -> Result<(), Error> {
         let m = &self.maps;
         for (vip, (_, action)) in &desired.services {
@@ -147,7 +152,6 @@ impl Steering {
                 .bpf(format!("adding {vip} to the services map"))?;
             }
         }
-        let wanted = desired.addresses();
         for (a, l) in wanted.difference(addresses) {
             sys::map_update(
                 m.addresses.as_fd(),
@@ -168,7 +172,7 @@ impl Steering {
                     .bpf(format!("deleting {vip} from the services map"))?;
             }
         }
-        for (a, l) in addresses.difference(&wanted) {
+        for (a, l) in addresses.difference(wanted) {
             sys::map_delete(m.addresses.as_fd(), &maps::address_key(*a, *l))
                 .bpf(format!("deleting {a}/{l} from the addresses map"))?;
         }
