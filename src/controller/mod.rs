@@ -539,50 +539,61 @@ fn report_guard(before: &guard::Verdict, now: &guard::Verdict) {
 
 /// Deletes the conntrack entries of connection attempts to `routed` made before it was routed,
 /// which would otherwise hold back a later connection from the same source port (see
-/// [`netfilter::Netfilter::clear_unredirected`]). Runs on the blocking task; a failure is
-/// logged and costs only this repair, never the routing.
+/// [`netfilter::Netfilter::clear_unredirected`]).
 fn clear_unredirected(rules: &Rules, routed: &netfilter::Routed) {
-    if routed.is_empty() || !rules.conntrack.load(Ordering::Relaxed) {
+    if routed.is_empty() {
         return;
     }
-    let started = std::time::Instant::now();
-    match rules.netfilter.clear_unredirected(routed) {
-        Ok(deleted) => tracing::debug!(
+    if let Some((deleted, ms)) = clear_conntrack(rules, |n| n.clear_unredirected(routed)) {
+        tracing::debug!(
             deleted,
             vips = routed.vips.len(),
             ranges = routed.ranges.len(),
-            ms = started.elapsed().as_millis() as u64,
+            ms,
             "cleared conntrack entries of connections made before their VIP was routed"
-        ),
-        Err(e @ netfilter::Error::ConntrackMissing) => {
-            tracing::warn!(error = %e, "not clearing conntrack entries any more");
-            rules.conntrack.store(false, Ordering::Relaxed);
-        }
-        Err(e) => tracing::warn!(error = %e, "clearing conntrack entries failed"),
+        );
     }
 }
 
 /// Deletes the conntrack entries of connections the kernel forwarded to instances that left
 /// their service, so those connections fail at the client's next packet instead of hanging
-/// (see [`netfilter::Unforwarded`]). Runs on the blocking task; a failure is logged and costs
-/// only this clean-up, never the routing.
+/// (see [`netfilter::Unforwarded`]).
 fn clear_unforwarded(rules: &Rules, unforwarded: &netfilter::Unforwarded) {
-    if unforwarded.is_empty() || !rules.conntrack.load(Ordering::Relaxed) {
+    if unforwarded.is_empty() {
         return;
     }
-    let started = std::time::Instant::now();
-    match rules.netfilter.clear_unforwarded(unforwarded) {
-        Ok(deleted) => tracing::debug!(
+    if let Some((deleted, ms)) = clear_conntrack(rules, |n| n.clear_unforwarded(unforwarded)) {
+        tracing::debug!(
             deleted,
             instances = unforwarded.flows.len(),
-            ms = started.elapsed().as_millis() as u64,
+            ms,
             "cleared conntrack entries of connections forwarded to instances that left"
-        ),
+        );
+    }
+}
+
+/// Runs one conntrack clean-up on the blocking task: the entries deleted and the milliseconds
+/// it took. A failure is logged and costs only this clean-up, never the routing; without the
+/// conntrack tool no clean-up is tried again.
+fn clear_conntrack(
+    rules: &Rules,
+    clear: impl FnOnce(&netfilter::Netfilter) -> Result<usize, netfilter::Error>,
+) -> Option<(usize, u64)> {
+    if !rules.conntrack.load(Ordering::Relaxed) {
+        return None;
+    }
+    let started = std::time::Instant::now();
+    match clear(&rules.netfilter) {
+        Ok(deleted) => Some((deleted, started.elapsed().as_millis() as u64)),
         Err(e @ netfilter::Error::ConntrackMissing) => {
             tracing::warn!(error = %e, "not clearing conntrack entries any more");
             rules.conntrack.store(false, Ordering::Relaxed);
+            None
         }
-        Err(e) => tracing::warn!(error = %e, "clearing conntrack entries failed"),
+        Err(e) => {
+            tracing::warn!(error = %e, "clearing conntrack entries failed");
+            None
+        }
     }
 }
 
