@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 
 use crate::desired::{Destination, Forward};
-use crate::render::Rejected;
+use crate::rejected::Rejected;
 use crate::rule;
 use crate::validate::destination_problem;
 

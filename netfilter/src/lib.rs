@@ -82,6 +82,7 @@ mod error;
 mod forward;
 mod installed;
 mod netfilter;
+mod rejected;
 mod remove;
 mod render;
 mod rule;
@@ -96,7 +97,8 @@ pub use drift::Drift;
 pub use error::Error;
 pub use installed::Installed;
 pub use netfilter::Netfilter;
-pub use render::{render, Rejected, Ruleset};
+pub use rejected::Rejected;
+pub use render::{render, Ruleset};
 pub use runner::{CommandRunner, Runner};
 pub use unforwarded::Unforwarded;
 

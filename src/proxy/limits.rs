@@ -25,6 +25,11 @@ pub fn is_local_exhaustion(e: &io::Error) -> bool {
     )
 }
 
+/// At most one warning per this period for each kind of resource failure; the rest are
+/// counted and reported with the next warning. A full fd table fails every accept attempt
+/// (20 a second per proxy thread) for as long as it lasts.
+pub(super) const WARN_PERIOD_MS: u64 = 10_000;
+
 #[cfg(test)]
 mod tests {
     use super::*;

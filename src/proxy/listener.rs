@@ -13,7 +13,8 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use super::connect::Upstream;
 use super::destination::{self, VipSource};
-use super::limits::Timeouts;
+use super::limits::{Timeouts, WARN_PERIOD_MS};
+use super::reset::reset;
 use super::route_table::RouteTable;
 use crate::model::Protocol;
 
@@ -254,11 +255,6 @@ fn set_client_keepalive(listener: &std::net::TcpListener) -> io::Result<()> {
 /// stay until some connection closes, and retrying at once would spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-/// At most one warning per this period for each kind of resource failure; the rest are
-/// counted and reported with the next warning. A full fd table fails every accept attempt
-/// (20 a second per proxy thread) for as long as it lasts.
-pub(super) const WARN_PERIOD_MS: u64 = 10_000;
-
 static ACCEPT_WARNINGS: crate::throttle::Throttle = crate::throttle::Throttle::new();
 
 async fn accept_loop(
@@ -355,12 +351,6 @@ fn dispatch(
         client, upstream, service, timeouts, permit,
     ));
     None
-}
-
-/// Closes with RST, so the peer learns at once that nothing serves it (no FIN, no hang).
-pub(super) fn reset(socket: TcpStream) {
-    let _ = socket2::SockRef::from(&socket).set_linger(Some(Duration::ZERO));
-    drop(socket);
 }
 
 #[cfg(test)]

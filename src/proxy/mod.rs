@@ -12,6 +12,7 @@ pub mod http;
 pub mod limits;
 mod listener;
 mod pipe;
+mod reset;
 pub mod route_table;
 mod session;
 mod tcp;

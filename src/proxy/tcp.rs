@@ -20,8 +20,8 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::connect::{self, Attempted, Connecting, Upstream};
-use super::limits::Timeouts;
-use super::listener::{reset, WARN_PERIOD_MS};
+use super::limits::{Timeouts, WARN_PERIOD_MS};
+use super::reset::reset;
 use super::route_table::{Backend, ServiceRoute};
 use super::session::Session;
 use super::way::Broken;
