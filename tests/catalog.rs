@@ -46,6 +46,8 @@ fn service(name: &str, vip: &str) -> Service {
         balance: Default::default(),
         health: None,
         forward: Default::default(),
+        locality: Default::default(),
+        affinity: Default::default(),
     }
 }
 
@@ -58,6 +60,7 @@ fn rule(service: &str, name: &str, image: &str) -> Rule {
             ..Selector::default()
         },
         instance_port: None,
+        weight: None,
     }
 }
 

@@ -178,6 +178,20 @@ async fn route(api: &Api, req: Request<Incoming>) -> Answer {
                 &serde_json::json!({ "removed": name }),
             ))
         }
+        (&Method::PUT, ["v1", "services", svc, "instances", name, "drain"]) => {
+            api.catalog.drain(svc, name).await?;
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({ "service": svc, "instance": name, "drained": true }),
+            ))
+        }
+        (&Method::DELETE, ["v1", "services", svc, "instances", name, "drain"]) => {
+            api.catalog.undrain(svc, name).await?;
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({ "service": svc, "instance": name, "drained": false }),
+            ))
+        }
         (&Method::GET, ["v1", "instances"]) => query_instances(api, &query).await,
         (&Method::GET, ["v1", "hosts"]) => list_hosts(api).await,
         (&Method::GET, ["v1", "store"]) => {

@@ -8,6 +8,7 @@ pub const VIPS: &str = "vips/";
 pub const RULES: &str = "rules/";
 pub const INSTANCES: &str = "instances/";
 pub const HOSTS: &str = "hosts/";
+pub const DRAINS: &str = "drains/";
 
 pub fn service(name: &str) -> String {
     format!("{SERVICES}{name}")
@@ -36,6 +37,16 @@ pub fn instances_of(service: &str) -> String {
     format!("{INSTANCES}{service}/")
 }
 
+/// The drain mark of one instance: a record apart from the instance's, which a host's agent
+/// rewrites at will (see `model::Drain`).
+pub fn drain(service: &str, instance: &str) -> String {
+    format!("{DRAINS}{service}/{instance}")
+}
+
+pub fn drains_of(service: &str) -> String {
+    format!("{DRAINS}{service}/")
+}
+
 pub fn host(name: &str) -> String {
     format!("{HOSTS}{name}")
 }
@@ -57,6 +68,7 @@ mod tests {
         assert_eq!(rule("web", "v1"), "rules/web/v1");
         assert_eq!(instance("web", "c0ffee"), "instances/web/c0ffee");
         assert_eq!(host("node-1.example"), "hosts/node-1.example");
+        assert_eq!(drain("web", "c0ffee"), "drains/web/c0ffee");
     }
 
     #[test]
@@ -64,6 +76,7 @@ mod tests {
         for (prefix, of) in [
             (rules_of("web"), rule as fn(&str, &str) -> String),
             (instances_of("web"), instance),
+            (drains_of("web"), drain),
         ] {
             assert!(of("web", "a").starts_with(&prefix), "{prefix}");
             assert!(!of("web-2", "a").starts_with(&prefix), "{prefix}");
@@ -82,6 +95,8 @@ mod tests {
             balance: Default::default(),
             health: None,
             forward: Default::default(),
+            locality: Default::default(),
+            affinity: Default::default(),
         };
         let v1 = Rule {
             service: "web-2".into(),
@@ -91,6 +106,7 @@ mod tests {
                 ..Selector::default()
             },
             instance_port: None,
+            weight: None,
         };
         let i1 = Instance::new_static("web-2", "i1", "192.0.2.1:80".parse().expect("valid"));
         let h1 = Host {

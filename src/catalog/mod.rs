@@ -3,6 +3,7 @@
 //! claimed by one service; a rule or instance needs its service), so concurrent writers on
 //! different hosts cannot leave it half-written.
 
+mod drain;
 pub mod follow;
 pub mod keys;
 pub mod placement;
@@ -104,6 +105,7 @@ impl Catalog {
             Op::Delete(skey.clone()),
             Op::DeletePrefix(keys::rules_of(name)),
             Op::DeletePrefix(keys::instances_of(name)),
+            Op::DeletePrefix(keys::drains_of(name)),
         ];
         // A record that no longer parses still gets removed; only its claim can't be found.
         if let Some(vip) = model::decode::<Service>(&kv.value)
@@ -126,10 +128,18 @@ impl Catalog {
         }
     }
 
-    /// Creates or replaces a rule; its service must exist at that moment.
+    /// Creates or replaces a rule; its service must exist at that moment. A kernel-forwarded
+    /// service's rules take weight 0 or the default only (see `kernel_weight`).
     pub async fn put_rule(&self, rule: &Rule) -> Result<()> {
+        let skey = keys::service(&rule.service);
+        let Some(service) = self.store.get(&skey).await? else {
+            return Err(no_service(&rule.service));
+        };
+        if let Ok(s) = model::decode::<Service>(&service.value) {
+            kernel_weight(&s, rule)?;
+        }
         let txn = Txn {
-            when: vec![Cond::Exists(keys::service(&rule.service))],
+            when: vec![Cond::Exists(skey)],
             then: vec![put(
                 &keys::rule(&rule.service, &rule.name),
                 model::encode(rule),
@@ -206,7 +216,7 @@ impl Catalog {
         }
         let txn = Txn {
             when: vec![Cond::ModRevision(ikey.clone(), kv.mod_revision)],
-            then: vec![Op::Delete(ikey)],
+            then: vec![Op::Delete(ikey), Op::Delete(keys::drain(service, name))],
         };
         if self.store.txn(txn).await?.succeeded {
             Ok(())
@@ -244,6 +254,23 @@ fn put(key: &str, value: Vec<u8>) -> Op {
         value,
         bound: false,
     }
+}
+
+/// The kernel forwards a service's connections to its live instances at random: it can leave
+/// a drained rule out (weight 0) but not share by other weights.
+fn kernel_weight(service: &Service, rule: &Rule) -> Result<()> {
+    let w = rule.weight_or_default();
+    if service.forward == model::Forwarding::Kernel && w != 0 && w != model::traffic::DEFAULT_WEIGHT
+    {
+        return Err(CatalogError::Invalid(
+            InvalidInput::new(
+                "weight",
+                "a kernel-forwarded service takes weights 0 (drain) or 100 only; weights need --forward proxy",
+            )
+            .value(w.to_string()),
+        ));
+    }
+    Ok(())
 }
 
 fn no_service(name: &str) -> CatalogError {

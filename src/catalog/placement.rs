@@ -181,15 +181,19 @@ impl Placement {
         if was_placed == self.state.services.contains_key(name) {
             return;
         }
-        let dependents: Vec<String> = [keys::rules_of(name), keys::instances_of(name)]
-            .iter()
-            .flat_map(|prefix| {
-                self.records
-                    .range::<String, _>(prefix.clone()..)
-                    .take_while(move |(k, _)| k.starts_with(prefix.as_str()))
-                    .map(|(k, _)| k.clone())
-            })
-            .collect();
+        let dependents: Vec<String> = [
+            keys::rules_of(name),
+            keys::instances_of(name),
+            keys::drains_of(name),
+        ]
+        .iter()
+        .flat_map(|prefix| {
+            self.records
+                .range::<String, _>(prefix.clone()..)
+                .take_while(move |(k, _)| k.starts_with(prefix.as_str()))
+                .map(|(k, _)| k.clone())
+        })
+        .collect();
         for key in dependents {
             if let Some(held) = self.records.get(&key).cloned() {
                 self.withdraw(&key, &held);
@@ -227,6 +231,12 @@ impl Placement {
                     self.state.hosts.remove(&h.name);
                 }
             }
+            Ok(Record::Drain(d)) => {
+                let k = (d.service.clone(), d.instance.clone());
+                if self.state.drains.contains_key(&k) {
+                    self.state.drains.remove(&k);
+                }
+            }
             Ok(Record::Ignored) | Err(_) => {}
         }
     }
@@ -261,6 +271,11 @@ impl Placement {
             Ok(Record::Host(h)) => {
                 self.state.hosts.insert(h.name.clone(), h);
             }
+            Ok(Record::Drain(d)) => {
+                self.state
+                    .drains
+                    .insert((d.service.clone(), d.instance.clone()), d);
+            }
             Ok(Record::Ignored) => {}
         }
     }
@@ -282,6 +297,7 @@ impl Placement {
             }
             Record::Rule(r) => self.needs_service(&r.service),
             Record::Instance(i) => self.needs_service(&i.service),
+            Record::Drain(d) => self.needs_service(&d.service),
             Record::Host(_) | Record::Ignored => Ok(()),
         }
     }
@@ -371,6 +387,7 @@ mod tests {
         assert_eq!(patched.rules, fresh.rules, "rules after {step}");
         assert_eq!(patched.instances, fresh.instances, "instances after {step}");
         assert_eq!(patched.hosts, fresh.hosts, "hosts after {step}");
+        assert_eq!(patched.drains, fresh.drains, "drains after {step}");
         assert_eq!(patched.skipped, fresh.skipped, "skipped after {step}");
         assert_eq!(patched.revision, fresh.revision, "revision after {step}");
     }
@@ -382,7 +399,7 @@ mod tests {
         let service = format!("s{}", rng.gen_range(0..5));
         let vip = format!("10.0.0.{}:80", rng.gen_range(1..4));
         let name = format!("n{}", rng.gen_range(0..2));
-        let (key, value) = match rng.gen_range(0..10) {
+        let (key, value) = match rng.gen_range(0..11) {
             0..=2 => (
                 format!("services/{service}"),
                 match rng.gen_range(0..8) {
@@ -419,6 +436,13 @@ mod tests {
                     r#"{{"name":"h0","ip":"192.0.2.{}","version":"t","started_at":0}}"#,
                     rng.gen_range(1..3)
                 ),
+            ),
+            8 => (
+                format!("drains/{service}/{name}"),
+                match rng.gen_range(0..4) {
+                    0 => format!(r#"{{"service":"{service}","instance":"other"}}"#),
+                    _ => format!(r#"{{"service":"{service}","instance":"{name}"}}"#),
+                },
             ),
             _ => (format!("vips/{vip}"), service.clone()),
         };

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::keys;
-use crate::model::{self, Host, Instance, Rule, Service, Validate};
+use crate::model::{self, Drain, Host, Instance, Rule, Service, Validate};
 use crate::store::{KeyValue, Listing, Revision};
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -29,6 +29,11 @@ pub struct State {
     #[serde(skip)]
     pub instances: OrdMap<(String, String), Arc<Instance>>,
     pub hosts: OrdMap<String, Arc<Host>>,
+    /// Drain marks, keyed by (service, instance name). A mark may outlive its instance (a
+    /// container that stopped): it is ignored meanwhile, and back in force if the instance
+    /// comes back under the same name (the same container restarted).
+    #[serde(skip)]
+    pub drains: OrdMap<(String, String), Arc<Drain>>,
     /// Store revision this picture was taken at.
     pub revision: Revision,
     /// Records skipped, as `key: reason`, for `fluxd debug` and the logs.
@@ -42,6 +47,7 @@ pub(super) enum Record {
     Rule(Arc<Rule>),
     Instance(Arc<Instance>),
     Host(Arc<Host>),
+    Drain(Arc<Drain>),
     /// VIP claims and unknown keys carry nothing the picture needs.
     Ignored,
 }
@@ -133,6 +139,13 @@ impl State {
             Record::Host(h) => {
                 self.hosts.insert(h.name.clone(), h);
             }
+            Record::Drain(d) => {
+                if !self.services.contains_key(&d.service) {
+                    return Err(format!("service {} does not exist", d.service));
+                }
+                self.drains
+                    .insert((d.service.clone(), d.instance.clone()), d);
+            }
             Record::Ignored => {}
         }
         Ok(())
@@ -155,6 +168,20 @@ impl State {
             .range((service.to_string(), String::new())..)
             .take_while(move |((s, _), _)| s == service)
             .map(|(_, i)| i)
+    }
+
+    /// Whether `instance` of `service` carries a drain mark.
+    pub fn is_drained(&self, service: &str, instance: &str) -> bool {
+        self.drains
+            .contains_key(&(service.to_string(), instance.to_string()))
+    }
+
+    /// The drain marks of a service, by instance name.
+    pub fn drains_of<'a>(&'a self, service: &'a str) -> impl Iterator<Item = &'a Arc<Drain>> + 'a {
+        self.drains
+            .range((service.to_string(), String::new())..)
+            .take_while(move |((s, _), _)| s == service)
+            .map(|(_, d)| d)
     }
 
     pub fn instances_of<'a>(&'a self, service: &'a str) -> impl Iterator<Item = &'a Instance> + 'a {
@@ -189,6 +216,14 @@ pub(super) fn decode_record(kv: &KeyValue) -> Result<Record, String> {
         let i: Instance = decode(kv)?;
         expect(&format!("{}/{}", i.service, i.name), rest, "service/name")?;
         Ok(Record::Instance(Arc::new(i)))
+    } else if let Some(rest) = key.strip_prefix(keys::DRAINS) {
+        let d: Drain = decode(kv)?;
+        expect(
+            &format!("{}/{}", d.service, d.instance),
+            rest,
+            "service/instance",
+        )?;
+        Ok(Record::Drain(Arc::new(d)))
     } else if let Some(name) = key.strip_prefix(keys::HOSTS) {
         let h: Host = decode(kv)?;
         expect(&h.name, name, "name")?;
@@ -404,7 +439,7 @@ mod tests {
             [
                 r#"services/lo: address: must not be a loopback address (got "127.0.0.1:80")"#,
                 "services/junk: body: expected ident",
-                "services/extra: colour: unknown field `colour`, expected one of `name`, `address`, `protocol`, `instance_port`, `balance`, `health`, `forward`",
+                "services/extra: colour: unknown field `colour`, expected one of `name`, `address`, `protocol`, `instance_port`, `balance`, `health`, `forward`, `locality`, `affinity`",
                 "rules/web/empty: selector: give at least one of image, tag, labels, env",
                 "instances/web/nowhere: address: a static instance needs one",
             ]

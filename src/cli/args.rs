@@ -128,6 +128,8 @@ pub struct ServiceAddArgs {
     pub forward: Option<String>,
     #[command(flatten)]
     pub health: Box<HealthArgs>,
+    #[command(flatten)]
+    pub traffic: super::traffic_args::ServiceTrafficArgs,
 }
 
 impl ServiceAddArgs {
@@ -163,6 +165,8 @@ impl ServiceAddArgs {
                 .map(str::parse)
                 .transpose()?
                 .unwrap_or(Forwarding::Proxy),
+            locality: self.traffic.locality()?,
+            affinity: self.traffic.affinity()?,
         };
         service.validate()?;
         Ok(service)
@@ -285,6 +289,10 @@ pub struct SelectArgs {
     /// Container port for containers this rule matches (overrides the service's).
     #[arg(long)]
     pub instance_port: Option<String>,
+    /// This rule's share of new connections, 0-1000 [default: 100]; 0 drains the rule (no new
+    /// connections, open ones untouched).
+    #[arg(long, value_name = "0..1000")]
+    pub weight: Option<String>,
 }
 
 impl SelectArgs {
@@ -298,6 +306,11 @@ impl SelectArgs {
                 .instance_port
                 .as_deref()
                 .map(|p| validate::parse_port("instance_port", p))
+                .transpose()?,
+            weight: self
+                .weight
+                .as_deref()
+                .map(super::traffic_args::parse_weight)
                 .transpose()?,
         };
         rule.validate()?;
@@ -344,6 +357,20 @@ pub enum InstanceCmd {
     },
     /// Remove a static instance.
     Rm {
+        /// Service name.
+        service: String,
+        /// Instance name.
+        name: String,
+    },
+    /// Drain an instance (static or container): no new connections, open ones untouched.
+    Drain {
+        /// Service name.
+        service: String,
+        /// Instance name.
+        name: String,
+    },
+    /// Undo `instance drain`: the instance takes new connections again.
+    Undrain {
         /// Service name.
         service: String,
         /// Instance name.

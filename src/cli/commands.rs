@@ -210,3 +210,28 @@ pub(super) async fn instance_rm(
     });
     Ok(())
 }
+
+/// `instance drain` (`drain`) or `instance undrain`.
+pub(super) async fn instance_drain(
+    client: &Client,
+    json: bool,
+    service: &str,
+    name: &str,
+    drain: bool,
+) -> Result<(), Failure> {
+    validate::name("service", service)?;
+    validate::name("instance", name)?;
+    let path = format!("/v1/services/{service}/instances/{name}/drain");
+    let _: serde_json::Value = if drain {
+        client.put(&path, body(&serde_json::json!({}))).await?
+    } else {
+        client.delete(&path).await?
+    };
+    let done = if drain { "drained" } else { "undrained" };
+    print(
+        json,
+        &serde_json::json!({ "service": service, "instance": name, "drained": drain }),
+        || format!("{done} instance {name} of {service}\n"),
+    );
+    Ok(())
+}

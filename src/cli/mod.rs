@@ -7,6 +7,7 @@ mod commands;
 pub mod fluxd_debug;
 pub mod output;
 mod query;
+mod traffic_args;
 
 use std::process::ExitCode;
 
@@ -93,6 +94,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }) => commands::instance_add(&client, json, &service, &name, &address).await,
         Command::Instance(InstanceCmd::Rm { service, name }) => {
             commands::instance_rm(&client, json, &service, &name).await
+        }
+        Command::Instance(InstanceCmd::Drain { service, name }) => {
+            commands::instance_drain(&client, json, &service, &name, true).await
+        }
+        Command::Instance(InstanceCmd::Undrain { service, name }) => {
+            commands::instance_drain(&client, json, &service, &name, false).await
         }
         Command::Completions { .. } | Command::Man { .. } => Ok(()),
     }

@@ -7,6 +7,7 @@
 pub mod guard;
 pub mod routing;
 mod steer;
+mod traffic;
 pub mod view;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -188,11 +189,11 @@ impl Controller {
         Controller {
             checker: Checker::new(status.metrics.clone()),
             view: view::RoutedView::new(&host),
+            built: routing::Built::for_host(&host),
             status,
             local,
             catalog: Arc::new(State::default()),
             table: RouteTable::default(),
-            built: routing::Built::default(),
             reported: Vec::new(),
             addresses: guard::Addresses::default(),
             ifaces: Default::default(),

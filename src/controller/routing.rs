@@ -34,11 +34,25 @@ struct Kept {
 #[derive(Default)]
 pub struct Built {
     services: HashMap<String, BuiltService>,
+    /// This host's name, to tell its instances apart (locality).
+    host: String,
+}
+
+impl Built {
+    /// Builds for `host`; `Built::default()` has no host name (nothing is local but loopback).
+    pub fn for_host(host: &str) -> Built {
+        Built {
+            services: HashMap::new(),
+            host: host.to_string(),
+        }
+    }
 }
 
 struct BuiltService {
     service: Arc<Service>,
     instances: Vec<Arc<Instance>>,
+    /// Rule weights, drain marks and this host's identity as of that build.
+    traffic: super::traffic::Inputs,
     /// Its backends carry each routed instance's health, series and pool into the next
     /// build: health survives as long as the instance keeps its address; a new address is a
     /// new backend, live at first.
@@ -87,9 +101,12 @@ pub fn update_routes(
             continue;
         };
         let instances: Vec<&Arc<Instance>> = state.instance_records_of(name).collect();
+        let traffic = super::traffic::Inputs::of(state, name, &built.host);
         let b = match prev {
-            Some(prev) if same_records(&prev, service, &instances) => prev,
-            prev => build_service(service, &instances, prev.map(|p| p.route), metrics),
+            Some(prev) if prev.traffic == traffic && same_records(&prev, service, &instances) => {
+                prev
+            }
+            prev => build_service(service, &instances, traffic, prev.map(|p| p.route), metrics),
         };
         if !table
             .by_name
@@ -126,6 +143,7 @@ fn same_records(prev: &BuiltService, service: &Arc<Service>, instances: &[&Arc<I
 fn build_service(
     service: &Arc<Service>,
     instances: &[&Arc<Instance>],
+    traffic: super::traffic::Inputs,
     old: Option<Arc<ServiceRoute>>,
     metrics: &Metrics,
 ) -> BuiltService {
@@ -179,6 +197,9 @@ fn build_service(
                     .map(|c| c.labels.clone())
                     .unwrap_or_default(),
                 pool: k.pool,
+                group: traffic.group(i),
+                local: traffic.local(i),
+                drained: traffic.drained(i),
             }))
         })
         .collect();
@@ -197,8 +218,10 @@ fn build_service(
                 service.balance,
                 backends,
             )
-            .with_check(service.health.clone()),
+            .with_check(service.health.clone())
+            .with_traffic(traffic.traffic(service)),
         ),
+        traffic,
     }
 }
 
@@ -285,7 +308,13 @@ fn forward_of(
         return None;
     }
     let route = routes.by_name.get(&service.name)?;
-    let panic = route.backends.iter().all(|b| b.health.check_failing());
+    // Drained instances (a mark, or their rule's weight 0) are on standby like those failing
+    // their check, and never come back in panic mode: drain means no new connection.
+    let panic = route
+        .backends
+        .iter()
+        .filter(|b| route.takes_new(b))
+        .all(|b| b.health.check_failing());
     Some(netfilter::Forward {
         service: service.name.clone(),
         vip,
@@ -295,7 +324,7 @@ fn forward_of(
             .map(|b| netfilter::Destination {
                 instance: b.instance.clone(),
                 addr: b.addr,
-                standby: !panic && b.health.check_failing(),
+                standby: !route.takes_new(b) || (!panic && b.health.check_failing()),
             })
             .collect(),
     })

@@ -52,6 +52,8 @@ fn service(name: &str, vip: &str) -> Service {
         balance: Balance::RoundRobin,
         health: None,
         forward: Default::default(),
+        locality: Default::default(),
+        affinity: Default::default(),
     }
 }
 
@@ -93,6 +95,7 @@ fn rule(service: &str, name: &str, image: &str) -> Rule {
             ..Selector::default()
         },
         instance_port: None,
+        weight: None,
     }
 }
 
@@ -993,6 +996,8 @@ mod refusals {
             balance: Balance::default(),
             health: None,
             forward: Default::default(),
+            locality: Default::default(),
+            affinity: Default::default(),
         })
     }
 
@@ -1196,6 +1201,8 @@ fn with_refusals_on_a_tcp_service_without_backends_is_refused_and_the_rest_redir
 fn a_kernel_forwarded_service_is_dnated_to_its_backends_and_refused_without_any() {
     let kernel = |name: &str, vip: &str| Service {
         forward: model::Forwarding::Kernel,
+        locality: Default::default(),
+        affinity: Default::default(),
         ..service(name, vip)
     };
     let state = StateBuilder::default()
@@ -1256,6 +1263,8 @@ fn a_kernel_forwarded_instance_failing_its_check_is_on_standby_unless_all_fail()
     let state = StateBuilder::default()
         .service(Service {
             forward: model::Forwarding::Kernel,
+            locality: Default::default(),
+            affinity: Default::default(),
             health: Some(HealthCheck {
                 fall: 1,
                 ..HealthCheck::tcp()

@@ -182,6 +182,23 @@ pub fn catalog_changes(old: &State, new: &State) -> BTreeSet<String> {
         }) = d;
         names.insert(s.clone());
     }
+    // Rule weights and drain marks decide how a route shares its connections.
+    for d in old.rules.diff(&new.rules) {
+        let (DiffItem::Add((s, _), _)
+        | DiffItem::Remove((s, _), _)
+        | DiffItem::Update {
+            new: ((s, _), _), ..
+        }) = d;
+        names.insert(s.clone());
+    }
+    for d in old.drains.diff(&new.drains) {
+        let (DiffItem::Add((s, _), _)
+        | DiffItem::Remove((s, _), _)
+        | DiffItem::Update {
+            new: ((s, _), _), ..
+        }) = d;
+        names.insert(s.clone());
+    }
     names
 }
 

@@ -8,6 +8,7 @@ mod host;
 mod instance;
 mod rule;
 mod service;
+pub mod traffic;
 pub mod validate;
 
 pub use error::InvalidInput;
@@ -16,6 +17,7 @@ pub use host::{Host, NetworkMode};
 pub use instance::{ContainerInfo, Instance, Origin, MAX_ADDRESS_NOTE};
 pub use rule::{Rule, Selector};
 pub use service::{Balance, Forwarding, Protocol, Service};
+pub use traffic::{Affinity, Drain, Locality};
 
 /// A value that can check its own invariants after deserialising.
 pub trait Validate {

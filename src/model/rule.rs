@@ -62,6 +62,17 @@ pub struct Rule {
     /// Overrides the service's instance port for containers this rule matches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance_port: Option<u16>,
+    /// This rule's share of the service's new connections, 0-1000 (see `model::traffic`);
+    /// absent (and not written) means the default, 100. 0 drains the rule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u16>,
+}
+
+impl Rule {
+    /// The weight in effect: the rule's own or the default.
+    pub fn weight_or_default(&self) -> u16 {
+        self.weight.unwrap_or(super::traffic::DEFAULT_WEIGHT)
+    }
 }
 
 impl Validate for Rule {
@@ -72,6 +83,34 @@ impl Validate for Rule {
         if let Some(p) = self.instance_port {
             validate::port("instance_port", p)?;
         }
+        if let Some(w) = self.weight {
+            super::traffic::weight("weight", w)?;
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{decode, encode};
+
+    const OLD: &str = r#"{"service":"web","name":"v1","selector":{"image":"app","tag":"1"}}"#;
+
+    #[test]
+    fn records_without_a_weight_load_and_encode_as_before() {
+        let r: Rule = decode(OLD.as_bytes()).unwrap();
+        assert_eq!((r.weight, r.weight_or_default()), (None, 100));
+        assert_eq!(String::from_utf8(encode(&r)).unwrap(), OLD);
+    }
+
+    #[test]
+    fn weights_round_trip_and_are_checked() {
+        let json = OLD.replace(r#"}}"#, r#"},"weight":0}"#);
+        let r: Rule = decode(json.as_bytes()).unwrap();
+        assert_eq!(r.weight, Some(0));
+        assert_eq!(String::from_utf8(encode(&r)).unwrap(), json);
+        let e = decode::<Rule>(OLD.replace(r#"}}"#, r#"},"weight":1001}"#).as_bytes()).unwrap_err();
+        assert_eq!(e.field, "weight", "{e}");
     }
 }

@@ -4,6 +4,7 @@ use std::net::SocketAddrV4;
 
 use serde::{Deserialize, Serialize};
 
+use super::traffic::{Affinity, Locality};
 use super::{validate, HealthCheck, InvalidInput, Validate};
 
 /// What flux understands of the bytes a service carries.
@@ -139,6 +140,12 @@ pub struct Service {
     /// kernel (`tcp` services with a VIP only).
     #[serde(default, skip_serializing_if = "Forwarding::is_proxy")]
     pub forward: Forwarding,
+    /// Which hosts' instances a host prefers (see `model::traffic`); absent means any.
+    #[serde(default, skip_serializing_if = "Locality::is_any")]
+    pub locality: Locality,
+    /// Whether a client keeps reaching one instance; absent means none.
+    #[serde(default, skip_serializing_if = "Affinity::is_none")]
+    pub affinity: Affinity,
 }
 
 impl Service {
@@ -185,6 +192,10 @@ impl Validate for Service {
                 Some("kernel forwarding needs a VIP to forward from; this service has address none")
             } else if self.balance == Balance::LeastConn {
                 Some("kernel forwarding spreads connections at random; least-conn needs the proxy")
+            } else if !self.locality.is_any() {
+                Some("kernel forwarding spreads connections over every instance; locality needs the proxy")
+            } else if !self.affinity.is_none() {
+                Some("kernel forwarding picks at random per connection; affinity needs the proxy")
             } else {
                 None
             };
@@ -193,5 +204,63 @@ impl Validate for Service {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod traffic_tests {
+    use super::*;
+    use crate::model::{decode, encode};
+
+    const OLD: &str =
+        r#"{"name":"web","address":"198.18.0.10:80","protocol":"tcp","balance":"round-robin"}"#;
+
+    #[test]
+    fn records_without_traffic_fields_load_and_encode_as_before() {
+        let s: Service = decode(OLD.as_bytes()).unwrap();
+        assert_eq!((s.locality, s.affinity), (Locality::Any, Affinity::None));
+        assert_eq!(String::from_utf8(encode(&s)).unwrap(), OLD);
+    }
+
+    #[test]
+    fn traffic_fields_round_trip_and_are_checked() {
+        let json = OLD.replace(
+            r#""round-robin"}"#,
+            r#""round-robin","locality":"prefer-host","affinity":"client-ip"}"#,
+        );
+        let s: Service = decode(json.as_bytes()).unwrap();
+        assert_eq!(
+            (s.locality, s.affinity),
+            (Locality::PreferHost, Affinity::ClientIp)
+        );
+        assert_eq!(String::from_utf8(encode(&s)).unwrap(), json);
+        let bad = OLD.replace(r#""round-robin"}"#, r#""round-robin","locality":"near"}"#);
+        assert_eq!(
+            decode::<Service>(bad.as_bytes()).unwrap_err().field,
+            "locality"
+        );
+    }
+
+    #[test]
+    fn kernel_forwarding_refuses_locality_and_affinity() {
+        let base: Service = decode(OLD.as_bytes()).unwrap();
+        let kernel = Service {
+            forward: Forwarding::Kernel,
+            ..base
+        };
+        assert!(kernel.validate().is_ok());
+        for s in [
+            Service {
+                locality: Locality::HostOnly,
+                ..kernel.clone()
+            },
+            Service {
+                affinity: Affinity::ClientIp,
+                ..kernel.clone()
+            },
+        ] {
+            let e = s.validate().unwrap_err();
+            assert_eq!(e.field, "forward", "{e}");
+        }
     }
 }

@@ -5,7 +5,7 @@
 
 use std::future::Future;
 use std::io;
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -49,11 +49,12 @@ pub(super) struct Attempted {
 pub(super) fn start(
     upstream: Option<Upstream>,
     service: Arc<ServiceRoute>,
+    client: Option<IpAddr>,
     mut tried: Vec<Arc<Backend>>,
     timeout: Duration,
 ) -> Connecting {
     Box::pin(async move {
-        let result = any(upstream, &service, &mut tried, timeout).await;
+        let result = any(upstream, &service, client, &mut tried, timeout).await;
         Attempted {
             service,
             tried,
@@ -72,13 +73,14 @@ pub(super) fn start(
 async fn any(
     upstream: Option<Upstream>,
     service: &ServiceRoute,
+    client: Option<IpAddr>,
     tried: &mut Vec<Arc<Backend>>,
     timeout: Duration,
 ) -> io::Result<Option<(Arc<Backend>, TcpStream)>> {
     let mut upstream = upstream;
     let was_tried =
         |tried: &[Arc<Backend>], b: &Arc<Backend>| tried.iter().any(|t| Arc::ptr_eq(t, b));
-    if let Some(b) = service.first_choice().cloned() {
+    if let Some(b) = service.first_choice(client).cloned() {
         if !was_tried(tried, &b) {
             if let Some(stream) = attempt(upstream.take(), &b, timeout).await? {
                 if !tried.is_empty() {
@@ -89,7 +91,7 @@ async fn any(
             tried.push(b);
         }
     }
-    for b in service.connect_order() {
+    for b in service.connect_order(client) {
         if was_tried(tried, &b) {
             continue;
         }

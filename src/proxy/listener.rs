@@ -294,8 +294,11 @@ async fn accept_loop(
             _ = stop.changed() => return,
         };
         match accepted {
-            Ok((client, _)) => {
-                upstream = dispatch(client, socket, permit, &routes, source, timeouts, &stop);
+            Ok((client, peer)) => {
+                let peer = Some(peer.ip());
+                upstream = dispatch(
+                    client, peer, socket, permit, &routes, source, timeouts, &stop,
+                );
             }
             Err(e) => {
                 upstream = Some(socket);
@@ -320,8 +323,10 @@ async fn accept_backoff(e: &io::Error, what: &'static str) {
 ///
 /// Each path is a task of its own type, so that a `tcp` connection's task is sized by the
 /// `tcp` path alone (userspace memory per idle connection is a target).
+#[allow(clippy::too_many_arguments)]
 fn dispatch(
     client: TcpStream,
+    peer: Option<std::net::IpAddr>,
     upstream: Upstream,
     permit: OwnedSemaphorePermit,
     routes: &Arc<ArcSwap<RouteTable>>,
@@ -348,7 +353,7 @@ fn dispatch(
         return Some(upstream);
     }
     tokio::spawn(super::tcp::Connection::new(
-        client, upstream, service, timeouts, permit,
+        client, peer, upstream, service, timeouts, permit,
     ));
     None
 }

@@ -4,6 +4,7 @@
 //! through pipes.
 
 pub mod activation;
+pub mod balancer;
 mod buffer;
 mod connect;
 mod destination;

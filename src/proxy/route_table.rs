@@ -8,11 +8,15 @@
 //! instances are tried as if unchecked, passive health still ordering them: a check that fails
 //! everywhere at once is more often the check's fault (a wrong path, a shared dependency down)
 //! than every instance's, and refusing every connection would turn it into a full outage.
+//!
+//! A service with traffic control (rule weights, drained instances, locality, affinity) is
+//! ordered by `super::balancer` instead, which follows the same rules for health.
 
-use std::net::SocketAddrV4;
+use std::net::{IpAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use super::balancer::{self, Candidate, Pick, Traffic};
 use super::health::{now_ms, Health};
 use crate::metrics::{InstanceLabels, InstanceMetrics};
 use crate::model::{Balance, HealthCheck, Protocol};
@@ -33,6 +37,12 @@ pub struct Backend {
     /// Idle kept-alive HTTP connections to this instance (`http` services only); shared with
     /// earlier tables like `health`.
     pub pool: Arc<super::http::pool::Pool>,
+    /// Index of its rule's group in the route's `traffic.groups` (see `balancer`).
+    pub group: usize,
+    /// Whether it runs on this host (for locality).
+    pub local: bool,
+    /// Whether its instance carries a drain mark: no new connection.
+    pub drained: bool,
 }
 
 impl Backend {
@@ -51,6 +61,8 @@ pub struct ServiceRoute {
     pub check: Option<HealthCheck>,
     /// Round-robin position.
     next: AtomicUsize,
+    /// Weights, locality and affinity; plain by default.
+    pub traffic: Traffic,
 }
 
 impl ServiceRoute {
@@ -67,7 +79,55 @@ impl ServiceRoute {
             backends,
             check: None,
             next: AtomicUsize::new(0),
+            traffic: Traffic::default(),
         }
+    }
+
+    /// The same route with traffic control.
+    pub fn with_traffic(mut self, traffic: Traffic) -> Self {
+        self.traffic = traffic;
+        self
+    }
+
+    /// Whether `b` takes new connections at all: not drained by a mark or its rule's weight.
+    pub fn takes_new(&self, b: &Backend) -> bool {
+        !b.drained
+            && self
+                .traffic
+                .groups
+                .get(b.group)
+                .is_none_or(|g| g.weight > 0)
+    }
+
+    /// The order of a service with traffic control (see `balancer`), as indices.
+    fn traffic_order(&self, client: Option<IpAddr>) -> Vec<usize> {
+        let now = now_ms();
+        let candidates: Vec<Candidate> = self
+            .backends
+            .iter()
+            .map(|b| Candidate {
+                name: &b.instance,
+                group: b.group,
+                local: b.local,
+                drained: b.drained,
+                check_failing: b.health.check_failing(),
+                available: b.health.available(now),
+                retry_at_ms: b.health.retry_at_ms(),
+                active: b.metrics.active.get().max(0) as u64,
+            })
+            .collect();
+        let pick = match self.balance {
+            Balance::RoundRobin => Pick::Counter(self.next.fetch_add(1, Ordering::Relaxed)),
+            Balance::Random => Pick::Random,
+            Balance::LeastConn => Pick::LeastConn,
+        };
+        balancer::order(
+            &self.traffic,
+            &candidates,
+            client,
+            pick,
+            &mut rand::random::<u64>,
+        )
     }
 
     /// The same route with the service's active check.
@@ -85,7 +145,15 @@ impl ServiceRoute {
     /// The policy's pick among available instances, without allocating: what almost every
     /// connection needs. None when no instance is available (all failed and not yet due, or
     /// failing their check).
-    pub fn first_choice(&self) -> Option<&Arc<Backend>> {
+    ///
+    /// `client` is the client's address, for affinity.
+    pub fn first_choice(&self, client: Option<IpAddr>) -> Option<&Arc<Backend>> {
+        if !self.traffic.is_plain() {
+            // The first of the full order, if it is available now (as on the plain path).
+            let first = *self.traffic_order(client).first()?;
+            let b = &self.backends[first];
+            return b.health.available(now_ms()).then_some(b);
+        }
         let now = now_ms();
         let usable = |panic: bool| {
             move |b: &&Arc<Backend>| (panic || !b.health.check_failing()) && b.health.available(now)
@@ -116,7 +184,14 @@ impl ServiceRoute {
     /// other available instances, then failed ones by when their retry is due, so that a
     /// connection is only refused when every instance has been tried. Instances failing their
     /// active check are left out, unless all are (panic mode).
-    pub fn connect_order(&self) -> Vec<Arc<Backend>> {
+    pub fn connect_order(&self, client: Option<IpAddr>) -> Vec<Arc<Backend>> {
+        if !self.traffic.is_plain() {
+            return self
+                .traffic_order(client)
+                .into_iter()
+                .map(|i| self.backends[i].clone())
+                .collect();
+        }
         let now = now_ms();
         let panic = self.all_check_failing();
         let (mut avail, mut failed): (Vec<_>, Vec<_>) = self
@@ -186,6 +261,9 @@ mod tests {
                     labels,
                     extra: Default::default(),
                     pool: Default::default(),
+                    group: 0,
+                    local: false,
+                    drained: false,
                 })
             })
             .collect();
@@ -198,7 +276,7 @@ mod tests {
         r.backends[1].health.failed();
         let mut counts = HashMap::new();
         for _ in 0..100 {
-            let order = r.connect_order();
+            let order = r.connect_order(None);
             assert_eq!(order.len(), 3, "every instance stays a fallback");
             assert_eq!(order[2].instance, "i1", "failed instance tried last");
             *counts.entry(order[0].instance.clone()).or_insert(0) += 1;
@@ -217,7 +295,7 @@ mod tests {
         r.backends[2].health.failed();
         r.backends[2].health.failed(); // ~4 s
         let order: Vec<_> = r
-            .connect_order()
+            .connect_order(None)
             .iter()
             .map(|b| b.instance.clone())
             .collect();
@@ -229,12 +307,12 @@ mod tests {
         let r = route(3, Balance::RoundRobin);
         r.backends[2].health.failed();
         let picks: Vec<String> = (0..4)
-            .map(|_| r.first_choice().unwrap().instance.clone())
+            .map(|_| r.first_choice(None).unwrap().instance.clone())
             .collect();
         assert_eq!(picks, ["i0", "i1", "i0", "i1"]);
         r.backends[0].health.failed();
         r.backends[1].health.failed();
-        assert!(r.first_choice().is_none());
+        assert!(r.first_choice(None).is_none());
     }
 
     fn fail_check(b: &Backend) {
@@ -253,9 +331,9 @@ mod tests {
         let r = route(3, Balance::RoundRobin);
         fail_check(&r.backends[1]);
         for _ in 0..10 {
-            assert_ne!(r.first_choice().unwrap().instance, "i1");
+            assert_ne!(r.first_choice(None).unwrap().instance, "i1");
             let order: Vec<_> = r
-                .connect_order()
+                .connect_order(None)
                 .iter()
                 .map(|b| b.instance.clone())
                 .collect();
@@ -265,9 +343,9 @@ mod tests {
         // Passively failed instances are still a last resort; a failing check is not.
         r.backends[0].health.failed();
         r.backends[2].health.failed();
-        assert!(r.first_choice().is_none());
+        assert!(r.first_choice(None).is_none());
         let order: Vec<_> = r
-            .connect_order()
+            .connect_order(None)
             .iter()
             .map(|b| b.instance.clone())
             .collect();
@@ -281,14 +359,14 @@ mod tests {
         fail_check(&r.backends[0]);
         fail_check(&r.backends[1]);
         let picks: Vec<String> = (0..4)
-            .map(|_| r.first_choice().unwrap().instance.clone())
+            .map(|_| r.first_choice(None).unwrap().instance.clone())
             .collect();
         assert_eq!(picks, ["i0", "i1", "i0", "i1"]);
-        assert_eq!(r.connect_order().len(), 2);
+        assert_eq!(r.connect_order(None).len(), 2);
         r.backends[0].health.check_stopped();
-        assert_eq!(r.first_choice().unwrap().instance, "i0");
+        assert_eq!(r.first_choice(None).unwrap().instance, "i0");
         assert_eq!(
-            r.connect_order().len(),
+            r.connect_order(None).len(),
             1,
             "panic ends with one instance in the pool"
         );
@@ -299,7 +377,7 @@ mod tests {
         let r = route(2, Balance::LeastConn);
         r.backends[0].metrics.active.set(100);
         let picks_idle = (0..200)
-            .filter(|_| r.connect_order()[0].instance == "i1")
+            .filter(|_| r.connect_order(None)[0].instance == "i1")
             .count();
         // i1 wins whenever it is one of the two draws: 3 in 4 on average.
         assert!(picks_idle > 120, "{picks_idle}");

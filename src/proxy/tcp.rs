@@ -69,15 +69,16 @@ struct Forwarding {
 
 impl Connection {
     /// `upstream` is the socket for the first connect attempt, made before the client was
-    /// accepted.
+    /// accepted; `peer` the client's address (for affinity).
     pub fn new(
         client: TcpStream,
+        peer: Option<std::net::IpAddr>,
         upstream: Upstream,
         service: Arc<ServiceRoute>,
         timeouts: Timeouts,
         permit: OwnedSemaphorePermit,
     ) -> Connection {
-        let connect = connect::start(Some(upstream), service, Vec::new(), timeouts.connect);
+        let connect = connect::start(Some(upstream), service, peer, Vec::new(), timeouts.connect);
         Connection {
             phase: Phase::Connecting { client, connect },
             connect_timeout: timeouts.connect,
@@ -141,7 +142,10 @@ impl Connection {
                 m.connect_failures.inc();
                 let mut tried = f.tried;
                 tried.push(f.instance);
-                let connect = connect::start(None, f.service, tried, self.connect_timeout);
+                // The client's address is read again rather than kept for the whole
+                // connection: this phase is rare, an idle connection's size is not.
+                let peer = f.client.peer_addr().ok().map(|a| a.ip());
+                let connect = connect::start(None, f.service, peer, tried, self.connect_timeout);
                 Phase::Connecting {
                     client: f.client,
                     connect,
@@ -334,6 +338,9 @@ mod tests {
             labels,
             extra: Default::default(),
             pool: Default::default(),
+            group: 0,
+            local: false,
+            drained: false,
         }
     }
 
@@ -380,6 +387,7 @@ mod tests {
             let upstream = Upstream::new().unwrap();
             let c = Connection::new(
                 client,
+                None,
                 upstream,
                 route.clone(),
                 timeouts(half_closed_idle),

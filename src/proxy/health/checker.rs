@@ -363,6 +363,9 @@ mod tests {
             labels,
             extra: Default::default(),
             pool: Default::default(),
+            group: 0,
+            local: false,
+            drained: false,
         });
         let route = Arc::new(
             crate::proxy::route_table::ServiceRoute::new(

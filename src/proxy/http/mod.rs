@@ -58,6 +58,8 @@ struct Ctx {
     response_timeout: Duration,
     /// The client's address, appended to `X-Forwarded-For`.
     client_ip: Option<HeaderValue>,
+    /// The same address, for affinity: each request picks by it.
+    client: Option<std::net::IpAddr>,
 }
 
 /// Serves one client connection of an `http` service until the client closes it or fluxd
@@ -69,16 +71,15 @@ pub async fn serve(
     timeouts: Timeouts,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let client_ip = client
-        .peer_addr()
-        .ok()
-        .and_then(|a| HeaderValue::from_str(&a.ip().to_string()).ok());
+    let peer = client.peer_addr().ok().map(|a| a.ip());
+    let client_ip = peer.and_then(|ip| HeaderValue::from_str(&ip.to_string()).ok());
     let ctx = Arc::new(Ctx {
         vip,
         routes,
         timeout: timeouts.connect,
         response_timeout: timeouts.http_response,
         client_ip,
+        client: peer,
     });
     let service = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
@@ -154,14 +155,15 @@ impl Ctx {
         };
         // The policy's pick, then every other instance in connect order (computed only when
         // the first choice fails), as on the tcp path.
-        let first = service.first_choice().cloned();
+        let first = service.first_choice(self.client).cloned();
         let mut rest: Option<std::vec::IntoIter<Arc<Backend>>> = None;
         let mut retried = false;
         loop {
             let backend = match (&first, rest.is_none()) {
                 (Some(f), true) if !retried => f.clone(),
                 _ => {
-                    let it = rest.get_or_insert_with(|| service.connect_order().into_iter());
+                    let it =
+                        rest.get_or_insert_with(|| service.connect_order(self.client).into_iter());
                     match it.find(|b| !first.as_ref().is_some_and(|f| Arc::ptr_eq(f, b))) {
                         Some(b) => b,
                         None => break,
@@ -178,7 +180,7 @@ impl Ctx {
                 Attempt::Failed => {
                     retried = true;
                     if rest.is_none() {
-                        rest = Some(service.connect_order().into_iter());
+                        rest = Some(service.connect_order(self.client).into_iter());
                     }
                 }
                 Attempt::Lost => {
