@@ -153,6 +153,10 @@ pub struct ServiceHealth {
     pub service: String,
     pub address: String,
     pub instances: Vec<BackendHealth>,
+    /// Its traffic control as the proxy applies it (weights, drained instances, locality,
+    /// affinity); absent when there is none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -211,6 +215,7 @@ impl DebugView {
                         health: b.view(),
                     })
                     .collect(),
+                traffic: route.traffic_summary(),
             });
         }
         view.services.sort_by(|a, b| a.service.cmp(&b.service));

@@ -365,7 +365,10 @@ async fn query_instances(api: &Api, query: &str) -> Answer {
     let views: Vec<InstanceView> = state
         .instances
         .values()
-        .map(|i| InstanceView::with_health(i, api.health(i)))
+        .map(|i| {
+            InstanceView::with_health(i, api.health(i))
+                .drained(state.is_drained(&i.service, &i.name))
+        })
         .filter(|v| q.matches(v, &state.hosts))
         .collect();
     Ok(json(StatusCode::OK, &views))

@@ -61,6 +61,9 @@ pub struct InstanceView {
     /// This host's record of connecting to it; absent without a data plane.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthView>,
+    /// It carries a drain mark (`fluxctl instance drain`): no new connections.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub drained: bool,
 }
 
 impl InstanceView {
@@ -82,7 +85,14 @@ impl InstanceView {
             instance: instance.clone(),
             state,
             health,
+            drained: false,
         }
+    }
+
+    /// The same view with the instance's drain mark.
+    pub fn drained(mut self, drained: bool) -> Self {
+        self.drained = drained;
+        self
     }
 }
 
@@ -110,7 +120,10 @@ impl ServiceInfo {
             rules: state.rules_of(&service.name).cloned().collect(),
             instances: state
                 .instances_of(&service.name)
-                .map(|i| InstanceView::with_health(i, health(i)))
+                .map(|i| {
+                    InstanceView::with_health(i, health(i))
+                        .drained(state.is_drained(&i.service, &i.name))
+                })
                 .collect(),
             refused: None,
         }

@@ -244,6 +244,15 @@ fn render(v: &DebugView) -> String {
         }
     }
     let _ = writeln!(out, "repairs since start: {}", v.repairs);
+    let traffic: Vec<String> = v
+        .services
+        .iter()
+        .filter_map(|s| Some(format!("{}: {}\n", s.service, s.traffic.as_ref()?)))
+        .collect();
+    if !traffic.is_empty() {
+        out.push_str("\nTRAFFIC CONTROL (as this host's proxy applies it)\n");
+        out.extend(traffic);
+    }
     out.push_str("\nINSTANCES (health as this host sees it)\n");
     let mut rows = Vec::new();
     for s in &v.services {

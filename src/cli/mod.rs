@@ -7,7 +7,7 @@ mod commands;
 pub mod fluxd_debug;
 pub mod output;
 mod query;
-mod traffic_args;
+pub(crate) mod traffic_args;
 
 use std::process::ExitCode;
 

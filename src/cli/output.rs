@@ -91,10 +91,14 @@ pub fn instance_row(v: &InstanceView) -> Vec<String> {
 pub fn instance_table(views: &[InstanceView]) -> String {
     let checked = views.iter().any(|v| check_summary(v).is_some());
     let noted = views.iter().any(|v| note(v).is_some());
+    let drains = views.iter().any(|v| v.drained);
     let rows: Vec<Vec<String>> = views
         .iter()
         .map(|v| {
             let mut row = instance_row(v);
+            if drains {
+                row.push(if v.drained { "drained" } else { "-" }.to_string());
+            }
             if checked {
                 row.push(check_summary(v).unwrap_or_else(|| "-".into()));
             }
@@ -105,6 +109,10 @@ pub fn instance_table(views: &[InstanceView]) -> String {
         })
         .collect();
     let mut header = INSTANCE_HEADER.to_vec();
+    // A DRAIN column only when some instance is drained, so tables without stay as they were.
+    if drains {
+        header.push("DRAIN");
+    }
     if checked {
         header.push("CHECK");
     }
@@ -128,7 +136,7 @@ pub fn check_summary(v: &InstanceView) -> Option<String> {
 
 /// Fields a `--format` template may name, as `{{field}}` or, in flux 0.2's Go template
 /// spelling, `{{.Field}}` (any case).
-pub const TEMPLATE_FIELDS: [&str; 12] = [
+pub const TEMPLATE_FIELDS: [&str; 13] = [
     "service",
     "name",
     "host",
@@ -141,6 +149,7 @@ pub const TEMPLATE_FIELDS: [&str; 12] = [
     "origin",
     "check",
     "note",
+    "drained",
 ];
 
 /// What one `{{...}}` of a template stands for.
@@ -225,6 +234,7 @@ fn field_text(f: &str, v: &InstanceView) -> String {
         "origin" => format!("{:?}", i.origin).to_lowercase(),
         "check" => check_summary(v).unwrap_or_default(),
         "note" => note(v).unwrap_or_default().to_string(),
+        "drained" => v.drained.to_string(),
         _ => String::new(),
     }
 }
@@ -336,6 +346,9 @@ fn with_rules_under_rows(table: &str, services: &[ServiceInfo]) -> String {
             if let Some(p) = r.instance_port {
                 out.push_str(&format!(" instance-port={p}"));
             }
+            if let Some(w) = r.weight {
+                out.push_str(&format!(" weight={w}"));
+            }
             out.push('\n');
         }
     }
@@ -398,6 +411,9 @@ pub fn info_text(s: &ServiceInfo) -> String {
     if let Some(h) = &svc.health {
         out.push_str(&format!("health check: {}\n", h.describe()));
     }
+    if let Some(t) = super::traffic_args::describe(svc) {
+        out.push_str(&t);
+    }
     if let Some(why) = &s.refused {
         out.push_str(&format!("not routed on this host: VIP {why}\n"));
     }
@@ -407,6 +423,7 @@ pub fn info_text(s: &ServiceInfo) -> String {
             "every instance fails its health check: all are tried as if unchecked (panic mode)\n",
         );
     }
+    let weighted = s.rules.iter().any(|r| r.weight.is_some());
     if s.rules.is_empty() {
         out.push_str("rules: none\n");
     } else {
@@ -414,16 +431,25 @@ pub fn info_text(s: &ServiceInfo) -> String {
             .rules
             .iter()
             .map(|r| {
-                vec![
+                let mut row = vec![
                     r.name.clone(),
                     selector(&r.selector),
                     r.instance_port
                         .map(|p| p.to_string())
                         .unwrap_or_else(|| "-".into()),
-                ]
+                ];
+                if weighted {
+                    row.push(r.weight_or_default().to_string());
+                }
+                row
             })
             .collect();
-        out.push_str(&table(&["RULE", "SELECTOR", "INSTANCE-PORT"], &rows));
+        let mut header = vec!["RULE", "SELECTOR", "INSTANCE-PORT"];
+        // A WEIGHT column once some rule sets one (only then do rules share by weight).
+        if weighted {
+            header.push("WEIGHT");
+        }
+        out.push_str(&table(&header, &rows));
     }
     if s.instances.is_empty() {
         out.push_str("instances: none\n");
@@ -550,5 +576,35 @@ mod tests {
             "bbbbbbbbbbbb: port 80/tcp is not published"
         );
         assert_eq!(render_template("{{note}}", &plain), "");
+    }
+
+    #[test]
+    fn drain_and_weight_columns_only_when_used() {
+        let plain = container_view("aaaaaaaaaaaa", None);
+        let t = instance_table(std::slice::from_ref(&plain));
+        assert!(!t.contains("DRAIN"), "{t}");
+        let drained = container_view("bbbbbbbbbbbb", None).drained(true);
+        let t = instance_table(&[plain.clone(), drained.clone()]);
+        assert!(t.lines().next().unwrap().ends_with("DRAIN"), "{t}");
+        assert!(t.lines().nth(2).unwrap().ends_with("drained"), "{t}");
+        assert_eq!(render_template("{{drained}}", &drained), "true");
+
+        let mut s = service_info(serde_json::json!({"name": "web", "address": "198.18.0.10:80"}));
+        s.rules = serde_json::from_value(serde_json::json!([
+            {"service": "web", "name": "v1", "selector": {"tag": "1"}, "weight": 90},
+            {"service": "web", "name": "v2", "selector": {"tag": "2"}},
+        ]))
+        .unwrap();
+        let info = info_text(&s);
+        assert!(info.contains("WEIGHT"), "{info}");
+        assert!(
+            info.lines()
+                .any(|l| l.starts_with("v2") && l.ends_with("100")),
+            "{info}"
+        );
+        let list = list_text(std::slice::from_ref(&s), true);
+        assert!(list.contains("rule v1: tag=1 weight=90\n"), "{list}");
+        s.service.locality = crate::model::Locality::PreferHost;
+        assert!(info_text(&s).contains("traffic: locality prefer-host  affinity none\n"));
     }
 }

@@ -38,6 +38,17 @@ impl ServiceTrafficArgs {
     }
 }
 
+/// `fluxctl info`'s line on a service's locality and affinity, when either is not the default.
+pub fn describe(s: &crate::model::Service) -> Option<String> {
+    if s.locality.is_any() && s.affinity.is_none() {
+        return None;
+    }
+    Some(format!(
+        "traffic: locality {}  affinity {}\n",
+        s.locality, s.affinity
+    ))
+}
+
 /// Parses `--weight`: 0-1000.
 pub fn parse_weight(v: &str) -> Result<u16, InvalidInput> {
     let w = v.parse::<u16>().map_err(|_| {

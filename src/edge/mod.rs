@@ -227,6 +227,7 @@ mod tests {
                         instance,
                         state: *state,
                         health: None,
+                        drained: false,
                     }
                 })
                 .collect(),

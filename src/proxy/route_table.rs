@@ -99,6 +99,61 @@ impl ServiceRoute {
                 .is_none_or(|g| g.weight > 0)
     }
 
+    /// One line on this route's traffic control for `fluxd debug` (`weights v1=90 v2=10;
+    /// drained i3; locality prefer-host (local: i1); affinity client-ip`); None when plain.
+    pub fn traffic_summary(&self) -> Option<String> {
+        if self.traffic.is_plain() && self.backends.iter().all(|b| !b.drained) {
+            return None;
+        }
+        let mut parts = Vec::new();
+        let t = &self.traffic;
+        if t.groups.len() > 1 {
+            let weights: Vec<String> = t
+                .groups
+                .iter()
+                .enumerate()
+                // The static group only when it has members.
+                .filter(|(i, g)| !g.name.is_empty() || self.backends.iter().any(|b| b.group == *i))
+                .map(|(_, g)| {
+                    let name = if g.name.is_empty() {
+                        "(static)"
+                    } else {
+                        &g.name
+                    };
+                    format!("{name}={}", g.weight)
+                })
+                .collect();
+            parts.push(format!("weights {}", weights.join(" ")));
+        }
+        let drained: Vec<&str> = self
+            .backends
+            .iter()
+            .filter(|b| !self.takes_new(b))
+            .map(|b| b.instance.as_str())
+            .collect();
+        if !drained.is_empty() {
+            parts.push(format!("drained {}", drained.join(" ")));
+        }
+        if !t.locality.is_any() {
+            let local: Vec<&str> = self
+                .backends
+                .iter()
+                .filter(|b| b.local)
+                .map(|b| b.instance.as_str())
+                .collect();
+            let local = if local.is_empty() {
+                "none".to_string()
+            } else {
+                local.join(" ")
+            };
+            parts.push(format!("locality {} (local: {local})", t.locality));
+        }
+        if !t.affinity.is_none() {
+            parts.push(format!("affinity {}", t.affinity));
+        }
+        Some(parts.join("; "))
+    }
+
     /// The order of a service with traffic control (see `balancer`), as indices.
     fn traffic_order(&self, client: Option<IpAddr>) -> Vec<usize> {
         let now = now_ms();
