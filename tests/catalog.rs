@@ -1,11 +1,13 @@
-//! The catalog over a real store (the embedded one, in a temporary directory): each write is
-//! one transaction that keeps the catalog consistent (a VIP claimed by one service, nothing left
+//! The catalog over a real store (the embedded one, in a temporary directory; etcd as well for
+//! traffic control): each write is one transaction that keeps the catalog consistent (a VIP claimed by one service, nothing left
 //! behind by a removal, nothing written by a refusal), and the follower's `State` follows the
 //! writes.
 //!
 //! Here rather than beside `catalog/mod.rs` and `catalog/follow.rs`: opening and closing the
 //! embedded store leaves a few MiB of free heap in the allocator, which the library's
 //! `daemon::memory` unit test, reading the process's free heap, would count as its own.
+
+mod support;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -400,4 +402,107 @@ async fn unchanged_records_are_shared_between_published_states() {
         .expect("added");
     let next = state_where(&mut states, |s| s.services.contains_key("api")).await;
     assert!(Arc::ptr_eq(&first.services["web"], &next.services["web"]));
+}
+
+/// Rule weights, locality, affinity and drain marks through one store: written by the catalog,
+/// read back as written; marks leave with their static instance and their service, and a
+/// `drain` clears the marks of instances that are gone.
+async fn traffic_round_trip(store: Arc<dyn Store>) {
+    let catalog = Catalog::new(store.clone());
+    let web = Service {
+        locality: model::Locality::PreferHost,
+        affinity: model::Affinity::ClientIp,
+        ..service("web", "198.18.0.10:80")
+    };
+    catalog.add_service(&web).await.expect("added");
+    let canary = Rule {
+        weight: Some(10),
+        ..rule("web", "v1", "app")
+    };
+    catalog.put_rule(&canary).await.expect("rule");
+    catalog
+        .add_static_instance(&static_instance("web", "s1", "192.0.2.1:80"))
+        .await
+        .expect("instance");
+    let gone = container("web", "0123456789ab");
+    store
+        .txn(flux::store::Txn {
+            when: vec![],
+            then: vec![flux::store::Op::Put {
+                key: keys::instance("web", &gone.name),
+                value: model::encode(&gone),
+                bound: false,
+            }],
+        })
+        .await
+        .expect("container record");
+    catalog.drain("web", "s1").await.expect("drain static");
+    catalog
+        .drain("web", &gone.name)
+        .await
+        .expect("drain container");
+    let state = catalog.load().await.expect("loads");
+    assert_eq!(*state.services["web"], web);
+    assert_eq!(state.rules[&("web".into(), "v1".into())].weight, Some(10));
+    assert!(state.is_drained("web", "s1") && state.is_drained("web", &gone.name));
+    assert!(state.skipped.is_empty(), "{:?}", state.skipped);
+    for (name, field) in [("nope", "instance"), ("s1", "service")] {
+        let svc = if field == "service" { "nope" } else { "web" };
+        let e = catalog.drain(svc, name).await.unwrap_err();
+        assert!(
+            matches!(e, CatalogError::NotFound(ref i) if i.field == field),
+            "{e}"
+        );
+    }
+
+    // The container goes (its agent deletes the record): its mark stays, ignored, until the
+    // next drain in the service clears it.
+    assert!(store
+        .delete(&keys::instance("web", &gone.name))
+        .await
+        .expect("deleted"));
+    catalog.undrain("web", "s1").await.expect("undrain");
+    catalog
+        .undrain("web", "s1")
+        .await
+        .expect("undrain again is fine");
+    catalog.drain("web", "s1").await.expect("drain again");
+    let state = catalog.load().await.expect("loads");
+    assert_eq!(
+        state.drains.keys().cloned().collect::<Vec<_>>(),
+        [("web".to_string(), "s1".to_string())]
+    );
+    catalog
+        .remove_static_instance("web", "s1")
+        .await
+        .expect("removed");
+    assert!(catalog.load().await.expect("loads").drains.is_empty());
+    catalog
+        .add_static_instance(&static_instance("web", "s2", "192.0.2.2:80"))
+        .await
+        .expect("instance");
+    catalog.drain("web", "s2").await.expect("drain");
+    catalog.remove_service("web").await.expect("removed");
+    let l = listing(&store).await;
+    assert!(key_names(&l).is_empty(), "{:?}", key_names(&l));
+}
+
+#[tokio::test]
+async fn traffic_control_round_trips_through_the_embedded_store() {
+    let t = temp_store().await;
+    traffic_round_trip(t.store.clone()).await;
+}
+
+#[tokio::test]
+async fn traffic_control_round_trips_through_etcd() {
+    let etcd = tokio::task::spawn_blocking(support::etcd::Etcd::start)
+        .await
+        .expect("starting etcd");
+    let store = flux::store::etcd::EtcdStore::connect(
+        std::slice::from_ref(&etcd.endpoint),
+        "/flux-traffic/",
+    )
+    .await
+    .expect("etcd store");
+    traffic_round_trip(Arc::new(store)).await;
 }
