@@ -1,7 +1,7 @@
 //! The catalog over a real store (the embedded one, in a temporary directory; etcd as well for
-//! traffic control): each write is one transaction that keeps the catalog consistent (a VIP claimed by one service, nothing left
-//! behind by a removal, nothing written by a refusal), and the follower's `State` follows the
-//! writes.
+//! traffic control): each write is one transaction that keeps the catalog consistent (a VIP
+//! claimed by one service, nothing left behind by a removal, nothing written by a refusal), and
+//! the follower's `State` follows the writes.
 //!
 //! Here rather than beside `catalog/mod.rs` and `catalog/follow.rs`: opening and closing the
 //! embedded store leaves a few MiB of free heap in the allocator, which the library's
