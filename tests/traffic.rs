@@ -271,3 +271,100 @@ fn weights_drain_and_affinity_on_a_real_data_plane() {
     let text = String::from_utf8_lossy(&debug.stdout);
     assert!(text.contains("TRAFFIC CONTROL"), "{text}");
 }
+
+/// The record host h2's agent writes for container `name` of `service` (rule `all`).
+fn remote_record(service: &str, name: &str, addr: SocketAddrV4) -> String {
+    format!(
+        r#"{{"service":"{service}","name":"{name}","origin":"container","host":"h2","rule":"all","container":{{"id":"{name}0000","name":"{name}","image":"docker.io/library/app","tag":"1"}},"address":"{addr}"}}"#
+    )
+}
+
+#[test]
+fn locality_prefers_this_hosts_instances_and_host_only_keeps_to_them() {
+    let ns = Netns::new("locality");
+    let etcd = Etcd::start_in(&ns.name, Ipv4Addr::LOCALHOST);
+    let store = format!(
+        "--store=etcd://{}",
+        etcd.endpoint.trim_start_matches("http://")
+    );
+    let fluxd = Fluxd::in_netns(&ns.name, "h1", &[&store]);
+    let mut here = Backend::start(&ns, "here", 9201);
+    let there = Backend::start(&ns, "there", 9202);
+    let mut here2 = Backend::start(&ns, "here2", 9203);
+    let there2 = Backend::start(&ns, "there2", 9204);
+    for (service, vip, locality, local, remote) in [
+        ("near", VIP, "prefer-host", &here, &there),
+        ("only", STICKY_VIP, "host-only", &here2, &there2),
+    ] {
+        fluxd.ok(&[
+            "service",
+            "add",
+            service,
+            "--address",
+            vip,
+            "--locality",
+            locality,
+        ]);
+        fluxd.ok(&["select", service, "all", "--image", "app"]);
+        // A static instance on loopback runs on this host; h2's container does not.
+        fluxd.add_instance(service, &local.name, local.addr);
+        let key = format!("/flux/instances/{service}/{}", remote.name);
+        etcd.ctl(&[
+            "put",
+            &key,
+            &remote_record(service, &remote.name, remote.addr),
+        ]);
+        fluxd.wait_routed(service);
+        wait_traffic(
+            &fluxd,
+            service,
+            &format!("locality {locality} (local: {})", local.name),
+        );
+        let counts = spread(&ns, vip, 50);
+        assert_eq!(
+            counts.get(local.name.as_str()),
+            Some(&50),
+            "{service}: {counts:?}"
+        );
+    }
+    let info = fluxd.ok(&["info", "near"]);
+    assert!(info.contains("locality prefer-host"), "{info}");
+
+    // No live instance here: prefer-host goes to the other host's, host-only refuses.
+    here.kill();
+    here2.kill();
+    let counts = spread(&ns, VIP, 50);
+    assert_eq!(counts.get("there"), Some(&50), "{counts:?}");
+    let counts = spread(&ns, STICKY_VIP, 10);
+    assert_eq!(
+        counts.get("there2"),
+        None,
+        "host-only left the host: {counts:?}"
+    );
+    assert!(counts.keys().all(|k| k.starts_with("error")), "{counts:?}");
+
+    // Kernel forwarding cannot honour locality or affinity: refused, naming the field.
+    for flag in [["--locality", "host-only"], ["--affinity", "client-ip"]] {
+        let mut args = vec!["service", "add", "bulk", "--address", "198.18.0.12:80"];
+        args.extend(["--forward", "kernel"]);
+        args.extend(flag);
+        let out = fluxd.ctl(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.starts_with("fluxctl: forward: "), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+    let out = fluxd.ctl(&[
+        "service",
+        "add",
+        "x",
+        "--address",
+        "198.18.0.13:80",
+        "--locality",
+        "near",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.starts_with("fluxctl: locality: "), "{err}");
+    assert!(fluxd.json(&["list"]).as_array().unwrap().len() == 2);
+}
