@@ -485,6 +485,31 @@ async fn traffic_round_trip(store: Arc<dyn Store>) {
     catalog.remove_service("web").await.expect("removed");
     let l = listing(&store).await;
     assert!(key_names(&l).is_empty(), "{:?}", key_names(&l));
+
+    // The kernel picks at random: weight 0 (drain) or the default only.
+    let bulk = Service {
+        forward: model::Forwarding::Kernel,
+        ..service("bulk", "198.18.0.12:80")
+    };
+    catalog.add_service(&bulk).await.expect("added");
+    for (w, ok) in [
+        (Some(0), true),
+        (Some(100), true),
+        (None, true),
+        (Some(50), false),
+    ] {
+        let r = Rule {
+            weight: w,
+            ..rule("bulk", "v1", "app")
+        };
+        match catalog.put_rule(&r).await {
+            Ok(()) => assert!(ok, "{w:?} accepted"),
+            Err(e) => assert!(
+                !ok && matches!(e, CatalogError::Invalid(ref i) if i.field == "weight"),
+                "{w:?}: {e}"
+            ),
+        }
+    }
 }
 
 #[tokio::test]

@@ -240,8 +240,8 @@ fn labels_of(i: &Instance) -> InstanceLabels {
 /// set member (the proxy table may keep it, but no traffic reaches it), a refused VIP range no
 /// rule (its VIPs then get set members like any VIP outside the ranges).
 ///
-/// A `tcp` service with no backend in `routes` (no instance with an address, on any host) is
-/// refused rather than redirected (`rejects`), when `reject_empty`: the proxy could only accept
+/// A `tcp` service with no backend in `routes` (no instance with an address, on any host), or
+/// whose every backend is drained, is refused rather than redirected (`rejects`), when `reject_empty`: the proxy could only accept
 /// its connections and reset them, while a refusal tells the client at once. An instance that
 /// failed, or fails its active check, still counts: the proxy tries it as a last resort. An
 /// `http` service is always redirected, so its clients get a `503` they can read.
@@ -330,13 +330,14 @@ fn forward_of(
     })
 }
 
-/// Whether `service` is a `tcp` service the proxy has no instance to send to.
+/// Whether `service` is a `tcp` service the proxy has no instance to send to: none at all, or
+/// every one drained (by a mark or its rule's weight 0), since drain means no new connection.
 fn has_no_instance(service: &Service, routes: &RouteTable) -> bool {
     service.protocol == Protocol::Tcp
         && routes
             .by_name
             .get(&service.name)
-            .is_none_or(|route| route.backends.is_empty())
+            .is_none_or(|route| !route.backends.iter().any(|b| route.takes_new(b)))
 }
 
 /// The catalog state with this host's container instances as the Docker agent sees them rather

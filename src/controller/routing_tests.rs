@@ -1201,8 +1201,6 @@ fn with_refusals_on_a_tcp_service_without_backends_is_refused_and_the_rest_redir
 fn a_kernel_forwarded_service_is_dnated_to_its_backends_and_refused_without_any() {
     let kernel = |name: &str, vip: &str| Service {
         forward: model::Forwarding::Kernel,
-        locality: Default::default(),
-        affinity: Default::default(),
         ..service(name, vip)
     };
     let state = StateBuilder::default()
@@ -1263,8 +1261,6 @@ fn a_kernel_forwarded_instance_failing_its_check_is_on_standby_unless_all_fail()
     let state = StateBuilder::default()
         .service(Service {
             forward: model::Forwarding::Kernel,
-            locality: Default::default(),
-            affinity: Default::default(),
             health: Some(HealthCheck {
                 fall: 1,
                 ..HealthCheck::tcp()
@@ -1296,4 +1292,64 @@ fn a_kernel_forwarded_instance_failing_its_check_is_on_standby_unless_all_fail()
     assert_eq!(standby(&table), pair(true, false));
     fail("b2");
     assert_eq!(standby(&table), pair(false, false), "panic mode");
+}
+
+/// Drain: an instance with a mark, or of a rule at weight 0, is on standby in a
+/// kernel-forwarded service (no new connection, its established ones kept), and never taken
+/// back in panic mode; a `tcp` service whose every instance is drained is refused like one
+/// with none.
+#[test]
+fn drained_instances_take_no_new_connection_on_either_path() {
+    let mut v2 = rule("bulk", "v2", "app");
+    v2.weight = Some(0);
+    let mut state = StateBuilder::default()
+        .service(Service {
+            forward: model::Forwarding::Kernel,
+            ..service("bulk", "198.18.0.12:80")
+        })
+        .service(service("web", "198.18.0.10:80"))
+        .rule(rule("bulk", "v1", "app"))
+        .rule(v2)
+        .instance(container("bulk", "c1", "host-b", Some("10.0.0.2:32768")))
+        .instance(Instance {
+            rule: Some("v2".into()),
+            ..container("bulk", "c2", "host-b", Some("10.0.0.3:32768"))
+        })
+        .instance(static_instance("bulk", "s1", "192.0.2.1:80"))
+        .instance(static_instance("web", "w1", "192.0.2.2:80"))
+        .build();
+    let mark = |state: &mut State, service: &str, instance: &str| {
+        state.drains.insert(
+            (service.into(), instance.into()),
+            Arc::new(model::Drain {
+                service: service.into(),
+                instance: instance.into(),
+            }),
+        );
+    };
+    mark(&mut state, "bulk", "s1");
+    let table = route_table(&state, &mut Built::default(), &Metrics::new());
+    let desired = desired_rules(&state, &table, PROXY_PORT, &[], &allow_all(&state), true);
+    let standby: Vec<(String, bool)> = desired.forwards[0]
+        .destinations
+        .iter()
+        .map(|d| (d.instance.clone(), d.standby))
+        .collect();
+    assert_eq!(
+        standby,
+        [
+            ("c1".to_string(), false),
+            ("c2".to_string(), true),
+            ("s1".to_string(), true)
+        ]
+    );
+    assert_eq!(
+        route(&table, "bulk").traffic_summary().as_deref(),
+        Some("weights (static)=100 v1=100 v2=0; drained c2 s1")
+    );
+    mark(&mut state, "web", "w1");
+    let table = route_table(&state, &mut Built::default(), &Metrics::new());
+    let desired = desired_rules(&state, &table, PROXY_PORT, &[], &allow_all(&state), true);
+    let rejects: Vec<&str> = desired.rejects.iter().map(|r| r.service.as_str()).collect();
+    assert_eq!(rejects, ["web"]);
 }
