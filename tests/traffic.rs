@@ -367,4 +367,23 @@ fn locality_prefers_this_hosts_instances_and_host_only_keeps_to_them() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.starts_with("fluxctl: locality: "), "{err}");
     assert!(fluxd.json(&["list"]).as_array().unwrap().len() == 2);
+
+    // Drain in a service with no other traffic control: two static instances, one drained.
+    let p1 = Backend::start(&ns, "p1", 9301);
+    let p2 = Backend::start(&ns, "p2", 9302);
+    fluxd.ok(&["service", "add", "plain", "--address", "198.18.0.14:80"]);
+    fluxd.add_instance("plain", "p1", p1.addr);
+    fluxd.add_instance("plain", "p2", p2.addr);
+    fluxd.wait_routed("plain");
+    fluxd.ok(&["instance", "drain", "plain", "p1"]);
+    wait_traffic(&fluxd, "plain", "drained p1");
+    let counts = spread(&ns, "198.18.0.14:80", 30);
+    assert_eq!(counts.get("p2"), Some(&30), "{counts:?}");
+    fluxd.ok(&["instance", "undrain", "plain", "p1"]);
+    let back = wait_until(Duration::from_secs(10), || {
+        traffic_line(&fluxd, "plain").is_empty()
+    });
+    assert!(back.is_some(), "{}", traffic_line(&fluxd, "plain"));
+    let counts = spread(&ns, "198.18.0.14:80", 30);
+    assert_eq!(counts.get("p1"), Some(&15), "round robin again: {counts:?}");
 }

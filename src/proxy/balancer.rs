@@ -65,6 +65,14 @@ pub struct Traffic {
 }
 
 impl Traffic {
+    /// A group's weight; a group the route does not list (a route built without traffic
+    /// control) has the default.
+    pub fn weight(&self, group: usize) -> u16 {
+        self.groups
+            .get(group)
+            .map_or(crate::model::traffic::DEFAULT_WEIGHT, |g| g.weight)
+    }
+
     /// Whether nothing differs from plain balancing over every backend: the route keeps its
     /// allocation-free path then.
     pub fn is_plain(&self) -> bool {
@@ -86,7 +94,7 @@ pub fn order(
     draw: &mut dyn FnMut() -> u64,
 ) -> Vec<usize> {
     use crate::model::{Affinity, Locality};
-    let weight = |c: &Candidate| traffic.groups.get(c.group).map_or(0, |g| g.weight);
+    let weight = |c: &Candidate| traffic.weight(c.group);
     let candidates: Vec<usize> = (0..backends.len())
         .filter(|&i| {
             let c = &backends[i];
@@ -148,12 +156,13 @@ fn available_order(
         }
     }
     groups.sort_unstable();
-    let weight = |g: usize| f64::from(traffic.groups[g].weight);
+    let weight = |g: usize| f64::from(traffic.weight(g));
     let groups: Vec<usize> = match client {
         Some(ip) => {
             // Weighted rendezvous: the highest -w / ln(u) wins, u uniform in (0,1) from the
             // hash; a group wins with probability proportional to its weight, over clients.
-            let score = |g: usize| -weight(g) / unit(hash(ip, &traffic.groups[g].name)).ln();
+            let name = |g: usize| traffic.groups.get(g).map_or("", |g| g.name.as_str());
+            let score = |g: usize| -weight(g) / unit(hash(ip, name(g))).ln();
             let mut scored: Vec<(f64, usize)> = groups.iter().map(|&g| (score(g), g)).collect();
             scored.sort_by(|a, b| b.0.total_cmp(&a.0));
             scored.into_iter().map(|(_, g)| g).collect()

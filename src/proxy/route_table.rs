@@ -63,6 +63,9 @@ pub struct ServiceRoute {
     next: AtomicUsize,
     /// Weights, locality and affinity; plain by default.
     pub traffic: Traffic,
+    /// No traffic control at all (plain `traffic`, no drained backend): the allocation-free
+    /// path of the balance policy alone.
+    plain: bool,
 }
 
 impl ServiceRoute {
@@ -76,15 +79,17 @@ impl ServiceRoute {
             name,
             protocol,
             balance,
-            backends,
             check: None,
             next: AtomicUsize::new(0),
             traffic: Traffic::default(),
+            plain: !backends.iter().any(|b| b.drained),
+            backends,
         }
     }
 
     /// The same route with traffic control.
     pub fn with_traffic(mut self, traffic: Traffic) -> Self {
+        self.plain = traffic.is_plain() && !self.backends.iter().any(|b| b.drained);
         self.traffic = traffic;
         self
     }
@@ -102,7 +107,7 @@ impl ServiceRoute {
     /// One line on this route's traffic control for `fluxd debug` (`weights v1=90 v2=10;
     /// drained i3; locality prefer-host (local: i1); affinity client-ip`); None when plain.
     pub fn traffic_summary(&self) -> Option<String> {
-        if self.traffic.is_plain() && self.backends.iter().all(|b| !b.drained) {
+        if self.plain {
             return None;
         }
         let mut parts = Vec::new();
@@ -203,7 +208,7 @@ impl ServiceRoute {
     ///
     /// `client` is the client's address, for affinity.
     pub fn first_choice(&self, client: Option<IpAddr>) -> Option<&Arc<Backend>> {
-        if !self.traffic.is_plain() {
+        if !self.plain {
             // The first of the full order, if it is available now (as on the plain path).
             let first = *self.traffic_order(client).first()?;
             let b = &self.backends[first];
@@ -240,7 +245,7 @@ impl ServiceRoute {
     /// connection is only refused when every instance has been tried. Instances failing their
     /// active check are left out, unless all are (panic mode).
     pub fn connect_order(&self, client: Option<IpAddr>) -> Vec<Arc<Backend>> {
-        if !self.traffic.is_plain() {
+        if !self.plain {
             return self
                 .traffic_order(client)
                 .into_iter()
@@ -425,6 +430,35 @@ mod tests {
             1,
             "panic ends with one instance in the pool"
         );
+    }
+
+    #[test]
+    fn a_drained_backend_is_never_picked_even_without_other_traffic_control() {
+        let backends = route(3, Balance::RoundRobin).backends;
+        let backends: Vec<Arc<Backend>> = backends
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let b = Arc::into_inner(b).unwrap();
+                Arc::new(Backend {
+                    drained: i == 1,
+                    ..b
+                })
+            })
+            .collect();
+        let r = ServiceRoute::new("s".into(), Protocol::Tcp, Balance::RoundRobin, backends)
+            .with_traffic(Traffic::default());
+        for _ in 0..20 {
+            assert_ne!(r.first_choice(None).unwrap().instance, "i1");
+            let order: Vec<_> = r
+                .connect_order(None)
+                .iter()
+                .map(|b| b.instance.clone())
+                .collect();
+            assert_eq!(order.len(), 2, "{order:?}");
+            assert!(!order.contains(&"i1".to_string()));
+        }
+        assert_eq!(r.traffic_summary().as_deref(), Some("drained i1"));
     }
 
     #[test]
