@@ -41,6 +41,24 @@ fn traffic_line(fluxd: &Fluxd, service: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Waits until this host's proxy routes `service` to `n` instances.
+fn wait_backends(fluxd: &Fluxd, service: &str, n: usize) {
+    let count = || {
+        fluxd.debug()["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["service"] == service)
+            .map_or(0, |s| s["instances"].as_array().unwrap().len())
+    };
+    let seen = wait_until(Duration::from_secs(10), || count() == n);
+    assert!(
+        seen.is_some(),
+        "{service}: {} instances routed, not {n}",
+        count()
+    );
+}
+
 fn wait_traffic(fluxd: &Fluxd, service: &str, wanted: &str) {
     let seen = wait_until(Duration::from_secs(10), || {
         traffic_line(fluxd, service).contains(wanted)
@@ -95,6 +113,7 @@ fn weights_drain_and_affinity_on_a_real_data_plane() {
     }
     fluxd.wait_routed("web");
     wait_traffic(&fluxd, "web", "weights v1=90 v2=10");
+    wait_backends(&fluxd, "web", 3);
     let info = fluxd.ok(&["info", "web"]);
     assert!(info.contains("WEIGHT"), "{info}");
     let list = fluxd.ok(&["list", "-v"]);
@@ -211,6 +230,7 @@ fn weights_drain_and_affinity_on_a_real_data_plane() {
     }
     fluxd.wait_routed("sticky");
     wait_traffic(&fluxd, "sticky", "affinity client-ip");
+    wait_backends(&fluxd, "sticky", 3);
     let from = |src: Ipv4Addr, n: usize| -> Vec<String> {
         let vip: SocketAddrV4 = STICKY_VIP.parse().unwrap();
         ns.run(move || {
@@ -375,6 +395,7 @@ fn locality_prefers_this_hosts_instances_and_host_only_keeps_to_them() {
     fluxd.add_instance("plain", "p1", p1.addr);
     fluxd.add_instance("plain", "p2", p2.addr);
     fluxd.wait_routed("plain");
+    wait_backends(&fluxd, "plain", 2);
     fluxd.ok(&["instance", "drain", "plain", "p1"]);
     wait_traffic(&fluxd, "plain", "drained p1");
     let counts = spread(&ns, "198.18.0.14:80", 30);
@@ -386,4 +407,71 @@ fn locality_prefers_this_hosts_instances_and_host_only_keeps_to_them() {
     assert!(back.is_some(), "{}", traffic_line(&fluxd, "plain"));
     let counts = spread(&ns, "198.18.0.14:80", 30);
     assert_eq!(counts.get("p1"), Some(&15), "round robin again: {counts:?}");
+}
+
+/// For `http` services affinity applies to each request: on one kept-alive connection (where
+/// round robin would alternate per request) and across connections, one client IP gets one
+/// instance.
+#[test]
+fn http_affinity_holds_per_request() {
+    use support::http_backend::{Client, HttpBackend};
+    let ns = Netns::new("affinity-http");
+    let fluxd = Fluxd::dataplane(&ns.name, &[]);
+    let backends: Vec<HttpBackend> = (0..3)
+        .map(|i| HttpBackend::start(&ns, &format!("h{i}"), 9400 + i, 200))
+        .collect();
+    fluxd.ok(&[
+        "service",
+        "add",
+        "api",
+        "--address",
+        VIP,
+        "--protocol",
+        "http",
+        "--affinity",
+        "client-ip",
+    ]);
+    for (i, b) in backends.iter().enumerate() {
+        fluxd.add_instance("api", &format!("h{i}"), b.addr);
+    }
+    fluxd.wait_routed("api");
+    wait_traffic(&fluxd, "api", "affinity client-ip");
+    wait_backends(&fluxd, "api", 3);
+    let vip: SocketAddrV4 = VIP.parse().unwrap();
+    let seen: Vec<String> = ns.run(move || {
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            let mut c = Client::connect(vip).unwrap();
+            for _ in 0..10 {
+                let m = c.get("api").unwrap();
+                assert_eq!(m.status(), 200);
+                seen.push(m.header("x-backend").to_string());
+            }
+        }
+        seen
+    });
+    assert!(seen.iter().all(|s| *s == seen[0]), "{seen:?}");
+    // Without affinity the same requests spread (so the check above can fail).
+    fluxd.ok(&["service", "rm", "api"]);
+    fluxd.ok(&[
+        "service",
+        "add",
+        "api",
+        "--address",
+        VIP,
+        "--protocol",
+        "http",
+    ]);
+    for (i, b) in backends.iter().enumerate() {
+        fluxd.add_instance("api", &format!("h{i}"), b.addr);
+    }
+    fluxd.wait_routed("api");
+    wait_backends(&fluxd, "api", 3);
+    let spread: std::collections::BTreeSet<String> = ns.run(move || {
+        let mut c = Client::connect(vip).unwrap();
+        (0..10)
+            .map(|_| c.get("api").unwrap().header("x-backend").to_string())
+            .collect()
+    });
+    assert_eq!(spread.len(), 3, "{spread:?}");
 }
