@@ -787,3 +787,119 @@ fn address_note_is_shown_beside_no_address() {
     assert_eq!(notes[0].attr("data-note"), Some(note));
     assert_eq!(page.dom.text_after(&notes[0]).trim(), note);
 }
+
+/// Traffic control on the service page (issue 16): a 90/10 canary split shows as two lines
+/// when grouped by tag, one about nine times the other; each rule shows its weight and a
+/// drained instance is marked `drained`. Container records are written into etcd as host h2's
+/// agent writes them, pointing at backends on the namespace's loopback (no Docker needed).
+#[test]
+fn weighted_split_shows_grouped_by_tag_and_drained_instances_are_marked() {
+    let ns = Netns::new("ui-weights");
+    let etcd = Etcd::start_in(&ns.name, "127.0.0.1".parse().unwrap());
+    let store = format!("etcd://{}", etcd.endpoint.trim_start_matches("http://"));
+    let fluxd = Fluxd::in_netns(&ns.name, "h1", &["--http", HTTP, "--store", &store]);
+    fluxd.ok(&["service", "add", "web", "--address", VIP]);
+    fluxd.ok(&["select", "web", "v1", "--tag", "1", "--weight", "90"]);
+    fluxd.ok(&["select", "web", "v2", "--tag", "2", "--weight", "10"]);
+    let backends: Vec<Backend> = [("v1-a", 9501), ("v1-b", 9502), ("v2-a", 9503)]
+        .iter()
+        .map(|(n, p)| Backend::start(&ns, n, *p))
+        .collect();
+    for b in &backends {
+        let (rule, tag) = if b.name.starts_with("v1") {
+            ("v1", "1")
+        } else {
+            ("v2", "2")
+        };
+        let record = serde_json::json!({
+            "service": "web", "name": b.name, "origin": "container", "host": "h2", "rule": rule,
+            "container": {
+                "id": format!("{}0000", b.name), "name": b.name,
+                "image": "docker.io/library/webimg", "tag": tag,
+            },
+            "address": b.addr.to_string(),
+        });
+        let key = format!("/flux/instances/web/{}", b.name);
+        etcd.ctl(&["put", &key, &record.to_string()]);
+    }
+    // A static instance, live but drained: no connection, marked on the page.
+    let old = Backend::start(&ns, "old", 9504);
+    fluxd.add_instance("web", "old", old.addr);
+    fluxd.ok(&["instance", "drain", "web", "old"]);
+    fluxd.wait_routed("web");
+    let routed = wait_until(Duration::from_secs(10), || {
+        fluxd.debug()["services"][0]["traffic"]
+            .as_str()
+            .is_some_and(|t| t.contains("drained old") && t.contains("v2=10"))
+            && fluxd.debug()["services"][0]["instances"]
+                .as_array()
+                .is_some_and(|i| i.len() == 4)
+    });
+    assert!(routed.is_some(), "{}", fluxd.debug());
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = client_loop(&ns, stop.clone(), Duration::from_secs(40));
+    let ready = wait_until(Duration::from_secs(25), || {
+        let s = api_series(&ns, "tag");
+        ["1", "2"]
+            .iter()
+            .all(|t| s.get(*t).is_some_and(|(n, v)| *n >= 5 && *v > 0.0))
+    });
+    assert!(ready.is_some(), "series: {:?}", api_series(&ns, "tag"));
+    let page = browser::load(
+        &ns,
+        &Load::new(url("#/service/web?group=tag"))
+            .screenshot(out_dir().join("web-weights-by-tag.png")),
+    );
+    save(&page, "web-weights-by-tag.html");
+    stop.store(true, Ordering::Relaxed);
+    let counts = client.join().unwrap();
+
+    let lines = legend(&page);
+    assert!(
+        lines.contains_key("1") && lines.contains_key("2"),
+        "legend by tag: {lines:?}"
+    );
+    // The split over the whole run, as the client saw it.
+    let v2 = counts.get("v2-a").copied().unwrap_or(0) as f64;
+    let total: usize = counts.values().sum();
+    let share = 100.0 * v2 / total as f64;
+    eprintln!("client: {counts:?}; v2 {share:.1}%; page legend {lines:?}");
+    assert_eq!(counts.get("old"), None, "{counts:?}");
+    assert!(total >= 500, "{counts:?}");
+    assert!((6.0..=14.0).contains(&share), "{counts:?}");
+    // The charted series (what the lines are drawn from): tag 1 about nine times tag 2 over
+    // the run.
+    let (_, body) = http_get(&ns, http_addr(), "/v1/series?service=web&group=tag").unwrap();
+    let series: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let sum = |key: &str| -> f64 {
+        series["series"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["key"] == key)
+            .flat_map(|s| s["connections_per_s"].as_array().unwrap().iter())
+            .filter_map(|x| x.as_f64())
+            .sum()
+    };
+    let ratio = sum("1") / sum("2");
+    eprintln!("charted tag 1 / tag 2: {ratio:.1}");
+    assert!((5.0..=16.0).contains(&ratio), "{series}");
+
+    let weights: Vec<String> = page
+        .dom
+        .with_attr("li", "data-weight")
+        .iter()
+        .map(|e| e.attr("data-weight").unwrap().to_string())
+        .collect();
+    assert_eq!(weights, ["90", "10"]);
+    let drained: Vec<String> = page
+        .dom
+        .with_attr("tr", "data-instance")
+        .iter()
+        .filter(|r| r.attr("data-instance") == Some("old"))
+        .map(|r| r.attr("data-instance").unwrap().to_string())
+        .collect();
+    assert_eq!(drained, ["old"]);
+    assert_eq!(page.dom.with_attr("span", "data-drained").len(), 1);
+}

@@ -21,6 +21,9 @@
 //   #instances tr[data-instance]    one row per instance, with data-state
 //   .note[data-note]                in an instance's state cell: why it has no address, or an
 //                                   unusual one (the agent's container.address_note)
+//   .drained[data-drained]          in a drained instance's state cell (fluxctl instance drain)
+//   #rules li[data-weight]          a rule's weight, once some rule of the service sets one
+//   #traffic                        on a service's page: its locality and affinity, if not default
 //   #group                          the group-by <select>
 //   #scope                          "host" (this fluxd's clients) or "cluster" (every host's)
 //   #hosts-status span[data-host]   in the cluster view, one per host, data-ok true/false
@@ -429,14 +432,20 @@
         info.balance ? h("span", { text: String(info.balance) }) : null,
         info.health ? h("span", { id: "health-check", text: "health check " + (info.health.kind === "http" ? "http:" + info.health.path : info.health.kind) }) : null,
         info.forward === "kernel" ? h("span", { id: "forwarding", title: KERNEL_NOTE, text: "forwarded by the kernel" }) : null,
+        info.locality || info.affinity
+          ? h("span", { id: "traffic", text: ["locality " + (info.locality || "any"), "affinity " + (info.affinity || "none")].join(", ") }) : null,
         h("span", { id: "instance-count", "data-total": total, "data-live": live, text: total + " instances, " + live + " live" }),
         h("span", {}, h("span", { class: "badge " + cls, text: text }))),
       info.refused ? h("p", {}, refusedMarker(info, "refused")) : null,
     ];
+    // Weights only once some rule sets one: only then do rules share by weight.
+    const weighted = (info.rules || []).some((rule) => rule.weight !== undefined);
+    const weightOf = (rule) => (rule.weight === undefined ? 100 : rule.weight);
     const rules = (info.rules || []).length
       ? h("ul", { class: "rules", id: "rules" }, info.rules.map((rule) =>
-          h("li", {}, h("b", { text: rule.name }), ": ", selectorText(rule.selector),
-            rule.instance_port ? " → port " + rule.instance_port : "")))
+          h("li", weighted ? { "data-weight": weightOf(rule) } : {}, h("b", { text: rule.name }), ": ", selectorText(rule.selector),
+            rule.instance_port ? " → port " + rule.instance_port : "",
+            weighted ? " · weight " + weightOf(rule) + (weightOf(rule) === 0 ? " (drained)" : "") : "")))
       : h("p", { class: "muted", id: "rules", text: "No rules: only static instances." });
 
     // Instances.
@@ -453,7 +462,8 @@
         h("td", {}, h("span", { class: "badge " + String(i.state).replace(/\s+/g, "-"), text: i.state, title: checkText(hl.check) || c.address_note || undefined }),
           hl.check && hl.check.state === "failing"
             ? h("span", { class: "check muted", "data-check": hl.check.reason || "failed", text: " " + checkText(hl.check) }) : null,
-          c.address_note ? h("span", { class: "note muted", "data-note": c.address_note, text: " " + c.address_note }) : null),
+          c.address_note ? h("span", { class: "note muted", "data-note": c.address_note, text: " " + c.address_note }) : null,
+          i.drained ? h("span", { class: "drained muted", "data-drained": "true", text: " drained" }) : null),
         h("td", { text: fmtAgo(hl.last_success_unix_ms) }),
         h("td", { class: "num", text: hl.active === undefined ? "–" : String(hl.active) }),
         h("td", { class: "num", text: hl.connections === undefined ? "–" : String(hl.connections) }),
