@@ -45,6 +45,7 @@ fuzz_target!(|data: &[u8]| {
         name: "v1".into(),
         selector,
         instance_port: None,
+        weight: None,
     };
     let bytes = model::encode(&rule);
     let back: Rule = model::decode(&bytes).expect("a valid rule decodes after encoding");
