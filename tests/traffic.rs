@@ -475,3 +475,69 @@ fn http_affinity_holds_per_request() {
     });
     assert_eq!(spread.len(), 3, "{spread:?}");
 }
+
+/// A kernel-forwarded service honours drain: the drained instance is on standby (no DNAT rule
+/// for new connections, its established connections kept), and weights other than 0 or 100
+/// are refused since the kernel picks at random.
+#[test]
+fn kernel_forwarding_honours_drain_and_refuses_other_weights() {
+    let ns = Netns::new("traffic-kernel");
+    let fluxd = Fluxd::dataplane(&ns.name, &[]);
+    let vip: SocketAddrV4 = "198.18.0.30:80".parse().unwrap();
+    fluxd.ok(&[
+        "service",
+        "add",
+        "bulk",
+        "--address",
+        &vip.to_string(),
+        "--forward",
+        "kernel",
+    ]);
+    let b0 = Backend::start(&ns, "b0", 9600);
+    let b1 = Backend::start(&ns, "b1", 9601);
+    fluxd.add_instance("bulk", "b0", b0.addr);
+    fluxd.add_instance("bulk", "b1", b1.addr);
+    let dnat_to = |port: u16| {
+        ns.nat_table()
+            .lines()
+            .filter(|l| l.contains("DNAT") && l.contains(&format!("127.0.0.1:{port}")))
+            .count()
+    };
+    let both = wait_until(Duration::from_secs(10), || {
+        dnat_to(9600) == 1 && dnat_to(9601) == 1
+    });
+    assert!(both.is_some(), "{}", ns.nat_table());
+    let held = ns.run(move || {
+        for _ in 0..200 {
+            let mut s = TcpStream::connect_timeout(&vip.into(), Duration::from_secs(5)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line).unwrap();
+            if line == "b1\n" {
+                return Some(s);
+            }
+        }
+        None
+    });
+    let mut held = held.expect("no connection reached b1");
+
+    fluxd.ok(&["instance", "drain", "bulk", "b1"]);
+    let standby = wait_until(Duration::from_secs(10), || dnat_to(9601) == 0);
+    assert!(standby.is_some(), "{}", ns.nat_table());
+    let counts = spread(&ns, "198.18.0.30:80", 50);
+    assert_eq!(counts.get("b0"), Some(&50), "{counts:?}");
+    held.write_all(b"kept").unwrap();
+    let mut echo = [0u8; 4];
+    held.read_exact(&mut echo).unwrap();
+    assert_eq!(&echo, b"kept", "the drained instance's connection was kept");
+
+    fluxd.ok(&["instance", "undrain", "bulk", "b1"]);
+    let back = wait_until(Duration::from_secs(10), || dnat_to(9601) == 1);
+    assert!(back.is_some(), "{}", ns.nat_table());
+
+    let out = fluxd.ctl(&["select", "bulk", "v1", "--tag", "1", "--weight", "50"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.starts_with("fluxctl: weight: "), "{err}");
+    fluxd.ok(&["select", "bulk", "v1", "--tag", "1", "--weight", "0"]);
+}
