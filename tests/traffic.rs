@@ -509,7 +509,7 @@ fn kernel_forwarding_honours_drain_and_refuses_other_weights() {
     assert!(both.is_some(), "{}", ns.nat_table());
     let held = ns.run(move || {
         for _ in 0..200 {
-            let mut s = TcpStream::connect_timeout(&vip.into(), Duration::from_secs(5)).unwrap();
+            let s = TcpStream::connect_timeout(&vip.into(), Duration::from_secs(5)).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
             let mut line = String::new();
             BufReader::new(&s).read_line(&mut line).unwrap();
