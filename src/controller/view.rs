@@ -423,6 +423,45 @@ mod tests {
         assert_eq!(view.state().services, fresh.services);
     }
 
+    /// Rule weights and drain marks change how a route shares its connections: a change to
+    /// either rebuilds that service's route, and only that one.
+    #[test]
+    fn a_weight_or_a_drain_mark_rebuilds_its_service_only() {
+        let mut catalog = Catalog::new();
+        catalog.service("web", "198.18.0.1:80", "192.0.2.1:80");
+        catalog.service("api", "198.18.0.2:80", "192.0.2.2:80");
+        let (metrics, mut built) = (Metrics::new(), Built::default());
+        let mut view = RoutedView::new(HOST);
+        view.update(catalog.state(), None);
+        let mut table = route_table(view.state(), &mut built, &metrics);
+        let api = table.by_name["api"].clone();
+        for (key, value, summary) in [
+            (
+                "rules/web/v1",
+                r#"{"service":"web","name":"v1","selector":{"tag":"1"},"weight":0}"#,
+                "weights (static)=100 v1=0",
+            ),
+            (
+                "drains/web/b0",
+                r#"{"service":"web","instance":"b0"}"#,
+                "weights (static)=100 v1=0; drained b0",
+            ),
+        ] {
+            catalog.put(key.to_string(), value.to_string());
+            let changed = view.update(catalog.state(), None);
+            assert_eq!(changed, Changed::Services(["web".to_string()].into()));
+            let Changed::Services(names) = changed else {
+                unreachable!()
+            };
+            update_routes(view.state(), &names, &mut built, &metrics, &mut table);
+            assert_eq!(
+                table.by_name["web"].traffic_summary().as_deref(),
+                Some(summary)
+            );
+            assert!(Arc::ptr_eq(&api, &table.by_name["api"]), "api rebuilt");
+        }
+    }
+
     #[test]
     fn a_host_change_or_the_agents_first_list_starts_over() {
         let mut catalog = Catalog::new();
