@@ -34,10 +34,18 @@ pub fn choose_instances(layout: &Layout, services: &[ServiceInfo]) -> (Instances
             out.insert(name.to_string(), Vec::new());
             continue;
         };
+        // Drained instances (a mark, or their rule's weight 0) take no new traffic, from the
+        // edge either; not even as the fallback below.
+        let drained_rule = |rule: &Option<String>| {
+            info.rules
+                .iter()
+                .any(|r| Some(&r.name) == rule.as_ref() && r.weight == Some(0))
+        };
         let pick = |state: Option<InstanceState>| -> Vec<SocketAddr> {
             let mut v: Vec<SocketAddr> = info
                 .instances
                 .iter()
+                .filter(|i| !i.drained && !drained_rule(&i.instance.rule))
                 .filter(|i| state.is_none_or(|s| i.state == s))
                 .filter_map(|i| i.instance.address.map(SocketAddr::V4))
                 .collect();
@@ -267,5 +275,32 @@ mod tests {
         assert!(addrs("gone").is_empty());
         assert_eq!(missing, ["gone"]);
         assert!(!chosen.contains_key("other"));
+    }
+
+    #[test]
+    fn drained_instances_are_left_out() {
+        use InstanceState::*;
+        let layout = Layout {
+            sites: vec![parse_site("web=:80").unwrap()],
+            keepalive: 0,
+            unavailable_page: None,
+        };
+        let mut web = info(
+            "web",
+            &[
+                ("a", Some("10.0.0.1:80"), Live),
+                ("b", Some("10.0.0.2:80"), Live),
+                ("c", Some("10.0.0.3:80"), Live),
+            ],
+        );
+        web.instances[0].drained = true;
+        web.instances[1].instance.rule = Some("v2".into());
+        web.rules = serde_json::from_value(serde_json::json!([
+            {"service": "web", "name": "v2", "selector": {"tag": "2"}, "weight": 0}
+        ]))
+        .unwrap();
+        let (chosen, _) = choose_instances(&layout, &[web]);
+        let addrs: Vec<String> = chosen["web"].iter().map(|a| a.to_string()).collect();
+        assert_eq!(addrs, ["10.0.0.3:80"]);
     }
 }
