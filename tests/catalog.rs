@@ -46,6 +46,8 @@ fn service(name: &str, vip: &str) -> Service {
         balance: Default::default(),
         health: None,
         forward: Default::default(),
+        timeouts: Default::default(),
+        proxy_protocol: None,
     }
 }
 

@@ -82,6 +82,8 @@ mod tests {
             balance: Default::default(),
             health: None,
             forward: Default::default(),
+            timeouts: Default::default(),
+            proxy_protocol: None,
         };
         let v1 = Rule {
             service: "web-2".into(),

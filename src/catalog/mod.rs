@@ -3,6 +3,7 @@
 //! claimed by one service; a rule or instance needs its service), so concurrent writers on
 //! different hosts cannot leave it half-written.
 
+mod edit;
 pub mod follow;
 pub mod keys;
 pub mod placement;

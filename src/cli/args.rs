@@ -87,6 +87,8 @@ pub enum Command {
 pub enum ServiceCmd {
     /// Define a service: a VIP:port that clients connect to.
     Add(ServiceAddArgs),
+    /// Change a service in place: only the given fields; its VIP keeps routing throughout.
+    Set(super::service_set::ServiceSetArgs),
     /// Remove services with their rules and static instances.
     Rm {
         /// Services to remove.
@@ -128,6 +130,8 @@ pub struct ServiceAddArgs {
     pub forward: Option<String>,
     #[command(flatten)]
     pub health: Box<HealthArgs>,
+    #[command(flatten)]
+    pub tuning: super::service_set::ServiceTuningArgs,
 }
 
 impl ServiceAddArgs {
@@ -163,9 +167,11 @@ impl ServiceAddArgs {
                 .map(str::parse)
                 .transpose()?
                 .unwrap_or(Forwarding::Proxy),
+            timeouts: Default::default(),
+            proxy_protocol: None,
         };
         service.validate()?;
-        Ok(service)
+        self.tuning.apply_to(service)
     }
 }
 
@@ -204,7 +210,7 @@ impl SelectorArgs {
 }
 
 /// The active health check of `service add`.
-#[derive(Args, Default)]
+#[derive(Args, Default, Clone)]
 pub struct HealthArgs {
     /// Active health check of every instance: tcp (connect succeeds) or http:/PATH (GET PATH
     /// answers 2xx or 3xx); failing instances leave the pool [default: none, passive only].

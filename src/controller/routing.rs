@@ -197,7 +197,11 @@ fn build_service(
                 service.balance,
                 backends,
             )
-            .with_check(service.health.clone()),
+            .with_check(service.health.clone())
+            .with_tuning(
+                service.timeouts,
+                service.proxy_protocol.zip(service.address),
+            ),
         ),
     }
 }

@@ -52,6 +52,8 @@ fn service(name: &str, vip: &str) -> Service {
         balance: Balance::RoundRobin,
         health: None,
         forward: Default::default(),
+        timeouts: Default::default(),
+        proxy_protocol: None,
     }
 }
 
@@ -993,6 +995,8 @@ mod refusals {
             balance: Balance::default(),
             health: None,
             forward: Default::default(),
+            timeouts: Default::default(),
+            proxy_protocol: None,
         })
     }
 

@@ -339,6 +339,8 @@ fn dispatch(
         reset(client);
         return Some(upstream);
     };
+    // The service's own limits where it has them (no cost for services without).
+    let timeouts = service.timeouts(timeouts);
     if service.protocol == Protocol::Http {
         let (routes, stop) = (routes.clone(), stop.clone());
         tokio::spawn(async move {

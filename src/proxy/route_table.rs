@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use super::health::{now_ms, Health};
 use crate::metrics::{InstanceLabels, InstanceMetrics};
-use crate::model::{Balance, HealthCheck, Protocol};
+use crate::model::{Balance, HealthCheck, Protocol, ProxyProtocol, ServiceTimeouts};
 
 /// One instance the proxy may connect to.
 #[derive(Debug)]
@@ -51,6 +51,11 @@ pub struct ServiceRoute {
     pub check: Option<HealthCheck>,
     /// Round-robin position.
     next: AtomicUsize,
+    /// The service's own time limits over fluxd's ([`ServiceRoute::timeouts`]).
+    pub timeouts: ServiceTimeouts,
+    /// `tcp` services with `--proxy-protocol`: the header's version and the VIP it names as
+    /// destination.
+    pub proxy_protocol: Option<(ProxyProtocol, SocketAddrV4)>,
 }
 
 impl ServiceRoute {
@@ -67,6 +72,31 @@ impl ServiceRoute {
             backends,
             check: None,
             next: AtomicUsize::new(0),
+            timeouts: ServiceTimeouts::default(),
+            proxy_protocol: None,
+        }
+    }
+
+    /// The same route with the service's time limits and PROXY protocol header.
+    pub fn with_tuning(
+        mut self,
+        timeouts: ServiceTimeouts,
+        proxy_protocol: Option<(ProxyProtocol, SocketAddrV4)>,
+    ) -> Self {
+        self.timeouts = timeouts;
+        self.proxy_protocol = proxy_protocol;
+        self
+    }
+
+    /// The limits this service's connections run under: its own where it has them, fluxd's
+    /// (`daemon`) otherwise.
+    pub fn timeouts(&self, daemon: super::limits::Timeouts) -> super::limits::Timeouts {
+        let ms =
+            |v: Option<u64>, d: std::time::Duration| v.map_or(d, std::time::Duration::from_millis);
+        super::limits::Timeouts {
+            connect: ms(self.timeouts.connect_ms, daemon.connect),
+            http_response: ms(self.timeouts.http_response_ms, daemon.http_response),
+            half_closed_idle: ms(self.timeouts.half_close_ms, daemon.half_closed_idle),
         }
     }
 
@@ -292,6 +322,38 @@ mod tests {
             1,
             "panic ends with one instance in the pool"
         );
+    }
+
+    #[test]
+    fn a_services_own_timeouts_override_the_daemons() {
+        use std::time::Duration;
+        let daemon = crate::proxy::limits::Timeouts {
+            connect: Duration::from_millis(2500),
+            http_response: Duration::from_secs(60),
+            half_closed_idle: Duration::from_secs(120),
+        };
+        let plain = route(1, Balance::RoundRobin);
+        let t = plain.timeouts(daemon);
+        assert_eq!(
+            (t.connect, t.http_response, t.half_closed_idle),
+            (
+                daemon.connect,
+                daemon.http_response,
+                daemon.half_closed_idle
+            )
+        );
+        let tuned = route(1, Balance::RoundRobin).with_tuning(
+            ServiceTimeouts {
+                connect_ms: Some(300),
+                http_response_ms: None,
+                half_close_ms: Some(5000),
+            },
+            None,
+        );
+        let t = tuned.timeouts(daemon);
+        assert_eq!(t.connect, Duration::from_millis(300));
+        assert_eq!(t.http_response, daemon.http_response);
+        assert_eq!(t.half_closed_idle, Duration::from_secs(5));
     }
 
     #[test]
