@@ -68,6 +68,9 @@ fn edits_under_a_client_loop(steering: &str) {
     fluxd.wait_routed("web");
     let vip: SocketAddrV4 = VIP.parse().unwrap();
 
+    // A connection opened before the edits, kept alive through all of them.
+    let mut kept = ns.run(move || Client::connect(vip).unwrap());
+    assert_eq!(kept.get("web").unwrap().status(), 200);
     let stop = Arc::new(AtomicBool::new(false));
     let clients = client_loop(&ns, vip, stop.clone());
     let edits: [&[&str]; 8] = [
@@ -128,6 +131,12 @@ fn edits_under_a_client_loop(steering: &str) {
             "{name} never answered"
         );
     }
+
+    // Open connections go on as they were.
+    let again = kept
+        .get("web")
+        .expect("the kept-alive connection still works");
+    assert_eq!(again.status(), 200);
 
     // Only what was set changed, and the last values stand.
     let s = info(&fluxd);

@@ -429,6 +429,8 @@
         info.balance ? h("span", { text: String(info.balance) }) : null,
         info.health ? h("span", { id: "health-check", text: "health check " + (info.health.kind === "http" ? "http:" + info.health.path : info.health.kind) }) : null,
         info.forward === "kernel" ? h("span", { id: "forwarding", title: KERNEL_NOTE, text: "forwarded by the kernel" }) : null,
+        info.proxy_protocol ? h("span", { id: "proxy-protocol", text: "PROXY protocol " + info.proxy_protocol }) : null,
+        info.timeouts ? h("span", { id: "timeouts", text: "timeouts " + Object.entries(info.timeouts).map(([k, v]) => k.replace(/_ms$/, "").replace("_", "-") + " " + v + " ms").join(", ") }) : null,
         h("span", { id: "instance-count", "data-total": total, "data-live": live, text: total + " instances, " + live + " live" }),
         h("span", {}, h("span", { class: "badge " + cls, text: text }))),
       info.refused ? h("p", {}, refusedMarker(info, "refused")) : null,
