@@ -213,8 +213,9 @@ impl SelectorArgs {
 #[derive(Args, Default, Clone)]
 pub struct HealthArgs {
     /// Active health check of every instance: tcp (connect succeeds) or http:/PATH (GET PATH
-    /// answers 2xx or 3xx); failing instances leave the pool [default: none, passive only].
-    #[arg(long, value_name = "tcp|http:/PATH")]
+    /// answers 2xx or 3xx); failing instances leave the pool; `none` (service set) removes it
+    /// [default: none, passive only].
+    #[arg(long, value_name = "tcp|http:/PATH|none")]
     pub health: Option<String>,
     /// Time between checks of one instance, like 2s or 500ms (100ms-1h) [default: 2s].
     #[arg(long, value_name = "DURATION")]
