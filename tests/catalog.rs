@@ -50,6 +50,8 @@ fn service(name: &str, vip: &str) -> Service {
         forward: Default::default(),
         locality: Default::default(),
         affinity: Default::default(),
+        timeouts: Default::default(),
+        proxy_protocol: None,
     }
 }
 

@@ -136,6 +136,7 @@ suite! {
     closed_store_refuses_calls_and_ends_watches,
     data_survives_reopen,
     data_survives_drop_without_close,
+    a_service_edit_keeps_or_moves_its_vip_claim_in_one_transaction,
 }
 
 // ---- helpers ----------------------------------------------------------------------------------
@@ -802,6 +803,105 @@ async fn data_survives_drop_without_close(backend: &Backend) -> TestResult {
     assert_eq!(store.list("").await?, before);
     let next = store.put("d/c", b"3".to_vec()).await?;
     assert!(next > before.revision);
+    store.close(true).await
+}
+
+/// `fluxctl service set` over this backend: the record and its VIP claim change in one
+/// transaction; a taken VIP or an invalid result writes nothing; the new fields round-trip.
+async fn a_service_edit_keeps_or_moves_its_vip_claim_in_one_transaction(
+    backend: &Backend,
+) -> TestResult {
+    use flux::catalog::{keys, Catalog, CatalogError};
+    use flux::model::{self, Service, ServiceEdit};
+    let store = backend.open().await?;
+    let catalog = Catalog::new(store.clone());
+    let service = |json: &str| model::decode::<Service>(json.as_bytes()).expect("a valid service");
+    let edit = |json: &str| model::decode::<ServiceEdit>(json.as_bytes()).expect("a valid edit");
+    let ok = |_: &Service| -> Result<(), model::InvalidInput> { Ok(()) };
+    let add = |s: Service| {
+        let catalog = catalog.clone();
+        async move {
+            match catalog.add_service(&s).await {
+                Ok(()) => Ok(()),
+                Err(CatalogError::Store(e)) => Err(e),
+                Err(e) => panic!("add refused: {e}"),
+            }
+        }
+    };
+    add(service(
+        r#"{"name":"web","address":"198.18.0.1:80","health":{"kind":"tcp"}}"#,
+    ))
+    .await?;
+    add(service(r#"{"name":"db","address":"198.18.0.2:5432"}"#)).await?;
+
+    // Same VIP: the claim stays as it was, only the record changes.
+    let claim_before = store
+        .get(&keys::vip(&"198.18.0.1:80".parse().unwrap()))
+        .await?;
+    let edited = catalog
+        .edit_service(
+            "web",
+            &edit(r#"{"balance":"random","health":null,"proxy_protocol":"v2","timeouts":{"connect_ms":300}}"#),
+            ok,
+        )
+        .await
+        .expect("edited");
+    let loaded = catalog.load().await.expect("loads");
+    assert_eq!(*loaded.services["web"], edited, "new fields round-trip");
+    assert_eq!(edited.health, None);
+    assert_eq!(
+        store
+            .get(&keys::vip(&"198.18.0.1:80".parse().unwrap()))
+            .await?,
+        claim_before,
+        "the kept claim is not rewritten"
+    );
+
+    // A VIP that another service holds: refused, nothing written.
+    let before = store.list("").await?;
+    let e = catalog
+        .edit_service("web", &edit(r#"{"address":"198.18.0.2:5432"}"#), ok)
+        .await
+        .expect_err("the VIP is db's");
+    assert_eq!(
+        e.to_string(),
+        r#"address: already used by service db (got "198.18.0.2:5432")"#
+    );
+    // An edit whose result does not validate: refused, nothing written.
+    let e = catalog
+        .edit_service("web", &edit(r#"{"protocol":"http"}"#), ok)
+        .await
+        .expect_err("http with a PROXY header");
+    assert!(e.to_string().starts_with("proxy_protocol: "), "{e}");
+    assert_eq!(store.list("").await?, before);
+
+    // A free VIP: the old claim goes and the new one comes, with the record, in one revision.
+    catalog
+        .edit_service("web", &edit(r#"{"address":"198.18.0.3:8080"}"#), ok)
+        .await
+        .expect("moved");
+    let after = store.list("").await?;
+    let names: Vec<&str> = after.kvs.iter().map(|kv| kv.key.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "services/db",
+            "services/web",
+            "vips/198.18.0.2:5432",
+            "vips/198.18.0.3:8080"
+        ]
+    );
+    assert_eq!(after.revision, before.revision + 1, "one transaction");
+    let claim = &after.kvs[3];
+    assert_eq!(claim.value, b"web");
+    assert_eq!(claim.mod_revision, after.kvs[1].mod_revision);
+    // The old VIP is free for another service.
+    add(service(r#"{"name":"api","address":"198.18.0.1:80"}"#)).await?;
+    let e = catalog
+        .edit_service("nope", &edit(r#"{"balance":"random"}"#), ok)
+        .await
+        .expect_err("no such service");
+    assert!(matches!(e, CatalogError::NotFound(_)), "{e}");
     store.close(true).await
 }
 

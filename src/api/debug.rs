@@ -157,6 +157,10 @@ pub struct ServiceHealth {
     /// affinity); absent when there is none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traffic: Option<String>,
+    /// The service's own settings the proxy applies (`proxy-protocol v2; timeouts: connect
+    /// 300ms`); absent when it has none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub settings: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -216,6 +220,7 @@ impl DebugView {
                     })
                     .collect(),
                 traffic: route.traffic_summary(),
+                settings: route_settings(route),
             });
         }
         view.services.sort_by(|a, b| a.service.cmp(&b.service));
@@ -241,6 +246,18 @@ impl DebugView {
         }
         gather_nat(view, status).await
     }
+}
+
+/// What a route carries beyond its backends, as `fluxd debug` annotates the service.
+fn route_settings(route: &crate::proxy::route_table::ServiceRoute) -> String {
+    let mut parts = Vec::new();
+    if let Some((v, vip)) = route.proxy_protocol {
+        parts.push(format!("proxy-protocol {v} (destination {vip})"));
+    }
+    if !route.timeouts.is_empty() {
+        parts.push(format!("timeouts: {}", route.timeouts.describe()));
+    }
+    parts.join("; ")
 }
 
 /// The nat path's part of the view (also the bpf path's, when services are forwarded by the

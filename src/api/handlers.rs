@@ -149,6 +149,10 @@ async fn route(api: &Api, req: Request<Incoming>) -> Answer {
         (&Method::GET, ["v1", "services"]) => list_services(api).await,
         (&Method::POST, ["v1", "services"]) => add_service(api, req).await,
         (&Method::GET, ["v1", "services", name]) => service_info(api, name).await,
+        (&Method::PATCH, ["v1", "services", name]) => {
+            let name = name.to_string();
+            edit_service(api, req, &name).await
+        }
         (&Method::DELETE, ["v1", "services", name]) => {
             api.catalog.remove_service(name).await?;
             Ok(json(
@@ -302,20 +306,7 @@ async fn service_info(api: &Api, name: &str) -> Answer {
 
 async fn add_service(api: &Api, req: Request<Incoming>) -> Answer {
     let service: Service = model::decode(&body(req).await?)?;
-    // A service without a VIP takes no address from any range.
-    let outside =
-        |vip: std::net::SocketAddrV4| !api.vip_ranges.iter().any(|r| r.contains(vip.ip()));
-    if !api.vip_ranges.is_empty() && service.address.is_some_and(outside) {
-        let ranges: Vec<String> = api.vip_ranges.iter().map(|r| r.to_string()).collect();
-        return Err(InvalidInput::new(
-            "address",
-            format!(
-                "outside the VIP ranges of this host ({})",
-                ranges.join(", ")
-            ),
-        )
-        .value(service.address_text()))?;
-    }
+    in_vip_ranges(api, &service)?;
     api.catalog.add_service(&service).await?;
     // A service just created has no rules or instances yet: no need to re-read the catalog,
     // which made adding n services cost O(n^2).
@@ -328,6 +319,36 @@ async fn add_service(api: &Api, req: Request<Incoming>) -> Answer {
             refused: None,
         },
     ))
+}
+
+/// With ranges configured, a service's VIP must be inside one; a service without a VIP takes
+/// no address from any range.
+fn in_vip_ranges(api: &Api, service: &Service) -> Result<(), InvalidInput> {
+    let outside =
+        |vip: std::net::SocketAddrV4| !api.vip_ranges.iter().any(|r| r.contains(vip.ip()));
+    if !api.vip_ranges.is_empty() && service.address.is_some_and(outside) {
+        let ranges: Vec<String> = api.vip_ranges.iter().map(|r| r.to_string()).collect();
+        return Err(InvalidInput::new(
+            "address",
+            format!(
+                "outside the VIP ranges of this host ({})",
+                ranges.join(", ")
+            ),
+        )
+        .value(service.address_text()));
+    }
+    Ok(())
+}
+
+/// `fluxctl service set`: the given fields change, in one transaction with the VIP claim.
+async fn edit_service(api: &Api, req: Request<Incoming>, name: &str) -> Answer {
+    let edit: model::ServiceEdit = model::decode(&body(req).await?)?;
+    let service = api
+        .catalog
+        .edit_service(name, &edit, |s| in_vip_ranges(api, s))
+        .await?;
+    let state = api.state().await?;
+    Ok(json(StatusCode::OK, &api.service_info(&state, &service)))
 }
 
 async fn put_rule(api: &Api, req: Request<Incoming>, svc: &str, name: &str) -> Answer {

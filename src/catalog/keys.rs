@@ -97,6 +97,8 @@ mod tests {
             forward: Default::default(),
             locality: Default::default(),
             affinity: Default::default(),
+            timeouts: Default::default(),
+            proxy_protocol: None,
         };
         let v1 = Rule {
             service: "web-2".into(),

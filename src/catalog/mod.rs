@@ -4,6 +4,7 @@
 //! different hosts cannot leave it half-written.
 
 mod drain;
+mod edit;
 pub mod follow;
 pub mod keys;
 pub mod placement;

@@ -87,6 +87,8 @@ pub enum Command {
 pub enum ServiceCmd {
     /// Define a service: a VIP:port that clients connect to.
     Add(ServiceAddArgs),
+    /// Change a service in place: only the given fields; its VIP keeps routing throughout.
+    Set(super::service_set::ServiceSetArgs),
     /// Remove services with their rules and static instances.
     Rm {
         /// Services to remove.
@@ -130,6 +132,8 @@ pub struct ServiceAddArgs {
     pub health: Box<HealthArgs>,
     #[command(flatten)]
     pub traffic: super::traffic_args::ServiceTrafficArgs,
+    #[command(flatten)]
+    pub tuning: super::service_set::ServiceTuningArgs,
 }
 
 impl ServiceAddArgs {
@@ -167,9 +171,11 @@ impl ServiceAddArgs {
                 .unwrap_or(Forwarding::Proxy),
             locality: self.traffic.locality()?,
             affinity: self.traffic.affinity()?,
+            timeouts: Default::default(),
+            proxy_protocol: None,
         };
         service.validate()?;
-        Ok(service)
+        self.tuning.apply_to(service)
     }
 }
 
@@ -208,11 +214,12 @@ impl SelectorArgs {
 }
 
 /// The active health check of `service add`.
-#[derive(Args, Default)]
+#[derive(Args, Default, Clone)]
 pub struct HealthArgs {
     /// Active health check of every instance: tcp (connect succeeds) or http:/PATH (GET PATH
-    /// answers 2xx or 3xx); failing instances leave the pool [default: none, passive only].
-    #[arg(long, value_name = "tcp|http:/PATH")]
+    /// answers 2xx or 3xx); failing instances leave the pool; `none` (service set) removes it
+    /// [default: none, passive only].
+    #[arg(long, value_name = "tcp|http:/PATH|none")]
     pub health: Option<String>,
     /// Time between checks of one instance, like 2s or 500ms (100ms-1h) [default: 2s].
     #[arg(long, value_name = "DURATION")]

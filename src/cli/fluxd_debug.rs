@@ -296,6 +296,9 @@ fn render(v: &DebugView) -> String {
         });
     }
     out.push_str(&table(&header, &rows));
+    for s in v.services.iter().filter(|s| !s.settings.is_empty()) {
+        let _ = writeln!(out, "{} {}: {}", s.service, s.address, s.settings);
+    }
     if !v.skipped.is_empty() {
         out.push_str("\nSKIPPED STORE RECORDS\n");
         for s in &v.skipped {

@@ -7,6 +7,8 @@ mod commands;
 pub mod fluxd_debug;
 pub mod output;
 mod query;
+mod service_set;
+mod service_text;
 pub(crate) mod traffic_args;
 
 use std::process::ExitCode;
@@ -73,6 +75,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     let json = cli.json;
     match cli.command {
         Command::Service(ServiceCmd::Add(a)) => commands::service_add(&client, json, &a).await,
+        Command::Service(ServiceCmd::Set(a)) => service_set::service_set(&client, json, &a).await,
         Command::Service(ServiceCmd::Rm { names, all }) => {
             commands::service_rm(&client, json, names, all).await
         }

@@ -341,6 +341,10 @@ fn with_rules_under_rows(table: &str, services: &[ServiceInfo]) -> String {
     for (row, s) in lines.zip(services) {
         out.push_str(row);
         out.push('\n');
+        let tuning = super::service_text::tuning(&s.service);
+        if !tuning.is_empty() {
+            out.push_str(&format!("  {tuning}\n"));
+        }
         for r in &s.rules {
             out.push_str(&format!("  rule {}: {}", r.name, selector(&r.selector)));
             if let Some(p) = r.instance_port {
@@ -413,6 +417,10 @@ pub fn info_text(s: &ServiceInfo) -> String {
     }
     if let Some(t) = super::traffic_args::describe(svc) {
         out.push_str(&t);
+    }
+    let tuning = super::service_text::tuning(svc);
+    if !tuning.is_empty() {
+        out.push_str(&format!("{tuning}\n"));
     }
     if let Some(why) = &s.refused {
         out.push_str(&format!("not routed on this host: VIP {why}\n"));

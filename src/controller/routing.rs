@@ -219,7 +219,11 @@ fn build_service(
                 backends,
             )
             .with_check(service.health.clone())
-            .with_traffic(traffic.traffic(service)),
+            .with_traffic(traffic.traffic(service))
+            .with_tuning(
+                service.timeouts,
+                service.proxy_protocol.zip(service.address),
+            ),
         ),
         traffic,
     }

@@ -54,6 +54,8 @@ fn service(name: &str, vip: &str) -> Service {
         forward: Default::default(),
         locality: Default::default(),
         affinity: Default::default(),
+        timeouts: Default::default(),
+        proxy_protocol: None,
     }
 }
 
@@ -998,6 +1000,8 @@ mod refusals {
             forward: Default::default(),
             locality: Default::default(),
             affinity: Default::default(),
+            timeouts: Default::default(),
+            proxy_protocol: None,
         })
     }
 

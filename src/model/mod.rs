@@ -6,8 +6,11 @@ mod error;
 pub mod health_check;
 mod host;
 mod instance;
+mod proxy_protocol;
 mod rule;
 mod service;
+mod service_edit;
+pub mod timeouts;
 pub mod traffic;
 pub mod validate;
 
@@ -15,8 +18,11 @@ pub use error::InvalidInput;
 pub use health_check::{CheckKind, HealthCheck};
 pub use host::{Host, NetworkMode};
 pub use instance::{ContainerInfo, Instance, Origin, MAX_ADDRESS_NOTE};
+pub use proxy_protocol::ProxyProtocol;
 pub use rule::{Rule, Selector};
 pub use service::{Balance, Forwarding, Protocol, Service};
+pub use service_edit::ServiceEdit;
+pub use timeouts::ServiceTimeouts;
 pub use traffic::{Affinity, Drain, Locality};
 
 /// A value that can check its own invariants after deserialising.
@@ -168,6 +174,48 @@ mod tests {
             let e = decode::<Service>(body.as_bytes()).unwrap_err();
             assert_eq!(e.field, "forward", "{body}: {e}");
             assert!(e.reason.contains(reason), "{body}: {e}");
+        }
+    }
+
+    #[test]
+    fn timeouts_and_proxy_protocol_are_optional_and_checked() {
+        // A record without them encodes byte for byte as before the fields existed.
+        let old =
+            br#"{"name":"web","address":"10.128.0.1:80","protocol":"tcp","balance":"round-robin"}"#;
+        let s: Service = decode(old).unwrap();
+        assert_eq!(s.timeouts, ServiceTimeouts::default());
+        assert_eq!(s.proxy_protocol, None);
+        assert_eq!(encode(&s), old.to_vec());
+        let s: Service = decode(
+            br#"{"name":"db","address":"10.128.0.2:5432","timeouts":{"connect_ms":300,"half_close_ms":5000},"proxy_protocol":"v2"}"#,
+        )
+        .unwrap();
+        assert_eq!(s.timeouts.connect_ms, Some(300));
+        assert_eq!(s.proxy_protocol, Some(ProxyProtocol::V2));
+        let text = String::from_utf8(encode(&s)).unwrap();
+        assert!(
+            text.ends_with(
+                r#""timeouts":{"connect_ms":300,"half_close_ms":5000},"proxy_protocol":"v2"}"#
+            ),
+            "{text}"
+        );
+        assert_eq!(decode::<Service>(&encode(&s)).unwrap(), s);
+        for (body, field) in [
+            (r#""timeouts":{"connect_ms":5}"#, "timeouts.connect_ms"),
+            (r#""timeouts":{"idle_ms":5}"#, "timeouts.idle_ms"),
+            (r#""proxy_protocol":"v3""#, "proxy_protocol"),
+            (
+                r#""protocol":"http","proxy_protocol":"v1""#,
+                "proxy_protocol",
+            ),
+            (
+                r#""forward":"kernel","proxy_protocol":"v1""#,
+                "proxy_protocol",
+            ),
+        ] {
+            let json = format!(r#"{{"name":"web","address":"10.128.0.1:80",{body}}}"#);
+            let e = decode::<Service>(json.as_bytes()).unwrap_err();
+            assert_eq!(e.field, field, "{body}: {e}");
         }
     }
 

@@ -5,7 +5,7 @@ use std::net::SocketAddrV4;
 use serde::{Deserialize, Serialize};
 
 use super::traffic::{Affinity, Locality};
-use super::{validate, HealthCheck, InvalidInput, Validate};
+use super::{validate, HealthCheck, InvalidInput, ProxyProtocol, ServiceTimeouts, Validate};
 
 /// What flux understands of the bytes a service carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -146,6 +146,14 @@ pub struct Service {
     /// Whether a client keeps reaching one instance; absent means none.
     #[serde(default, skip_serializing_if = "Affinity::is_none")]
     pub affinity: Affinity,
+    /// Overrides of fluxd's daemon-wide time limits for this service; absent (and not
+    /// written) when it uses the daemon's.
+    #[serde(default, skip_serializing_if = "ServiceTimeouts::is_empty")]
+    pub timeouts: ServiceTimeouts,
+    /// `tcp` services: the PROXY protocol header the proxy writes to an instance before the
+    /// client's first byte, so it sees the client's address; absent (off) by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<ProxyProtocol>,
 }
 
 impl Service {
@@ -201,6 +209,21 @@ impl Validate for Service {
             };
             if let Some(why) = why {
                 return Err(InvalidInput::new("forward", why).value("kernel"));
+            }
+        }
+        self.timeouts.validate()?;
+        if let Some(pp) = self.proxy_protocol {
+            let why = if self.protocol == Protocol::Http {
+                Some("is for tcp services: an http service's instances get X-Forwarded-For")
+            } else if self.forward == Forwarding::Kernel {
+                Some("needs the proxy: kernel forwarding writes no header")
+            } else if self.address.is_none() {
+                Some("needs a VIP: a service with address none is carried by fluxd edge's nginx alone")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(InvalidInput::new("proxy_protocol", why).value(pp.to_string()));
             }
         }
         Ok(())

@@ -344,6 +344,7 @@ fn dispatch(
         reset(client);
         return Some(upstream);
     };
+    // `http` connections take the service's own limits per request (`http::serve`).
     if service.protocol == Protocol::Http {
         let (routes, stop) = (routes.clone(), stop.clone());
         tokio::spawn(async move {
@@ -352,6 +353,8 @@ fn dispatch(
         });
         return Some(upstream);
     }
+    // The service's own limits where it has them, for the connection's whole life.
+    let timeouts = service.timeouts(timeouts);
     tokio::spawn(super::tcp::Connection::new(
         client, peer, upstream, service, timeouts, permit,
     ));

@@ -13,6 +13,7 @@ pub mod http;
 pub mod limits;
 mod listener;
 mod pipe;
+pub(crate) mod proxy_header;
 mod reset;
 pub mod route_table;
 mod session;

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use super::balancer::{self, Candidate, Pick, Traffic};
 use super::health::{now_ms, Health};
 use crate::metrics::{InstanceLabels, InstanceMetrics};
-use crate::model::{Balance, HealthCheck, Protocol};
+use crate::model::{Balance, HealthCheck, Protocol, ProxyProtocol, ServiceTimeouts};
 
 /// One instance the proxy may connect to.
 #[derive(Debug)]
@@ -66,6 +66,11 @@ pub struct ServiceRoute {
     /// No traffic control at all (plain `traffic`, no drained backend): the allocation-free
     /// path of the balance policy alone.
     plain: bool,
+    /// The service's own time limits over fluxd's ([`ServiceRoute::timeouts`]).
+    pub timeouts: ServiceTimeouts,
+    /// `tcp` services with `--proxy-protocol`: the header's version and the VIP it names as
+    /// destination.
+    pub proxy_protocol: Option<(ProxyProtocol, SocketAddrV4)>,
 }
 
 impl ServiceRoute {
@@ -84,6 +89,31 @@ impl ServiceRoute {
             traffic: Traffic::default(),
             plain: !backends.iter().any(|b| b.drained),
             backends,
+            timeouts: ServiceTimeouts::default(),
+            proxy_protocol: None,
+        }
+    }
+
+    /// The same route with the service's time limits and PROXY protocol header.
+    pub fn with_tuning(
+        mut self,
+        timeouts: ServiceTimeouts,
+        proxy_protocol: Option<(ProxyProtocol, SocketAddrV4)>,
+    ) -> Self {
+        self.timeouts = timeouts;
+        self.proxy_protocol = proxy_protocol;
+        self
+    }
+
+    /// The limits this service's connections run under: its own where it has them, fluxd's
+    /// (`daemon`) otherwise.
+    pub fn timeouts(&self, daemon: super::limits::Timeouts) -> super::limits::Timeouts {
+        let ms =
+            |v: Option<u64>, d: std::time::Duration| v.map_or(d, std::time::Duration::from_millis);
+        super::limits::Timeouts {
+            connect: ms(self.timeouts.connect_ms, daemon.connect),
+            http_response: ms(self.timeouts.http_response_ms, daemon.http_response),
+            half_closed_idle: ms(self.timeouts.half_close_ms, daemon.half_closed_idle),
         }
     }
 
@@ -459,6 +489,38 @@ mod tests {
             assert!(!order.contains(&"i1".to_string()));
         }
         assert_eq!(r.traffic_summary().as_deref(), Some("drained i1"));
+    }
+
+    #[test]
+    fn a_services_own_timeouts_override_the_daemons() {
+        use std::time::Duration;
+        let daemon = crate::proxy::limits::Timeouts {
+            connect: Duration::from_millis(2500),
+            http_response: Duration::from_secs(60),
+            half_closed_idle: Duration::from_secs(120),
+        };
+        let plain = route(1, Balance::RoundRobin);
+        let t = plain.timeouts(daemon);
+        assert_eq!(
+            (t.connect, t.http_response, t.half_closed_idle),
+            (
+                daemon.connect,
+                daemon.http_response,
+                daemon.half_closed_idle
+            )
+        );
+        let tuned = route(1, Balance::RoundRobin).with_tuning(
+            ServiceTimeouts {
+                connect_ms: Some(300),
+                http_response_ms: None,
+                half_close_ms: Some(5000),
+            },
+            None,
+        );
+        let t = tuned.timeouts(daemon);
+        assert_eq!(t.connect, Duration::from_millis(300));
+        assert_eq!(t.http_response, daemon.http_response);
+        assert_eq!(t.half_closed_idle, Duration::from_secs(5));
     }
 
     #[test]

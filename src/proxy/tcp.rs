@@ -96,6 +96,13 @@ impl Connection {
         } = attempted;
         match result {
             Ok(Some((instance, backend))) => {
+                if let Err(e) = send_proxy_header(&service, &client, &backend) {
+                    // The instance would take the client's bytes for a malformed header.
+                    tracing::debug!(service = %service.name, instance = %instance.instance, error = %e, "cannot write the PROXY header; reset");
+                    reset(backend);
+                    reset(client);
+                    return Phase::Done;
+                }
                 instance.metrics.active.inc();
                 Phase::Forwarding(Forwarding {
                     client,
@@ -200,6 +207,28 @@ impl Future for Connection {
             this.phase = next;
         }
     }
+}
+
+/// With `--proxy-protocol`, writes the header naming the client and the VIP to a freshly
+/// connected instance, before any of the client's bytes. Its send buffer is empty, so the few
+/// dozen bytes go in one non-blocking write; anything less is an error.
+fn send_proxy_header(
+    service: &ServiceRoute,
+    client: &TcpStream,
+    backend: &TcpStream,
+) -> io::Result<()> {
+    let Some((version, vip)) = service.proxy_protocol else {
+        return Ok(());
+    };
+    let std::net::SocketAddr::V4(from) = client.peer_addr()? else {
+        return Err(io::Error::other("client address is not IPv4"));
+    };
+    let header = super::proxy_header::Header::relayed(version, from, vip);
+    let n = backend.try_write(header.bytes())?;
+    if n != header.bytes().len() {
+        return Err(io::Error::other("PROXY header only partly written"));
+    }
+    Ok(())
 }
 
 /// The size of a `tcp` connection's future, which every idle connection keeps in its task:

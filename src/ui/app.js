@@ -434,6 +434,8 @@
         info.forward === "kernel" ? h("span", { id: "forwarding", title: KERNEL_NOTE, text: "forwarded by the kernel" }) : null,
         info.locality || info.affinity
           ? h("span", { id: "traffic", text: ["locality " + (info.locality || "any"), "affinity " + (info.affinity || "none")].join(", ") }) : null,
+        info.proxy_protocol ? h("span", { id: "proxy-protocol", text: "PROXY protocol " + info.proxy_protocol }) : null,
+        info.timeouts ? h("span", { id: "timeouts", text: "timeouts " + Object.entries(info.timeouts).map(([k, v]) => k.replace(/_ms$/, "").replace("_", "-") + " " + v + " ms").join(", ") }) : null,
         h("span", { id: "instance-count", "data-total": total, "data-live": live, text: total + " instances, " + live + " live" }),
         h("span", {}, h("span", { class: "badge " + cls, text: text }))),
       info.refused ? h("p", {}, refusedMarker(info, "refused")) : null,

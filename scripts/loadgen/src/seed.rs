@@ -67,6 +67,8 @@ pub async fn run(a: Args) -> std::io::Result<Value> {
             forward: Default::default(),
             locality: Default::default(),
             affinity: Default::default(),
+            timeouts: Default::default(),
+            proxy_protocol: None,
         };
         let instance = Instance::new_static(&name, "b0", a.instance);
         service.validate().map_err(std::io::Error::other)?;

@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use super::verdict::CheckState;
 use super::{now_ms, Health};
 use crate::metrics::{CheckMetrics, InstanceLabels, Metrics};
-use crate::model::{CheckKind, HealthCheck};
+use crate::model::{CheckKind, HealthCheck, ProxyProtocol};
 use crate::proxy::limits::is_local_exhaustion;
 use crate::proxy::route_table::{Backend, RouteTable};
 
@@ -44,6 +44,8 @@ pub struct Checker {
 struct Task {
     health: Arc<Health>,
     check: HealthCheck,
+    /// The PROXY header version the service's instances expect, sent before each check.
+    header: Option<ProxyProtocol>,
     /// Its series' labels, to drop them when the task ends.
     labels: InstanceLabels,
     /// The last sync that found this backend in the table with this check.
@@ -88,12 +90,17 @@ impl Checker {
             table
                 .by_name
                 .values()
-                .filter_map(|r| Some((r.check.as_ref()?, &r.backends)))
-                .flat_map(|(check, backends)| backends.iter().map(move |b| (check, b)))
+                .filter_map(|r| {
+                    let header = r.proxy_protocol.map(|(v, _)| v);
+                    Some((r.check.as_ref()?, header, &r.backends))
+                })
+                .flat_map(|(check, header, backends)| {
+                    backends.iter().map(move |b| (check, header, b))
+                })
         };
-        for (check, b) in checked() {
+        for (check, header, b) in checked() {
             if let Some(t) = self.tasks.get_mut(&key(b)) {
-                if &t.check == check {
+                if &t.check == check && t.header == header {
                     t.seen = generation;
                 }
             }
@@ -110,21 +117,28 @@ impl Checker {
             metrics.forget_check(&t.labels);
             false
         });
-        for (check, b) in checked() {
+        for (check, header, b) in checked() {
             if !self.tasks.contains_key(&key(b)) {
-                let task = self.start(b, check, generation);
+                let task = self.start(b, check, header, generation);
                 self.tasks.insert(key(b), task);
             }
         }
     }
 
-    fn start(&self, b: &Backend, check: &HealthCheck, generation: u64) -> Task {
+    fn start(
+        &self,
+        b: &Backend,
+        check: &HealthCheck,
+        header: Option<ProxyProtocol>,
+        generation: u64,
+    ) -> Task {
         b.health.check_started(check);
         let probe = Probe {
             service: b.service.clone(),
             instance: b.instance.clone(),
             addr: b.addr,
             check: check.clone(),
+            header,
             health: b.health.clone(),
             metrics: self.metrics.check(&b.labels),
             verdicts: self.verdicts.clone(),
@@ -132,6 +146,7 @@ impl Checker {
         Task {
             health: b.health.clone(),
             check: check.clone(),
+            header,
             labels: b.labels.clone(),
             seen: generation,
             handle: tokio::spawn(probe.run()),
@@ -153,6 +168,7 @@ struct Probe {
     instance: String,
     addr: SocketAddrV4,
     check: HealthCheck,
+    header: Option<ProxyProtocol>,
     health: Arc<Health>,
     metrics: CheckMetrics,
     /// [`Checker::verdicts`].
@@ -169,7 +185,7 @@ impl Probe {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let Some(result) = probe(self.addr, &self.check).await else {
+            let Some(result) = probe(self.addr, &self.check, self.header).await else {
                 // This host is out of fds or ports: no verdict on the instance either way.
                 if let Some(suppressed) = NO_RESULT_WARNINGS.check(now_ms(), 10_000) {
                     tracing::warn!(
@@ -228,13 +244,17 @@ enum Failure {
 /// operator reads in `fluxctl query` (`http GET /healthz answered 503`, `tcp connect refused`,
 /// `tcp connect timed out after 1000 ms`). None when this host could not make the check at all
 /// (see [`is_local_exhaustion`]): that says nothing about the instance.
-pub async fn probe(addr: SocketAddrV4, check: &HealthCheck) -> Option<Result<(), String>> {
+pub async fn probe(
+    addr: SocketAddrV4,
+    check: &HealthCheck,
+    header: Option<ProxyProtocol>,
+) -> Option<Result<(), String>> {
     let what = match (check.kind, &check.path) {
         (CheckKind::Tcp, _) => "tcp connect".to_string(),
         (CheckKind::Http, p) => format!("http GET {}", p.as_deref().unwrap_or("/")),
     };
     let timeout = Duration::from_millis(check.timeout_ms.into());
-    match tokio::time::timeout(timeout, attempt(addr, check, &what)).await {
+    match tokio::time::timeout(timeout, attempt(addr, check, header, &what)).await {
         Ok(Ok(mut stream)) => {
             drain(&mut stream).await;
             Some(Ok(()))
@@ -267,6 +287,7 @@ async fn drain(stream: &mut TcpStream) {
 async fn attempt(
     addr: SocketAddrV4,
     check: &HealthCheck,
+    header: Option<ProxyProtocol>,
     what: &str,
 ) -> Result<TcpStream, Failure> {
     let mut stream = TcpStream::connect(addr).await.map_err(|e| {
@@ -282,6 +303,14 @@ async fn attempt(
             CheckKind::Http => format!("{what}: connect {how}"),
         })
     })?;
+    // An instance that expects a PROXY header takes a connection without one for a broken
+    // client: the check says "my own connection" (LOCAL / UNKNOWN) first.
+    if let Some(v) = header {
+        stream
+            .write_all(crate::proxy::proxy_header::Header::local(v).bytes())
+            .await
+            .map_err(|e| Failure::Instance(format!("{what}: PROXY header: {e}")))?;
+    }
     let Some(path) = check
         .path
         .as_deref()
@@ -492,10 +521,57 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn checks_of_proxy_protocol_instances_say_local_first() {
+        for (version, first) in [
+            (ProxyProtocol::V1, b"PROXY UNKNOWN\r\n".to_vec()),
+            (ProxyProtocol::V2, {
+                let mut v = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+                v.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
+                v
+            }),
+        ] {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let std::net::SocketAddr::V4(addr) = l.local_addr().unwrap() else {
+                unreachable!("bound to an IPv4 address")
+            };
+            let server = tokio::spawn(async move {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut got = Vec::new();
+                let mut buf = [0u8; 1024];
+                // Until the request's blank line (a v2 header itself starts with CRLF CRLF).
+                while !(got.len() > 16 && got.ends_with(b"\r\n\r\n")) {
+                    let n = s.read(&mut buf).await.unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                }
+                s.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+                got
+            });
+            assert_eq!(
+                probe(addr, &http("/healthz"), Some(version))
+                    .await
+                    .expect("a verdict"),
+                Ok(()),
+                "{version}"
+            );
+            let got = server.await.unwrap();
+            assert!(got.starts_with(&first), "{version}: {got:?}");
+            assert!(
+                got[first.len()..].starts_with(b"GET /healthz HTTP/1.1\r\n"),
+                "{version}: {got:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
     async fn http_checks_judge_the_status() {
         let (addr, req) = answering("HTTP/1.1 204 No Content\r\n\r\n").await;
         assert_eq!(
-            probe(addr, &http("/healthz")).await.expect("a verdict"),
+            probe(addr, &http("/healthz"), None)
+                .await
+                .expect("a verdict"),
             Ok(())
         );
         let req = req.await.unwrap();
@@ -504,15 +580,20 @@ mod tests {
         assert!(req.contains("Connection: close\r\n"), "{req}");
 
         let (addr, _) = answering("HTTP/1.1 302 Found\r\nLocation: /\r\n\r\n").await;
-        assert_eq!(probe(addr, &http("/")).await.expect("a verdict"), Ok(()));
+        assert_eq!(
+            probe(addr, &http("/"), None).await.expect("a verdict"),
+            Ok(())
+        );
         let (addr, _) = answering("HTTP/1.1 503 Service Unavailable\r\n\r\n").await;
         assert_eq!(
-            probe(addr, &http("/healthz")).await.expect("a verdict"),
+            probe(addr, &http("/healthz"), None)
+                .await
+                .expect("a verdict"),
             Err("http GET /healthz answered 503".into())
         );
         let (addr, _) = answering("").await;
         assert_eq!(
-            probe(addr, &http("/x")).await.expect("a verdict"),
+            probe(addr, &http("/x"), None).await.expect("a verdict"),
             Err("http GET /x: connection closed before a status line".into())
         );
     }
@@ -529,16 +610,18 @@ mod tests {
             ..HealthCheck::http("/healthz")
         };
         assert_eq!(
-            probe(addr, &check).await.expect("a verdict"),
+            probe(addr, &check, None).await.expect("a verdict"),
             Err("http GET /healthz timed out after 50 ms".into())
         );
         drop(l);
         assert_eq!(
-            probe(addr, &HealthCheck::tcp()).await.expect("a verdict"),
+            probe(addr, &HealthCheck::tcp(), None)
+                .await
+                .expect("a verdict"),
             Err("tcp connect refused".into())
         );
         assert_eq!(
-            probe(addr, &check).await.expect("a verdict"),
+            probe(addr, &check, None).await.expect("a verdict"),
             Err("http GET /healthz: connect refused".into())
         );
     }

@@ -54,8 +54,9 @@ pub type ToClient = Either<Tracked, Full<Bytes>>;
 struct Ctx {
     vip: SocketAddrV4,
     routes: Arc<ArcSwap<RouteTable>>,
-    timeout: Duration,
-    response_timeout: Duration,
+    /// fluxd's limits; each request runs under its service's own where it has them, as the
+    /// route is when the request comes (a kept-alive connection follows `service set`).
+    daemon: Timeouts,
     /// The client's address, appended to `X-Forwarded-For`.
     client_ip: Option<HeaderValue>,
     /// The same address, for affinity: each request picks by it.
@@ -76,8 +77,7 @@ pub async fn serve(
     let ctx = Arc::new(Ctx {
         vip,
         routes,
-        timeout: timeouts.connect,
-        response_timeout: timeouts.http_response,
+        daemon: timeouts,
         client_ip,
         client: peer,
     });
@@ -145,6 +145,7 @@ impl Ctx {
         if req.method() == Method::CONNECT {
             return plain(StatusCode::NOT_IMPLEMENTED, "CONNECT is not supported\n");
         }
+        let limits = service.timeouts(self.daemon);
         let (mut parts, body) = req.into_parts();
         self.prepare(&mut parts);
         let Ok(mut body) = ReqBody::new(&parts.method, body).await else {
@@ -171,7 +172,7 @@ impl Ctx {
                 }
             };
             match self
-                .attempt(&backend, &parts, &mut body, &mut retried)
+                .attempt(&backend, &parts, &mut body, &mut retried, &limits)
                 .await
             {
                 Attempt::Answered(resp, sender) => {
@@ -197,7 +198,7 @@ impl Ctx {
                         StatusCode::GATEWAY_TIMEOUT,
                         &format!(
                             "the instance did not answer within {} ms\n",
-                            self.response_timeout.as_millis()
+                            limits.http_response.as_millis()
                         ),
                     );
                 }
@@ -218,15 +219,16 @@ impl Ctx {
         parts: &Parts,
         body: &mut ReqBody,
         retried: &mut bool,
+        limits: &Timeouts,
     ) -> Attempt {
         while let Some(mut s) = backend.pool.take() {
             if !matches!(
-                tokio::time::timeout(self.timeout, s.ready()).await,
+                tokio::time::timeout(limits.connect, s.ready()).await,
                 Ok(Ok(()))
             ) {
                 continue; // closed while idle; nothing was sent
             }
-            match self.send(backend, s, parts, body, false).await {
+            match self.send(backend, s, parts, body, false, limits).await {
                 Ok((resp, s)) => return Attempt::Answered(resp, s),
                 // A stale pooled connection: a fresh one to the same instance next.
                 Err(Unanswered::Resend) => {
@@ -237,10 +239,10 @@ impl Ctx {
                 Err(Unanswered::TimedOut) => return Attempt::TimedOut,
             }
         }
-        let Some(s) = self.connect(backend).await else {
+        let Some(s) = self.connect(backend, limits.connect).await else {
             return Attempt::Failed;
         };
-        match self.send(backend, s, parts, body, true).await {
+        match self.send(backend, s, parts, body, true, limits).await {
             Ok((resp, s)) => Attempt::Answered(resp, s),
             Err(Unanswered::Resend) => {
                 *retried = true;
@@ -261,6 +263,7 @@ impl Ctx {
         parts: &Parts,
         body: &mut ReqBody,
         fresh: bool,
+        limits: &Timeouts,
     ) -> Result<(Response<Incoming>, Sender), Unanswered> {
         let m = &backend.metrics;
         let Some(b) = body.take(&m.bytes_to_instance) else {
@@ -278,7 +281,7 @@ impl Ctx {
             if let Some(sent) = body_sent {
                 sent.notified().await;
             }
-            tokio::time::sleep(self.response_timeout).await;
+            tokio::time::sleep(limits.http_response).await;
         };
         let answer = tokio::select! {
             answer = response => Ok(answer),
@@ -320,10 +323,10 @@ impl Ctx {
 
     /// A new connection to `backend`, with the HTTP/1.1 handshake; counted and timed like the
     /// tcp path's connects; a failure marks the instance failed.
-    async fn connect(&self, backend: &Backend) -> Option<Sender> {
+    async fn connect(&self, backend: &Backend, timeout: Duration) -> Option<Sender> {
         let m = &backend.metrics;
         let started = Instant::now();
-        let why = match tokio::time::timeout(self.timeout, TcpStream::connect(backend.addr)).await {
+        let why = match tokio::time::timeout(timeout, TcpStream::connect(backend.addr)).await {
             Ok(Ok(stream)) => {
                 m.connect_seconds.observe(started.elapsed().as_secs_f64());
                 let _ = stream.set_nodelay(true);
