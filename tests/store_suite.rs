@@ -897,6 +897,42 @@ async fn a_service_edit_keeps_or_moves_its_vip_claim_in_one_transaction(
     assert_eq!(claim.mod_revision, after.kvs[1].mod_revision);
     // The old VIP is free for another service.
     add(service(r#"{"name":"api","address":"198.18.0.1:80"}"#)).await?;
+
+    // Locality and affinity are editable; moving to kernel forwarding is refused while a rule
+    // has a weight the kernel cannot honour, and nothing is written.
+    let edited = catalog
+        .edit_service(
+            "api",
+            &edit(r#"{"locality":"prefer-host","affinity":"client-ip"}"#),
+            ok,
+        )
+        .await
+        .expect("edited");
+    assert_eq!(
+        *catalog.load().await.expect("loads").services["api"],
+        edited
+    );
+    catalog
+        .put_rule(
+            &model::decode(
+                br#"{"service":"db","name":"canary","selector":{"tag":"2"},"weight":10}"#,
+            )
+            .expect("a valid rule"),
+        )
+        .await
+        .expect("rule written");
+    let before = store.list("").await?;
+    let e = catalog
+        .edit_service("db", &edit(r#"{"forward":"kernel"}"#), ok)
+        .await
+        .expect_err("weight 10 under kernel forwarding");
+    assert!(
+        e.to_string()
+            .starts_with("forward: rule canary has weight 10;"),
+        "{e}"
+    );
+    assert_eq!(store.list("").await?, before);
+
     let e = catalog
         .edit_service("nope", &edit(r#"{"balance":"random"}"#), ok)
         .await

@@ -10,6 +10,31 @@ use crate::store::{Cond, Op, Txn};
 const ATTEMPTS: usize = 5;
 
 impl Catalog {
+    /// A service moving to kernel forwarding must not have rules weighted other than 0 or the
+    /// default, which the kernel cannot honour (`put_rule` refuses such rules afterwards).
+    async fn rules_suit_forwarding(&self, next: &Service) -> Result<()> {
+        for kv in self.store.list(&keys::rules_of(&next.name)).await?.kvs {
+            if let Ok(rule) = model::decode::<crate::model::Rule>(&kv.value) {
+                super::kernel_weight(next, &rule).map_err(|e| match e {
+                    CatalogError::Invalid(i) => CatalogError::Invalid(
+                        InvalidInput::new(
+                            "forward",
+                            format!(
+                                "rule {} has weight {}; {}",
+                                rule.name,
+                                i.value.unwrap_or_default(),
+                                i.reason
+                            ),
+                        )
+                        .value("kernel"),
+                    ),
+                    other => other,
+                })?;
+            }
+        }
+        Ok(())
+    }
+
     /// Applies `edit` to the service `name` and returns the service as written. Refused, with
     /// nothing written, if the edited service does not validate or its new VIP is taken.
     /// `check` sees the edited service first (the API's VIP-range check).
@@ -34,6 +59,9 @@ impl Catalog {
             })?;
             let next = edit.apply(&current)?;
             check(&next)?;
+            if next.forward != current.forward {
+                self.rules_suit_forwarding(&next).await?;
+            }
             let mut txn = Txn {
                 // The record read above, unchanged: the edit applies to what was read.
                 when: vec![Cond::ModRevision(skey.clone(), kv.mod_revision)],
