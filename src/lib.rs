@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod cli;
 pub mod controller;
 pub mod daemon;
+pub mod dns;
 pub mod docker;
 pub mod docs;
 pub mod edge;

@@ -58,6 +58,9 @@ pub struct DebugView {
     /// The bpf path as the kernel holds it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bpf: Option<BpfView>,
+    /// The DNS responder's listening addresses (`--dns-listen`), UDP and TCP.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<String>,
 }
 
 /// The steering program, its maps and flux's local routes, read back from the kernel.
@@ -193,6 +196,7 @@ impl DebugView {
             steering: nat(),
             steering_fallback: None,
             bpf: None,
+            dns: vec![],
         };
         let Some(status) = dataplane else {
             view.drift.clean = true;

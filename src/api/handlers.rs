@@ -34,6 +34,8 @@ pub struct Api {
     pub followed: watch::Receiver<Arc<State>>,
     /// With ranges configured, new services must have their VIP inside one.
     pub vip_ranges: Vec<ipnet::Ipv4Net>,
+    /// The DNS responder's listening addresses (`--dns-listen`; empty when it is off).
+    pub dns: Vec<std::net::SocketAddr>,
 }
 
 impl Api {
@@ -209,7 +211,9 @@ async fn route(api: &Api, req: Request<Incoming>) -> Answer {
         (&Method::GET, ["metrics"]) => Ok(metrics(api)),
         (&Method::GET, ["v1", "series"]) => series(api, &query).await,
         (&Method::GET, ["v1", "debug"]) => {
-            let view = super::debug::DebugView::gather(&api.host_name, api.dataplane.clone()).await;
+            let mut view =
+                super::debug::DebugView::gather(&api.host_name, api.dataplane.clone()).await;
+            view.dns = api.dns.iter().map(|a| a.to_string()).collect();
             Ok(json(StatusCode::OK, &view))
         }
         (&Method::GET, ["v1", "host"]) => Ok(json(StatusCode::OK, &host_view(api))),
@@ -244,6 +248,8 @@ fn host_view(api: &Api) -> serde_json::Value {
         "build": crate::version::Build::this(),
         // How VIP connections reach the proxy (absent without a data plane).
         "steering": steering,
+        // The DNS responder's addresses, UDP and TCP (empty when it is off).
+        "dns": api.dns,
         "store": {
             "reachable": since_ms.is_none(),
             "unreachable_since_ms": since_ms,

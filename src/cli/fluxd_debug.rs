@@ -126,6 +126,9 @@ fn render(v: &DebugView) -> String {
             let _ = writeln!(out, "  ({why})");
         }
     }
+    if !v.dns.is_empty() {
+        let _ = writeln!(out, "dns {} (udp and tcp)", v.dns.join(" "));
+    }
     if let Some(b) = &v.bpf {
         render_bpf(&mut out, b);
     }

@@ -148,6 +148,30 @@ pub struct RunArgs {
     /// File holding the etcd user's password.
     #[arg(long, env = "FLUXD_ETCD_PASSWORD_FILE", value_name = "FILE")]
     pub etcd_password_file: Option<PathBuf>,
+    /// Answer DNS queries for service names on this address, UDP and TCP (repeatable, or
+    /// comma-separated in the environment) [default: off].
+    #[arg(
+        long = "dns-listen",
+        env = "FLUXD_DNS_LISTEN",
+        value_delimiter = ',',
+        value_name = "ADDR:PORT"
+    )]
+    pub dns_listen: Option<Vec<String>>,
+    /// Domain the DNS names are under: NAME.DOMAIN, _NAME._tcp.DOMAIN,
+    /// NAME.instances.DOMAIN [default: flux].
+    #[arg(long, env = "FLUXD_DNS_DOMAIN", value_name = "DOMAIN")]
+    pub dns_domain: Option<String>,
+    /// Relay queries for other names to resolvers instead of refusing them: alone, the host's
+    /// (/etc/resolv.conf); with values, those (IP or IP:PORT, repeatable) [default: refuse].
+    #[arg(
+        long = "dns-forward",
+        env = "FLUXD_DNS_FORWARD",
+        value_delimiter = ',',
+        num_args = 0..=1,
+        default_missing_value = crate::dns::settings::FORWARD_HOST,
+        value_name = "IP[:PORT]"
+    )]
+    pub dns_forward: Option<Vec<String>>,
 }
 
 /// The same settings as read from a config file; unknown keys are refused so that a typo is
@@ -189,6 +213,9 @@ struct FileConfig {
     etcd_key_file: Option<PathBuf>,
     etcd_user: Option<String>,
     etcd_password_file: Option<PathBuf>,
+    dns_listen: Option<Vec<String>>,
+    dns_domain: Option<String>,
+    dns_forward: Option<Vec<String>>,
 }
 
 /// How fluxd authenticates to etcd: files, read when the store is opened.
@@ -275,6 +302,8 @@ pub struct Config {
     pub api_group: String,
     pub remote_api: Option<RemoteApi>,
     pub etcd_access: EtcdAccess,
+    /// The DNS responder; None when it is off (no `--dns-listen`).
+    pub dns: Option<crate::dns::Settings>,
 }
 
 /// Where a setting can come from, flags first: clap has already put `FLUXD_*` variables into
@@ -378,6 +407,11 @@ impl Config {
             api_group: parse_api_group(pick!(s, api_group).unwrap_or_else(|| "flux".into()))?,
             remote_api: remote_api(&s)?,
             etcd_access: etcd_access(&s)?,
+            dns: crate::dns::Settings::parse(
+                pick!(s, dns_listen).unwrap_or_default(),
+                pick!(s, dns_domain),
+                pick!(s, dns_forward),
+            )?,
         })
     }
 }

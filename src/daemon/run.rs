@@ -32,7 +32,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     systemd::status("opening the store");
     let store = open_session(&config).await?;
     let catalog = Catalog::new(store.clone());
-    let listeners = Listeners::bind(&config).await?;
+    let mut listeners = Listeners::bind(&config).await?;
     publish_host(&catalog, &config, &listeners.http).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let sources = Sources::start(&config, &store, &stop_rx).await?;
@@ -52,6 +52,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     } else {
         None
     };
+    let dns_addresses = listeners
+        .dns
+        .as_ref()
+        .map(|l| l.addresses())
+        .unwrap_or_default();
+    let dns_tasks = match (&config.dns, listeners.dns.take()) {
+        (Some(settings), Some(l)) => super::dns::start(
+            settings,
+            l,
+            sources.states.clone(),
+            dataplane.as_ref(),
+            &stop_rx,
+        )?,
+        _ => Vec::new(),
+    };
     let servers = Servers::start(
         listeners,
         Arc::new(Api {
@@ -60,6 +75,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             dataplane: dataplane.as_ref().map(|d| d.status.clone()),
             followed: sources.states.clone(),
             vip_ranges: config.vip_ranges.clone(),
+            dns: dns_addresses,
         }),
         &config,
         &stop_rx,
@@ -80,6 +96,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let _ = w.await;
     }
     servers.stopped().await;
+    for t in dns_tasks {
+        let _ = t.await;
+    }
     if let Some(d) = dataplane {
         d.stop(config.keep_rules).await;
     }
@@ -155,6 +174,8 @@ struct Listeners {
     http: tokio::net::TcpListener,
     unix: tokio::net::UnixListener,
     remote: Option<(tokio::net::TcpListener, server::RemoteTls)>,
+    /// `--dns-listen`: taken by the DNS responder when it starts.
+    dns: Option<crate::dns::server::Listeners>,
 }
 
 impl Listeners {
@@ -174,7 +195,16 @@ impl Listeners {
             }
             None => None,
         };
-        Ok(Listeners { http, unix, remote })
+        let dns = match &config.dns {
+            Some(settings) => Some(crate::dns::server::Listeners::bind(settings).await?),
+            None => None,
+        };
+        Ok(Listeners {
+            http,
+            unix,
+            remote,
+            dns,
+        })
     }
 }
 

@@ -9,6 +9,7 @@
 //! series kind kept its own map entry, labels and all, for every instance, which made the
 //! series of 10,000 idle instances cost about 2 KiB each.
 
+pub mod dns;
 pub mod histogram;
 pub mod history;
 
@@ -120,6 +121,8 @@ impl InstanceMetrics {
 pub struct Metrics {
     registry: Registry,
     series: std::sync::Arc<Series>,
+    /// The DNS responder's series (listed with no sample while it is off).
+    pub dns: dns::DnsMetrics,
 }
 
 /// The series of every instance, by labels.
@@ -147,7 +150,13 @@ impl Metrics {
         let mut registry = Registry::with_prefix("flux");
         let series = std::sync::Arc::new(Series::default());
         registry.register_collector(Box::new(series.clone()));
-        Metrics { registry, series }
+        let dns = dns::DnsMetrics::default();
+        dns.register(&mut registry);
+        Metrics {
+            registry,
+            series,
+            dns,
+        }
     }
 
     /// Changes the entry of `labels` (created if need be), dropping it once it holds nothing.

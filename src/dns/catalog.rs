@@ -1,0 +1,78 @@
+//! What DNS answers are made of: services and their VIPs from the catalog this fluxd follows,
+//! and the instances the proxy would use from this host. Behind a small trait so that the
+//! answering code is tested and fuzzed without a store or a proxy.
+
+use std::net::SocketAddrV4;
+use std::sync::Arc;
+
+use crate::catalog::State;
+use crate::proxy::health::now_ms;
+use crate::proxy::route_table::RouteTable;
+
+/// The names DNS can answer for.
+pub trait Names {
+    /// None for an unknown service; Some(None) for a service without a VIP (`--address none`).
+    fn service(&self, name: &str) -> Option<Option<SocketAddrV4>>;
+    /// The service's instances live from this host, as (instance name, address), in a stable
+    /// order.
+    fn live_instances(&self, service: &str) -> Vec<(String, SocketAddrV4)>;
+    /// The zone's SOA serial: changes when the catalog does.
+    fn serial(&self) -> u32;
+}
+
+/// One moment of the catalog: taken once per query, never locked while answering.
+pub struct Snapshot {
+    pub state: Arc<State>,
+    /// The proxy's table (None without a data plane: then every instance with an address
+    /// counts as live, there being no health view to ask).
+    pub routes: Option<Arc<RouteTable>>,
+    /// When the snapshot was taken, for the backoff of failed instances.
+    pub now_ms: u64,
+}
+
+impl Snapshot {
+    pub fn new(state: Arc<State>, routes: Option<Arc<RouteTable>>) -> Snapshot {
+        Snapshot {
+            state,
+            routes,
+            now_ms: now_ms(),
+        }
+    }
+}
+
+impl Names for Snapshot {
+    fn service(&self, name: &str) -> Option<Option<SocketAddrV4>> {
+        self.state.services.get(name).map(|s| s.address)
+    }
+
+    fn live_instances(&self, service: &str) -> Vec<(String, SocketAddrV4)> {
+        let mut out: Vec<(String, SocketAddrV4)> = match &self.routes {
+            // Exactly the instances the proxy would pick now: available (not failed and
+            // waiting for their retry) and not failing an active check.
+            Some(routes) => routes
+                .by_name
+                .get(service)
+                .map(|r| {
+                    r.backends
+                        .iter()
+                        .filter(|b| !b.health.check_failing() && b.health.available(self.now_ms))
+                        .map(|b| (b.instance.clone(), b.addr))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            None => self
+                .state
+                .instances_of(service)
+                .filter_map(|i| Some((i.name.clone(), i.address?)))
+                .collect(),
+        };
+        out.sort();
+        out
+    }
+
+    fn serial(&self) -> u32 {
+        // Wraps after 4 billion store revisions; resolvers only compare serials for zone
+        // transfers, which fluxd does not offer.
+        self.state.revision as u32
+    }
+}
