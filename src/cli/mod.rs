@@ -5,6 +5,7 @@
 mod args;
 mod commands;
 pub mod fluxd_debug;
+mod health_args;
 pub mod output;
 mod query;
 mod service_set;

@@ -4,7 +4,7 @@
 
 use clap::Args;
 
-use super::args::HealthArgs;
+use super::health_args::HealthArgs;
 use super::{body, print, Failure};
 use crate::api::views::ServiceInfo;
 use crate::model::{timeouts, validate, InvalidInput, ProxyProtocol, Service, ServiceEdit};

@@ -174,32 +174,30 @@ pub fn catalog_changes(old: &State, new: &State) -> BTreeSet<String> {
             d;
         names.insert(k.clone());
     }
-    for d in old.instances.diff(&new.instances) {
-        let (DiffItem::Add((s, _), _)
-        | DiffItem::Remove((s, _), _)
-        | DiffItem::Update {
-            new: ((s, _), _), ..
-        }) = d;
-        names.insert(s.clone());
-    }
-    // Rule weights and drain marks decide how a route shares its connections.
-    for d in old.rules.diff(&new.rules) {
-        let (DiffItem::Add((s, _), _)
-        | DiffItem::Remove((s, _), _)
-        | DiffItem::Update {
-            new: ((s, _), _), ..
-        }) = d;
-        names.insert(s.clone());
-    }
-    for d in old.drains.diff(&new.drains) {
-        let (DiffItem::Add((s, _), _)
-        | DiffItem::Remove((s, _), _)
-        | DiffItem::Update {
-            new: ((s, _), _), ..
-        }) = d;
-        names.insert(s.clone());
-    }
+    // Instances, and the rule weights and drain marks that decide how a route shares its
+    // connections, are all keyed by (service, name).
+    services_differing(&old.instances, &new.instances, &mut names);
+    services_differing(&old.rules, &new.rules, &mut names);
+    services_differing(&old.drains, &new.drains, &mut names);
     names
+}
+
+/// Adds to `names` the service of each key that differs between two maps keyed by
+/// (service, name).
+fn services_differing<V: PartialEq + Clone>(
+    old: &imbl::OrdMap<(String, String), V>,
+    new: &imbl::OrdMap<(String, String), V>,
+    names: &mut BTreeSet<String>,
+) {
+    use imbl::ordmap::DiffItem;
+    for d in old.diff(new) {
+        let (DiffItem::Add((s, _), _)
+        | DiffItem::Remove((s, _), _)
+        | DiffItem::Update {
+            new: ((s, _), _), ..
+        }) = d;
+        names.insert(s.clone());
+    }
 }
 
 #[cfg(test)]
