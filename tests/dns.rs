@@ -189,6 +189,26 @@ fn service_names_from_the_catalog_over_udp_and_tcp() {
             "b.web.instances.flux. 5 IN A 127.0.0.2",
         ]
     );
+    // A drained instance gets no new connection from the proxy, so DNS does not hand it out
+    // either; undrained, it is back.
+    f.ok(&["instance", "drain", "web", "b"]);
+    let drained = wait_until(Duration::from_secs(10), || {
+        short(&ns, &["web.instances.flux", "A"]) == ["127.0.0.1"]
+    });
+    assert!(
+        drained.is_some(),
+        "{:?}",
+        dig(&ns, &["web.instances.flux", "A"])
+    );
+    f.ok(&["instance", "undrain", "web", "b"]);
+    let undrained = wait_until(Duration::from_secs(10), || {
+        short(&ns, &["web.instances.flux", "A"]) == ["127.0.0.1", "127.0.0.2"]
+    });
+    assert!(
+        undrained.is_some(),
+        "{:?}",
+        dig(&ns, &["web.instances.flux", "A"])
+    );
     // And it leaves again when it stops listening.
     drop(b);
     let gone = wait_until(Duration::from_secs(10), || {

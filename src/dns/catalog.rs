@@ -48,14 +48,18 @@ impl Names for Snapshot {
     fn live_instances(&self, service: &str) -> Vec<(String, SocketAddrV4)> {
         let mut out: Vec<(String, SocketAddrV4)> = match &self.routes {
             // Exactly the instances the proxy would pick now: available (not failed and
-            // waiting for their retry) and not failing an active check.
+            // waiting for their retry), not failing an active check and not drained.
             Some(routes) => routes
                 .by_name
                 .get(service)
                 .map(|r| {
                     r.backends
                         .iter()
-                        .filter(|b| !b.health.check_failing() && b.health.available(self.now_ms))
+                        .filter(|b| {
+                            !b.drained
+                                && !b.health.check_failing()
+                                && b.health.available(self.now_ms)
+                        })
                         .map(|b| (b.instance.clone(), b.addr))
                         .collect()
                 })
