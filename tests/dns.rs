@@ -240,6 +240,23 @@ fn service_names_from_the_catalog_over_udp_and_tcp() {
         assert_eq!(status(&out), "NOERROR", "{name} {t}: {out}");
         assert!(section(&out, "ANSWER").is_empty(), "{out}");
     }
+    // A VIP the guard refuses here (it is an address of this host) is not handed out: the
+    // name exists, with no address, as long as the refusal lasts.
+    ns.ip(&["link", "add", "g0", "type", "veth", "peer", "name", "g1"]);
+    ns.ip(&["addr", "add", "198.18.5.5/32", "dev", "g0"]);
+    ns.ip(&["link", "set", "g0", "up"]);
+    f.ok(&["service", "add", "mine", "--address", "198.18.5.5:80"]);
+    let refused = wait_until(Duration::from_secs(10), || {
+        let out = dig(&ns, &["mine.flux", "A"]);
+        status(&out) == "NOERROR" && section(&out, "ANSWER").is_empty()
+    });
+    assert!(refused.is_some(), "{}", dig(&ns, &["mine.flux", "A"]));
+    ns.ip(&["addr", "del", "198.18.5.5/32", "dev", "g0"]);
+    let routed = wait_until(Duration::from_secs(10), || {
+        short(&ns, &["mine.flux", "A"]) == ["198.18.5.5"]
+    });
+    assert!(routed.is_some(), "{}", dig(&ns, &["mine.flux", "A"]));
+
     // Other zones: refused (no --dns-forward).
     assert_eq!(status(&dig(&ns, &["example.com", "A"])), "REFUSED");
 

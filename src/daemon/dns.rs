@@ -21,7 +21,7 @@ pub(super) fn start(
     let responder = Responder::new(
         settings,
         states,
-        dataplane.map(|d| d.status.routes.clone()),
+        dataplane.map(|d| d.status.clone()),
         dataplane.map(|d| d.status.metrics.dns.clone()),
     )?;
     tracing::info!(

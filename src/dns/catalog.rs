@@ -6,6 +6,7 @@ use std::net::SocketAddrV4;
 use std::sync::Arc;
 
 use crate::catalog::State;
+use crate::controller::guard::Verdict;
 use crate::proxy::health::now_ms;
 use crate::proxy::route_table::RouteTable;
 
@@ -28,6 +29,9 @@ pub struct Snapshot {
     pub routes: Option<Arc<RouteTable>>,
     /// When the snapshot was taken, for the backoff of failed instances.
     pub now_ms: u64,
+    /// What the VIP guard refused on this host: such a VIP collides with an address in use
+    /// here (an interface, a gateway, a resolver), so handing it out would send clients there.
+    pub refused: Option<Arc<Verdict>>,
 }
 
 impl Snapshot {
@@ -36,13 +40,29 @@ impl Snapshot {
             state,
             routes,
             now_ms: now_ms(),
+            refused: None,
         }
+    }
+
+    /// The same snapshot, knowing which services' VIPs this host refuses.
+    pub fn with_refused(mut self, refused: Arc<Verdict>) -> Snapshot {
+        self.refused = Some(refused);
+        self
     }
 }
 
 impl Names for Snapshot {
     fn service(&self, name: &str) -> Option<Option<SocketAddrV4>> {
-        self.state.services.get(name).map(|s| s.address)
+        let refused = |s: &str| {
+            self.refused
+                .as_ref()
+                .is_some_and(|v| v.refused.contains_key(s))
+        };
+        // A refused VIP answers like a service without one: the name exists, with no address.
+        self.state
+            .services
+            .get(name)
+            .map(|s| s.address.filter(|_| !refused(name)))
     }
 
     fn live_instances(&self, service: &str) -> Vec<(String, SocketAddrV4)> {

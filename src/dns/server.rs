@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use arc_swap::ArcSwap;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{watch, Semaphore};
@@ -19,8 +18,8 @@ use super::catalog::Snapshot;
 use super::forward::Forwarder;
 use super::settings::Settings;
 use crate::catalog::State;
+use crate::controller::Status;
 use crate::metrics::dns::DnsMetrics;
-use crate::proxy::route_table::RouteTable;
 
 /// Concurrent TCP connections: DNS over TCP is for the rare truncated answer, so a few
 /// hundred is plenty, and a client opening thousands cannot take fluxd's file descriptors.
@@ -72,8 +71,9 @@ pub struct Responder {
     zone: Zone,
     /// The catalog as the store follower last saw it (kept while the store is down).
     states: watch::Receiver<Arc<State>>,
-    /// The proxy's table, for instances live from this host (None without a data plane).
-    routes: Option<Arc<ArcSwap<RouteTable>>>,
+    /// The data plane's status (None without one): the proxy's table, for instances live from
+    /// this host, and the VIP guard's verdict, for VIPs this host refuses to route.
+    dataplane: Option<Arc<Status>>,
     forwarder: Option<Forwarder>,
     metrics: Option<DnsMetrics>,
     forwards: Arc<Semaphore>,
@@ -83,7 +83,7 @@ impl Responder {
     pub fn new(
         settings: &Settings,
         states: watch::Receiver<Arc<State>>,
-        routes: Option<Arc<ArcSwap<RouteTable>>>,
+        dataplane: Option<Arc<Status>>,
         metrics: Option<DnsMetrics>,
     ) -> anyhow::Result<Responder> {
         let forwarder = Forwarder::new(&settings.forward, &settings.listen)?;
@@ -94,7 +94,7 @@ impl Responder {
         Ok(Responder {
             zone,
             states,
-            routes,
+            dataplane,
             forwarder,
             metrics,
             forwards: Arc::new(Semaphore::new(MAX_FORWARDS)),
@@ -102,10 +102,13 @@ impl Responder {
     }
 
     fn snapshot(&self) -> Snapshot {
-        Snapshot::new(
-            self.states.borrow().clone(),
-            self.routes.as_ref().map(|r| r.load_full()),
-        )
+        let state = self.states.borrow().clone();
+        match &self.dataplane {
+            Some(d) => {
+                Snapshot::new(state, Some(d.routes.load_full())).with_refused(d.guard.load_full())
+            }
+            None => Snapshot::new(state, None),
+        }
     }
 
     /// The local answer, counted; Forward is left to the caller.
