@@ -145,6 +145,37 @@ fn reaches_every_backend_from_a_container(s: &Setup, steering: Steering) {
     assert_eq!(counts.len(), 3, "only backend names: {counts:?}");
 }
 
+/// Names from a container (issue 16): Docker's `--dns` points at the bridge's address, where
+/// fluxd's DNS responder listens; the container resolves `web.flux` to the VIP and connects to
+/// the service by name, with nothing flux-specific in it.
+#[test]
+fn a_container_reaches_the_service_by_name_through_fluxds_dns() {
+    let s = setup("dk-dns", Steering::Bpf, &["--dns-listen", "0.0.0.0:53"]);
+    let dns = s.docker.bridge_ip.to_string();
+    let script = "nslookup web.flux; for i in $(seq 30); do nc web.flux 80 </dev/null; done; true";
+    let out = s
+        .docker
+        .docker(&["run", "--rm", "--dns", &dns, IMAGE, "sh", "-c", script]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    let vip = VIP.split_once(':').unwrap().0;
+    assert!(
+        stdout.contains(&format!("Address: {vip}")),
+        "nslookup: {stdout} {stderr}\n{}",
+        s.fluxd.log()
+    );
+    let served: Vec<&str> = stdout
+        .lines()
+        .filter(|l| s.backends.iter().any(|b| b.name == *l))
+        .collect();
+    assert_eq!(served.len(), 30, "by name: {stdout} {stderr}");
+    for b in &s.backends {
+        assert!(served.contains(&b.name.as_str()), "{} never served", b.name);
+    }
+}
+
 #[test]
 fn container_on_the_bridge_reaches_the_service_through_prerouting() {
     let s = setup("dk-pre", Steering::Nat, &[]);
