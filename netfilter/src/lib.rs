@@ -88,6 +88,7 @@ mod render;
 mod rule;
 mod runner;
 mod unforwarded;
+mod v6;
 mod validate;
 
 pub use annotate::{annotate, annotate_empty_set, annotate_set, AnnotatedMember, AnnotatedRule};
@@ -101,6 +102,7 @@ pub use rejected::Rejected;
 pub use render::{render, Ruleset};
 pub use runner::{CommandRunner, Runner};
 pub use unforwarded::Unforwarded;
+pub use v6::{render6, Desired6, Installed6, Redirect6, Ruleset6};
 
 /// The chain holding the REDIRECT rules: one matching the VIP set, then one per VIP range.
 pub const SERVICES_CHAIN: &str = "FLUX-SERVICES";

@@ -373,7 +373,7 @@ async fn gather_bpf(mut view: DebugView, status: Arc<Status>) -> DebugView {
             .map(|(vip, action)| EntryView {
                 vip: vip.to_string(),
                 action: action.map_or("unknown".to_string(), |a| a.to_string()),
-                service: names.get(vip).cloned(),
+                service: names.get(&std::net::SocketAddr::V4(*vip)).cloned(),
             })
             .collect(),
         routes: installed

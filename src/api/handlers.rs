@@ -330,8 +330,11 @@ async fn add_service(api: &Api, req: Request<Incoming>) -> Answer {
 /// With ranges configured, a service's VIP must be inside one; a service without a VIP takes
 /// no address from any range.
 fn in_vip_ranges(api: &Api, service: &Service) -> Result<(), InvalidInput> {
-    let outside =
-        |vip: std::net::SocketAddrV4| !api.vip_ranges.iter().any(|r| r.contains(vip.ip()));
+    // The ranges are IPv4 ones: with any configured, an IPv6 VIP is outside them all.
+    let outside = |vip: std::net::SocketAddr| match vip {
+        std::net::SocketAddr::V4(v4) => !api.vip_ranges.iter().any(|r| r.contains(v4.ip())),
+        std::net::SocketAddr::V6(_) => true,
+    };
     if !api.vip_ranges.is_empty() && service.address.is_some_and(outside) {
         let ranges: Vec<String> = api.vip_ranges.iter().map(|r| r.to_string()).collect();
         return Err(InvalidInput::new(

@@ -1,7 +1,7 @@
 //! The store's key layout. Every other module names keys through these functions, so the
 //! layout is written down once.
 
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 
 pub const SERVICES: &str = "services/";
 pub const VIPS: &str = "vips/";
@@ -16,7 +16,7 @@ pub fn service(name: &str) -> String {
 
 /// The claim that makes a VIP:port unique across services: created in the same transaction as
 /// the service, so two concurrent `service add` cannot both win.
-pub fn vip(addr: &SocketAddrV4) -> String {
+pub fn vip(addr: &SocketAddr) -> String {
     format!("{VIPS}{addr}")
 }
 
@@ -62,7 +62,7 @@ mod tests {
 
     #[test]
     fn each_record_has_its_documented_key() {
-        let addr: SocketAddrV4 = "198.18.0.10:80".parse().expect("a valid VIP");
+        let addr: SocketAddr = "198.18.0.10:80".parse().expect("a valid VIP");
         assert_eq!(service("web"), "services/web");
         assert_eq!(vip(&addr), "vips/198.18.0.10:80");
         assert_eq!(rule("web", "v1"), "rules/web/v1");

@@ -14,7 +14,7 @@
 //! to what changed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 
 use super::keys;
 use super::state::{decode_record, Record};
@@ -41,7 +41,7 @@ pub struct Placement {
     /// Per VIP, the services that decode and claim it, as (create revision, name), sorted: the
     /// first one owns it. Almost always one: a vector, not a set (a set's node is 20 times the
     /// size).
-    claims: HashMap<SocketAddrV4, Vec<(Revision, String)>>,
+    claims: HashMap<SocketAddr, Vec<(Revision, String)>>,
     /// The records skipped, with their line.
     skipped: BTreeMap<SkipOrder, String>,
     /// The picture so far; `skipped` is filled in when it is published.
@@ -313,7 +313,7 @@ impl Placement {
 
 /// The VIP a held service record claims, with its creation: none for a record that does not
 /// decode or a service without a VIP.
-fn claimed_vip(held: &Held) -> Option<(SocketAddrV4, Revision)> {
+fn claimed_vip(held: &Held) -> Option<(SocketAddr, Revision)> {
     match &held.record {
         Ok(Record::Service(s)) => Some((s.address?, held.create_revision)),
         _ => None,

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use imbl::OrdMap;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -111,7 +111,7 @@ impl State {
     fn place(
         &mut self,
         record: Record,
-        vips: &mut BTreeMap<SocketAddrV4, String>,
+        vips: &mut BTreeMap<SocketAddr, String>,
     ) -> Result<(), String> {
         match record {
             Record::Service(s) => {

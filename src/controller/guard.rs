@@ -10,7 +10,7 @@
 //! again each time.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 /// whether its interface is up or not: Linux accepts traffic for a local address on any
 /// interface.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Addresses(Vec<(Ipv4Addr, String)>);
+pub struct Addresses(Vec<(IpAddr, String)>);
 
 impl Addresses {
     /// The addresses as the kernel and `/etc/resolv.conf` have them now, plus `fixed` (the
@@ -30,25 +30,37 @@ impl Addresses {
     pub fn read(fixed: &[(Ipv4Addr, String)]) -> nix::Result<Addresses> {
         let mut all: Vec<_> = nix::ifaddrs::getifaddrs()?
             .filter_map(|a| {
-                let ip = a.address?.as_sockaddr_in()?.ip();
+                let addr = a.address?;
+                let ip = match (addr.as_sockaddr_in(), addr.as_sockaddr_in6()) {
+                    (Some(v4), _) => IpAddr::V4(v4.ip()),
+                    (_, Some(v6)) => IpAddr::V6(v6.ip()),
+                    _ => return None,
+                };
                 Some((ip, format!("an address of {}", a.interface_name)))
             })
             .collect();
         let read = |path| std::fs::read_to_string(path).unwrap_or_default();
         all.extend(default_gateways(&read("/proc/net/route")));
+        all.extend(super::guard_v6::default_gateways(&read(
+            "/proc/net/ipv6_route",
+        )));
         all.extend(resolvers(&read("/etc/resolv.conf")));
-        all.extend(fixed.iter().cloned());
+        all.extend(
+            fixed
+                .iter()
+                .map(|(ip, what)| (IpAddr::V4(*ip), what.clone())),
+        );
         Ok(Addresses::new(all))
     }
 
-    pub fn new(mut all: Vec<(Ipv4Addr, String)>) -> Addresses {
+    pub fn new(mut all: Vec<(IpAddr, String)>) -> Addresses {
         all.sort();
         all.dedup();
         Addresses(all)
     }
 
     /// What `ip` is, if it is one of these addresses.
-    fn holder(&self, ip: Ipv4Addr) -> Option<&str> {
+    fn holder(&self, ip: IpAddr) -> Option<&str> {
         self.0
             .iter()
             .find(|(a, _)| *a == ip)
@@ -56,14 +68,17 @@ impl Addresses {
     }
 
     /// The first address inside `net`, with its interface.
-    fn inside(&self, net: &Ipv4Net) -> Option<&(Ipv4Addr, String)> {
-        self.0.iter().find(|(a, _)| net.contains(a))
+    fn inside(&self, net: &Ipv4Net) -> Option<(Ipv4Addr, &str)> {
+        self.0.iter().find_map(|(a, what)| match a {
+            IpAddr::V4(a) if net.contains(a) => Some((*a, what.as_str())),
+            _ => None,
+        })
     }
 }
 
 /// The gateways of the default routes in `/proc/net/route` (this network namespace's), whose
 /// addresses are the kernel's own words in native byte order.
-fn default_gateways(route: &str) -> Vec<(Ipv4Addr, String)> {
+fn default_gateways(route: &str) -> Vec<(IpAddr, String)> {
     const RTF_GATEWAY: u32 = 0x2;
     let hex = |s: &str| u32::from_str_radix(s, 16).ok();
     route
@@ -76,20 +91,22 @@ fn default_gateways(route: &str) -> Vec<(Ipv4Addr, String)> {
             let gw = hex(gw)?;
             let default = hex(dest)? == 0 && hex(mask)? == 0;
             (default && gw != 0 && hex(flags)? & RTF_GATEWAY != 0).then(|| {
-                let ip = Ipv4Addr::from(gw.to_ne_bytes());
+                let ip = IpAddr::V4(Ipv4Addr::from(gw.to_ne_bytes()));
                 (ip, format!("this host's default gateway (via {iface})"))
             })
         })
         .collect()
 }
 
-/// The IPv4 `nameserver` lines of resolv.conf.
-fn resolvers(conf: &str) -> Vec<(Ipv4Addr, String)> {
+/// The `nameserver` lines of resolv.conf, IPv4 and IPv6 (a `%zone` suffix dropped: a
+/// link-local resolver cannot be a VIP anyway).
+fn resolvers(conf: &str) -> Vec<(IpAddr, String)> {
     conf.lines()
         .filter_map(|line| {
             let mut words = line.split_whitespace();
             (words.next()? == "nameserver").then_some(())?;
-            let ip: Ipv4Addr = words.next()?.parse().ok()?;
+            let word = words.next()?;
+            let ip: IpAddr = word.split('%').next()?.parse().ok()?;
             Some((ip, "a DNS resolver in /etc/resolv.conf".to_string()))
         })
         .collect()
@@ -99,7 +116,7 @@ fn resolvers(conf: &str) -> Vec<(Ipv4Addr, String)> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RefusedVip {
     pub service: String,
-    pub vip: SocketAddrV4,
+    pub vip: SocketAddr,
     /// For operators, e.g. `is 10.0.0.5, an address of eth0`.
     pub reason: String,
 }
@@ -126,14 +143,14 @@ impl Verdict {
     /// Judges every service VIP and every VIP range against this host's addresses and the
     /// protected ranges.
     pub fn judge<'a>(
-        services: impl IntoIterator<Item = (&'a str, SocketAddrV4)>,
+        services: impl IntoIterator<Item = (&'a str, SocketAddr)>,
         vip_ranges: &[Ipv4Net],
         own: &Addresses,
         protected: &[Ipv4Net],
     ) -> Verdict {
         let mut verdict = Verdict::default();
         for (service, vip) in services {
-            if let Some(reason) = vip_problem(*vip.ip(), own, protected) {
+            if let Some(reason) = vip_problem(vip.ip(), own, protected) {
                 verdict.refused.insert(
                     service.to_string(),
                     RefusedVip {
@@ -162,11 +179,14 @@ impl Verdict {
     }
 }
 
-/// Why `ip` must not be a VIP on this host, if it must not.
-pub fn vip_problem(ip: Ipv4Addr, own: &Addresses, protected: &[Ipv4Net]) -> Option<String> {
+/// Why `ip` must not be a VIP on this host, if it must not. Protected ranges are IPv4 ones.
+pub fn vip_problem(ip: IpAddr, own: &Addresses, protected: &[Ipv4Net]) -> Option<String> {
     if let Some(what) = own.holder(ip) {
         return Some(format!("is {ip}, {what}"));
     }
+    let IpAddr::V4(ip) = ip else {
+        return None;
+    };
     protected
         .iter()
         .find(|p| p.contains(&ip))
@@ -201,6 +221,24 @@ mod tests {
 
     fn net(s: &str) -> Ipv4Net {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn ipv6_addresses_gateways_and_resolvers_are_refused() {
+        let own = Addresses::new(vec![
+            ("fd00:1::5".parse().unwrap(), "an address of eth0".into()),
+            ("::1".parse().unwrap(), "an address of lo".into()),
+        ]);
+        let p = vip_problem("fd00:1::5".parse().unwrap(), &own, &[]);
+        assert_eq!(p.as_deref(), Some("is fd00:1::5, an address of eth0"));
+        assert_eq!(vip_problem("fd00:1::6".parse().unwrap(), &own, &[]), None);
+        let conf = "nameserver 192.0.2.53\nnameserver fd00:53::1\nnameserver fe80::1%eth0\n";
+        let r = resolvers(conf);
+        assert_eq!(r.len(), 3);
+        assert_eq!(r[1].0, "fd00:53::1".parse::<IpAddr>().unwrap());
+        assert_eq!(r[2].0, "fe80::1".parse::<IpAddr>().unwrap());
+        let v = Verdict::judge([("web", "[fd00:1::5]:80".parse().unwrap())], &[], &own, &[]);
+        assert!(!v.allows("web"));
     }
 
     #[test]
@@ -273,13 +311,16 @@ mod tests {
 
     #[test]
     fn reads_this_hosts_addresses() {
-        let etcd = (
+        let etcd: (Ipv4Addr, String) = (
             "203.0.113.9".parse().unwrap(),
             "an etcd endpoint".to_string(),
         );
         let own = Addresses::read(std::slice::from_ref(&etcd)).unwrap();
         assert!(own.0.iter().all(|(_, what)| !what.is_empty()), "{own:?}");
-        assert!(own.0.contains(&etcd), "{own:?}");
+        assert!(
+            own.0.contains(&(IpAddr::V4(etcd.0), etcd.1.clone())),
+            "{own:?}"
+        );
     }
 
     #[test]
@@ -310,12 +351,19 @@ mod tests {
     fn resolvers_from_resolv_conf() {
         let conf =
             "# comment\nsearch example.org\nnameserver 10.255.255.53\nnameserver ::1\nnameserver\n";
+        // IPv6 resolvers count too: an IPv6 VIP must not take one.
         assert_eq!(
             resolvers(conf),
-            vec![(
-                "10.255.255.53".parse().unwrap(),
-                "a DNS resolver in /etc/resolv.conf".to_string()
-            )]
+            vec![
+                (
+                    "10.255.255.53".parse().unwrap(),
+                    "a DNS resolver in /etc/resolv.conf".to_string()
+                ),
+                (
+                    "::1".parse().unwrap(),
+                    "a DNS resolver in /etc/resolv.conf".to_string()
+                )
+            ]
         );
         let own = Addresses::new(resolvers(conf));
         assert_eq!(

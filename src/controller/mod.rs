@@ -5,6 +5,7 @@
 //! installed rules with the desired ones and repairs drift.
 
 pub mod guard;
+mod guard_v6;
 pub mod routing;
 mod steer;
 mod traffic;

@@ -2,7 +2,7 @@
 //! Pure apart from reusing the health of instances that were already known.
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::SocketAddrV4;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 
 use super::guard;
@@ -148,7 +148,7 @@ fn build_service(
     metrics: &Metrics,
 ) -> BuiltService {
     // Health, series and pool of each instance last routed, by name and address.
-    let mut old: HashMap<(String, SocketAddrV4), Kept> = old
+    let mut old: HashMap<(String, SocketAddr), Kept> = old
         .iter()
         .flat_map(|r| r.backends.iter())
         .map(|b| {
@@ -263,8 +263,9 @@ pub fn desired_rules(
 ) -> netfilter::Desired {
     let (mut redirects, mut rejects, mut forwards) = (Vec::new(), Vec::new(), Vec::new());
     for s in state.services.values().filter(|s| verdict.allows(&s.name)) {
-        // A service without a VIP (edge only) has nothing to redirect or refuse.
-        let Some(vip) = s.address else {
+        // A service without a VIP (edge only) has nothing to redirect or refuse; an IPv6 VIP
+        // is the IPv6 rules' (`desired_v6`).
+        let Some(SocketAddr::V4(vip)) = s.address else {
             continue;
         };
         let entry = netfilter::Redirect {
@@ -322,13 +323,17 @@ fn forward_of(
     Some(netfilter::Forward {
         service: service.name.clone(),
         vip,
+        // The kernel cannot rewrite an IPv4 connection to an IPv6 instance: those are left out.
         destinations: route
             .backends
             .iter()
-            .map(|b| netfilter::Destination {
-                instance: b.instance.clone(),
-                addr: b.addr,
-                standby: !route.takes_new(b) || (!panic && b.health.check_failing()),
+            .filter_map(|b| match b.addr {
+                SocketAddr::V4(addr) => Some(netfilter::Destination {
+                    instance: b.instance.clone(),
+                    addr,
+                    standby: !route.takes_new(b) || (!panic && b.health.check_failing()),
+                }),
+                SocketAddr::V6(_) => None,
             })
             .collect(),
     })
@@ -399,7 +404,7 @@ fn only_on_its_host(state: &State, own: &str, i: &Instance) -> bool {
         return false;
     };
     match (i.address, state.hosts.get(name)) {
-        (Some(addr), Some(h)) => h.network_mode == NetworkMode::Local && *addr.ip() != h.ip,
+        (Some(addr), Some(h)) => h.network_mode == NetworkMode::Local && addr.ip() != h.ip,
         _ => false,
     }
 }

@@ -86,9 +86,9 @@ impl Inputs {
     pub fn local(&self, i: &Instance) -> bool {
         match i.origin {
             Origin::Container => i.host.as_deref() == Some(self.host.as_str()),
-            Origin::Static => i
-                .address
-                .is_some_and(|a| a.ip().is_loopback() || Some(*a.ip()) == self.host_ip),
+            Origin::Static => i.address.is_some_and(|a| {
+                a.ip().is_loopback() || Some(a.ip()) == self.host_ip.map(std::net::IpAddr::V4)
+            }),
         }
     }
 }

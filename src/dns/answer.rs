@@ -13,10 +13,10 @@
 //! SOA in authority, for negative caching), names outside the domain REFUSED or, with
 //! forwarding, [`Reply::Forward`].
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use hickory_proto::op::{Edns, Header, Message, MessageType, OpCode, Query, ResponseCode};
-use hickory_proto::rr::rdata::{A, SOA, SRV};
+use hickory_proto::rr::rdata::{A, AAAA, SOA, SRV};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 
@@ -222,6 +222,8 @@ fn lookup(zone: &Zone, names: &dyn Names, query: &Query) -> Found {
     let name = query.name().to_lowercase();
     let qtype = query.query_type();
     let wants = |t: RecordType| qtype == t || qtype == RecordType::ANY;
+    // A for an IPv4 address, AAAA for an IPv6 one.
+    let wants_ip = |ip: &IpAddr| wants(address_type(ip));
     // The labels in front of the domain, most specific first.
     let depth = usize::from(name.num_labels()) - usize::from(zone.origin.num_labels());
     let labels: Vec<&[u8]> = name.iter().take(depth).collect();
@@ -244,8 +246,8 @@ fn lookup(zone: &Zone, names: &dyn Names, query: &Query) -> Found {
             match names.service(&service) {
                 Some(vip) => {
                     let mut answers = Vec::new();
-                    if let (true, Some(vip)) = (wants(RecordType::A), vip) {
-                        answers.push(a_record(&name, *vip.ip()));
+                    if let Some(vip) = vip.filter(|v| wants_ip(&v.ip())) {
+                        answers.push(a_record(&name, vip.ip()));
                     }
                     Found::Records {
                         answers,
@@ -273,7 +275,7 @@ fn lookup(zone: &Zone, names: &dyn Names, query: &Query) -> Found {
                     };
                     Found::Records {
                         answers: vec![srv_record(&name, vip.port(), target.clone())],
-                        additionals: vec![a_record(&target, *vip.ip())],
+                        additionals: vec![a_record(&target, vip.ip())],
                     }
                 }
             }
@@ -288,19 +290,21 @@ fn lookup(zone: &Zone, names: &dyn Names, query: &Query) -> Found {
             let live = names.live_instances(&service);
             let mut answers = Vec::new();
             let mut additionals = Vec::new();
-            if wants(RecordType::A) {
-                let mut ips: Vec<Ipv4Addr> = live.iter().map(|(_, a)| *a.ip()).collect();
-                ips.sort();
-                ips.dedup();
-                answers.extend(ips.into_iter().map(|ip| a_record(&name, ip)));
-            }
+            let mut ips: Vec<IpAddr> = live
+                .iter()
+                .map(|(_, a)| a.ip())
+                .filter(|ip| wants_ip(ip))
+                .collect();
+            ips.sort();
+            ips.dedup();
+            answers.extend(ips.into_iter().map(|ip| a_record(&name, ip)));
             if wants(RecordType::SRV) {
                 for (instance, addr) in &live {
                     let Some(target) = child(&name, &[instance.as_bytes()]) else {
                         continue;
                     };
                     answers.push(srv_record(&name, addr.port(), target.clone()));
-                    additionals.push(a_record(&target, *addr.ip()));
+                    additionals.push(a_record(&target, addr.ip()));
                 }
             }
             Found::Records {
@@ -313,20 +317,20 @@ fn lookup(zone: &Zone, names: &dyn Names, query: &Query) -> Found {
                 return Found::NoSuchName;
             };
             // Instance names are matched as DNS matches them, without regard to case.
-            let live: Vec<Ipv4Addr> = names
+            let live: Vec<IpAddr> = names
                 .live_instances(&service)
                 .into_iter()
                 .filter(|(n, _)| n.eq_ignore_ascii_case(&instance))
-                .map(|(_, a)| *a.ip())
+                .map(|(_, a)| a.ip())
                 .collect();
             if live.is_empty() {
                 return Found::NoSuchName;
             }
-            let answers = if wants(RecordType::A) {
-                live.into_iter().map(|ip| a_record(&name, ip)).collect()
-            } else {
-                Vec::new()
-            };
+            let answers = live
+                .into_iter()
+                .filter(|ip| wants_ip(ip))
+                .map(|ip| a_record(&name, ip))
+                .collect();
             Found::Records {
                 answers,
                 additionals: Vec::new(),
@@ -344,8 +348,20 @@ fn child(parent: &Name, labels: &[&[u8]]) -> Option<Name> {
         .ok()
 }
 
-fn a_record(name: &Name, ip: Ipv4Addr) -> Record {
-    Record::from_rdata(name.clone(), TTL, RData::A(A(ip)))
+/// An A record for an IPv4 address, an AAAA record for an IPv6 one.
+fn a_record(name: &Name, ip: IpAddr) -> Record {
+    let data = match ip {
+        IpAddr::V4(v4) => RData::A(A(v4)),
+        IpAddr::V6(v6) => RData::AAAA(AAAA(v6)),
+    };
+    Record::from_rdata(name.clone(), TTL, data)
+}
+
+fn address_type(ip: &IpAddr) -> RecordType {
+    match ip {
+        IpAddr::V4(_) => RecordType::A,
+        IpAddr::V6(_) => RecordType::AAAA,
+    }
 }
 
 fn srv_record(name: &Name, port: u16, target: Name) -> Record {

@@ -1,5 +1,5 @@
 use std::collections::BTreeMap;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
@@ -7,7 +7,7 @@ use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
 use super::*;
 
 /// A service's VIP and its live instances, as (name, address).
-type Entry = (Option<SocketAddrV4>, Vec<(String, SocketAddrV4)>);
+type Entry = (Option<SocketAddr>, Vec<(String, SocketAddr)>);
 
 /// A catalog of services by name.
 #[derive(Default)]
@@ -32,10 +32,10 @@ impl Fake {
 }
 
 impl Names for Fake {
-    fn service(&self, name: &str) -> Option<Option<SocketAddrV4>> {
+    fn service(&self, name: &str) -> Option<Option<SocketAddr>> {
         self.services.get(name).map(|s| s.0)
     }
-    fn live_instances(&self, service: &str) -> Vec<(String, SocketAddrV4)> {
+    fn live_instances(&self, service: &str) -> Vec<(String, SocketAddr)> {
         self.services
             .get(service)
             .map(|s| s.1.clone())

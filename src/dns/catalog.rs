@@ -2,7 +2,7 @@
 //! and the instances the proxy would use from this host. Behind a small trait so that the
 //! answering code is tested and fuzzed without a store or a proxy.
 
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::catalog::State;
@@ -13,10 +13,10 @@ use crate::proxy::route_table::RouteTable;
 /// The names DNS can answer for.
 pub trait Names {
     /// None for an unknown service; Some(None) for a service without a VIP (`--address none`).
-    fn service(&self, name: &str) -> Option<Option<SocketAddrV4>>;
+    fn service(&self, name: &str) -> Option<Option<SocketAddr>>;
     /// The service's instances live from this host, as (instance name, address), in a stable
     /// order.
-    fn live_instances(&self, service: &str) -> Vec<(String, SocketAddrV4)>;
+    fn live_instances(&self, service: &str) -> Vec<(String, SocketAddr)>;
     /// The zone's SOA serial: changes when the catalog does.
     fn serial(&self) -> u32;
 }
@@ -52,7 +52,7 @@ impl Snapshot {
 }
 
 impl Names for Snapshot {
-    fn service(&self, name: &str) -> Option<Option<SocketAddrV4>> {
+    fn service(&self, name: &str) -> Option<Option<SocketAddr>> {
         let refused = |s: &str| {
             self.refused
                 .as_ref()
@@ -65,8 +65,8 @@ impl Names for Snapshot {
             .map(|s| s.address.filter(|_| !refused(name)))
     }
 
-    fn live_instances(&self, service: &str) -> Vec<(String, SocketAddrV4)> {
-        let mut out: Vec<(String, SocketAddrV4)> = match &self.routes {
+    fn live_instances(&self, service: &str) -> Vec<(String, SocketAddr)> {
+        let mut out: Vec<(String, SocketAddr)> = match &self.routes {
             // Exactly the instances the proxy would pick now: available (not failed and
             // waiting for their retry), not failing an active check and not drained.
             Some(routes) => routes

@@ -377,7 +377,7 @@ impl Agent {
                         labels: publishable_labels(&c.labels),
                         address_note: addressed.note,
                     }),
-                    address: addressed.address,
+                    address: addressed.address.map(std::net::SocketAddr::V4),
                 };
                 out.insert(keys::instance(&service.name, &instance.name), instance);
             }

@@ -47,7 +47,7 @@ pub fn choose_instances(layout: &Layout, services: &[ServiceInfo]) -> (Instances
                 .iter()
                 .filter(|i| !i.drained && !drained_rule(&i.instance.rule))
                 .filter(|i| state.is_none_or(|s| i.state == s))
-                .filter_map(|i| i.instance.address.map(SocketAddr::V4))
+                .filter_map(|i| i.instance.address)
                 .collect();
             v.sort();
             v.dedup();

@@ -2,7 +2,7 @@
 //! that a bad address is refused with the same message whether it came from the CLI, the API
 //! or the store.
 
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 
 use serde::{de::Error, Deserialize, Deserializer, Serializer};
 
@@ -16,14 +16,14 @@ fn message(e: &super::InvalidInput) -> String {
 pub mod option {
     use super::*;
 
-    pub fn serialize<S: Serializer>(a: &Option<SocketAddrV4>, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer>(a: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
         match a {
             Some(a) => s.collect_str(a),
             None => s.serialize_none(),
         }
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddrV4>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
         match Option::<String>::deserialize(d)? {
             None => Ok(None),
             Some(s) => super::super::validate::parse_socket_addr("", &s)
@@ -42,14 +42,14 @@ pub mod vip {
     /// The spelling of "no VIP" in records, API bodies and on the command line.
     pub const NONE: &str = "none";
 
-    pub fn serialize<S: Serializer>(a: &Option<SocketAddrV4>, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer>(a: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
         match a {
             Some(a) => s.collect_str(a),
             None => s.serialize_str(NONE),
         }
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddrV4>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
         let s = String::deserialize(d)?;
         if s == NONE {
             return Ok(None);

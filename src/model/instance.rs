@@ -1,7 +1,7 @@
 //! An instance: one backend of a service, a container enrolled by a rule or a static address.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
@@ -59,12 +59,12 @@ pub struct Instance {
         with = "super::addr::option",
         skip_serializing_if = "Option::is_none"
     )]
-    pub address: Option<SocketAddrV4>,
+    pub address: Option<SocketAddr>,
 }
 
 impl Instance {
     /// A hand-registered backend.
-    pub fn new_static(service: &str, name: &str, address: SocketAddrV4) -> Self {
+    pub fn new_static(service: &str, name: &str, address: SocketAddr) -> Self {
         Instance {
             service: service.to_string(),
             name: name.to_string(),

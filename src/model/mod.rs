@@ -2,6 +2,8 @@
 //! input path (CLI, API, store, Docker) goes through.
 
 mod addr;
+#[cfg(test)]
+mod addr_tests;
 mod error;
 pub mod health_check;
 mod host;

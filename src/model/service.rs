@@ -1,6 +1,6 @@
 //! A service: a VIP that belongs to no interface, and how to reach its instances.
 
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
@@ -124,7 +124,7 @@ pub struct Service {
     /// The VIP clients connect to; the same on every host. None (`"none"`) for a service that
     /// only `fluxd edge` publishes: no VIP, no rule, no claim.
     #[serde(with = "super::addr::vip")]
-    pub address: Option<SocketAddrV4>,
+    pub address: Option<SocketAddr>,
     #[serde(default)]
     pub protocol: Protocol,
     /// Container port to connect to; the VIP's port when absent. A rule may override it.
@@ -198,6 +198,8 @@ impl Validate for Service {
                 Some("kernel forwarding is for tcp services: http services are balanced per request by the proxy")
             } else if self.address.is_none() {
                 Some("kernel forwarding needs a VIP to forward from; this service has address none")
+            } else if self.address.is_some_and(|a| a.is_ipv6()) {
+                Some("kernel forwarding is for IPv4 VIPs; an IPv6 VIP is carried by the proxy")
             } else if self.balance == Balance::LeastConn {
                 Some("kernel forwarding spreads connections at random; least-conn needs the proxy")
             } else if !self.locality.is_any() {

@@ -6,7 +6,7 @@
 //! `null` for "back to none / the default"; leaving a field out leaves it as it is.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -25,7 +25,7 @@ pub struct ServiceEdit {
         serialize_with = "vip_out",
         deserialize_with = "vip_in"
     )]
-    pub address: Option<Option<SocketAddrV4>>,
+    pub address: Option<Option<SocketAddr>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<Protocol>,
     #[serde(
@@ -118,11 +118,11 @@ fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Optio
     T::deserialize(d).map(Some)
 }
 
-fn vip_in<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<SocketAddrV4>>, D::Error> {
+fn vip_in<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<SocketAddr>>, D::Error> {
     super::addr::vip::deserialize(d).map(Some)
 }
 
-fn vip_out<S: Serializer>(a: &Option<Option<SocketAddrV4>>, s: S) -> Result<S::Ok, S::Error> {
+fn vip_out<S: Serializer>(a: &Option<Option<SocketAddr>>, s: S) -> Result<S::Ok, S::Error> {
     match a {
         Some(a) => super::addr::vip::serialize(a, s),
         None => s.serialize_none(),

@@ -2,7 +2,7 @@
 //! field, so callers only pass the field name down.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV6};
 
 use super::InvalidInput;
 
@@ -53,11 +53,21 @@ pub fn host_name(field: &str, s: &str) -> Result<(), InvalidInput> {
     }
 }
 
-/// A service VIP: an IPv4 address that no real traffic uses, and a port 1-65535.
+/// A service VIP: an IPv4 or IPv6 address that no real traffic uses, and a port 1-65535.
 /// The per-host guard (local interfaces, gateway, resolvers, VIP ranges) runs in the daemon.
-pub fn vip(field: &str, addr: &SocketAddrV4) -> Result<(), InvalidInput> {
-    let ip = addr.ip();
-    let why = if ip.is_loopback() {
+pub fn vip(field: &str, addr: &SocketAddr) -> Result<(), InvalidInput> {
+    let why = match addr {
+        SocketAddr::V4(a) => vip_v4(a.ip()),
+        SocketAddr::V6(a) => vip_v6(a),
+    };
+    if let Some(why) = why {
+        return Err(InvalidInput::new(field, why).value(addr.to_string()));
+    }
+    port(field, addr.port())
+}
+
+fn vip_v4(ip: &Ipv4Addr) -> Option<&'static str> {
+    if ip.is_loopback() {
         Some("must not be a loopback address")
     } else if ip.is_unspecified() {
         Some("must not be the unspecified address")
@@ -71,18 +81,65 @@ pub fn vip(field: &str, addr: &SocketAddrV4) -> Result<(), InvalidInput> {
         Some("must not be in 0.0.0.0/8 or the reserved 240.0.0.0/4")
     } else {
         None
+    }
+}
+
+/// IPv6 VIPs: unicast global or unique-local addresses only. Link-local ones need a scope
+/// (an interface), which a VIP the same on every host cannot have; v4-mapped ones would be a
+/// second spelling of an IPv4 VIP, so the IPv4 form is asked for instead.
+fn vip_v6(a: &SocketAddrV6) -> Option<&'static str> {
+    let ip = a.ip();
+    if let Some(why) = v6_common(a) {
+        Some(why)
+    } else if ip.is_loopback() {
+        Some("must not be a loopback address")
+    } else if ip.is_unspecified() {
+        Some("must not be the unspecified address")
+    } else if (ip.segments()[0] & 0xffc0) == 0xfe80 {
+        Some("must not be a link-local address (fe80::/10)")
+    } else {
+        None
+    }
+}
+
+/// What no IPv6 address in flux may be, VIP or backend: multicast, v4-mapped (write the IPv4
+/// form), scoped or flow-labelled (records carry neither).
+fn v6_common(a: &SocketAddrV6) -> Option<&'static str> {
+    let ip = a.ip();
+    if ip.is_multicast() {
+        Some("must not be a multicast address")
+    } else if ip.to_ipv4_mapped().is_some() {
+        Some("must not be an IPv4-mapped address (::ffff:a.b.c.d): write the IPv4 address")
+    } else if a.scope_id() != 0 {
+        Some("must not carry a scope id (%zone)")
+    } else if a.flowinfo() != 0 {
+        Some("must not carry flow info")
+    } else {
+        None
+    }
+}
+
+/// A backend address: any unicast address (loopback included, for local backends); IPv6
+/// link-local backends are refused, as they need a scope records cannot carry.
+pub fn backend(field: &str, addr: &SocketAddr) -> Result<(), InvalidInput> {
+    let why = match addr {
+        SocketAddr::V4(a) => {
+            let ip = a.ip();
+            (ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast())
+                .then_some("must be a unicast address")
+        }
+        SocketAddr::V6(a) => v6_common(a).or_else(|| {
+            if a.ip().is_unspecified() {
+                Some("must be a unicast address")
+            } else if (a.ip().segments()[0] & 0xffc0) == 0xfe80 {
+                Some("must not be a link-local address (fe80::/10)")
+            } else {
+                None
+            }
+        }),
     };
     if let Some(why) = why {
         return Err(InvalidInput::new(field, why).value(addr.to_string()));
-    }
-    port(field, addr.port())
-}
-
-/// A backend address: any unicast IPv4 address (loopback included, for local backends).
-pub fn backend(field: &str, addr: &SocketAddrV4) -> Result<(), InvalidInput> {
-    let ip = addr.ip();
-    if ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast() {
-        return Err(InvalidInput::new(field, "must be a unicast address").value(addr.to_string()));
     }
     port(field, addr.port())
 }
@@ -95,16 +152,25 @@ pub fn port(field: &str, port: u16) -> Result<(), InvalidInput> {
     }
 }
 
-/// Parses `IP:PORT` with messages that say what is wrong.
-pub fn parse_socket_addr(field: &str, s: &str) -> Result<SocketAddrV4, InvalidInput> {
-    let shape = || InvalidInput::new(field, "expected IPv4 address and port like 10.128.0.1:80");
+/// Parses `IP:PORT` (IPv4) or `[IPV6]:PORT` with messages that say what is wrong. Only the
+/// canonical bracketed form is taken for IPv6, so a record or a flag has one spelling.
+pub fn parse_socket_addr(field: &str, s: &str) -> Result<SocketAddr, InvalidInput> {
+    let shape = || {
+        InvalidInput::new(
+            field,
+            "expected IP address and port like 10.128.0.1:80 or [fd00::1]:80",
+        )
+    };
     let (ip, port) = s.rsplit_once(':').ok_or_else(|| shape().value(s))?;
-    let ip: Ipv4Addr = ip.parse().map_err(|_| shape().value(s))?;
+    let ip: IpAddr = match ip.strip_prefix('[').and_then(|i| i.strip_suffix(']')) {
+        Some(v6) => IpAddr::V6(v6.parse().map_err(|_| shape().value(s))?),
+        None => IpAddr::V4(ip.parse().map_err(|_| shape().value(s))?),
+    };
     let port: u32 = port.parse().map_err(|_| shape().value(s))?;
     if port == 0 || port > 65535 {
         return Err(InvalidInput::new(field, "port must be 1-65535").value(s));
     }
-    Ok(SocketAddrV4::new(ip, port as u16))
+    Ok(SocketAddr::new(ip, port as u16))
 }
 
 /// Parses a port given as text (a CLI flag), naming the field on error.
@@ -272,7 +338,9 @@ mod tests {
             "10.0.0.1:",
             "10.0.0.1:70000",
             "x:80",
-            "[::1]:80",
+            "::1:80",
+            "[::1]",
+            "[10.0.0.1]:80",
             ":80",
         ] {
             let e = parse_socket_addr("address", bad).unwrap_err();

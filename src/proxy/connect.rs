@@ -5,7 +5,7 @@
 
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,10 +22,23 @@ use super::route_table::{Backend, ServiceRoute};
 pub(crate) struct Upstream(socket2::Socket);
 
 impl Upstream {
-    /// One syscall: the flags are given to socket(2) itself.
+    /// One syscall: the flags are given to socket(2) itself. IPv4, the family of nearly every
+    /// instance; `for_addr` makes one for an IPv6 instance.
     pub fn new() -> io::Result<Upstream> {
+        Upstream::of(AddressFamily::Inet)
+    }
+
+    /// A socket of `addr`'s family.
+    fn for_addr(addr: &SocketAddr) -> io::Result<Upstream> {
+        match addr {
+            SocketAddr::V4(_) => Upstream::of(AddressFamily::Inet),
+            SocketAddr::V6(_) => Upstream::of(AddressFamily::Inet6),
+        }
+    }
+
+    fn of(family: AddressFamily) -> io::Result<Upstream> {
         let fd = socket(
-            AddressFamily::Inet,
+            family,
             SockType::Stream,
             SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
             None,
@@ -113,9 +126,10 @@ async fn attempt(
     timeout: Duration,
 ) -> io::Result<Option<TcpStream>> {
     let started = Instant::now();
+    // The socket made ahead is IPv4; an IPv6 instance needs its own (the IPv4 one is closed).
     let socket = match socket {
-        Some(s) => s,
-        None => Upstream::new()?,
+        Some(s) if backend.addr.is_ipv4() => s,
+        _ => Upstream::for_addr(&backend.addr)?,
     };
     let why = match tokio::time::timeout(timeout, connect(socket, backend.addr)).await {
         Ok(Ok(stream)) => {
@@ -138,10 +152,10 @@ async fn attempt(
 /// Connects `socket` to `addr`. A connect that failed shows in the readiness event itself
 /// (EPOLLHUP, EPOLLERR), so the socket's error is only read then: a successful connect costs
 /// no getsockopt(SO_ERROR).
-async fn connect(socket: Upstream, addr: SocketAddrV4) -> io::Result<TcpStream> {
+async fn connect(socket: Upstream, addr: SocketAddr) -> io::Result<TcpStream> {
     let Upstream(socket) = socket;
     socket.set_nodelay(true)?;
-    match socket.connect(&SocketAddr::V4(addr).into()) {
+    match socket.connect(&addr.into()) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
         Err(e) => return Err(e),

@@ -3,7 +3,7 @@
 //! `super::tcp` (connect with retry, then splice) or `super::http` (balanced per request).
 
 use std::io;
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::{Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,6 +51,11 @@ pub struct Proxy {
     listeners: Vec<std::net::TcpListener>,
     /// Whether the listening socket came from outside (systemd) and outlives this process.
     pub inherited: bool,
+    /// IPv6 twins of `listeners` (IPv6-only sockets on `[::]` and the same port), one per
+    /// thread, when `config.listen` is the unspecified address and the host has IPv6: IPv6
+    /// VIPs arrive there, while IPv4 ones keep their own sockets exactly as before. Empty
+    /// with a socket from systemd unless it passed an IPv6 one too.
+    listeners6: Vec<std::net::TcpListener>,
 }
 
 impl Proxy {
@@ -73,15 +78,38 @@ impl Proxy {
                     .collect::<io::Result<Vec<_>>>()?
             }
             None => (0..n)
-                .map(|_| listen(config.listen))
+                .map(|_| listen(SocketAddr::V4(config.listen)))
                 .collect::<io::Result<Vec<_>>>()?,
+        };
+        let listeners6 = match &inherited {
+            Some(_) => Vec::new(),
+            None if config.listen.ip().is_unspecified() => listen6(config.listen.port(), n),
+            None => Vec::new(),
         };
         Ok(Proxy {
             config,
             routes,
             listeners,
             inherited: inherited.is_some(),
+            listeners6,
         })
+    }
+
+    /// Adds an IPv6 listening socket passed by systemd (`fluxd.socket`'s `[::]` line), shared
+    /// by every proxy thread like the IPv4 one.
+    pub fn add_inherited6(&mut self, l: std::net::TcpListener) -> io::Result<()> {
+        l.set_nonblocking(true)?;
+        socket2::SockRef::from(&l).set_nodelay(true)?;
+        set_client_keepalive(&l)?;
+        self.listeners6 = (0..self.listeners.len())
+            .map(|_| l.try_clone())
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(())
+    }
+
+    /// The IPv6 listening socket, if any (the bpf steering hands IPv6 VIP connections to it).
+    pub fn socket6(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.listeners6.first().map(std::os::fd::AsFd::as_fd)
     }
 
     /// The listening socket VIP connections arrive on (the first of the reuseport group: the
@@ -102,9 +130,11 @@ impl Proxy {
     pub async fn run(self, stop: watch::Receiver<bool>) {
         // One limit over all listeners: it bounds fds, which are per process.
         let limit = Arc::new(Semaphore::new(self.config.max_connections));
+        let mut sixes = self.listeners6.into_iter();
         let threads: Vec<_> = self
             .listeners
             .into_iter()
+            .map(|l| std::iter::once(l).chain(sixes.next()).collect::<Vec<_>>())
             .enumerate()
             .map(|(i, l)| {
                 let (routes, limit, stop) = (self.routes.clone(), limit.clone(), stop.clone());
@@ -136,7 +166,7 @@ impl Proxy {
 /// then draining. Connections still open after the drain end with the runtime.
 #[allow(clippy::too_many_arguments)]
 fn serve_thread(
-    listener: std::net::TcpListener,
+    listeners: Vec<std::net::TcpListener>,
     routes: Arc<ArcSwap<RouteTable>>,
     source: VipSource,
     timeouts: Timeouts,
@@ -164,10 +194,23 @@ fn serve_thread(
     }
     rt.block_on(async move {
         tokio::spawn(anchor_timers());
-        match TcpListener::from_std(listener) {
-            Ok(l) => accept_loop(l, routes, source, timeouts, limit.clone(), stop).await,
-            Err(e) => tracing::error!(error = %e, "cannot register the proxy listener"),
-        }
+        let loops = listeners
+            .into_iter()
+            .filter_map(|l| match TcpListener::from_std(l) {
+                Ok(l) => Some(accept_loop(
+                    l,
+                    routes.clone(),
+                    source,
+                    timeouts,
+                    limit.clone(),
+                    stop.clone(),
+                )),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot register the proxy listener");
+                    None
+                }
+            });
+        futures::future::join_all(loops).await;
         drain_connections(&limit, max, drain, report).await;
     });
 }
@@ -220,18 +263,35 @@ async fn drain_connections(limit: &Semaphore, max: usize, drain: Duration, repor
     }
 }
 
-fn listen(addr: SocketAddrV4) -> io::Result<std::net::TcpListener> {
+/// `n` IPv6-only listeners on `[::]:port`; none (with a note in the log) where the host has
+/// no IPv6, which leaves IPv4 service untouched.
+fn listen6(port: u16, n: usize) -> Vec<std::net::TcpListener> {
+    let addr = SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0));
+    match (0..n).map(|_| listen(addr)).collect::<io::Result<Vec<_>>>() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::info!(error = %e, "no IPv6 proxy listener; IPv6 VIPs are not served here");
+            Vec::new()
+        }
+    }
+}
+
+fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = socket2::Socket::new(
-        socket2::Domain::IPV4,
+        socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
         Some(socket2::Protocol::TCP),
     )?;
+    if addr.is_ipv6() {
+        // IPv4 connections keep their own listener, whatever net.ipv6.bindv6only says.
+        socket.set_only_v6(true)?;
+    }
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
     // Accepted sockets inherit TCP_NODELAY: one setsockopt per listener, not per connection.
     socket.set_nodelay(true)?;
-    socket.bind(&SocketAddr::V4(addr).into())?;
+    socket.bind(&addr.into())?;
     socket.listen(4096)?;
     let listener = socket.into();
     set_client_keepalive(&listener)?;
@@ -368,7 +428,7 @@ mod tests {
 
     #[test]
     fn accepted_client_sockets_inherit_keepalive() {
-        let l = listen(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let l = listen(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))).unwrap();
         let _c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         l.set_nonblocking(false).unwrap();
         let (accepted, _) = l.accept().unwrap();

@@ -3,10 +3,12 @@
 //! instance sees the client's address instead of fluxd's. Spec:
 //! <https://www.haproxy.org/download/2.8/doc/proxy-protocol.txt>.
 //!
-//! Built on the stack (no allocation per connection); IPv4 only, as every flux address is.
+//! Built on the stack (no allocation per connection). A client and a VIP of different families
+//! (which the proxy does not produce, but the types allow) are both written as IPv6, the IPv4
+//! one mapped (`::ffff:a.b.c.d`), as the spec allows no mixed header.
 
 use std::io::Write;
-use std::net::SocketAddrV4;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use crate::model::ProxyProtocol;
 
@@ -16,13 +18,14 @@ const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 /// health check: the receiver uses the real connection's addresses).
 const V2_PROXY: u8 = 0x21;
 const V2_LOCAL: u8 = 0x20;
-/// Address family INET, transport STREAM.
+/// Address family INET (INET6), transport STREAM.
 const V2_TCP4: u8 = 0x11;
+const V2_TCP6: u8 = 0x21;
 const V2_UNSPEC: u8 = 0x00;
 
-/// The longest header written: v1 `PROXY TCP4` with two 15-character addresses and two
-/// 5-digit ports is 56 bytes.
-const MAX: usize = 56;
+/// The longest header written: v1 `PROXY TCP6` with two 39-character addresses and two
+/// 5-digit ports is 104 bytes.
+const MAX: usize = 104;
 
 /// One encoded header.
 #[derive(Clone, Copy)]
@@ -33,29 +36,41 @@ pub struct Header {
 
 impl Header {
     /// For a relayed connection: `client` is where it came from, `vip` where it was sent.
-    pub fn relayed(version: ProxyProtocol, client: SocketAddrV4, vip: SocketAddrV4) -> Header {
+    pub fn relayed(version: ProxyProtocol, client: SocketAddr, vip: SocketAddr) -> Header {
         let mut h = Header {
             buf: [0; MAX],
             len: 0,
         };
+        let (from, to) = match (client.ip(), vip.ip()) {
+            (IpAddr::V4(c), IpAddr::V4(v)) => (IpAddr::V4(c), IpAddr::V4(v)),
+            (c, v) => (IpAddr::V6(as_v6(c)), IpAddr::V6(as_v6(v))),
+        };
         match version {
             ProxyProtocol::V1 => {
+                let family = if from.is_ipv4() { "TCP4" } else { "TCP6" };
                 let mut w = &mut h.buf[..];
-                // Cannot fail: MAX holds the longest TCP4 line.
+                // Cannot fail: MAX holds the longest TCP6 line.
                 let _ = write!(
                     w,
-                    "PROXY TCP4 {} {} {} {}\r\n",
-                    client.ip(),
-                    vip.ip(),
+                    "PROXY {family} {from} {to} {} {}\r\n",
                     client.port(),
                     vip.port()
                 );
                 h.len = MAX - w.len();
             }
             ProxyProtocol::V2 => {
-                h.v2_start(V2_PROXY, V2_TCP4, 12);
-                h.push(&client.ip().octets());
-                h.push(&vip.ip().octets());
+                match (from, to) {
+                    (IpAddr::V4(f), IpAddr::V4(t)) => {
+                        h.v2_start(V2_PROXY, V2_TCP4, 12);
+                        h.push(&f.octets());
+                        h.push(&t.octets());
+                    }
+                    (f, t) => {
+                        h.v2_start(V2_PROXY, V2_TCP6, 36);
+                        h.push(&as_v6(f).octets());
+                        h.push(&as_v6(t).octets());
+                    }
+                }
                 h.push(&client.port().to_be_bytes());
                 h.push(&vip.port().to_be_bytes());
             }
@@ -93,11 +108,18 @@ impl Header {
     }
 }
 
+fn as_v6(ip: IpAddr) -> Ipv6Addr {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn a(s: &str) -> SocketAddrV4 {
+    fn a(s: &str) -> SocketAddr {
         s.parse().unwrap()
     }
 
@@ -107,8 +129,8 @@ mod tests {
         assert_eq!(h.bytes(), b"PROXY TCP4 192.0.2.7 198.18.0.1 51000 80\r\n");
         let longest = Header::relayed(
             ProxyProtocol::V1,
-            a("255.255.255.255:65535"),
-            a("255.255.255.255:65535"),
+            a("[ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe]:65535"),
+            a("[ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe]:65535"),
         );
         assert_eq!(longest.bytes().len(), MAX);
         assert!(longest.bytes().ends_with(b"65535 65535\r\n"));
@@ -132,5 +154,19 @@ mod tests {
         let local = Header::local(ProxyProtocol::V2);
         assert_eq!(&local.bytes()[..12], &want[..12]);
         assert_eq!(&local.bytes()[12..], &[0x20, 0x00, 0x00, 0x00]);
+    }
+
+    #[test]
+    fn v6_headers() {
+        let h = Header::relayed(ProxyProtocol::V1, a("[fd00::7]:51000"), a("[fd00::1]:80"));
+        assert_eq!(h.bytes(), b"PROXY TCP6 fd00::7 fd00::1 51000 80\r\n");
+        let h = Header::relayed(ProxyProtocol::V2, a("[fd00::7]:51000"), a("[fd00::1]:80"));
+        assert_eq!(&h.bytes()[12..16], &[0x21, 0x21, 0x00, 36]);
+        assert_eq!(h.bytes().len(), 16 + 36);
+        assert_eq!(h.bytes()[16 + 15], 7);
+        assert_eq!(&h.bytes()[48..], &[0xC7, 0x38, 0x00, 80]);
+        // Mixed families: both mapped into IPv6.
+        let h = Header::relayed(ProxyProtocol::V1, a("192.0.2.7:1"), a("[fd00::1]:80"));
+        assert_eq!(h.bytes(), b"PROXY TCP6 ::ffff:192.0.2.7 fd00::1 1 80\r\n");
     }
 }

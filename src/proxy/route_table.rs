@@ -12,7 +12,7 @@
 //! A service with traffic control (rule weights, drained instances, locality, affinity) is
 //! ordered by `super::balancer` instead, which follows the same rules for health.
 
-use std::net::{IpAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -26,7 +26,7 @@ use crate::model::{Balance, HealthCheck, Protocol, ProxyProtocol, ServiceTimeout
 pub struct Backend {
     pub service: String,
     pub instance: String,
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     /// Shared with earlier tables, so health survives a table rebuild.
     pub health: Arc<Health>,
     /// This instance's series; shared with earlier tables like `health`.
@@ -70,7 +70,7 @@ pub struct ServiceRoute {
     pub timeouts: ServiceTimeouts,
     /// `tcp` services with `--proxy-protocol`: the header's version and the VIP it names as
     /// destination.
-    pub proxy_protocol: Option<(ProxyProtocol, SocketAddrV4)>,
+    pub proxy_protocol: Option<(ProxyProtocol, SocketAddr)>,
 }
 
 impl ServiceRoute {
@@ -98,7 +98,7 @@ impl ServiceRoute {
     pub fn with_tuning(
         mut self,
         timeouts: ServiceTimeouts,
-        proxy_protocol: Option<(ProxyProtocol, SocketAddrV4)>,
+        proxy_protocol: Option<(ProxyProtocol, SocketAddr)>,
     ) -> Self {
         self.timeouts = timeouts;
         self.proxy_protocol = proxy_protocol;
@@ -321,7 +321,7 @@ fn least_of_two(avail: &[Arc<Backend>]) -> usize {
 /// number of services.
 #[derive(Debug, Default, Clone)]
 pub struct RouteTable {
-    pub services: imbl::HashMap<SocketAddrV4, Arc<ServiceRoute>>,
+    pub services: imbl::HashMap<SocketAddr, Arc<ServiceRoute>>,
     /// The same routes by service name, for health lookups from the API.
     pub by_name: imbl::HashMap<String, Arc<ServiceRoute>>,
 }
@@ -345,7 +345,7 @@ mod tests {
                 Arc::new(Backend {
                     service: "s".into(),
                     instance: format!("i{i}"),
-                    addr: SocketAddrV4::new([192, 0, 2, i as u8].into(), 80),
+                    addr: SocketAddr::new([192, 0, 2, i as u8].into(), 80),
                     health: Arc::new(Health::default()),
                     metrics: crate::metrics::Metrics::new().instance(&labels, false),
                     labels,

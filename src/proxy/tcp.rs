@@ -220,9 +220,7 @@ fn send_proxy_header(
     let Some((version, vip)) = service.proxy_protocol else {
         return Ok(());
     };
-    let std::net::SocketAddr::V4(from) = client.peer_addr()? else {
-        return Err(io::Error::other("client address is not IPv4"));
-    };
+    let from = client.peer_addr()?;
     let header = super::proxy_header::Header::relayed(version, from, vip);
     let n = backend.try_write(header.bytes())?;
     if n != header.bytes().len() {
@@ -317,9 +315,7 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, l)| {
-                let std::net::SocketAddr::V4(addr) = l.local_addr().unwrap() else {
-                    unreachable!("bound to 127.0.0.1")
-                };
+                let addr = l.local_addr().unwrap();
                 Arc::new(instance(&format!("i{i}"), addr))
             })
             .collect();
@@ -350,7 +346,7 @@ mod tests {
         w
     }
 
-    fn instance(name: &str, addr: std::net::SocketAddrV4) -> Backend {
+    fn instance(name: &str, addr: std::net::SocketAddr) -> Backend {
         let labels = crate::metrics::InstanceLabels {
             service: "s".into(),
             instance: name.into(),

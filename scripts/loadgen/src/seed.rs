@@ -59,7 +59,7 @@ pub async fn run(a: Args) -> std::io::Result<Value> {
         let name = format!("{}-{i}", a.prefix);
         let service = Service {
             name: name.clone(),
-            address: Some(vip(i)?),
+            address: Some(vip(i)?.into()),
             protocol: Protocol::Tcp,
             instance_port: None,
             balance: Balance::RoundRobin,
@@ -70,7 +70,7 @@ pub async fn run(a: Args) -> std::io::Result<Value> {
             timeouts: Default::default(),
             proxy_protocol: None,
         };
-        let instance = Instance::new_static(&name, "b0", a.instance);
+        let instance = Instance::new_static(&name, "b0", a.instance.into());
         service.validate().map_err(std::io::Error::other)?;
         instance.validate().map_err(std::io::Error::other)?;
         catalog

@@ -6,7 +6,7 @@
 //! failing its check leaves the pool on every host that checks it.
 
 use std::collections::HashMap;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -166,7 +166,7 @@ impl Drop for Checker {
 struct Probe {
     service: String,
     instance: String,
-    addr: SocketAddrV4,
+    addr: SocketAddr,
     check: HealthCheck,
     header: Option<ProxyProtocol>,
     health: Arc<Health>,
@@ -245,7 +245,7 @@ enum Failure {
 /// `tcp connect timed out after 1000 ms`). None when this host could not make the check at all
 /// (see [`is_local_exhaustion`]): that says nothing about the instance.
 pub async fn probe(
-    addr: SocketAddrV4,
+    addr: SocketAddr,
     check: &HealthCheck,
     header: Option<ProxyProtocol>,
 ) -> Option<Result<(), String>> {
@@ -285,7 +285,7 @@ async fn drain(stream: &mut TcpStream) {
 
 /// The check itself; on a pass, the connection (to be drained before it is closed).
 async fn attempt(
-    addr: SocketAddrV4,
+    addr: SocketAddr,
     check: &HealthCheck,
     header: Option<ProxyProtocol>,
     what: &str,
@@ -375,7 +375,7 @@ mod tests {
     use tokio::net::TcpListener;
 
     /// A table of one service with one backend at `addr`, checked by `check`.
-    fn table(health: &Arc<Health>, addr: SocketAddrV4, check: Option<HealthCheck>) -> RouteTable {
+    fn table(health: &Arc<Health>, addr: SocketAddr, check: Option<HealthCheck>) -> RouteTable {
         let labels = InstanceLabels {
             service: "s".into(),
             instance: "i0".into(),
@@ -407,8 +407,10 @@ mod tests {
         );
         let mut t = RouteTable::default();
         t.by_name.insert("s".into(), route.clone());
-        t.services
-            .insert(SocketAddrV4::new([198, 18, 0, 1].into(), 80), route);
+        t.services.insert(
+            SocketAddr::new(std::net::Ipv4Addr::from([198, 18, 0, 1]).into(), 80),
+            route,
+        );
         t
     }
 
@@ -427,9 +429,7 @@ mod tests {
     async fn tasks_follow_the_table() {
         // A port nothing listens on: bound, then closed.
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let std::net::SocketAddr::V4(addr) = l.local_addr().unwrap() else {
-            unreachable!("bound to an IPv4 address")
-        };
+        let addr = l.local_addr().unwrap();
         drop(l);
         let metrics = Arc::new(Metrics::new());
         let mut checker = Checker::new(metrics.clone());
@@ -498,11 +498,9 @@ mod tests {
     }
 
     /// A listener answering one request with `answer`, recording what it received.
-    async fn answering(answer: &'static str) -> (SocketAddrV4, JoinHandle<String>) {
+    async fn answering(answer: &'static str) -> (SocketAddr, JoinHandle<String>) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let std::net::SocketAddr::V4(addr) = l.local_addr().unwrap() else {
-            unreachable!("bound to an IPv4 address")
-        };
+        let addr = l.local_addr().unwrap();
         let task = tokio::spawn(async move {
             let (mut s, _) = l.accept().await.unwrap();
             let mut req = vec![0u8; 4096];
@@ -531,9 +529,7 @@ mod tests {
             }),
         ] {
             let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let std::net::SocketAddr::V4(addr) = l.local_addr().unwrap() else {
-                unreachable!("bound to an IPv4 address")
-            };
+            let addr = l.local_addr().unwrap();
             let server = tokio::spawn(async move {
                 let (mut s, _) = l.accept().await.unwrap();
                 let mut got = Vec::new();
@@ -602,9 +598,7 @@ mod tests {
     async fn silence_times_out_and_refusal_is_named() {
         // Accepts (the backlog does) but never answers.
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let std::net::SocketAddr::V4(addr) = l.local_addr().unwrap() else {
-            unreachable!("bound to an IPv4 address")
-        };
+        let addr = l.local_addr().unwrap();
         let check = HealthCheck {
             timeout_ms: 50,
             ..HealthCheck::http("/healthz")

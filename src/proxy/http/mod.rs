@@ -16,7 +16,7 @@
 //! failed either).
 
 use std::convert::Infallible;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use std::time::{Duration, Instant};
@@ -52,7 +52,7 @@ pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
 pub type ToClient = Either<Tracked, Full<Bytes>>;
 
 struct Ctx {
-    vip: SocketAddrV4,
+    vip: SocketAddr,
     routes: Arc<ArcSwap<RouteTable>>,
     /// fluxd's limits; each request runs under its service's own where it has them, as the
     /// route is when the request comes (a kept-alive connection follows `service set`).
@@ -67,7 +67,7 @@ struct Ctx {
 /// stops.
 pub async fn serve(
     client: TcpStream,
-    vip: SocketAddrV4,
+    vip: SocketAddr,
     routes: Arc<ArcSwap<RouteTable>>,
     timeouts: Timeouts,
     mut stop: tokio::sync::watch::Receiver<bool>,
