@@ -128,9 +128,9 @@ fn main() -> ExitCode {
             let removed = steering::remove_leftovers(&a.bpf_dir, &runner)
                 .map_err(|e| e.to_string())
                 .and_then(|_| {
-                    netfilter::Netfilter::new(runner)
-                        .remove()
-                        .map_err(|e| e.to_string())
+                    let nf = netfilter::Netfilter::new(runner);
+                    nf.remove6().map_err(|e| format!("IPv6 rules: {e}"))?;
+                    nf.remove().map_err(|e| e.to_string())
                 });
             match removed {
                 Ok(()) => {

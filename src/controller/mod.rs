@@ -6,6 +6,7 @@
 
 pub mod guard;
 mod guard_v6;
+mod nat6;
 pub mod routing;
 mod steer;
 mod traffic;
@@ -179,6 +180,9 @@ pub struct Controller {
     /// The interfaces whose connections the bpf path steers (lo and the bridges), by index:
     /// read again with the addresses, since Docker networks come and go.
     ifaces: std::collections::BTreeMap<u32, String>,
+    /// The IPv6 nat rules last applied successfully (`nat6`); None before the first apply
+    /// and after a failure or drift, so the next sync applies them.
+    applied6: Option<Arc<netfilter::Ruleset6>>,
 }
 
 impl Controller {
@@ -198,6 +202,7 @@ impl Controller {
             reported: Vec::new(),
             addresses: guard::Addresses::default(),
             ifaces: Default::default(),
+            applied6: None,
         }
     }
 
@@ -315,7 +320,13 @@ impl Controller {
                 &verdict,
                 rules.reject_empty,
             );
+            let wanted6 =
+                nat6::desired6(&state, &verdict, rules.proxy_port, &rules.bridge_interfaces);
             self.status.guard.store(Arc::new(verdict));
+            self.sync6(wanted6).await;
+            let Some(rules) = &self.status.rules else {
+                return;
+            };
             if rules.steering.is_some() {
                 steer::sync(&self.status, steer::desired(&wanted, &self.ifaces)).await;
                 self.forward_beside_steering(&wanted).await;
@@ -467,9 +478,9 @@ impl Controller {
             .rules
             .as_ref()
             .is_some_and(|r| r.steering.is_some());
-        let mut repair = false;
+        let mut repair = self.drifted6().await;
         if bpf {
-            repair = steer::drifted(&self.status).await;
+            repair |= steer::drifted(&self.status).await;
             // Nat rules on the bpf path are kernel-forwarded services' only.
             if !matches!(self.status.applied.lock().as_deref(), Ok(Some(_))) {
                 if repair {

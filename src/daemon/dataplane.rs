@@ -48,8 +48,15 @@ impl Dataplane {
             return;
         }
         let status = self.status.clone();
-        let removed = tokio::task::spawn_blocking(move || match &status.rules {
-            Some(r) => match &r.steering {
+        let removed = tokio::task::spawn_blocking(move || {
+            let Some(r) = &status.rules else {
+                return Ok(());
+            };
+            // The IPv6 rules (see `controller::nat6`) first, on either path.
+            r.netfilter
+                .remove6()
+                .map_err(|e| format!("IPv6 rules: {e}"))?;
+            match &r.steering {
                 // Nat rules beside the steering: kernel-forwarded services'.
                 Some(s) => s.remove().map_err(|e| e.to_string()).and_then(|()| {
                     match status.applied.lock().as_deref() {
@@ -58,8 +65,7 @@ impl Dataplane {
                     }
                 }),
                 None => r.netfilter.remove().map_err(|e| e.to_string()),
-            },
-            None => Ok(()),
+            }
         })
         .await;
         match removed {

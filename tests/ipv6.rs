@@ -1,0 +1,293 @@
+//! Issue 17, part 2: IPv6 and dual stack. fluxd inside a namespace the test creates, with
+//! IPv6 enabled there by its own sysctls and unique-local addresses (`fd00::/8`, `nodad`) on
+//! its loopback: an IPv6 VIP to IPv6 instances beside an IPv4 VIP on the same fluxd, on the
+//! nat path (ip6tables) and on the bpf path (whose IPv6 VIPs also go through ip6tables);
+//! mixed families (an IPv4 VIP to an IPv6 instance and back); an IPv6 VIP the guard refuses;
+//! bad input refused with the field named.
+
+mod support;
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::fluxd::{wait_until, Fluxd};
+use support::netns::Netns;
+
+const VIP6: &str = "[fd00:18::a]:80";
+const VIP4: &str = "198.18.0.10:80";
+/// The IPv6 "VIP range" routed to lo inside the namespace, as the IPv4 one is.
+const VIP6_RANGE: &str = "fd00:18::/64";
+/// Addresses of the namespace's own, for backends (and one the guard must refuse).
+const OWN6: [&str; 3] = ["fd00:10::10", "fd00:10::11", "fd00:10::12"];
+
+/// A namespace with IPv6 on, `OWN6` on lo and `VIP6_RANGE` routed to lo.
+fn dual_stack_netns(tag: &str) -> Netns {
+    let ns = Netns::new(tag);
+    let out = ns.exec(&[
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.all.disable_ipv6=0",
+        "net.ipv6.conf.lo.disable_ipv6=0",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    for a in OWN6 {
+        ns.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{a}/128"),
+            "dev",
+            "lo",
+            "nodad",
+        ]);
+    }
+    ns.ip(&["-6", "route", "add", VIP6_RANGE, "dev", "lo", "src", "::1"]);
+    ns
+}
+
+/// A backend that answers each connection with its name and a newline, then closes.
+struct Named {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Named {
+    fn start(ns: &Netns, name: &str, addr: SocketAddr) -> Named {
+        let l = ns.run(move || {
+            let l = TcpListener::bind(addr).expect("bind backend");
+            l.set_nonblocking(true).unwrap();
+            l
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, name) = (stop.clone(), format!("{name}\n"));
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                match l.accept() {
+                    Ok((mut c, _)) => {
+                        let _ = std::io::Write::write_all(&mut c, name.as_bytes());
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        Named {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Named {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Connects to `vip` from the calling thread's namespace and reads the serving backend's name.
+fn who_serves(vip: SocketAddr) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&vip, Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut got = String::new();
+    s.read_to_string(&mut got)?;
+    match got.strip_suffix('\n') {
+        Some(name) => Ok(name.to_string()),
+        None => Err(std::io::Error::other(format!("no name: {got:?}"))),
+    }
+}
+
+fn ip6tables_nat(ns: &Netns) -> String {
+    let out = ns.exec(&["ip6tables-save", "-t", "nat"]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// IPv6 VIP -> two IPv6 instances, IPv4 VIP -> an IPv6 instance, second IPv6 VIP -> an IPv4
+/// instance, all on one fluxd with `flags`; then a clean stop leaves no IPv6 rule.
+fn dual_stack_on(tag: &str, flags: &[&str]) {
+    let ns = dual_stack_netns(tag);
+    let mut fluxd = Fluxd::dataplane(&ns.name, flags);
+    let _b = [
+        Named::start(&ns, "v6a", addr(&format!("[{}]:9000", OWN6[0]))),
+        Named::start(&ns, "v6b", addr(&format!("[{}]:9001", OWN6[1]))),
+        Named::start(&ns, "v6c", addr(&format!("[{}]:9002", OWN6[2]))),
+        Named::start(&ns, "v4a", addr("127.0.0.1:9003")),
+    ];
+    fluxd.ok(&["service", "add", "web6", "--address", VIP6]);
+    fluxd.add_instance("web6", "a", format!("[{}]:9000", OWN6[0]));
+    fluxd.add_instance("web6", "b", format!("[{}]:9001", OWN6[1]));
+    fluxd.ok(&["service", "add", "web4", "--address", VIP4]);
+    fluxd.add_instance("web4", "c", format!("[{}]:9002", OWN6[2]));
+    fluxd.ok(&["service", "add", "mixed", "--address", "[fd00:18::b]:81"]);
+    fluxd.add_instance("mixed", "d", "127.0.0.1:9003");
+
+    let rules = wait_until(Duration::from_secs(20), || {
+        ip6tables_nat(&ns).contains("-d fd00:18::b/128")
+    });
+    assert!(
+        rules.is_some(),
+        "no IPv6 rule: {}\n{}",
+        ip6tables_nat(&ns),
+        fluxd.log()
+    );
+    let nat = ip6tables_nat(&ns);
+    assert!(
+        nat.contains("-A FLUX-SERVICES -d fd00:18::a/128 -p tcp -m tcp --dport 80 -m comment --comment \"flux:web6\" -j REDIRECT"),
+        "{nat}"
+    );
+    assert!(nat.contains("-A OUTPUT -m comment --comment \"flux hook\" -j FLUX-SERVICES"));
+    // The IPv4 VIP is not in the IPv6 table.
+    assert!(!nat.contains("198.18.0.10"), "{nat}");
+
+    let vip6 = addr(VIP6);
+    let ok = ns.run(move || wait_until(Duration::from_secs(10), || who_serves(vip6).is_ok()));
+    assert!(ok.is_some(), "IPv6 VIP never answered: {}", fluxd.log());
+    let served: Vec<String> = ns.run(move || (0..40).map(|_| who_serves(vip6).unwrap()).collect());
+    for b in ["v6a", "v6b"] {
+        assert!(
+            served.iter().any(|s| s == b),
+            "{b} never served: {served:?}"
+        );
+    }
+    assert!(
+        served.iter().all(|s| s == "v6a" || s == "v6b"),
+        "{served:?}"
+    );
+
+    let vip4 = addr(VIP4);
+    fluxd.wait_routed("web4");
+    let got = ns.run(move || {
+        wait_until(Duration::from_secs(10), || who_serves(vip4).is_ok());
+        who_serves(vip4)
+    });
+    assert_eq!(got.unwrap(), "v6c", "IPv4 VIP to an IPv6 instance");
+    let mixed = addr("[fd00:18::b]:81");
+    assert_eq!(ns.run(move || who_serves(mixed)).unwrap(), "v4a");
+
+    // Addresses read back as they were written.
+    let list = fluxd.ok(&["list"]);
+    assert!(list.contains("[fd00:18::a]:80"), "{list}");
+    let q = fluxd.ok(&["query", "--service", "web6"]);
+    assert!(q.contains("[fd00:10::10]:9000"), "{q}");
+
+    // A service removed: its IPv6 rule goes.
+    fluxd.ok(&["service", "rm", "mixed"]);
+    let gone = wait_until(Duration::from_secs(20), || {
+        !ip6tables_nat(&ns).contains("fd00:18::b")
+    });
+    assert!(gone.is_some(), "{}", ip6tables_nat(&ns));
+
+    // Someone flushes flux's IPv6 chain: the drift check puts it back.
+    let out = ns.exec(&["ip6tables", "-t", "nat", "-F", "FLUX-SERVICES"]);
+    assert!(out.status.success());
+    let back = wait_until(Duration::from_secs(30), || {
+        ip6tables_nat(&ns).contains("-d fd00:18::a/128")
+    });
+    assert!(back.is_some(), "IPv6 rules not repaired: {}", fluxd.log());
+
+    fluxd.stop();
+    let nat = ip6tables_nat(&ns);
+    assert!(!nat.contains("FLUX") && !nat.contains("flux"), "{nat}");
+}
+
+#[test]
+fn dual_stack_on_the_nat_path() {
+    dual_stack_on("v6nat", &["--steering", "nat"]);
+}
+
+#[test]
+fn dual_stack_on_the_bpf_path() {
+    dual_stack_on("v6bpf", &[]);
+}
+
+#[test]
+fn an_own_ipv6_address_as_vip_is_refused_by_the_guard() {
+    let ns = dual_stack_netns("v6guard");
+    let fluxd = Fluxd::dataplane(&ns.name, &["--steering", "nat"]);
+    let _b = Named::start(&ns, "b", addr(&format!("[{}]:9000", OWN6[1])));
+    let own = format!("[{}]:80", OWN6[0]);
+    fluxd.ok(&["service", "add", "mine", "--address", &own]);
+    fluxd.add_instance("mine", "b", format!("[{}]:9000", OWN6[1]));
+    fluxd.ok(&["service", "add", "good", "--address", VIP6]);
+    fluxd.add_instance("good", "b", format!("[{}]:9000", OWN6[1]));
+    let good = wait_until(Duration::from_secs(20), || {
+        ip6tables_nat(&ns).contains("-d fd00:18::a/128")
+    });
+    assert!(good.is_some(), "{}", fluxd.log());
+    let refused = wait_until(Duration::from_secs(10), || {
+        fluxd.json(&["info", "mine"])[0]["refused"].is_string()
+    });
+    assert!(refused.is_some(), "{}", fluxd.json(&["info", "mine"]));
+    let info = fluxd.json(&["info", "mine"]);
+    let reason = info[0]["refused"].as_str().unwrap();
+    assert_eq!(reason, "is fd00:10::10, an address of lo", "{info}");
+    assert!(!ip6tables_nat(&ns).contains(OWN6[0]));
+}
+
+#[test]
+fn bad_ipv6_input_is_refused_naming_the_field() {
+    let ns = dual_stack_netns("v6bad");
+    let fluxd = Fluxd::dataplane(&ns.name, &["--steering", "nat"]);
+    for (args, want) in [
+        (
+            vec!["service", "add", "x", "--address", "fd00::1:80"],
+            "address",
+        ),
+        (
+            vec!["service", "add", "x", "--address", "[fe80::1]:80"],
+            "link-local",
+        ),
+        (
+            vec!["service", "add", "x", "--address", "[ff02::1]:80"],
+            "multicast",
+        ),
+        (
+            vec!["service", "add", "x", "--address", "[::1]:80"],
+            "loopback",
+        ),
+        (
+            vec!["service", "add", "x", "--address", "[::ffff:198.18.0.1]:80"],
+            "IPv4-mapped",
+        ),
+        (
+            vec!["service", "add", "x", "--address", "[fd00::1%lo]:80"],
+            "address",
+        ),
+        (
+            vec![
+                "service",
+                "add",
+                "x",
+                "--address",
+                "[fd00:18::1]:80",
+                "--forward",
+                "kernel",
+            ],
+            "IPv4 VIPs",
+        ),
+    ] {
+        let out = fluxd.ctl(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+    }
+    fluxd.ok(&["service", "add", "y", "--address", VIP6]);
+    for bad in ["[fe80::1]:80", "[ff02::1]:80", "[::]:80"] {
+        let out = fluxd.ctl(&["instance", "add", "y", "i", "--address", bad]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {err}");
+        assert!(err.contains("address"), "{bad}: {err}");
+    }
+    // Nothing of the refused input was stored.
+    let list = fluxd.json(&["list"]);
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+}
