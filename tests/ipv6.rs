@@ -146,6 +146,13 @@ fn dual_stack_on(tag: &str, flags: &[&str]) {
     assert!(nat.contains("-A OUTPUT -m comment --comment \"flux hook\" -j FLUX-SERVICES"));
     // The IPv4 VIP is not in the IPv6 table.
     assert!(!nat.contains("198.18.0.10"), "{nat}");
+    // fluxd debug shows them.
+    let debug = fluxd.debug();
+    let shown = debug["ipv6_rules"].as_array().is_some_and(|r| {
+        r.iter()
+            .any(|l| l.as_str().unwrap_or("").contains("fd00:18::a/128"))
+    });
+    assert!(shown, "{debug}");
 
     let vip6 = addr(VIP6);
     let ok = ns.run(move || wait_until(Duration::from_secs(10), || who_serves(vip6).is_ok()));

@@ -47,7 +47,8 @@ fuzz_target!(|data: &[u8]| {
                     host_ip: "192.0.2.1".parse().unwrap(),
                     only_host,
                 };
-                let a = address::choose(&c, &ctx, *port);
+                // IPv4 and IPv6 VIPs alike (global mode may take the GlobalIPv6Address).
+                let a = address::choose_for(&c, &ctx, *port, only_host);
                 if let Some(addr) = a.address {
                     assert!(validate::backend("address", &addr).is_ok(), "{addr}");
                 } else {

@@ -61,6 +61,10 @@ pub struct DebugView {
     /// The DNS responder's listening addresses (`--dns-listen`), UDP and TCP.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dns: Vec<String>,
+    /// flux's IPv6 nat rules as the kernel holds them (`ip6tables-save -t nat`: the services
+    /// chain's rules, then the hooks); absent when there are none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ipv6_rules: Vec<String>,
 }
 
 /// The steering program, its maps and flux's local routes, read back from the kernel.
@@ -197,6 +201,7 @@ impl DebugView {
             steering_fallback: None,
             bpf: None,
             dns: vec![],
+            ipv6_rules: vec![],
         };
         let Some(status) = dataplane else {
             view.drift.clean = true;
@@ -232,6 +237,7 @@ impl DebugView {
             view.listener = Some(format!("0.0.0.0:{}", rules.proxy_port));
             view.refuses_empty = rules.reject_empty;
             view.steering_fallback = rules.steering_fallback.clone();
+            view.ipv6_rules = ipv6_rules(&status).await;
             if rules.steering.is_some() {
                 view.steering = "bpf".into();
                 let forwarding = matches!(status.applied.lock().as_deref(), Ok(Some(_)));
@@ -250,6 +256,18 @@ impl DebugView {
         }
         gather_nat(view, status).await
     }
+}
+
+/// flux's IPv6 nat rules read back from the kernel (on either steering path).
+async fn ipv6_rules(status: &Arc<Status>) -> Vec<String> {
+    let status = status.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        let rules = status.rules.as_ref()?;
+        let installed = rules.reader.installed6().ok()??;
+        Some(installed.chain.into_iter().chain(installed.hooks).collect())
+    })
+    .await;
+    read.ok().flatten().unwrap_or_default()
 }
 
 /// What a route carries beyond its backends, as `fluxd debug` annotates the service.

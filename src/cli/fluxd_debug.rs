@@ -225,6 +225,12 @@ fn render(v: &DebugView) -> String {
             .collect();
         out.push_str(&table(&["SERVICE", "VIP", "REASON"], &rows));
     }
+    if !v.ipv6_rules.is_empty() {
+        out.push_str("\nIPV6 RULES (ip6tables nat: IPv6 VIPs to the proxy)\n");
+        for r in &v.ipv6_rules {
+            let _ = writeln!(out, "{r}");
+        }
+    }
     if !v.refused_ranges.is_empty() {
         out.push_str("\nREFUSED VIP RANGES (VIP guard: no rule on this host)\n");
         let rows: Vec<Vec<String>> = v

@@ -12,7 +12,7 @@
 //!   only host; otherwise the instance has no address. IPv6 bindings are of no use to IPv4
 //!   VIPs.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use super::container::{Binding, Container};
 use crate::model::{NetworkMode, MAX_ADDRESS_NOTE};
@@ -31,14 +31,14 @@ pub struct AddressContext {
 /// The address chosen (None: "no address"), and the note that explains it when it needs one.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Addressed {
-    pub address: Option<SocketAddrV4>,
+    pub address: Option<SocketAddr>,
     pub note: Option<String>,
 }
 
 impl Addressed {
-    fn at(address: SocketAddrV4) -> Self {
+    fn at(address: impl Into<SocketAddr>) -> Self {
         Addressed {
-            address: Some(address),
+            address: Some(address.into()),
             note: None,
         }
     }
@@ -51,15 +51,24 @@ impl Addressed {
     }
 }
 
-/// See the module docs for the rules.
+/// See the module docs for the rules; for a service with an IPv4 VIP (or none).
 pub fn choose(c: &Container, ctx: &AddressContext, port: u16) -> Addressed {
+    choose_for(c, ctx, port, false)
+}
+
+/// As [`choose`], for a service whose VIP is IPv6 when `vip_v6`: `global` mode then takes the
+/// container's global IPv6 address where it has one. Either way a container with no IPv4
+/// address but a global IPv6 one is reached at that (the proxy connects across families).
+pub fn choose_for(c: &Container, ctx: &AddressContext, port: u16, vip_v6: bool) -> Addressed {
     if c.host_network {
         return Addressed::at(SocketAddrV4::new(ctx.host_ip, port));
     }
     match ctx.mode {
-        NetworkMode::Global => match c.ip {
-            Some(ip) => Addressed::at(SocketAddrV4::new(ip, port)),
-            None => Addressed::none("container has no IPv4 address".into()),
+        NetworkMode::Global => match (c.ip, c.ip6) {
+            (_, Some(ip6)) if vip_v6 => Addressed::at(SocketAddr::new(ip6.into(), port)),
+            (Some(ip), _) => Addressed::at(SocketAddrV4::new(ip, port)),
+            (None, Some(ip6)) => Addressed::at(SocketAddr::new(ip6.into(), port)),
+            (None, None) => Addressed::none("container has no IPv4 address".into()),
         },
         NetworkMode::Local => local(c.published.get(&port).map_or(&[], Vec::as_slice), ctx, port),
     }
@@ -91,7 +100,7 @@ fn local(bindings: &[Binding], ctx: &AddressContext, port: u16) -> Addressed {
         };
         if ctx.only_host {
             return Addressed {
-                address: Some(*first),
+                address: Some(SocketAddr::V4(*first)),
                 note: Some(bounded(format!(
                     "port {port}/tcp is published only on {place}; used because this is the only host"
                 ))),
@@ -171,7 +180,7 @@ mod tests {
         choose(c, &ctx(NetworkMode::Local, only_host), 80)
     }
 
-    fn addr(s: &str) -> Option<SocketAddrV4> {
+    fn addr(s: &str) -> Option<SocketAddr> {
         Some(s.parse().unwrap())
     }
 
@@ -181,7 +190,10 @@ mod tests {
         for mode in [NetworkMode::Local, NetworkMode::Global] {
             for only in [true, false] {
                 let a = choose(&c, &ctx(mode, only), 8080);
-                assert_eq!(a, Addressed::at("192.0.2.10:8080".parse().unwrap()));
+                assert_eq!(
+                    a,
+                    Addressed::at("192.0.2.10:8080".parse::<SocketAddr>().unwrap())
+                );
             }
         }
     }
@@ -268,7 +280,11 @@ mod tests {
         ] {
             for only in [true, false] {
                 let a = local(&inspect("bridge", json!({ "80/tcp": ports.clone() })), only);
-                assert_eq!(a, Addressed::at(want.parse().unwrap()), "{ports}");
+                assert_eq!(
+                    a,
+                    Addressed::at(want.parse::<SocketAddr>().unwrap()),
+                    "{ports}"
+                );
             }
         }
     }
@@ -388,5 +404,48 @@ mod tests {
             .collect();
         let a = local(&inspect("bridge", json!({ "80/tcp": many })), false);
         assert!(a.note.unwrap().len() <= MAX_ADDRESS_NOTE);
+    }
+
+    /// A bridge container with these IPv4 and global IPv6 addresses ("" for none).
+    fn dual(ip: &str, ip6: &str) -> Container {
+        let v = json!({
+            "Id": "0123456789abcdef0123456789abcdef",
+            "Name": "/web",
+            "Config": { "Image": "webimg:latest" },
+            "State": { "Running": true },
+            "HostConfig": { "NetworkMode": "bridge" },
+            "NetworkSettings": {
+                "Networks": { "bridge": { "IPAddress": ip, "GlobalIPv6Address": ip6 } },
+            },
+        });
+        let r: ContainerInspectResponse = serde_json::from_value(v).unwrap();
+        Container::from_inspect(&r, None).unwrap()
+    }
+
+    #[test]
+    fn global_mode_uses_the_global_ipv6_address_for_ipv6_vips_or_ipv4_less_containers() {
+        let g = ctx(NetworkMode::Global, false);
+        let c = dual("172.17.0.2", "fd00:17::2");
+        assert_eq!(choose(&c, &g, 80).address, addr("172.17.0.2:80"));
+        assert_eq!(
+            choose_for(&c, &g, 80, true).address,
+            addr("[fd00:17::2]:80")
+        );
+        let only6 = dual("", "fd00:17::3");
+        assert_eq!(choose(&only6, &g, 80).address, addr("[fd00:17::3]:80"));
+        // An IPv6 VIP with a container that has no IPv6 address: its IPv4 one.
+        let only4 = dual("172.17.0.4", "");
+        assert_eq!(
+            choose_for(&only4, &g, 80, true).address,
+            addr("172.17.0.4:80")
+        );
+        // Link-local or mapped addresses are none.
+        for bad in ["fe80::1", "::ffff:172.17.0.5", "ff02::1", "zz"] {
+            let c = dual("", bad);
+            assert_eq!(choose_for(&c, &g, 80, true).address, None, "{bad}");
+        }
+        // Local mode is unchanged: the host's IP and the published port.
+        let l = choose_for(&c, &ctx(NetworkMode::Local, false), 80, true);
+        assert_eq!(l.address, None);
     }
 }

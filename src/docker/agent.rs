@@ -362,7 +362,8 @@ impl Agent {
                 let port = rule
                     .instance_port
                     .unwrap_or_else(|| service.default_instance_port());
-                let addressed = address::choose(c, &ctx, port);
+                let vip_v6 = service.address.is_some_and(|a| a.is_ipv6());
+                let addressed = address::choose_for(c, &ctx, port, vip_v6);
                 let instance = Instance {
                     service: service.name.clone(),
                     name: c.short_id(),
@@ -377,7 +378,7 @@ impl Agent {
                         labels: publishable_labels(&c.labels),
                         address_note: addressed.note,
                     }),
-                    address: addressed.address.map(std::net::SocketAddr::V4),
+                    address: addressed.address,
                 };
                 out.insert(keys::instance(&service.name, &instance.name), instance);
             }

@@ -4,7 +4,7 @@
 //! bindings).
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4};
 
 use bollard::models::{ContainerInspectResponse, HealthStatusEnum, PortBinding, PortMap};
 
@@ -32,6 +32,9 @@ pub struct Container {
     /// What was left out of the above because Docker reported it in a shape flux cannot use,
     /// for the agent's log.
     pub skipped: Vec<String>,
+    /// The container's global IPv6 address (Docker's `GlobalIPv6Address`) on its first
+    /// network that has a usable one; `global` mode uses it for IPv6 VIPs (see `address`).
+    pub ip6: Option<Ipv6Addr>,
 }
 
 /// One host binding of a container port, as Docker reported it.
@@ -183,6 +186,15 @@ impl Container {
             ));
             None
         });
+        // Link-local, mapped and multicast ones are no backend address (`validate::backend`).
+        let ip6 = networks.iter().find_map(|(_, e)| {
+            let ip = e.global_ipv6_address.as_ref()?.parse::<Ipv6Addr>().ok()?;
+            let usable = !(ip.is_unspecified()
+                || ip.is_multicast()
+                || ip.to_ipv4_mapped().is_some()
+                || (ip.segments()[0] & 0xffc0) == 0xfe80);
+            usable.then_some(ip)
+        });
         Some(Container {
             name: c
                 .name
@@ -198,6 +210,7 @@ impl Container {
             published,
             ip,
             skipped,
+            ip6,
             id,
         })
     }
