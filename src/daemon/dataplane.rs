@@ -17,6 +17,7 @@ use crate::catalog::State;
 use crate::controller::{Controller, Rules, Status};
 use crate::docker::LocalInstances;
 use crate::proxy::activation::{self, ListenEnv};
+use crate::proxy::activation6;
 use crate::proxy::route_table::RouteTable;
 use crate::proxy::{Proxy, ProxyConfig, VipSource};
 
@@ -89,7 +90,7 @@ pub(super) async fn start_dataplane(
 ) -> anyhow::Result<Dataplane> {
     let routes = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
     let inherited = activation::proxy_socket(&ListenEnv::from_process(), config.proxy_port)?;
-    let proxy = Proxy::bind(
+    let mut proxy = Proxy::bind(
         ProxyConfig {
             listen: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, config.proxy_port),
             connect_timeout: config.connect_timeout,
@@ -109,6 +110,15 @@ pub(super) async fn start_dataplane(
         inherited,
     )
     .with_context(|| format!("proxy_port: cannot listen on port {}", config.proxy_port))?;
+    if proxy.inherited {
+        // An IPv6 socket beside it, if fluxd.socket has one (README, "IPv6 and dual stack").
+        if let Some(l6) = activation6::proxy_socket6(&ListenEnv::from_process(), config.proxy_port)
+        {
+            proxy
+                .add_inherited6(l6)
+                .context("proxy: cannot use the IPv6 socket passed by systemd")?;
+        }
+    }
     let inherited_socket = proxy.inherited;
     if let Some(s) = &steering.bpf {
         s.set_socket(proxy.socket())

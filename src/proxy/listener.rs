@@ -53,8 +53,8 @@ pub struct Proxy {
     pub inherited: bool,
     /// IPv6 twins of `listeners` (IPv6-only sockets on `[::]` and the same port), one per
     /// thread, when `config.listen` is the unspecified address and the host has IPv6: IPv6
-    /// VIPs arrive there, while IPv4 ones keep their own sockets exactly as before. Empty
-    /// with a socket from systemd unless it passed an IPv6 one too.
+    /// VIPs arrive there, while IPv4 ones keep their own sockets exactly as before. Bound by
+    /// fluxd, or the one systemd passed (`add_inherited6`).
     listeners6: Vec<std::net::TcpListener>,
 }
 
@@ -81,10 +81,12 @@ impl Proxy {
                 .map(|_| listen(SocketAddr::V4(config.listen)))
                 .collect::<io::Result<Vec<_>>>()?,
         };
-        let listeners6 = match &inherited {
-            Some(_) => Vec::new(),
-            None if config.listen.ip().is_unspecified() => listen6(config.listen.port(), n),
-            None => Vec::new(),
+        // Also beside a socket from systemd: `add_inherited6` replaces these when systemd
+        // passed an IPv6 one too.
+        let listeners6 = if config.listen.ip().is_unspecified() {
+            listen6(config.listen.port(), n)
+        } else {
+            Vec::new()
         };
         Ok(Proxy {
             config,

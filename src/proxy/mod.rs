@@ -4,6 +4,7 @@
 //! through pipes.
 
 pub mod activation;
+pub mod activation6;
 pub mod balancer;
 mod buffer;
 mod connect;
