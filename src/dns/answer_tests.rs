@@ -409,3 +409,39 @@ fn error_replies_keep_the_id_and_question() {
     assert_eq!(m.queries().len(), 1);
     assert!(error_reply(b"\x00", ResponseCode::ServFail).is_none());
 }
+
+fn aaaa_of(m: &Message) -> Vec<String> {
+    m.answers()
+        .iter()
+        .filter_map(|r| match r.data() {
+            RData::AAAA(a) => Some(format!("{} {}", r.name(), a.0)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn ipv6_vips_and_instances_answer_aaaa_and_a_stays_ipv4() {
+    let names = catalog().with(
+        "web6",
+        Some("[fd00:18::a]:80"),
+        &[("a", "[fd00:10::10]:8080"), ("b", "10.0.0.3:8080")],
+    );
+    let zone = Zone::new("flux", false).unwrap();
+    let ask6 = |name: &str, t| ask_in(&zone, &names, name, t, Transport::Udp);
+    let m = ask6("web6.flux.", RecordType::AAAA);
+    assert_eq!(aaaa_of(&m), vec!["web6.flux. fd00:18::a"]);
+    // The name exists, with no IPv4 address: an empty answer, not NXDOMAIN.
+    let m = ask6("web6.flux.", RecordType::A);
+    assert_eq!(m.response_code(), ResponseCode::NoError);
+    assert!(m.answers().is_empty());
+    // Instances: each family under its own type.
+    let m = ask6("web6.instances.flux.", RecordType::AAAA);
+    assert_eq!(aaaa_of(&m), vec!["web6.instances.flux. fd00:10::10"]);
+    let m = ask6("web6.instances.flux.", RecordType::A);
+    assert_eq!(a_of(&m), vec!["web6.instances.flux. 10.0.0.3"]);
+    // An IPv4 service asked for AAAA has none.
+    let m = ask6("web.flux.", RecordType::AAAA);
+    assert!(m.answers().is_empty());
+    assert_eq!(m.response_code(), ResponseCode::NoError);
+}
