@@ -298,3 +298,60 @@ fn bad_ipv6_input_is_refused_naming_the_field() {
     let list = fluxd.json(&["list"]);
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
 }
+
+/// The active check of instance `name` of `service`, as `fluxctl query --json` shows it.
+fn check_state(fluxd: &Fluxd, service: &str, name: &str) -> String {
+    let q = fluxd.json(&["query", "--service", service]);
+    q.as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == name)
+        .map(|i| {
+            i["health"]["check"]["state"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn ipv6_instances_are_health_checked() {
+    let ns = dual_stack_netns("v6health");
+    let fluxd = Fluxd::dataplane(&ns.name, &["--steering", "nat"]);
+    let _up = Named::start(&ns, "up", addr(&format!("[{}]:9010", OWN6[0])));
+    fluxd.ok(&[
+        "service",
+        "add",
+        "chk",
+        "--address",
+        "[fd00:18::c]:80",
+        "--health",
+        "tcp",
+        "--health-interval",
+        "200ms",
+        "--health-timeout",
+        "100ms",
+        "--health-fall",
+        "1",
+    ]);
+    fluxd.add_instance("chk", "up", format!("[{}]:9010", OWN6[0]));
+    // Nothing listens there.
+    fluxd.add_instance("chk", "down", format!("[{}]:9011", OWN6[1]));
+    let settled = wait_until(Duration::from_secs(15), || {
+        check_state(&fluxd, "chk", "up") == "passing"
+            && check_state(&fluxd, "chk", "down") == "failing"
+    });
+    assert!(
+        settled.is_some(),
+        "{}\n{}",
+        fluxd.ok(&["query", "--service", "chk"]),
+        fluxd.log()
+    );
+    // Clients reach only the passing one.
+    let vip = addr("[fd00:18::c]:80");
+    let ok = ns.run(move || wait_until(Duration::from_secs(10), || who_serves(vip).is_ok()));
+    assert!(ok.is_some(), "{}", fluxd.log());
+    let served: Vec<String> = ns.run(move || (0..10).map(|_| who_serves(vip).unwrap()).collect());
+    assert!(served.iter().all(|s| s == "up"), "{served:?}");
+}
