@@ -355,3 +355,34 @@ fn ipv6_instances_are_health_checked() {
     let served: Vec<String> = ns.run(move || (0..10).map(|_| who_serves(vip).unwrap()).collect());
     assert!(served.iter().all(|s| s == "up"), "{served:?}");
 }
+
+#[test]
+fn kept_ipv6_rules_serve_across_a_restart_and_fluxd_cleanup_removes_them() {
+    let ns = dual_stack_netns("v6keep");
+    let _b = Named::start(&ns, "v6a", addr(&format!("[{}]:9000", OWN6[0])));
+    let mut fluxd = Fluxd::dataplane(&ns.name, &["--steering", "nat", "--keep-rules"]);
+    fluxd.ok(&["service", "add", "web6", "--address", VIP6]);
+    fluxd.add_instance("web6", "a", format!("[{}]:9000", OWN6[0]));
+    let installed = wait_until(Duration::from_secs(20), || {
+        ip6tables_nat(&ns).contains("-d fd00:18::a/128")
+    });
+    assert!(installed.is_some(), "{}", fluxd.log());
+    fluxd.stop();
+    assert!(
+        ip6tables_nat(&ns).contains("-d fd00:18::a/128"),
+        "kept on stop"
+    );
+    // The next fluxd (same store) serves through the kept rules.
+    fluxd.start();
+    let vip6 = addr(VIP6);
+    let ok = ns.run(move || wait_until(Duration::from_secs(10), || who_serves(vip6).is_ok()));
+    assert!(ok.is_some(), "{}", fluxd.log());
+    fluxd.stop();
+    let out = ns.exec(&[env!("CARGO_BIN_EXE_fluxd"), "cleanup"]);
+    assert!(out.status.success(), "{out:?}");
+    let after = ip6tables_nat(&ns);
+    assert!(
+        !after.contains("FLUX") && !after.contains("flux"),
+        "{after}"
+    );
+}
