@@ -35,7 +35,7 @@ use tokio::net::TcpStream;
 
 mod body;
 pub mod pool;
-mod upgrade;
+pub mod upgrade;
 
 use body::Done;
 pub use body::Tracked;

@@ -109,7 +109,7 @@ impl Requested {
 /// The protocols an HTTP/1.1 request asks to upgrade to: its `Upgrade` header, if its
 /// `Connection` header names `upgrade`, without `h2c` (see the module's comment). None when
 /// nothing is left to ask for.
-fn protocols(version: Version, headers: &HeaderMap) -> Option<HeaderValue> {
+pub fn protocols(version: Version, headers: &HeaderMap) -> Option<HeaderValue> {
     if version != Version::HTTP_11 || !lists(headers, header::CONNECTION, "upgrade") {
         return None;
     }
@@ -143,7 +143,7 @@ fn lists(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
 
 /// The 101 as the client gets it: the instance's headers without those of its hop, except
 /// `Connection: upgrade` and the `Upgrade` it switched to.
-fn switched_headers(instance: &HeaderMap) -> HeaderMap {
+pub fn switched_headers(instance: &HeaderMap) -> HeaderMap {
     let upgrade: Vec<HeaderValue> = instance.get_all(header::UPGRADE).iter().cloned().collect();
     let mut h = instance.clone();
     strip_hop_by_hop(&mut h);
