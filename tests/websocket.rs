@@ -1,8 +1,8 @@
 //! Issue 17 part 3: WebSocket and other `Upgrade` requests on `http` services. Real WebSocket
 //! instances (aiohttp) and clients (`websockets`) inside a namespace the test creates: messages
 //! go both ways through the VIP, connections spread over the instances, a long-lived connection
-//! keeps working, a close from either side ends both, a refused upgrade reaches the client as
-//! the instance sent it, plain requests on the same service are still pooled and balanced, and
+//! keeps working, a close from either side ends both, an unreachable instance is passed over,
+//! a refused upgrade reaches the client as the instance sent it, plain requests on the same service are still pooled and balanced, and
 //! an upgraded connection is held to the half-close limit.
 
 mod support;
@@ -379,4 +379,29 @@ fn an_upgraded_connection_carries_early_bytes_and_keeps_the_half_close_limit() {
         fluxd.log()
     );
     assert!(instance_ended < Duration::from_secs(30), "{}", fluxd.log());
+}
+
+#[test]
+fn an_upgrade_moves_on_from_an_instance_that_cannot_be_reached() {
+    let ns = Netns::new("ws-retry");
+    let a = WsInstance::start(&ns, "a", 9450);
+    // Nothing listens on the second instance's port: its connects are refused.
+    let dead: SocketAddrV4 = "127.0.0.1:9451".parse().unwrap();
+    let _fluxd = setup(&ns, &[("a", a.addr), ("dead", dead)], &[]);
+
+    let r = client(&ns, &["echo", &url("/ws"), "4", "1"]);
+    for (i, conn) in r["answers"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(answers(conn), [format!("a:c{i}m0")], "{r}");
+    }
+    let failures = samples(&ns, "flux_connect_failures_total", "");
+    assert!(
+        failures[&("dead".into(), String::new())] >= 1.0,
+        "{failures:?}"
+    );
+    let upgrades = samples(&ns, "flux_http_upgrades_total", "result");
+    assert_eq!(
+        upgrades[&("a".into(), "switched".into())],
+        4.0,
+        "{upgrades:?}"
+    );
 }
