@@ -252,7 +252,7 @@ impl Ctx {
         limits: &Timeouts,
         pooled: bool,
     ) -> Attempt {
-        while let Some(mut s) = backend.pool.take().filter(|_| pooled) {
+        while let Some(mut s) = pooled.then(|| backend.pool.take()).flatten() {
             if !matches!(
                 tokio::time::timeout(limits.connect, s.ready()).await,
                 Ok(Ok(()))
