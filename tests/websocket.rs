@@ -132,12 +132,23 @@ fn messages_echo_both_ways_over_several_instances_and_a_long_connection_lasts() 
         .collect();
     assert_eq!(names.len(), 1, "{long:?}");
 
+    // 1,000 messages one after the other on one connection, through the VIP and (for
+    // comparison, printed only) straight to an instance.
+    let through = client(&ns, &["many", &url("/ws"), "1000"]);
+    assert_eq!(through["answered"], 1000, "{through}");
+    let direct = client(&ns, &["many", &format!("ws://{}/ws", a.addr), "1000"]);
+    eprintln!(
+        "1000 round trips: {:.3} s through the VIP, {:.3} s straight to the instance",
+        through["seconds"].as_f64().unwrap(),
+        direct["seconds"].as_f64().unwrap()
+    );
+
     let upgrades = samples(&ns, "flux_http_upgrades_total", "result");
     let switched: f64 = ["a", "b"]
         .iter()
         .map(|i| upgrades[&(i.to_string(), "switched".into())])
         .sum();
-    assert_eq!(switched as usize, CLIENTS + 1, "{upgrades:?}");
+    assert_eq!(switched as usize, CLIENTS + 2, "{upgrades:?}");
     let bytes = samples(&ns, "flux_transferred_bytes_total", "direction");
     for i in ["a", "b"] {
         for d in ["to_instance", "to_client"] {

@@ -5,6 +5,8 @@ JSON document on stdout. Usage: client.py MODE URL [ARGS]
                               reading each answer: {"answers": [[answer, ...], ...]}
   long URL ROUNDS GAP_S       one connection, one message every GAP_S seconds for ROUNDS
                               rounds: {"answers": [...]}
+  many URL N                  one connection, N messages one after the other, each answer
+                              checked: {"answered": N, "seconds": ...}
   close URL                   sends one message, then closes (code 1000): {"answer": ...}
   bye URL                     sends "bye" and waits for the instance's close:
                               {"code": ..., "reason": ...}
@@ -48,6 +50,20 @@ async def long(url, rounds, gap):
     return {"answers": out}
 
 
+async def many(url, n):
+    loop = asyncio.get_running_loop()
+    answered = 0
+    async with connect(url) as ws:
+        started = loop.time()
+        for j in range(n):
+            answer = await exchange(ws, f"m{j}")
+            if answer.split(":", 1)[1] != f"m{j}":
+                raise SystemExit(f"message {j} answered {answer!r}")
+            answered += 1
+        seconds = loop.time() - started
+    return {"answered": answered, "seconds": seconds}
+
+
 async def close(url):
     ws = await connect(url)
     answer = await exchange(ws, "before-close")
@@ -80,6 +96,8 @@ async def main():
         r = await echo(url, int(args[0]), int(args[1]))
     elif mode == "long":
         r = await long(url, int(args[0]), float(args[1]))
+    elif mode == "many":
+        r = await many(url, int(args[0]))
     elif mode == "close":
         r = await close(url)
     elif mode == "bye":
