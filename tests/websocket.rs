@@ -3,7 +3,8 @@
 //! go both ways through the VIP, connections spread over the instances, a long-lived connection
 //! keeps working, a close from either side ends both, an unreachable instance is passed over,
 //! a refused upgrade reaches the client as the instance sent it, plain requests on the same service are still pooled and balanced, and
-//! an upgraded connection is held to the half-close limit.
+//! an upgraded connection is held to the half-close limit and drained like a `tcp` one when
+//! fluxd stops.
 
 mod support;
 
@@ -418,4 +419,83 @@ fn an_upgrade_moves_on_from_an_instance_that_cannot_be_reached() {
         4.0,
         "{upgrades:?}"
     );
+}
+
+/// An instance written by hand that switches one connection to a line echo.
+fn echoing_instance(l: TcpListener) {
+    let (s, _) = l.accept().unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    let head = read_message(&mut r).unwrap().unwrap();
+    assert_eq!(head.header("upgrade"), "echo", "{:?}", head.headers);
+    w.write_all(
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+    )
+    .unwrap();
+    let mut line = String::new();
+    while std::io::BufRead::read_line(&mut r, &mut line).is_ok_and(|n| n > 0) {
+        if w.write_all(line.as_bytes()).is_err() {
+            return;
+        }
+        line.clear();
+    }
+}
+
+#[test]
+fn a_stop_drains_an_upgraded_connection_like_a_tcp_one() {
+    let ns = Netns::new("ws-drain");
+    let addr: SocketAddrV4 = "127.0.0.1:9460".parse().unwrap();
+    let l = ns.run(move || TcpListener::bind(addr).unwrap());
+    let instance = std::thread::spawn(move || echoing_instance(l));
+    let mut fluxd = Fluxd::dataplane(&ns.name, &["--http", HTTP, "--drain-seconds", "30"]);
+    fluxd.ok(&[
+        "service",
+        "add",
+        "ws",
+        "--address",
+        VIP,
+        "--protocol",
+        "http",
+    ]);
+    fluxd.add_instance("ws", "echo", addr);
+    fluxd.wait_routed("ws");
+
+    let vip: SocketAddrV4 = VIP.parse().unwrap();
+    let s = ns.run(move || TcpStream::connect(vip).unwrap());
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    (&s).write_all(
+        b"GET /echo HTTP/1.1\r\nHost: ws\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+    )
+    .unwrap();
+    let head = read_message(&mut r).unwrap().unwrap();
+    assert_eq!(head.status(), 101, "{}", head.start);
+
+    let pid = nix::unistd::Pid::from_raw(fluxd.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let draining = wait_until(Duration::from_secs(10), || {
+        fluxd.log().contains("draining established connections")
+    });
+    assert!(draining.is_some(), "{}", fluxd.log());
+    // The tunnel holds its connection's place: the drain waits for it, and it still carries
+    // bytes both ways.
+    (&s).write_all(b"still here\n").unwrap();
+    let mut echo = String::new();
+    std::io::BufRead::read_line(&mut r, &mut echo).unwrap();
+    assert_eq!(echo, "still here\n");
+    // Once it ends, fluxd exits without waiting out the 30 s.
+    drop((s, r));
+    let status = fluxd.wait_exit(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}: {}",
+        fluxd.log()
+    );
+    assert!(
+        fluxd.log().contains("every connection ended"),
+        "{}",
+        fluxd.log()
+    );
+    instance.join().unwrap();
 }
