@@ -43,9 +43,13 @@ pub struct InstanceLabels {
 /// Status classes of `http` responses, in the order of `HttpMetrics::responses`.
 pub const CODE_CLASSES: [&str; 4] = ["2xx", "3xx", "4xx", "5xx"];
 
+/// Results of `Upgrade` requests, in the order of `HttpMetrics::upgrades`: the instance
+/// switched protocols (101), or answered anything else.
+pub const UPGRADE_RESULTS: [&str; 2] = ["switched", "refused"];
+
 /// The index in `CODE_CLASSES` of a status code. Informational codes never end a proxied
-/// exchange (upgrades are not supported); anything outside 200..=599 counts with its nearest
-/// class.
+/// exchange (a 101 is counted in `HttpMetrics::upgrades` instead); anything outside
+/// 200..=599 counts with its nearest class.
 pub fn code_class(status: u16) -> usize {
     (status / 100).clamp(2, 5) as usize - 2
 }
@@ -85,6 +89,8 @@ pub struct HttpMetrics {
     pub retries: Counter,
     /// From the request head received to the response's last byte handed to the client.
     pub request_seconds: AtomicHistogram,
+    /// `Upgrade` requests by result, indexed like `UPGRADE_RESULTS`.
+    pub upgrades: [Counter; 2],
 }
 
 impl HttpMetrics {
@@ -97,6 +103,7 @@ impl HttpMetrics {
             responses: Default::default(),
             retries: Counter::default(),
             request_seconds: AtomicHistogram::new(REQUEST_BUCKETS),
+            upgrades: Default::default(),
         }
     }
 }
@@ -269,7 +276,7 @@ type SeriesOf = for<'e> fn(
 
 /// The families in the order `/metrics` lists them. Help texts end with a period, as the
 /// registry writes them.
-const FAMILIES: [Family; 12] = [
+const FAMILIES: [Family; 13] = [
     Family {
         name: "connections",
         help: "Connections proxied to an instance.",
@@ -374,6 +381,18 @@ const FAMILIES: [Family; 12] = [
         },
     },
     Family {
+        name: "http_upgrades",
+        help: "Upgrade requests (WebSocket and others) to an instance of an http service, by result (switched or refused).",
+        kind: MetricType::Counter,
+        series: |e, out| {
+            if let Some(h) = e.instance.as_ref().and_then(|m| m.http.as_ref()) {
+                for (result, c) in UPGRADE_RESULTS.iter().zip(&h.upgrades) {
+                    out(Some(("result", result)), c);
+                }
+            }
+        },
+    },
+    Family {
         name: "health_checks",
         help: "Active health checks of an instance, by result (pass or fail).",
         kind: MetricType::Counter,
@@ -464,6 +483,10 @@ mod tests {
             text.contains("flux_http_request_duration_seconds_bucket"),
             "{text}"
         );
+        http.upgrades[0].inc();
+        let text = m.encode();
+        assert!(text.contains(r#"flux_http_upgrades_total{service="web",instance="b0",host="h1",image="docker.io/library/web",tag="v1",result="switched"} 1"#), "{text}");
+        assert!(text.contains(r#"tag="v1",result="refused"} 0"#), "{text}");
         let check = m.check(&l);
         check.failed.inc();
         check.failing.set(1);

@@ -55,6 +55,16 @@ pub(super) struct Session {
 }
 
 impl Session {
+    /// A session whose instance has served the connection already: an HTTP upgrade the
+    /// instance accepted with a 101 (counted then), so a hang-up is an end like any other
+    /// and not a reason to try another instance.
+    pub fn served() -> Session {
+        Session {
+            exchanged: true,
+            ..Session::default()
+        }
+    }
+
     pub fn transferred(&self) -> Transferred {
         Transferred {
             client_to_backend: self.up.moved,

@@ -237,8 +237,9 @@ pub(super) fn future_size() -> usize {
 
 /// What was already handed to a side's kernel goes out first (briefly): an instance that
 /// answers in full and then closes with the request unread sends a reset, and its answer must
-/// not be thrown away with it. Then both are reset.
-async fn flush_then_reset(client: TcpStream, backend: TcpStream) {
+/// not be thrown away with it. Then both are reset. Also ends a failed upgraded `http`
+/// connection (`super::http::upgrade`).
+pub(super) async fn flush_then_reset(client: TcpStream, backend: TcpStream) {
     tokio::join!(flush(&client), flush(&backend));
     reset(backend);
     reset(client);

@@ -14,8 +14,9 @@ use crate::proxy::route_table::Backend;
 pub(super) struct Done {
     pub(super) backend: Arc<Backend>,
     pub(super) started: Instant,
-    /// Goes back to the pool once the response has been read to its end.
-    pub(super) sender: Sender,
+    /// Goes back to the pool once the response has been read to its end (none for an
+    /// upgrade's connection, which is never pooled).
+    pub(super) sender: Option<Sender>,
 }
 
 /// An instance's response on its way to the client: counts bytes, and when it ends records the
@@ -34,8 +35,8 @@ impl Tracked {
         if let Some(h) = &m.http {
             h.request_seconds.observe(d.started.elapsed().as_secs_f64());
         }
-        if complete {
-            d.backend.pool.put(d.sender);
+        if let (true, Some(s)) = (complete, d.sender) {
+            d.backend.pool.put(s);
         }
     }
 }

@@ -35,6 +35,7 @@ use tokio::net::TcpStream;
 
 mod body;
 pub mod pool;
+pub mod upgrade;
 
 use body::Done;
 pub use body::Tracked;
@@ -61,6 +62,8 @@ struct Ctx {
     client_ip: Option<HeaderValue>,
     /// The same address, for affinity: each request picks by it.
     client: Option<std::net::IpAddr>,
+    /// Set when a request upgraded the connection: run once hyper let go of it.
+    tunnel: upgrade::Slot,
 }
 
 /// Serves one client connection of an `http` service until the client closes it or fluxd
@@ -80,13 +83,16 @@ pub async fn serve(
         daemon: timeouts,
         client_ip,
         client: peer,
+        tunnel: Default::default(),
     });
+    let serving = ctx.clone();
     let service = hyper::service::service_fn(move |req| {
-        let ctx = ctx.clone();
+        let ctx = serving.clone();
         async move { Ok::<_, Infallible>(ctx.handle(req).await) }
     });
-    let conn =
-        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(client), service);
+    let conn = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(client), service)
+        .with_upgrades();
     tokio::pin!(conn);
     // On a stop, the request in flight is answered (with `Connection: close`) and an idle
     // kept-alive connection is closed at once, so the drain does not wait on idle clients.
@@ -99,6 +105,9 @@ pub async fn serve(
     };
     if let Err(e) = result {
         tracing::trace!(%vip, error = %e, "http client connection ended with an error");
+    }
+    if let Some(tunnel) = upgrade::take_tunnel(&ctx.tunnel) {
+        tunnel.await;
     }
 }
 
@@ -147,7 +156,11 @@ impl Ctx {
         }
         let limits = service.timeouts(self.daemon);
         let (mut parts, body) = req.into_parts();
+        let upgrade = upgrade::Requested::take(&mut parts);
         self.prepare(&mut parts);
+        if let Some(u) = &upgrade {
+            u.restore(&mut parts.headers);
+        }
         let Ok(mut body) = ReqBody::new(&parts.method, body).await else {
             return plain(
                 StatusCode::BAD_REQUEST,
@@ -172,11 +185,28 @@ impl Ctx {
                 }
             };
             match self
-                .attempt(&backend, &parts, &mut body, &mut retried, &limits)
+                .attempt(
+                    &backend,
+                    &parts,
+                    &mut body,
+                    &mut retried,
+                    &limits,
+                    upgrade.is_none(),
+                )
                 .await
             {
                 Attempt::Answered(resp, sender) => {
-                    return answer(backend, resp, sender, started, retried)
+                    return match upgrade {
+                        Some(u) => u.answer(
+                            backend,
+                            resp,
+                            started,
+                            retried,
+                            limits.half_closed_idle,
+                            &self.tunnel,
+                        ),
+                        None => answer(backend, resp, Some(sender), started, retried),
+                    };
                 }
                 Attempt::Failed => {
                     retried = true;
@@ -212,7 +242,7 @@ impl Ctx {
     }
 
     /// One instance: its pooled connections while they turn out closed before answering, then
-    /// one fresh connection.
+    /// one fresh connection; only the fresh one unless `pooled` (upgrades, `upgrade.rs`).
     async fn attempt(
         &self,
         backend: &Arc<Backend>,
@@ -220,8 +250,9 @@ impl Ctx {
         body: &mut ReqBody,
         retried: &mut bool,
         limits: &Timeouts,
+        pooled: bool,
     ) -> Attempt {
-        while let Some(mut s) = backend.pool.take() {
+        while let Some(mut s) = pooled.then(|| backend.pool.take()).flatten() {
             if !matches!(
                 tokio::time::timeout(limits.connect, s.ready()).await,
                 Ok(Ok(()))
@@ -239,7 +270,7 @@ impl Ctx {
                 Err(Unanswered::TimedOut) => return Attempt::TimedOut,
             }
         }
-        let Some(s) = self.connect(backend, limits.connect).await else {
+        let Some(s) = self.connect(backend, limits.connect, !pooled).await else {
             return Attempt::Failed;
         };
         match self.send(backend, s, parts, body, true, limits).await {
@@ -322,8 +353,14 @@ impl Ctx {
     }
 
     /// A new connection to `backend`, with the HTTP/1.1 handshake; counted and timed like the
-    /// tcp path's connects; a failure marks the instance failed.
-    async fn connect(&self, backend: &Backend, timeout: Duration) -> Option<Sender> {
+    /// tcp path's connects; a failure marks the instance failed. `upgrades`: the connection
+    /// may switch protocols (hyper then hands it over rather than closing it).
+    async fn connect(
+        &self,
+        backend: &Backend,
+        timeout: Duration,
+        upgrades: bool,
+    ) -> Option<Sender> {
         let m = &backend.metrics;
         let started = Instant::now();
         let why = match tokio::time::timeout(timeout, TcpStream::connect(backend.addr)).await {
@@ -333,9 +370,15 @@ impl Ctx {
                 match client::handshake(TokioIo::new(stream)).await {
                     Ok((sender, conn)) => {
                         m.connections.inc();
-                        tokio::spawn(async move {
-                            let _ = conn.await;
-                        });
+                        if upgrades {
+                            tokio::spawn(async move {
+                                let _ = conn.with_upgrades().await;
+                            });
+                        } else {
+                            tokio::spawn(async move {
+                                let _ = conn.await;
+                            });
+                        }
                         return Some(sender);
                     }
                     Err(e) => e.to_string(),
@@ -429,10 +472,12 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The instance's response as the client gets it; its connection goes back to the pool at the
+/// end of the body if `sender` is given.
 fn answer(
     backend: Arc<Backend>,
     resp: Response<Incoming>,
-    sender: Sender,
+    sender: Option<Sender>,
     started: Instant,
     retried: bool,
 ) -> Response<ToClient> {
