@@ -1,5 +1,6 @@
-//! The HTTP-aware path of `http` services: the client's connection is served as HTTP/1.1 and
-//! every request is balanced on its own. Per request: the service is looked up again (so a
+//! The HTTP-aware path of `http` services: the client's connection is served as HTTP/1.1 or
+//! HTTP/2 (prior knowledge, told by the connection preface) and every request is balanced on
+//! its own. Per request: the service is looked up again (so a
 //! kept-alive client follows instance changes), an instance is picked by the service's policy
 //! and passive health, the request goes over a kept-alive connection from that instance's small
 //! pool, and the response streams back to the client.
@@ -14,6 +15,14 @@
 //! headers gets its connection closed and the client a 504 (the request is not sent again:
 //! it may have been acted on, and a slow instance is not a dead one, so it is not marked
 //! failed either).
+//!
+//! HTTP/2 (`link.rs`, `h2_pool.rs`): a request goes to its instance in the version the
+//! service's `instance_protocol` says, by default the client's. HTTP/2 requests to one
+//! instance share its HTTP/2 connection, one stream each, so per-request balancing holds for
+//! the many requests of one HTTP/2 client connection. gRPC calls (`grpc.rs`) keep `TE:
+//! trailers`, get their trailers through, are counted by `grpc-status`, and flux's own errors
+//! reach them with a gRPC status too. An HTTP/1.1 `Upgrade: h2c` is not taken up (RFC 9113
+//! deprecates it): the request is answered over HTTP/1.1.
 
 use std::convert::Infallible;
 use std::net::SocketAddrV4;
@@ -25,21 +34,25 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::{Body, Incoming};
-use hyper::client::conn::http1 as client;
+use hyper::client::conn::{http1 as client, http2};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus_client::metrics::counter::Counter;
 use tokio::net::TcpStream;
 
 mod body;
+mod grpc;
+pub mod h2_pool;
+mod link;
 pub mod pool;
 
 use body::Done;
 pub use body::Tracked;
+use link::{Link, Proto};
+use pool::ToInstance;
 pub use pool::{Counted, Pool, IDLE_TIMEOUT, MAX_IDLE_PER_INSTANCE};
-use pool::{Sender, ToInstance};
 
 use super::limits::{is_local_exhaustion, Timeouts};
 use super::route_table::{Backend, RouteTable};
@@ -85,8 +98,9 @@ pub async fn serve(
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(ctx.handle(req).await) }
     });
-    let conn =
-        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(client), service);
+    // HTTP/1.1, or HTTP/2 when the client opens with the HTTP/2 preface (prior knowledge).
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(client), service);
     tokio::pin!(conn);
     // On a stop, the request in flight is answered (with `Connection: close`) and an idle
     // kept-alive connection is closed at once, so the drain does not wait on idle clients.
@@ -113,7 +127,7 @@ fn count_own_answer(backend: &Backend, code: u16, started: Instant) {
 
 /// How one attempt on one instance ended.
 enum Attempt {
-    Answered(Response<Incoming>, Sender),
+    Answered(Response<Incoming>, Link),
     /// The instance could not be reached (marked failed); the request can go to another.
     Failed,
     /// The request was sent and the connection failed before an answer; it cannot be sent
@@ -136,8 +150,10 @@ enum Unanswered {
 impl Ctx {
     async fn handle(&self, req: Request<Incoming>) -> Response<ToClient> {
         let started = Instant::now();
+        let grpc = grpc::is_grpc(req.headers());
         let Some(service) = self.routes.load().services.get(&self.vip).cloned() else {
-            return plain(
+            return own(
+                grpc,
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no service at this address\n",
             );
@@ -146,8 +162,13 @@ impl Ctx {
             return plain(StatusCode::NOT_IMPLEMENTED, "CONNECT is not supported\n");
         }
         let limits = service.timeouts(self.daemon);
+        let proto = Proto::choose(service.instance_protocol, req.version());
         let (mut parts, body) = req.into_parts();
+        let trailers = grpc::wants_trailers(&parts.headers);
         self.prepare(&mut parts);
+        if proto == Proto::H2 {
+            to_h2(&mut parts, self.vip, trailers);
+        }
         let Ok(mut body) = ReqBody::new(&parts.method, body).await else {
             return plain(
                 StatusCode::BAD_REQUEST,
@@ -172,11 +193,11 @@ impl Ctx {
                 }
             };
             match self
-                .attempt(&backend, &parts, &mut body, &mut retried, &limits)
+                .attempt(&backend, &parts, &mut body, &mut retried, &limits, proto)
                 .await
             {
-                Attempt::Answered(resp, sender) => {
-                    return answer(backend, resp, sender, started, retried)
+                Attempt::Answered(resp, link) => {
+                    return answer(backend, resp, link, started, retried, grpc)
                 }
                 Attempt::Failed => {
                     retried = true;
@@ -186,7 +207,8 @@ impl Ctx {
                 }
                 Attempt::Lost => {
                     count_own_answer(&backend, 502, started);
-                    return plain(
+                    return own(
+                        grpc,
                         StatusCode::BAD_GATEWAY,
                         "the instance closed the connection before answering\n",
                     );
@@ -194,7 +216,8 @@ impl Ctx {
                 Attempt::TimedOut => {
                     count_own_answer(&backend, 504, started);
                     tracing::debug!(service = %service.name, instance = %backend.instance, "no response within the response timeout; 504");
-                    return plain(
+                    return own(
+                        grpc,
                         StatusCode::GATEWAY_TIMEOUT,
                         &format!(
                             "the instance did not answer within {} ms\n",
@@ -205,14 +228,15 @@ impl Ctx {
             }
         }
         tracing::debug!(service = %service.name, "no instance reachable; 503");
-        plain(
+        own(
+            grpc,
             StatusCode::SERVICE_UNAVAILABLE,
             &format!("no instance of service {} is reachable\n", service.name),
         )
     }
 
-    /// One instance: its pooled connections while they turn out closed before answering, then
-    /// one fresh connection.
+    /// One instance: its open connections (idle HTTP/1.1 ones, or its shared HTTP/2 one) while
+    /// they turn out closed before answering, then one fresh connection.
     async fn attempt(
         &self,
         backend: &Arc<Backend>,
@@ -220,8 +244,40 @@ impl Ctx {
         body: &mut ReqBody,
         retried: &mut bool,
         limits: &Timeouts,
+        proto: Proto,
     ) -> Attempt {
-        while let Some(mut s) = backend.pool.take() {
+        // Bounded: a closed connection leaves its list when found closed, but the loop must
+        // end even if one were handed out again.
+        let mut tries = 0;
+        // Held while this request opens the instance's HTTP/2 connection, so that requests
+        // arriving meanwhile share it instead of each opening their own.
+        let mut opening = None;
+        loop {
+            let mut s = match Link::reuse(&backend.pool, proto) {
+                Some(s) => s,
+                None if proto == Proto::H2 && opening.is_none() => {
+                    match backend.pool.h2.opening.try_lock() {
+                        Ok(guard) => {
+                            opening = Some(guard);
+                            break;
+                        }
+                        Err(_) => {
+                            let _wait = backend.pool.h2.opening.lock().await;
+                            match Link::reuse(&backend.pool, proto) {
+                                Some(s) => s,
+                                // The request that was opening it failed to connect (and
+                                // marked the instance failed): the next instance.
+                                None => return Attempt::Failed,
+                            }
+                        }
+                    }
+                }
+                None => break,
+            };
+            tries += 1;
+            if tries > MAX_IDLE_PER_INSTANCE + h2_pool::MAX_H2_PER_INSTANCE {
+                break;
+            }
             if !matches!(
                 tokio::time::timeout(limits.connect, s.ready()).await,
                 Ok(Ok(()))
@@ -239,7 +295,9 @@ impl Ctx {
                 Err(Unanswered::TimedOut) => return Attempt::TimedOut,
             }
         }
-        let Some(s) = self.connect(backend, limits.connect).await else {
+        let connected = self.connect(backend, limits.connect, proto).await;
+        drop(opening); // a new HTTP/2 connection is shared by now
+        let Some(s) = connected else {
             return Attempt::Failed;
         };
         match self.send(backend, s, parts, body, true, limits).await {
@@ -259,12 +317,12 @@ impl Ctx {
     async fn send(
         &self,
         backend: &Backend,
-        mut sender: Sender,
+        mut sender: Link,
         parts: &Parts,
         body: &mut ReqBody,
         fresh: bool,
         limits: &Timeouts,
-    ) -> Result<(Response<Incoming>, Sender), Unanswered> {
+    ) -> Result<(Response<Incoming>, Link), Unanswered> {
         let m = &backend.metrics;
         let Some(b) = body.take(&m.bytes_to_instance) else {
             return Err(Unanswered::Lost);
@@ -276,7 +334,7 @@ impl Ctx {
             Either::Left(streamed) => streamed.sent.clone(),
             Either::Right(_) => None,
         };
-        let response = sender.try_send_request(request(parts, b));
+        let response = sender.send(request(parts, b));
         let too_late = async {
             if let Some(sent) = body_sent {
                 sent.notified().await;
@@ -321,22 +379,39 @@ impl Ctx {
         }
     }
 
-    /// A new connection to `backend`, with the HTTP/1.1 handshake; counted and timed like the
-    /// tcp path's connects; a failure marks the instance failed.
-    async fn connect(&self, backend: &Backend, timeout: Duration) -> Option<Sender> {
+    /// A new connection to `backend`, with the HTTP/1.1 or HTTP/2 handshake (a new HTTP/2
+    /// connection is shared at once); counted and timed like the tcp path's connects; a
+    /// failure marks the instance failed.
+    async fn connect(&self, backend: &Backend, timeout: Duration, proto: Proto) -> Option<Link> {
         let m = &backend.metrics;
         let started = Instant::now();
         let why = match tokio::time::timeout(timeout, TcpStream::connect(backend.addr)).await {
             Ok(Ok(stream)) => {
                 m.connect_seconds.observe(started.elapsed().as_secs_f64());
                 let _ = stream.set_nodelay(true);
-                match client::handshake(TokioIo::new(stream)).await {
-                    Ok((sender, conn)) => {
+                let io = TokioIo::new(stream);
+                let handshake =
+                    match proto {
+                        Proto::H1 => client::handshake(io).await.map(|(sender, conn)| {
+                            tokio::spawn(async move {
+                                let _ = conn.await;
+                            });
+                            Link::H1(sender)
+                        }),
+                        Proto::H2 => http2::handshake(TokioExecutor::new(), io).await.map(
+                            |(sender, conn)| {
+                                tokio::spawn(async move {
+                                    let _ = conn.await;
+                                });
+                                let (sender, _slot) = backend.pool.h2.add(sender);
+                                Link::H2 { sender, _slot }
+                            },
+                        ),
+                    };
+                match handshake {
+                    Ok(link) => {
                         m.connections.inc();
-                        tokio::spawn(async move {
-                            let _ = conn.await;
-                        });
-                        return Some(sender);
+                        return Some(link);
                     }
                     Err(e) => e.to_string(),
                 }
@@ -432,16 +507,22 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 fn answer(
     backend: Arc<Backend>,
     resp: Response<Incoming>,
-    sender: Sender,
+    link: Link,
     started: Instant,
     retried: bool,
+    grpc: bool,
 ) -> Response<ToClient> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    // A gRPC call's status comes in the trailers, or in the headers of a trailers-only answer.
+    let mut status_to_come = grpc;
     if let Some(h) = &backend.metrics.http {
         h.responses[code_class(parts.status.as_u16())].inc();
         if retried {
             h.retries.inc();
+        }
+        if grpc && grpc::count(h, &parts.headers) {
+            status_to_come = false;
         }
     }
     let body = Tracked {
@@ -449,10 +530,58 @@ fn answer(
         done: Some(Done {
             backend,
             started,
-            sender,
+            link,
+            grpc: status_to_come,
         }),
     };
     Response::from_parts(parts, Either::Left(body))
+}
+
+/// flux's own answer: plain text, or for a gRPC call a trailers-only response whose gRPC
+/// status says the same (UNAVAILABLE, or DEADLINE_EXCEEDED for a timeout).
+fn own(grpc: bool, status: StatusCode, text: &str) -> Response<ToClient> {
+    if !grpc {
+        return plain(status, text);
+    }
+    let code = if status == StatusCode::GATEWAY_TIMEOUT {
+        grpc::Code::DeadlineExceeded
+    } else {
+        grpc::Code::Unavailable
+    };
+    grpc::own_answer(status, code, text)
+}
+
+/// Turns a request prepared for HTTP/1.1 (origin-form URI, `Host`) into its HTTP/2 form: the
+/// authority goes into the URI (`:authority`), `TE: trailers` is kept when the client sent it
+/// (gRPC needs it; it is the one `TE` HTTP/2 allows).
+fn to_h2(parts: &mut Parts, vip: SocketAddrV4, trailers: bool) {
+    let host = parts
+        .headers
+        .remove(header::HOST)
+        .and_then(|h| hyper::http::uri::Authority::try_from(h.as_bytes()).ok())
+        .unwrap_or_else(|| {
+            // An IP:port is always a valid authority.
+            hyper::http::uri::Authority::try_from(vip.to_string()).expect("IP:port authority")
+        });
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"));
+    if let Ok(uri) = Uri::builder()
+        .scheme("http")
+        .authority(host)
+        .path_and_query(path)
+        .build()
+    {
+        parts.uri = uri;
+    }
+    parts.version = Version::HTTP_2;
+    if trailers {
+        parts
+            .headers
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+    }
 }
 
 fn plain(status: StatusCode, text: &str) -> Response<ToClient> {
