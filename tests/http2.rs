@@ -195,6 +195,17 @@ fn h2_and_h1_clients_reach_http1_instances() {
     );
     assert_eq!((code, out.as_str()), (0, "1.1 200"));
 
+    // An HTTP/2 protocol error (a SETTINGS frame of 5 bytes): GOAWAY and the connection
+    // closes; fluxd goes on serving.
+    let out = ns.exec(&["timeout", "20", "/usr/bin/python3", "-c", BAD_FRAME]);
+    let types = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        types.split_whitespace().any(|t| t == "7"),
+        "no GOAWAY: {types} {out:?}"
+    );
+    let (code, out) = curl(&ns, &["--http2-prior-knowledge", "http://198.18.0.21/"]);
+    assert_eq!(code, 0, "after a protocol error: {out}\n{}", fluxd.log());
+
     // Bad settings: one line naming the flag, exit 2, nothing changed.
     let bad = fluxd.ctl(&["service", "set", "web", "--instance-protocol", "h3"]);
     let err = String::from_utf8_lossy(&bad.stderr);
@@ -215,6 +226,26 @@ fn h2_and_h1_clients_reach_http1_instances() {
     let info = fluxd.ok(&["info", "web"]);
     assert!(!info.contains("instance-protocol"), "{info}");
 }
+
+/// Sends the HTTP/2 preface and a malformed SETTINGS frame to the VIP at 198.18.0.21:80 and
+/// prints the types of the frames that come back until the connection closes.
+const BAD_FRAME: &str = r#"
+import socket
+s = socket.create_connection(("198.18.0.21", 80), timeout=5)
+s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x05\x04\x00\x00\x00\x00\x00" + b"12345")
+buf = b""
+while True:
+    d = s.recv(65536)
+    if not d:
+        break
+    buf += d
+types = []
+while len(buf) >= 9:
+    n = int.from_bytes(buf[:3], "big")
+    types.append(buf[3])
+    buf = buf[9 + n:]
+print(*types)
+"#;
 
 /// A grpcio test server in the namespace, killed when dropped.
 struct GrpcServer(Child);

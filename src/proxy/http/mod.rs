@@ -83,9 +83,23 @@ pub async fn serve(
     vip: SocketAddrV4,
     routes: Arc<ArcSwap<RouteTable>>,
     timeouts: Timeouts,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let peer = client.peer_addr().ok().map(|a| a.ip());
+    serve_io(client, peer, vip, routes, timeouts, stop).await
+}
+
+/// `serve` over any byte stream from `peer` (the fuzz target feeds it bytes from memory).
+pub async fn serve_io<I>(
+    client: I,
+    peer: Option<std::net::IpAddr>,
+    vip: SocketAddrV4,
+    routes: Arc<ArcSwap<RouteTable>>,
+    timeouts: Timeouts,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let client_ip = peer.and_then(|ip| HeaderValue::from_str(&ip.to_string()).ok());
     let ctx = Arc::new(Ctx {
         vip,
