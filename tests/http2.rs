@@ -348,6 +348,20 @@ fn grpc_calls_are_balanced_per_call_and_counted_by_status() {
     assert_eq!(total("0"), (N + 1) as f64, "{by_status:?}");
     assert_eq!(total("5"), 1.0, "{by_status:?}");
 
+    // g1 restarts: the shared HTTP/2 connection to it is dead; no call fails for that (a call
+    // not sent on it goes on a fresh connection) and g1 gets calls again.
+    drop(g1);
+    let g1 = GrpcServer::start(&ns, 9101, "g1");
+    let r = grpc_client(&ns, &["call", "198.18.0.30:50051", "10"]);
+    let who: Vec<&str> = r["who"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(who.len(), 10, "{r}");
+    assert!(who.contains(&"g1") && who.contains(&"g2"), "{r}");
+
     // An instance slower than the response timeout: DEADLINE_EXCEEDED from flux.
     fluxd.ok(&[
         "service",

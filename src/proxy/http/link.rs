@@ -5,9 +5,14 @@
 use std::future::Future;
 use std::pin::Pin;
 
+use std::net::SocketAddrV4;
+
 use hyper::body::Incoming;
 use hyper::client::conn::TrySendError;
-use hyper::{Request, Response, Version};
+use hyper::header::{self, HeaderValue};
+use hyper::http::request::Parts;
+use hyper::http::uri;
+use hyper::{Request, Response, Uri, Version};
 
 use super::h2_pool::{H2Sender, StreamSlot};
 use super::pool::{Pool, Sender, ToInstance};
@@ -80,5 +85,78 @@ impl Link {
         if let Link::H1(s) = self {
             pool.put(s);
         }
+    }
+}
+
+/// Turns a request prepared for HTTP/1.1 (origin-form URI, `Host`) into its HTTP/2 form: the
+/// authority goes into the URI (`:authority`), `TE: trailers` is kept when the client sent it
+/// (gRPC needs it; it is the one `TE` HTTP/2 allows).
+pub(super) fn to_h2(parts: &mut Parts, vip: SocketAddrV4, trailers: bool) {
+    let host = parts
+        .headers
+        .remove(header::HOST)
+        .and_then(|h| uri::Authority::try_from(h.as_bytes()).ok())
+        .unwrap_or_else(|| {
+            // An IP:port is always a valid authority.
+            uri::Authority::try_from(vip.to_string()).expect("IP:port authority")
+        });
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| uri::PathAndQuery::from_static("/"));
+    if let Ok(uri) = Uri::builder()
+        .scheme("http")
+        .authority(host)
+        .path_and_query(path)
+        .build()
+    {
+        parts.uri = uri;
+    }
+    parts.version = Version::HTTP_2;
+    if trailers {
+        parts
+            .headers
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_speaks_the_clients_version_and_a_setting_overrides_it() {
+        use InstanceProtocol::*;
+        assert_eq!(Proto::choose(None, Version::HTTP_11), Proto::H1);
+        assert_eq!(Proto::choose(None, Version::HTTP_10), Proto::H1);
+        assert_eq!(Proto::choose(None, Version::HTTP_2), Proto::H2);
+        assert_eq!(Proto::choose(Some(Http1), Version::HTTP_2), Proto::H1);
+        assert_eq!(Proto::choose(Some(H2), Version::HTTP_11), Proto::H2);
+    }
+
+    fn parts(uri: &str, headers: &[(&'static str, &'static str)]) -> Parts {
+        let mut b = Request::builder().uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn the_http2_form_carries_the_authority_in_the_uri() {
+        let vip: SocketAddrV4 = "198.18.0.1:80".parse().unwrap();
+        let mut p = parts("/a?b=c", &[("host", "web.example:8080"), ("x-y", "z")]);
+        to_h2(&mut p, vip, true);
+        assert_eq!(p.uri, "http://web.example:8080/a?b=c");
+        assert_eq!(p.version, Version::HTTP_2);
+        assert!(p.headers.get("host").is_none());
+        assert_eq!(p.headers["te"], "trailers");
+        assert_eq!(p.headers["x-y"], "z");
+        // No usable Host: the VIP; no TE: trailers from the client, none sent.
+        let mut p = parts("/", &[("host", "bad host")]);
+        to_h2(&mut p, vip, false);
+        assert_eq!(p.uri, "http://198.18.0.1:80/");
+        assert!(p.headers.get("te").is_none());
     }
 }

@@ -50,7 +50,7 @@ pub mod pool;
 
 use body::Done;
 pub use body::Tracked;
-use link::{Link, Proto};
+use link::{to_h2, Link, Proto};
 use pool::ToInstance;
 pub use pool::{Counted, Pool, IDLE_TIMEOUT, MAX_IDLE_PER_INSTANCE};
 
@@ -563,39 +563,6 @@ fn own(grpc: bool, status: StatusCode, text: &str) -> Response<ToClient> {
         grpc::Code::Unavailable
     };
     grpc::own_answer(status, code, text)
-}
-
-/// Turns a request prepared for HTTP/1.1 (origin-form URI, `Host`) into its HTTP/2 form: the
-/// authority goes into the URI (`:authority`), `TE: trailers` is kept when the client sent it
-/// (gRPC needs it; it is the one `TE` HTTP/2 allows).
-fn to_h2(parts: &mut Parts, vip: SocketAddrV4, trailers: bool) {
-    let host = parts
-        .headers
-        .remove(header::HOST)
-        .and_then(|h| hyper::http::uri::Authority::try_from(h.as_bytes()).ok())
-        .unwrap_or_else(|| {
-            // An IP:port is always a valid authority.
-            hyper::http::uri::Authority::try_from(vip.to_string()).expect("IP:port authority")
-        });
-    let path = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"));
-    if let Ok(uri) = Uri::builder()
-        .scheme("http")
-        .authority(host)
-        .path_and_query(path)
-        .build()
-    {
-        parts.uri = uri;
-    }
-    parts.version = Version::HTTP_2;
-    if trailers {
-        parts
-            .headers
-            .insert(header::TE, HeaderValue::from_static("trailers"));
-    }
 }
 
 fn plain(status: StatusCode, text: &str) -> Response<ToClient> {
