@@ -17,6 +17,7 @@ use support::nginx::Nginx;
 use support::openmetrics;
 
 const HTTP: &str = "127.0.0.1:7070";
+const KEEPALIVE_REQUESTS: usize = 25;
 const GRPC_ECHO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/grpc_echo.py");
 
 /// An `http` service with one static instance per (name, address), routed.
@@ -39,14 +40,15 @@ fn service(fluxd: &Fluxd, name: &str, vip: &str, extra: &[&str], instances: &[(&
 }
 
 /// nginx serving HTTP/2 with prior knowledge (h2c, no HTTP/1.1) on 127.0.0.1:PORT for each
-/// (port, name); each answers `NAME PROTOCOL HOST`.
+/// (port, name); each answers `NAME PROTOCOL HOST`, and ends a connection (GOAWAY) after
+/// `KEEPALIVE_REQUESTS` requests, as nginx does after 1000 by default.
 fn h2c_nginx(ns: &Netns, servers: &[(u16, &str)]) -> Nginx {
     let nginx = Nginx::start(ns);
     let conf: String = servers
         .iter()
         .map(|(port, name)| {
             format!(
-                "server {{ listen 127.0.0.1:{port} http2; location / {{ add_header x-backend {name}; return 200 \"{name} $server_protocol $http_host\\n\"; }} }}\n"
+                "server {{ listen 127.0.0.1:{port} http2; keepalive_requests {KEEPALIVE_REQUESTS}; location / {{ add_header x-backend {name}; return 200 \"{name} $server_protocol $http_host\\n\"; }} }}\n"
             )
         })
         .collect();
@@ -149,6 +151,36 @@ fn h2_clients_are_balanced_per_request_over_shared_h2c_instance_connections() {
             .copied()
             .unwrap_or(0.0);
         assert!((1.0..=2.0).contains(&n), "{i}: {n} connections: {conns:?}");
+    }
+
+    // 200 concurrent streams: each instance ends its connection every 25 requests; the streams
+    // it refuses go on the connection opened next, shared, rather than each on its own.
+    const M: usize = 200;
+    let out = ns.exec(&[
+        "timeout",
+        "30",
+        "nghttp",
+        "-m",
+        &M.to_string(),
+        "http://198.18.0.20/",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "nghttp: {out:?}\n{}", fluxd.log());
+    let bad: Vec<&str> = text.lines().filter(|l| !l.contains(" HTTP/2.0 ")).collect();
+    assert!(bad.is_empty(), "{bad:?}\n{}", fluxd.log());
+    assert_eq!(text.lines().count(), M, "{text}");
+    let conns = samples(&ns, "flux_connections_total", "");
+    for i in ["n1", "n2"] {
+        let n = conns
+            .get(&(i.to_string(), String::new()))
+            .copied()
+            .unwrap_or(0.0);
+        let most = (N + M) / 2 / KEEPALIVE_REQUESTS + 4;
+        assert!(
+            n <= most as f64,
+            "{i}: {n} connections for {} requests: {conns:?}",
+            (N + M) / 2
+        );
     }
 
     // An HTTP/1.1 client of a service set to speak h2 to its instances.

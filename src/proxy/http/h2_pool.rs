@@ -94,6 +94,15 @@ impl H2Conns {
         (shared.sender, slot)
     }
 
+    /// Takes the connection `slot` belongs to out of the shared list: a stream on it failed
+    /// (it is closing, or the instance sent GOAWAY and refuses new streams on it), so the next
+    /// requests open or share another.
+    pub(super) fn forget(&self, slot: &StreamSlot) {
+        if let Ok(mut open) = self.open.lock() {
+            open.retain(|c| !Arc::ptr_eq(&c.streams, &slot.streams));
+        }
+    }
+
     /// Open connections (for `fluxd debug` and tests).
     pub fn open(&self) -> usize {
         self.open

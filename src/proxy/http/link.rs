@@ -79,6 +79,14 @@ impl Link {
         }
     }
 
+    /// A request failed on this connection before any answer: an HTTP/2 connection is no
+    /// longer shared (an HTTP/1.1 one is simply dropped).
+    pub(super) fn forget(&self, pool: &Pool) {
+        if let Link::H2 { _slot, .. } = self {
+            pool.h2.forget(_slot);
+        }
+    }
+
     /// The response has been read to its end: an HTTP/1.1 connection can carry the next
     /// request (an HTTP/2 stream just ends, and its slot with it).
     pub(super) fn release(self, pool: &Pool) {

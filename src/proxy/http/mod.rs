@@ -276,12 +276,19 @@ impl Ctx {
                             break;
                         }
                         Err(_) => {
-                            let _wait = backend.pool.h2.opening.lock().await;
+                            let guard = backend.pool.h2.opening.lock().await;
                             match Link::reuse(&backend.pool, proto) {
                                 Some(s) => s,
-                                // The request that was opening it failed to connect (and
-                                // marked the instance failed): the next instance.
-                                None => return Attempt::Failed,
+                                // The request that was opening it failed to connect and
+                                // marked the instance failed: the next instance, rather
+                                // than every waiter timing out on it in turn.
+                                None if !backend.health.is_live() => return Attempt::Failed,
+                                // It was opened and is already full or gone (the instance
+                                // ends connections after so many requests): open the next.
+                                None => {
+                                    opening = Some(guard);
+                                    break;
+                                }
                             }
                         }
                     }
@@ -300,9 +307,13 @@ impl Ctx {
             }
             match self.send(backend, s, parts, body, false, limits).await {
                 Ok((resp, s)) => return Attempt::Answered(resp, s),
-                // A stale pooled connection: a fresh one to the same instance next.
+                // A stale pooled connection: a fresh one to the same instance next (in
+                // HTTP/2, another shared one, or the one being opened).
                 Err(Unanswered::Resend) => {
                     *retried = true;
+                    if proto == Proto::H2 {
+                        continue;
+                    }
                     break;
                 }
                 Err(Unanswered::Lost) => return Attempt::Lost,
@@ -374,6 +385,7 @@ impl Ctx {
             }
             Err(mut e) => {
                 m.active.dec();
+                sender.forget(&backend.pool);
                 let unsent = e.take_message();
                 let was_unsent = unsent.is_some();
                 if let Some(req) = unsent {
