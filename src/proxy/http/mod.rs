@@ -371,8 +371,9 @@ impl Ctx {
             _ = too_late => Err(()),
         };
         let Ok(answer) = answer else {
-            // Dropping the sender closes the connection: the instance sees the request
-            // abandoned rather than a late answer read by the next request.
+            // Dropping the sender closes an HTTP/1.1 connection: the instance sees the request
+            // abandoned rather than a late answer read by the next request. In HTTP/2 only
+            // this stream is cancelled (RST_STREAM); the connection goes on carrying others.
             m.active.dec();
             return Err(Unanswered::TimedOut);
         };
