@@ -52,6 +52,7 @@ fn service(name: &str, vip: &str) -> Service {
         affinity: Default::default(),
         timeouts: Default::default(),
         proxy_protocol: None,
+        instance_protocol: None,
     }
 }
 

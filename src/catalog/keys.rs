@@ -99,6 +99,7 @@ mod tests {
             affinity: Default::default(),
             timeouts: Default::default(),
             proxy_protocol: None,
+            instance_protocol: None,
         };
         let v1 = Rule {
             service: "web-2".into(),

@@ -439,7 +439,7 @@ mod tests {
             [
                 r#"services/lo: address: must not be a loopback address (got "127.0.0.1:80")"#,
                 "services/junk: body: expected ident",
-                "services/extra: colour: unknown field `colour`, expected one of `name`, `address`, `protocol`, `instance_port`, `balance`, `health`, `forward`, `locality`, `affinity`, `timeouts`, `proxy_protocol`",
+                "services/extra: colour: unknown field `colour`, expected one of `name`, `address`, `protocol`, `instance_port`, `balance`, `health`, `forward`, `locality`, `affinity`, `timeouts`, `proxy_protocol`, `instance_protocol`",
                 "rules/web/empty: selector: give at least one of image, tag, labels, env",
                 "instances/web/nowhere: address: a static instance needs one",
             ]

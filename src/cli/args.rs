@@ -171,6 +171,7 @@ impl ServiceAddArgs {
             affinity: self.traffic.affinity()?,
             timeouts: Default::default(),
             proxy_protocol: None,
+            instance_protocol: None,
         };
         service.validate()?;
         self.tuning.apply_to(service)

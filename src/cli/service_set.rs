@@ -7,7 +7,9 @@ use clap::Args;
 use super::health_args::HealthArgs;
 use super::{body, print, Failure};
 use crate::api::views::ServiceInfo;
-use crate::model::{timeouts, validate, InvalidInput, ProxyProtocol, Service, ServiceEdit};
+use crate::model::{
+    timeouts, validate, InstanceProtocol, InvalidInput, ProxyProtocol, Service, ServiceEdit,
+};
 
 /// Per-service flags of both `service add` and `service set`.
 #[derive(Args, Default)]
@@ -29,6 +31,10 @@ pub struct ServiceTuningArgs {
     /// expect it. `off` (set) stops [default: off].
     #[arg(long, value_name = "v1|v2|off")]
     pub proxy_protocol: Option<String>,
+    /// `http` services: the HTTP version spoken to instances: `http1`, `h2` (HTTP/2 with prior
+    /// knowledge, h2c), or `auto`, the version each client spoke [default: auto].
+    #[arg(long, value_name = "auto|http1|h2")]
+    pub instance_protocol: Option<String>,
 }
 
 impl ServiceTuningArgs {
@@ -53,6 +59,15 @@ impl ServiceTuningArgs {
                     ..e
                 })?),
             });
+        }
+        if let Some(p) = &self.instance_protocol {
+            edit.instance_protocol =
+                Some(
+                    InstanceProtocol::parse_setting(p).map_err(|e| InvalidInput {
+                        field: "instance-protocol".into(),
+                        ..e
+                    })?,
+                );
         }
         Ok(())
     }

@@ -13,6 +13,9 @@ pub fn tuning(svc: &Service) -> String {
     if !svc.timeouts.is_empty() {
         parts.push(format!("timeouts: {}", svc.timeouts.describe()));
     }
+    if let Some(p) = svc.instance_protocol {
+        parts.push(format!("instance-protocol {p}"));
+    }
     parts.join("; ")
 }
 

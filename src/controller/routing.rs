@@ -223,7 +223,8 @@ fn build_service(
             .with_tuning(
                 service.timeouts,
                 service.proxy_protocol.zip(service.address),
-            ),
+            )
+            .with_instance_protocol(service.instance_protocol),
         ),
         traffic,
     }

@@ -56,6 +56,7 @@ fn service(name: &str, vip: &str) -> Service {
         affinity: Default::default(),
         timeouts: Default::default(),
         proxy_protocol: None,
+        instance_protocol: None,
     }
 }
 
@@ -1002,6 +1003,7 @@ mod refusals {
             affinity: Default::default(),
             timeouts: Default::default(),
             proxy_protocol: None,
+            instance_protocol: None,
         })
     }
 

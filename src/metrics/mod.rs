@@ -54,6 +54,22 @@ pub fn code_class(status: u16) -> usize {
     (status / 100).clamp(2, 5) as usize - 2
 }
 
+/// The `grpc_status` label values of `grpc_responses`: the codes gRPC defines (0 OK to 16
+/// UNAUTHENTICATED), then `other` for a value that is none of them.
+pub const GRPC_STATUSES: [&str; 18] = [
+    "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+    "other",
+];
+
+/// The index in `GRPC_STATUSES` of a `grpc-status` value.
+pub fn grpc_status_index(value: &[u8]) -> usize {
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(|v| v.parse::<u8>().ok())
+        .filter(|&c| usize::from(c) < GRPC_STATUSES.len() - 1)
+        .map_or(GRPC_STATUSES.len() - 1, usize::from)
+}
+
 /// The series of one instance's active health check (services with a `health` check only).
 #[derive(Debug, Clone)]
 pub struct CheckMetrics {
@@ -91,6 +107,8 @@ pub struct HttpMetrics {
     pub request_seconds: AtomicHistogram,
     /// `Upgrade` requests by result, indexed like `UPGRADE_RESULTS`.
     pub upgrades: [Counter; 2],
+    /// gRPC calls the instance ended, by `grpc-status`, indexed like `GRPC_STATUSES`.
+    pub grpc: [Counter; 18],
 }
 
 impl HttpMetrics {
@@ -104,6 +122,7 @@ impl HttpMetrics {
             retries: Counter::default(),
             request_seconds: AtomicHistogram::new(REQUEST_BUCKETS),
             upgrades: Default::default(),
+            grpc: Default::default(),
         }
     }
 }
@@ -276,7 +295,7 @@ type SeriesOf = for<'e> fn(
 
 /// The families in the order `/metrics` lists them. Help texts end with a period, as the
 /// registry writes them.
-const FAMILIES: [Family; 13] = [
+const FAMILIES: [Family; 14] = [
     Family {
         name: "connections",
         help: "Connections proxied to an instance.",
@@ -393,6 +412,22 @@ const FAMILIES: [Family; 13] = [
         },
     },
     Family {
+        name: "grpc_responses",
+        help: "gRPC calls an instance of an http service ended, by grpc-status (listed once seen).",
+        kind: MetricType::Counter,
+        series: |e, out| {
+            if let Some(h) = e.instance.as_ref().and_then(|m| m.http.as_ref()) {
+                // Only the statuses seen: 18 series per instance of every http service would
+                // mostly be zeros (most http services carry no gRPC at all).
+                for (status, c) in GRPC_STATUSES.iter().zip(&h.grpc) {
+                    if c.get() > 0 {
+                        out(Some(("grpc_status", status)), c);
+                    }
+                }
+            }
+        },
+    },
+    Family {
         name: "health_checks",
         help: "Active health checks of an instance, by result (pass or fail).",
         kind: MetricType::Counter,
@@ -451,6 +486,31 @@ impl Collector for Series {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_statuses_are_counted_once_seen() {
+        let m = Metrics::new();
+        let l = InstanceLabels {
+            service: "g".into(),
+            instance: "i1".into(),
+            host: String::new(),
+            image: String::new(),
+            tag: String::new(),
+        };
+        let http = m.instance(&l, true).http.unwrap();
+        assert!(!m.encode().contains("flux_grpc_responses"));
+        for v in [&b"0"[..], b"5", b"16", b"17", b"x", b"", b"-1"] {
+            http.grpc[grpc_status_index(v)].inc();
+        }
+        let text = m.encode();
+        for (status, n) in [("0", 1), ("5", 1), ("16", 1), ("other", 4)] {
+            let line = format!(
+                r#"flux_grpc_responses_total{{service="g",instance="i1",host="",image="",tag="",grpc_status="{status}"}} {n}"#
+            );
+            assert!(text.contains(&line), "{line} in {text}");
+        }
+        assert!(!text.contains(r#"grpc_status="1""#), "{text}");
+    }
 
     #[test]
     fn series_follow_instances() {

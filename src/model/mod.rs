@@ -8,6 +8,7 @@ mod error;
 pub mod health_check;
 mod host;
 mod instance;
+mod instance_protocol;
 mod proxy_protocol;
 mod rule;
 mod service;
@@ -20,6 +21,7 @@ pub use error::InvalidInput;
 pub use health_check::{CheckKind, HealthCheck};
 pub use host::{Host, NetworkMode};
 pub use instance::{ContainerInfo, Instance, Origin, MAX_ADDRESS_NOTE};
+pub use instance_protocol::InstanceProtocol;
 pub use proxy_protocol::ProxyProtocol;
 pub use rule::{Rule, Selector};
 pub use service::{Balance, Forwarding, Protocol, Service};
@@ -218,6 +220,31 @@ mod tests {
             let json = format!(r#"{{"name":"web","address":"10.128.0.1:80",{body}}}"#);
             let e = decode::<Service>(json.as_bytes()).unwrap_err();
             assert_eq!(e.field, field, "{body}: {e}");
+        }
+    }
+
+    #[test]
+    fn instance_protocol_is_optional_and_checked() {
+        // Absent (auto), a record encodes byte for byte as before the field existed.
+        let old = br#"{"name":"web","address":"10.128.0.1:80","protocol":"http","balance":"round-robin"}"#;
+        let s: Service = decode(old).unwrap();
+        assert_eq!(s.instance_protocol, None);
+        assert_eq!(encode(&s), old.to_vec());
+        let s: Service = decode(
+            br#"{"name":"web","address":"10.128.0.1:80","protocol":"http","instance_protocol":"h2"}"#,
+        )
+        .unwrap();
+        assert_eq!(s.instance_protocol, Some(InstanceProtocol::H2));
+        let text = String::from_utf8(encode(&s)).unwrap();
+        assert!(text.ends_with(r#""instance_protocol":"h2"}"#), "{text}");
+        assert_eq!(decode::<Service>(&encode(&s)).unwrap(), s);
+        for body in [
+            r#""protocol":"http","instance_protocol":"h3""#,
+            r#""instance_protocol":"h2""#,
+        ] {
+            let json = format!(r#"{{"name":"web","address":"10.128.0.1:80",{body}}}"#);
+            let e = decode::<Service>(json.as_bytes()).unwrap_err();
+            assert_eq!(e.field, "instance_protocol", "{body}: {e}");
         }
     }
 

@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use super::traffic::{Affinity, Locality};
-use super::{validate, HealthCheck, InvalidInput, ProxyProtocol, ServiceTimeouts, Validate};
+use super::{
+    validate, HealthCheck, InstanceProtocol, InvalidInput, ProxyProtocol, ServiceTimeouts, Validate,
+};
 
 /// What flux understands of the bytes a service carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -154,6 +156,10 @@ pub struct Service {
     /// client's first byte, so it sees the client's address; absent (off) by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy_protocol: Option<ProxyProtocol>,
+    /// `http` services: the HTTP version spoken to instances (`http1` or `h2`); absent means
+    /// auto, the version each client spoke.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_protocol: Option<InstanceProtocol>,
 }
 
 impl Service {
@@ -226,6 +232,15 @@ impl Validate for Service {
             };
             if let Some(why) = why {
                 return Err(InvalidInput::new("proxy_protocol", why).value(pp.to_string()));
+            }
+        }
+        if let Some(ip) = self.instance_protocol {
+            if self.protocol != Protocol::Http {
+                return Err(InvalidInput::new(
+                    "instance_protocol",
+                    "is for http services: a tcp service's bytes go through unread",
+                )
+                .value(ip.to_string()));
             }
         }
         Ok(())

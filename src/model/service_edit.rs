@@ -11,8 +11,8 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::{
-    Affinity, Balance, Forwarding, HealthCheck, InvalidInput, Locality, Protocol, ProxyProtocol,
-    Service, Validate,
+    Affinity, Balance, Forwarding, HealthCheck, InstanceProtocol, InvalidInput, Locality, Protocol,
+    ProxyProtocol, Service, Validate,
 };
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,6 +57,13 @@ pub struct ServiceEdit {
     pub locality: Option<Locality>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity: Option<Affinity>,
+    /// `Some(None)` goes back to auto.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
+    pub instance_protocol: Option<Option<InstanceProtocol>>,
 }
 
 impl ServiceEdit {
@@ -78,6 +85,7 @@ impl ServiceEdit {
         set(&mut s.proxy_protocol, &self.proxy_protocol);
         set(&mut s.locality, &self.locality);
         set(&mut s.affinity, &self.affinity);
+        set(&mut s.instance_protocol, &self.instance_protocol);
         for (name, value) in &self.timeouts {
             *s.timeouts
                 .field_mut(name)

@@ -19,7 +19,9 @@ use std::sync::Arc;
 use super::balancer::{self, Candidate, Pick, Traffic};
 use super::health::{now_ms, Health};
 use crate::metrics::{InstanceLabels, InstanceMetrics};
-use crate::model::{Balance, HealthCheck, Protocol, ProxyProtocol, ServiceTimeouts};
+use crate::model::{
+    Balance, HealthCheck, InstanceProtocol, Protocol, ProxyProtocol, ServiceTimeouts,
+};
 
 /// One instance the proxy may connect to.
 #[derive(Debug)]
@@ -71,6 +73,8 @@ pub struct ServiceRoute {
     /// `tcp` services with `--proxy-protocol`: the header's version and the VIP it names as
     /// destination.
     pub proxy_protocol: Option<(ProxyProtocol, SocketAddr)>,
+    /// `http` services: the HTTP version spoken to instances; None is auto (the client's).
+    pub instance_protocol: Option<InstanceProtocol>,
 }
 
 impl ServiceRoute {
@@ -91,7 +95,14 @@ impl ServiceRoute {
             backends,
             timeouts: ServiceTimeouts::default(),
             proxy_protocol: None,
+            instance_protocol: None,
         }
+    }
+
+    /// The same route speaking `protocol` to its instances (`http` services).
+    pub fn with_instance_protocol(mut self, protocol: Option<InstanceProtocol>) -> Self {
+        self.instance_protocol = protocol;
+        self
     }
 
     /// The same route with the service's time limits and PROXY protocol header.

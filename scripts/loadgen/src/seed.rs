@@ -69,6 +69,7 @@ pub async fn run(a: Args) -> std::io::Result<Value> {
             affinity: Default::default(),
             timeouts: Default::default(),
             proxy_protocol: None,
+            instance_protocol: None,
         };
         let instance = Instance::new_static(&name, "b0", a.instance.into());
         service.validate().map_err(std::io::Error::other)?;

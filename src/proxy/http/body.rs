@@ -8,15 +8,17 @@ use std::time::Instant;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use super::pool::Sender;
+use super::link::Link;
 use crate::proxy::route_table::Backend;
 
 pub(super) struct Done {
     pub(super) backend: Arc<Backend>,
     pub(super) started: Instant,
-    /// Goes back to the pool once the response has been read to its end (none for an
-    /// upgrade's connection, which is never pooled).
-    pub(super) sender: Option<Sender>,
+    /// Goes back to the pool (HTTP/1.1) or frees its stream (HTTP/2) once the response has
+    /// been read to its end (none for an upgrade's connection, which is never pooled).
+    pub(super) link: Option<Link>,
+    /// A gRPC call whose status is still to come in the trailers, to be counted.
+    pub(super) grpc: bool,
 }
 
 /// An instance's response on its way to the client: counts bytes, and when it ends records the
@@ -35,8 +37,8 @@ impl Tracked {
         if let Some(h) = &m.http {
             h.request_seconds.observe(d.started.elapsed().as_secs_f64());
         }
-        if let (true, Some(s)) = (complete, d.sender) {
-            d.backend.pool.put(s);
+        if let (true, Some(link)) = (complete, d.link) {
+            link.release(&d.backend.pool);
         }
     }
 }
@@ -54,6 +56,11 @@ impl Body for Tracked {
             Poll::Ready(Some(Ok(f))) => {
                 if let (Some(d), Some(data)) = (&self.done, f.data_ref()) {
                     d.backend.metrics.bytes_to_client.inc_by(data.len() as u64);
+                }
+                if let (Some(d), Some(trailers)) = (&mut self.done, f.trailers_ref()) {
+                    if let (true, Some(h)) = (d.grpc, &d.backend.metrics.http) {
+                        d.grpc = !super::grpc::count(h, trailers);
+                    }
                 }
             }
             Poll::Ready(None) => self.finish(true),

@@ -1,5 +1,6 @@
-//! The HTTP-aware path of `http` services: the client's connection is served as HTTP/1.1 and
-//! every request is balanced on its own. Per request: the service is looked up again (so a
+//! The HTTP-aware path of `http` services: the client's connection is served as HTTP/1.1 or
+//! HTTP/2 (prior knowledge, told by the connection preface) and every request is balanced on
+//! its own. Per request: the service is looked up again (so a
 //! kept-alive client follows instance changes), an instance is picked by the service's policy
 //! and passive health, the request goes over a kept-alive connection from that instance's small
 //! pool, and the response streams back to the client.
@@ -14,6 +15,14 @@
 //! headers gets its connection closed and the client a 504 (the request is not sent again:
 //! it may have been acted on, and a slow instance is not a dead one, so it is not marked
 //! failed either).
+//!
+//! HTTP/2 (`link.rs`, `h2_pool.rs`): a request goes to its instance in the version the
+//! service's `instance_protocol` says, by default the client's. HTTP/2 requests to one
+//! instance share its HTTP/2 connection, one stream each, so per-request balancing holds for
+//! the many requests of one HTTP/2 client connection. gRPC calls (`grpc.rs`) keep `TE:
+//! trailers`, get their trailers through, are counted by `grpc-status`, and flux's own errors
+//! reach them with a gRPC status too. An HTTP/1.1 `Upgrade: h2c` is not taken up (RFC 9113
+//! deprecates it): the request is answered over HTTP/1.1.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -25,22 +34,26 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::{Body, Incoming};
-use hyper::client::conn::http1 as client;
+use hyper::client::conn::{http1 as client, http2};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use prometheus_client::metrics::counter::Counter;
 use tokio::net::TcpStream;
 
 mod body;
+mod grpc;
+pub mod h2_pool;
+mod link;
 pub mod pool;
 pub mod upgrade;
 
 use body::Done;
 pub use body::Tracked;
+use link::{to_h2, Link, Proto};
+use pool::ToInstance;
 pub use pool::{Counted, Pool, IDLE_TIMEOUT, MAX_IDLE_PER_INSTANCE};
-use pool::{Sender, ToInstance};
 
 use super::limits::{is_local_exhaustion, Timeouts};
 use super::route_table::{Backend, RouteTable};
@@ -73,9 +86,23 @@ pub async fn serve(
     vip: SocketAddr,
     routes: Arc<ArcSwap<RouteTable>>,
     timeouts: Timeouts,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let peer = client.peer_addr().ok().map(|a| a.ip());
+    serve_io(client, peer, vip, routes, timeouts, stop).await
+}
+
+/// `serve` over any byte stream from `peer` (the fuzz target feeds it bytes from memory).
+pub async fn serve_io<I>(
+    client: I,
+    peer: Option<std::net::IpAddr>,
+    vip: SocketAddr,
+    routes: Arc<ArcSwap<RouteTable>>,
+    timeouts: Timeouts,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let client_ip = peer.and_then(|ip| HeaderValue::from_str(&ip.to_string()).ok());
     let ctx = Arc::new(Ctx {
         vip,
@@ -90,9 +117,9 @@ pub async fn serve(
         let ctx = serving.clone();
         async move { Ok::<_, Infallible>(ctx.handle(req).await) }
     });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .serve_connection(TokioIo::new(client), service)
-        .with_upgrades();
+    // HTTP/1.1, or HTTP/2 when the client opens with the HTTP/2 preface (prior knowledge).
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(client), service);
     tokio::pin!(conn);
     // On a stop, the request in flight is answered (with `Connection: close`) and an idle
     // kept-alive connection is closed at once, so the drain does not wait on idle clients.
@@ -122,7 +149,7 @@ fn count_own_answer(backend: &Backend, code: u16, started: Instant) {
 
 /// How one attempt on one instance ended.
 enum Attempt {
-    Answered(Response<Incoming>, Sender),
+    Answered(Response<Incoming>, Link),
     /// The instance could not be reached (marked failed); the request can go to another.
     Failed,
     /// The request was sent and the connection failed before an answer; it cannot be sent
@@ -145,8 +172,10 @@ enum Unanswered {
 impl Ctx {
     async fn handle(&self, req: Request<Incoming>) -> Response<ToClient> {
         let started = Instant::now();
+        let grpc = grpc::is_grpc(req.headers());
         let Some(service) = self.routes.load().services.get(&self.vip).cloned() else {
-            return plain(
+            return own(
+                grpc,
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no service at this address\n",
             );
@@ -155,11 +184,19 @@ impl Ctx {
             return plain(StatusCode::NOT_IMPLEMENTED, "CONNECT is not supported\n");
         }
         let limits = service.timeouts(self.daemon);
+        let proto = Proto::choose(service.instance_protocol, req.version());
         let (mut parts, body) = req.into_parts();
         let upgrade = upgrade::Requested::take(&mut parts);
+        // An upgrade is an HTTP/1.1 exchange on a connection of its own, whatever the service
+        // speaks to its instances otherwise.
+        let proto = if upgrade.is_some() { Proto::H1 } else { proto };
+        let trailers = grpc::wants_trailers(&parts.headers);
         self.prepare(&mut parts);
         if let Some(u) = &upgrade {
             u.restore(&mut parts.headers);
+        }
+        if proto == Proto::H2 {
+            to_h2(&mut parts, self.vip, trailers);
         }
         let Ok(mut body) = ReqBody::new(&parts.method, body).await else {
             return plain(
@@ -191,11 +228,12 @@ impl Ctx {
                     &mut body,
                     &mut retried,
                     &limits,
+                    proto,
                     upgrade.is_none(),
                 )
                 .await
             {
-                Attempt::Answered(resp, sender) => {
+                Attempt::Answered(resp, link) => {
                     return match upgrade {
                         Some(u) => u.answer(
                             backend,
@@ -205,7 +243,7 @@ impl Ctx {
                             limits.half_closed_idle,
                             &self.tunnel,
                         ),
-                        None => answer(backend, resp, Some(sender), started, retried),
+                        None => answer(backend, resp, Some(link), started, retried, grpc),
                     };
                 }
                 Attempt::Failed => {
@@ -216,7 +254,8 @@ impl Ctx {
                 }
                 Attempt::Lost => {
                     count_own_answer(&backend, 502, started);
-                    return plain(
+                    return own(
+                        grpc,
                         StatusCode::BAD_GATEWAY,
                         "the instance closed the connection before answering\n",
                     );
@@ -224,7 +263,8 @@ impl Ctx {
                 Attempt::TimedOut => {
                     count_own_answer(&backend, 504, started);
                     tracing::debug!(service = %service.name, instance = %backend.instance, "no response within the response timeout; 504");
-                    return plain(
+                    return own(
+                        grpc,
                         StatusCode::GATEWAY_TIMEOUT,
                         &format!(
                             "the instance did not answer within {} ms\n",
@@ -235,14 +275,16 @@ impl Ctx {
             }
         }
         tracing::debug!(service = %service.name, "no instance reachable; 503");
-        plain(
+        own(
+            grpc,
             StatusCode::SERVICE_UNAVAILABLE,
             &format!("no instance of service {} is reachable\n", service.name),
         )
     }
 
-    /// One instance: its pooled connections while they turn out closed before answering, then
-    /// one fresh connection; only the fresh one unless `pooled` (upgrades, `upgrade.rs`).
+    /// One instance: its open connections (idle HTTP/1.1 ones, or its shared HTTP/2 one) while
+    /// they turn out closed before answering, then one fresh connection; only the fresh one
+    /// unless `pooled` (upgrades, `upgrade.rs`).
     async fn attempt(
         &self,
         backend: &Arc<Backend>,
@@ -250,9 +292,48 @@ impl Ctx {
         body: &mut ReqBody,
         retried: &mut bool,
         limits: &Timeouts,
+        proto: Proto,
         pooled: bool,
     ) -> Attempt {
-        while let Some(mut s) = pooled.then(|| backend.pool.take()).flatten() {
+        // Bounded: a closed connection leaves its list when found closed, but the loop must
+        // end even if one were handed out again.
+        let mut tries = 0;
+        // Held while this request opens the instance's HTTP/2 connection, so that requests
+        // arriving meanwhile share it instead of each opening their own.
+        let mut opening = None;
+        loop {
+            let mut s = match pooled.then(|| Link::reuse(&backend.pool, proto)).flatten() {
+                Some(s) => s,
+                None if proto == Proto::H2 && opening.is_none() => {
+                    match backend.pool.h2.opening.try_lock() {
+                        Ok(guard) => {
+                            opening = Some(guard);
+                            break;
+                        }
+                        Err(_) => {
+                            let guard = backend.pool.h2.opening.lock().await;
+                            match Link::reuse(&backend.pool, proto) {
+                                Some(s) => s,
+                                // The request that was opening it failed to connect and
+                                // marked the instance failed: the next instance, rather
+                                // than every waiter timing out on it in turn.
+                                None if !backend.health.is_live() => return Attempt::Failed,
+                                // It was opened and is already full or gone (the instance
+                                // ends connections after so many requests): open the next.
+                                None => {
+                                    opening = Some(guard);
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                }
+                None => break,
+            };
+            tries += 1;
+            if tries > MAX_IDLE_PER_INSTANCE + h2_pool::MAX_H2_PER_INSTANCE {
+                break;
+            }
             if !matches!(
                 tokio::time::timeout(limits.connect, s.ready()).await,
                 Ok(Ok(()))
@@ -261,16 +342,22 @@ impl Ctx {
             }
             match self.send(backend, s, parts, body, false, limits).await {
                 Ok((resp, s)) => return Attempt::Answered(resp, s),
-                // A stale pooled connection: a fresh one to the same instance next.
+                // A stale pooled connection: a fresh one to the same instance next (in
+                // HTTP/2, another shared one, or the one being opened).
                 Err(Unanswered::Resend) => {
                     *retried = true;
+                    if proto == Proto::H2 {
+                        continue;
+                    }
                     break;
                 }
                 Err(Unanswered::Lost) => return Attempt::Lost,
                 Err(Unanswered::TimedOut) => return Attempt::TimedOut,
             }
         }
-        let Some(s) = self.connect(backend, limits.connect, !pooled).await else {
+        let connected = self.connect(backend, limits.connect, proto, !pooled).await;
+        drop(opening); // a new HTTP/2 connection is shared by now
+        let Some(s) = connected else {
             return Attempt::Failed;
         };
         match self.send(backend, s, parts, body, true, limits).await {
@@ -290,12 +377,12 @@ impl Ctx {
     async fn send(
         &self,
         backend: &Backend,
-        mut sender: Sender,
+        mut sender: Link,
         parts: &Parts,
         body: &mut ReqBody,
         fresh: bool,
         limits: &Timeouts,
-    ) -> Result<(Response<Incoming>, Sender), Unanswered> {
+    ) -> Result<(Response<Incoming>, Link), Unanswered> {
         let m = &backend.metrics;
         let Some(b) = body.take(&m.bytes_to_instance) else {
             return Err(Unanswered::Lost);
@@ -307,7 +394,7 @@ impl Ctx {
             Either::Left(streamed) => streamed.sent.clone(),
             Either::Right(_) => None,
         };
-        let response = sender.try_send_request(request(parts, b));
+        let response = sender.send(request(parts, b));
         let too_late = async {
             if let Some(sent) = body_sent {
                 sent.notified().await;
@@ -319,8 +406,9 @@ impl Ctx {
             _ = too_late => Err(()),
         };
         let Ok(answer) = answer else {
-            // Dropping the sender closes the connection: the instance sees the request
-            // abandoned rather than a late answer read by the next request.
+            // Dropping the sender closes an HTTP/1.1 connection: the instance sees the request
+            // abandoned rather than a late answer read by the next request. In HTTP/2 only
+            // this stream is cancelled (RST_STREAM); the connection goes on carrying others.
             m.active.dec();
             return Err(Unanswered::TimedOut);
         };
@@ -333,6 +421,7 @@ impl Ctx {
             }
             Err(mut e) => {
                 m.active.dec();
+                sender.forget(&backend.pool);
                 let unsent = e.take_message();
                 let was_unsent = unsent.is_some();
                 if let Some(req) = unsent {
@@ -352,34 +441,52 @@ impl Ctx {
         }
     }
 
-    /// A new connection to `backend`, with the HTTP/1.1 handshake; counted and timed like the
-    /// tcp path's connects; a failure marks the instance failed. `upgrades`: the connection
-    /// may switch protocols (hyper then hands it over rather than closing it).
+    /// A new connection to `backend`, with the HTTP/1.1 or HTTP/2 handshake (a new HTTP/2
+    /// connection is shared at once); counted and timed like the tcp path's connects; a
+    /// failure marks the instance failed. `upgrades`: the HTTP/1.1 connection may switch
+    /// protocols (hyper then hands it over rather than closing it).
     async fn connect(
         &self,
         backend: &Backend,
         timeout: Duration,
+        proto: Proto,
         upgrades: bool,
-    ) -> Option<Sender> {
+    ) -> Option<Link> {
         let m = &backend.metrics;
         let started = Instant::now();
         let why = match tokio::time::timeout(timeout, TcpStream::connect(backend.addr)).await {
             Ok(Ok(stream)) => {
                 m.connect_seconds.observe(started.elapsed().as_secs_f64());
                 let _ = stream.set_nodelay(true);
-                match client::handshake(TokioIo::new(stream)).await {
-                    Ok((sender, conn)) => {
+                let io = TokioIo::new(stream);
+                let handshake =
+                    match proto {
+                        Proto::H1 => client::handshake(io).await.map(|(sender, conn)| {
+                            if upgrades {
+                                tokio::spawn(async move {
+                                    let _ = conn.with_upgrades().await;
+                                });
+                            } else {
+                                tokio::spawn(async move {
+                                    let _ = conn.await;
+                                });
+                            }
+                            Link::H1(sender)
+                        }),
+                        Proto::H2 => http2::handshake(TokioExecutor::new(), io).await.map(
+                            |(sender, conn)| {
+                                tokio::spawn(async move {
+                                    let _ = conn.await;
+                                });
+                                let (sender, _slot) = backend.pool.h2.add(sender);
+                                Link::H2 { sender, _slot }
+                            },
+                        ),
+                    };
+                match handshake {
+                    Ok(link) => {
                         m.connections.inc();
-                        if upgrades {
-                            tokio::spawn(async move {
-                                let _ = conn.with_upgrades().await;
-                            });
-                        } else {
-                            tokio::spawn(async move {
-                                let _ = conn.await;
-                            });
-                        }
-                        return Some(sender);
+                        return Some(link);
                     }
                     Err(e) => e.to_string(),
                 }
@@ -477,16 +584,22 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 fn answer(
     backend: Arc<Backend>,
     resp: Response<Incoming>,
-    sender: Option<Sender>,
+    link: Option<Link>,
     started: Instant,
     retried: bool,
+    grpc: bool,
 ) -> Response<ToClient> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    // A gRPC call's status comes in the trailers, or in the headers of a trailers-only answer.
+    let mut status_to_come = grpc;
     if let Some(h) = &backend.metrics.http {
         h.responses[code_class(parts.status.as_u16())].inc();
         if retried {
             h.retries.inc();
+        }
+        if grpc && grpc::count(h, &parts.headers) {
+            status_to_come = false;
         }
     }
     let body = Tracked {
@@ -494,10 +607,25 @@ fn answer(
         done: Some(Done {
             backend,
             started,
-            sender,
+            link,
+            grpc: status_to_come,
         }),
     };
     Response::from_parts(parts, Either::Left(body))
+}
+
+/// flux's own answer: plain text, or for a gRPC call a trailers-only response whose gRPC
+/// status says the same (UNAVAILABLE, or DEADLINE_EXCEEDED for a timeout).
+fn own(grpc: bool, status: StatusCode, text: &str) -> Response<ToClient> {
+    if !grpc {
+        return plain(status, text);
+    }
+    let code = if status == StatusCode::GATEWAY_TIMEOUT {
+        grpc::Code::DeadlineExceeded
+    } else {
+        grpc::Code::Unavailable
+    };
+    grpc::own_answer(status, code, text)
 }
 
 fn plain(status: StatusCode, text: &str) -> Response<ToClient> {

@@ -25,12 +25,17 @@ pub(super) type Sender = client::SendRequest<ToInstance>;
 #[derive(Default)]
 pub struct Pool {
     idle: Mutex<Vec<(Sender, Instant)>>,
+    /// The instance's shared HTTP/2 connections (instances spoken to in HTTP/2).
+    pub(super) h2: super::h2_pool::H2Conns,
 }
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let n = self.idle.lock().map(|i| i.len()).unwrap_or(0);
-        f.debug_struct("Pool").field("idle", &n).finish()
+        f.debug_struct("Pool")
+            .field("idle", &n)
+            .field("h2", &self.h2.open())
+            .finish()
     }
 }
 

@@ -89,7 +89,7 @@ impl Requested {
         }
         if !switched {
             tracing::debug!(instance = %backend.instance, status = %resp.status(), "upgrade refused by the instance");
-            return super::answer(backend, resp, None, started, retried);
+            return super::answer(backend, resp, None, started, retried, false);
         }
         if retried {
             if let Some(h) = &backend.metrics.http {
