@@ -23,6 +23,9 @@ use crate::model::InstanceProtocol;
 pub(super) enum Proto {
     H1,
     H2,
+    /// HTTP/1.1 on a fresh connection of its own that may switch protocols (an `Upgrade`
+    /// request, `upgrade.rs`): never taken from the idle pool nor returned to it.
+    Upgrade,
 }
 
 impl Proto {
@@ -57,6 +60,7 @@ impl Link {
     pub(super) fn reuse(pool: &Pool, proto: Proto) -> Option<Link> {
         match proto {
             Proto::H1 => pool.take().map(Link::H1),
+            Proto::Upgrade => None,
             Proto::H2 => pool
                 .h2
                 .take()

@@ -189,7 +189,11 @@ impl Ctx {
         let upgrade = upgrade::Requested::take(&mut parts);
         // An upgrade is an HTTP/1.1 exchange on a connection of its own, whatever the service
         // speaks to its instances otherwise.
-        let proto = if upgrade.is_some() { Proto::H1 } else { proto };
+        let proto = if upgrade.is_some() {
+            Proto::Upgrade
+        } else {
+            proto
+        };
         let trailers = grpc::wants_trailers(&parts.headers);
         self.prepare(&mut parts);
         if let Some(u) = &upgrade {
@@ -222,15 +226,7 @@ impl Ctx {
                 }
             };
             match self
-                .attempt(
-                    &backend,
-                    &parts,
-                    &mut body,
-                    &mut retried,
-                    &limits,
-                    proto,
-                    upgrade.is_none(),
-                )
+                .attempt(&backend, &parts, &mut body, &mut retried, &limits, proto)
                 .await
             {
                 Attempt::Answered(resp, link) => {
@@ -283,8 +279,8 @@ impl Ctx {
     }
 
     /// One instance: its open connections (idle HTTP/1.1 ones, or its shared HTTP/2 one) while
-    /// they turn out closed before answering, then one fresh connection; only the fresh one
-    /// unless `pooled` (upgrades, `upgrade.rs`).
+    /// they turn out closed before answering, then one fresh connection (only that for an
+    /// upgrade).
     async fn attempt(
         &self,
         backend: &Arc<Backend>,
@@ -293,7 +289,6 @@ impl Ctx {
         retried: &mut bool,
         limits: &Timeouts,
         proto: Proto,
-        pooled: bool,
     ) -> Attempt {
         // Bounded: a closed connection leaves its list when found closed, but the loop must
         // end even if one were handed out again.
@@ -302,7 +297,7 @@ impl Ctx {
         // arriving meanwhile share it instead of each opening their own.
         let mut opening = None;
         loop {
-            let mut s = match pooled.then(|| Link::reuse(&backend.pool, proto)).flatten() {
+            let mut s = match Link::reuse(&backend.pool, proto) {
                 Some(s) => s,
                 None if proto == Proto::H2 && opening.is_none() => {
                     match backend.pool.h2.opening.try_lock() {
@@ -355,7 +350,7 @@ impl Ctx {
                 Err(Unanswered::TimedOut) => return Attempt::TimedOut,
             }
         }
-        let connected = self.connect(backend, limits.connect, proto, !pooled).await;
+        let connected = self.connect(backend, limits.connect, proto).await;
         drop(opening); // a new HTTP/2 connection is shared by now
         let Some(s) = connected else {
             return Attempt::Failed;
@@ -443,15 +438,9 @@ impl Ctx {
 
     /// A new connection to `backend`, with the HTTP/1.1 or HTTP/2 handshake (a new HTTP/2
     /// connection is shared at once); counted and timed like the tcp path's connects; a
-    /// failure marks the instance failed. `upgrades`: the HTTP/1.1 connection may switch
-    /// protocols (hyper then hands it over rather than closing it).
-    async fn connect(
-        &self,
-        backend: &Backend,
-        timeout: Duration,
-        proto: Proto,
-        upgrades: bool,
-    ) -> Option<Link> {
+    /// failure marks the instance failed. An upgrade's connection may switch protocols (hyper
+    /// then hands it over rather than closing it).
+    async fn connect(&self, backend: &Backend, timeout: Duration, proto: Proto) -> Option<Link> {
         let m = &backend.metrics;
         let started = Instant::now();
         let why = match tokio::time::timeout(timeout, TcpStream::connect(backend.addr)).await {
@@ -461,18 +450,20 @@ impl Ctx {
                 let io = TokioIo::new(stream);
                 let handshake =
                     match proto {
-                        Proto::H1 => client::handshake(io).await.map(|(sender, conn)| {
-                            if upgrades {
-                                tokio::spawn(async move {
-                                    let _ = conn.with_upgrades().await;
-                                });
-                            } else {
-                                tokio::spawn(async move {
-                                    let _ = conn.await;
-                                });
-                            }
-                            Link::H1(sender)
-                        }),
+                        Proto::H1 | Proto::Upgrade => {
+                            client::handshake(io).await.map(|(sender, conn)| {
+                                if proto == Proto::Upgrade {
+                                    tokio::spawn(async move {
+                                        let _ = conn.with_upgrades().await;
+                                    });
+                                } else {
+                                    tokio::spawn(async move {
+                                        let _ = conn.await;
+                                    });
+                                }
+                                Link::H1(sender)
+                            })
+                        }
                         Proto::H2 => http2::handshake(TokioExecutor::new(), io).await.map(
                             |(sender, conn)| {
                                 tokio::spawn(async move {
