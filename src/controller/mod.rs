@@ -8,6 +8,7 @@ pub mod guard;
 pub mod routing;
 mod steer;
 mod traffic;
+mod udp;
 pub mod view;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -101,6 +102,8 @@ pub struct Status {
     /// `started`: the systemd watchdog pings only while this moves.
     pub heartbeat: AtomicU64,
     started: std::time::Instant,
+    /// The udp services the relay serves (see `proxy::udp`), set at each sync.
+    pub udp: tokio::sync::watch::Sender<Arc<crate::proxy::udp::UdpPlan>>,
 }
 
 impl Status {
@@ -141,6 +144,7 @@ impl Status {
             history: Arc::new(History::default()),
             heartbeat: AtomicU64::new(0),
             started: std::time::Instant::now(),
+            udp: tokio::sync::watch::Sender::new(Arc::default()),
         })
     }
 
@@ -316,6 +320,7 @@ impl Controller {
             );
             self.status.guard.store(Arc::new(verdict));
             if rules.steering.is_some() {
+                udp::hand_over(&self.status, &wanted, &table, Some(&self.ifaces));
                 steer::sync(&self.status, steer::desired(&wanted, &self.ifaces)).await;
                 self.forward_beside_steering(&wanted).await;
                 self.status.state.store(state);

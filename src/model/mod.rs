@@ -12,6 +12,7 @@ mod service;
 mod service_edit;
 pub mod timeouts;
 pub mod traffic;
+mod udp;
 pub mod validate;
 
 pub use error::InvalidInput;

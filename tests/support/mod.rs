@@ -12,3 +12,4 @@ pub mod netns;
 pub mod nginx;
 pub mod openmetrics;
 pub mod steered;
+pub mod udp_backend;
