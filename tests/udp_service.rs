@@ -86,14 +86,30 @@ fn first_answer(c: &std::net::UdpSocket, msg: &[u8], fluxd: &Fluxd) -> String {
 }
 
 #[test]
-fn flows_spread_stick_expire_and_a_full_table_is_counted() {
+fn flows_spread_stick_expire_and_a_full_table_is_counted_bpf() {
+    flows_spread_stick_expire_and_a_full_table_is_counted("bpf");
+}
+
+#[test]
+fn flows_spread_stick_expire_and_a_full_table_is_counted_nat() {
+    flows_spread_stick_expire_and_a_full_table_is_counted("nat");
+}
+
+fn flows_spread_stick_expire_and_a_full_table_is_counted(steering: &str) {
     let ns = Netns::new("udp");
     let _b: Vec<UdpBackend> = (0..3)
         .map(|i| UdpBackend::start(&ns, &format!("b{i}"), 9100 + i))
         .collect();
     let fluxd = udp_service(
         &ns,
-        &["--udp-idle-ms", "1000", "--udp-max-flows", "3"],
+        &[
+            "--steering",
+            steering,
+            "--udp-idle-ms",
+            "1000",
+            "--udp-max-flows",
+            "3",
+        ],
         &[("b0", 9100), ("b1", 9101), ("b2", 9102)],
     );
     let clients: Vec<_> = (0..3).map(|_| client(&ns, vip(), 0)).collect();
@@ -115,6 +131,18 @@ fn flows_spread_stick_expire_and_a_full_table_is_counted() {
     }
     let m = metrics(&ns);
     assert_eq!(value(&m, "flux_udp_flows", &[("service", "dns")]), 3.0);
+    let debug = fluxd.debug();
+    let settings = debug["services"][0]["settings"]
+        .as_str()
+        .unwrap_or_default();
+    assert_eq!(settings, "udp relay: 3 flows open", "{debug}");
+    assert_eq!(debug["drift"]["clean"], true, "{debug}");
+    if steering == "nat" {
+        // One REDIRECT for the udp VIP.
+        assert!(ns
+            .nat_table()
+            .contains("-d 198.18.0.53/32 -p udp -m udp --dport 53"));
+    }
     for name in spread {
         let to = |d| {
             value(
@@ -165,12 +193,25 @@ fn flows_spread_stick_expire_and_a_full_table_is_counted() {
 /// kube-proxy's bug: a client with a fixed source port kept a conntrack entry to a removed
 /// instance and its datagrams were black-holed for 30 s and more. Here the flow moves at once.
 #[test]
-fn a_removed_or_refusing_instance_holds_no_flow() {
+fn a_removed_or_refusing_instance_holds_no_flow_bpf() {
+    a_removed_or_refusing_instance_holds_no_flow("bpf");
+}
+
+#[test]
+fn a_removed_or_refusing_instance_holds_no_flow_nat() {
+    a_removed_or_refusing_instance_holds_no_flow("nat");
+}
+
+fn a_removed_or_refusing_instance_holds_no_flow(steering: &str) {
     let ns = Netns::new("udpstale");
     let _b0 = UdpBackend::start(&ns, "b0", 9200);
     let mut b1 = UdpBackend::start(&ns, "b1", 9201);
     // Default idle limit (30 s): only the removal can move the flow.
-    let fluxd = udp_service(&ns, &[], &[("b0", 9200), ("b1", 9201)]);
+    let fluxd = udp_service(
+        &ns,
+        &["--steering", steering],
+        &[("b0", 9200), ("b1", 9201)],
+    );
     let c = client(&ns, vip(), 40053);
     let first = first_answer(&c, b"q1", &fluxd);
     let other = if first == "b0" { "b1" } else { "b0" };

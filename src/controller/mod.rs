@@ -182,6 +182,8 @@ pub struct Controller {
     /// The interfaces whose connections the bpf path steers (lo and the bridges), by index:
     /// read again with the addresses, since Docker networks come and go.
     ifaces: std::collections::BTreeMap<u32, String>,
+    /// The nat path's udp relay sockets, whose ports the udp redirect rules name.
+    udp_nat: crate::proxy::udp::NatSockets,
 }
 
 impl Controller {
@@ -201,6 +203,7 @@ impl Controller {
             reported: Vec::new(),
             addresses: guard::Addresses::default(),
             ifaces: Default::default(),
+            udp_nat: Default::default(),
         }
     }
 
@@ -310,7 +313,7 @@ impl Controller {
             // From the table just stored: the proxy already has the instances a VIP leaving
             // `flux-empty` is routed to, and a VIP entering it may still see connections
             // redirected before the change, which the proxy resets.
-            let wanted = routing::desired_rules(
+            let mut wanted = routing::desired_rules(
                 &state,
                 &table,
                 rules.proxy_port,
@@ -320,12 +323,14 @@ impl Controller {
             );
             self.status.guard.store(Arc::new(verdict));
             if rules.steering.is_some() {
-                udp::hand_over(&self.status, &wanted, &table, Some(&self.ifaces));
+                udp::hand_over(&self.status, &wanted, &table, udp::Path::Bpf(&self.ifaces));
                 steer::sync(&self.status, steer::desired(&wanted, &self.ifaces)).await;
                 self.forward_beside_steering(&wanted).await;
                 self.status.state.store(state);
                 return;
             }
+            wanted.udp_redirects =
+                udp::hand_over(&self.status, &wanted, &table, udp::Path::Nat(&self.udp_nat));
             let desired = netfilter::render(&wanted);
             let changed = self
                 .status

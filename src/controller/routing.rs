@@ -296,6 +296,8 @@ pub fn desired_rules(
         forwards,
         reject_empty,
         proxy_port,
+        // The controller adds them on the nat path, once their sockets' ports are known.
+        udp_redirects: Vec::new(),
         bridge_interfaces: bridge_interfaces.to_vec(),
         vip_ranges: verdict
             .ranges

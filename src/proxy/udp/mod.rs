@@ -6,6 +6,10 @@
 //! ([`relay`]), bound to the VIP:port itself. On the bpf path the VIP is a local address of the
 //! host (flux's local route) and the `sk_lookup` program leaves UDP to the usual socket lookup,
 //! so the datagrams reach that socket with no rule at all, and replies leave it from the VIP.
+//! On the nat path an iptables `REDIRECT` sends the VIP:port's datagrams to a socket of the
+//! service's own ([`NatSockets`]), and each reply is sent with the address its flow's datagrams
+//! arrived at as source (`IP_PKTINFO`), so that conntrack's reverse NAT turns it back into the
+//! VIP:port.
 
 pub mod flows;
 mod relay;
@@ -44,25 +48,84 @@ impl Default for UdpSettings {
 /// What the relay serves, as the controller decided it (after the VIP guard).
 #[derive(Debug, Clone, Default)]
 pub struct UdpPlan {
-    /// Each udp service to relay: its VIP:port and its route, sorted by VIP.
-    pub services: Vec<(SocketAddr, Arc<ServiceRoute>)>,
+    /// Each udp service to relay, sorted by VIP.
+    pub services: Vec<UdpTarget>,
     /// The interfaces (by index) whose datagrams are relayed: lo and the bridges; None for
     /// any.
     pub ifaces: Option<Arc<BTreeSet<u32>>>,
 }
 
+/// One udp service the relay serves.
+#[derive(Debug, Clone)]
+pub struct UdpTarget {
+    /// Its VIP:port.
+    pub vip: SocketAddr,
+    pub route: Arc<ServiceRoute>,
+    /// On the nat path, the socket its datagrams are redirected to (see [`NatSockets`]); None
+    /// on the bpf path, where the relay binds the VIP:port itself.
+    pub redirected: Option<Arc<std::net::UdpSocket>>,
+}
+
 impl PartialEq for UdpPlan {
     /// The same VIPs with the very same routes (a route is rebuilt whenever its service or
-    /// instances change), and the same interfaces.
+    /// instances change) and sockets, and the same interfaces.
     fn eq(&self, other: &Self) -> bool {
         self.ifaces == other.ifaces
             && self.services.len() == other.services.len()
-            && self
-                .services
-                .iter()
-                .zip(&other.services)
-                .all(|((a, r), (b, s))| a == b && Arc::ptr_eq(r, s))
+            && self.services.iter().zip(&other.services).all(|(a, b)| {
+                a.vip == b.vip
+                    && Arc::ptr_eq(&a.route, &b.route)
+                    && match (&a.redirected, &b.redirected) {
+                        (Some(x), Some(y)) => Arc::ptr_eq(x, y),
+                        (None, None) => true,
+                        _ => false,
+                    }
+            })
     }
+}
+
+/// The nat path's relay sockets, one per udp VIP, each on a port the kernel picks: the
+/// controller needs the port to write the service's `REDIRECT` rule before the relay runs.
+#[derive(Debug, Default)]
+pub struct NatSockets {
+    by_vip: std::sync::Mutex<HashMap<SocketAddr, Arc<std::net::UdpSocket>>>,
+}
+
+impl NatSockets {
+    /// The sockets of `vips`, bound on first use (those that cannot be are left out, and
+    /// tried again next time); the sockets of VIPs not in `vips` are let go.
+    pub fn sync(&self, vips: &[SocketAddr]) -> HashMap<SocketAddr, Arc<std::net::UdpSocket>> {
+        let mut map = self
+            .by_vip
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.retain(|vip, _| vips.contains(vip));
+        for vip in vips {
+            if map.contains_key(vip) {
+                continue;
+            }
+            match socket::bind_redirected(*vip) {
+                Ok(s) => {
+                    map.insert(*vip, Arc::new(s));
+                }
+                Err(e) => {
+                    tracing::warn!(%vip, error = %e, "cannot bind a udp relay socket; retrying at the next sync")
+                }
+            }
+        }
+        map.clone()
+    }
+}
+
+/// `fluxd debug`'s note on a `udp` service (None for others): relayed per flow, and how many
+/// flows it has now.
+pub fn debug_settings(route: &ServiceRoute, metrics: &Metrics) -> Option<String> {
+    (route.protocol == crate::model::Protocol::Udp).then(|| {
+        format!(
+            "udp relay: {} flows open",
+            metrics.udp.flows(&route.name).get()
+        )
+    })
 }
 
 /// A VIP being relayed.
@@ -70,6 +133,8 @@ struct Running {
     name: String,
     inputs: watch::Sender<Inputs>,
     task: JoinHandle<()>,
+    /// Which nat socket it relays from (its address), if any: a new one means a new relay.
+    redirected: Option<usize>,
 }
 
 /// The relay of every udp service: follows the plan, binding a socket for each new VIP and
@@ -127,11 +192,11 @@ impl UdpRelay {
         stop: &watch::Receiver<bool>,
     ) {
         running.retain(|vip, r| {
-            let keep = plan
-                .services
-                .iter()
-                .any(|(v, route)| v == vip && route.name == r.name)
-                && !r.task.is_finished();
+            let keep = plan.services.iter().any(|t| {
+                t.vip == *vip
+                    && t.route.name == r.name
+                    && t.redirected.as_ref().map(|s| Arc::as_ptr(s) as usize) == r.redirected
+            }) && !r.task.is_finished();
             if !keep {
                 r.task.abort();
                 self.metrics.udp.forget(&r.name);
@@ -139,7 +204,8 @@ impl UdpRelay {
             }
             keep
         });
-        for (vip, route) in &plan.services {
+        for t in &plan.services {
+            let (vip, route) = (&t.vip, &t.route);
             let inputs = Inputs {
                 route: route.clone(),
                 ifaces: plan.ifaces.clone(),
@@ -155,7 +221,11 @@ impl UdpRelay {
                 });
                 continue;
             }
-            let socket = match socket::bind_service(*vip) {
+            let bound = match &t.redirected {
+                Some(s) => s.try_clone().and_then(tokio::net::UdpSocket::from_std),
+                None => socket::bind_service(*vip),
+            };
+            let socket = match bound {
                 Ok(s) => s,
                 Err(e) => {
                     // Retried every few seconds: said once a minute.
@@ -171,6 +241,7 @@ impl UdpRelay {
             let task = tokio::spawn(relay::run(
                 route.name.clone(),
                 socket,
+                t.redirected.is_some(),
                 rx,
                 self.shared.clone(),
                 stop.clone(),
@@ -181,6 +252,7 @@ impl UdpRelay {
                     name: route.name.clone(),
                     inputs: tx,
                     task,
+                    redirected: t.redirected.as_ref().map(|s| Arc::as_ptr(s) as usize),
                 },
             );
         }

@@ -86,6 +86,7 @@ impl Drop for Flow {
 pub async fn run(
     name: String,
     socket: UdpSocket,
+    redirected: bool,
     mut inputs: watch::Receiver<Inputs>,
     shared: Shared,
     mut stop: watch::Receiver<bool>,
@@ -104,7 +105,8 @@ pub async fn run(
             arrival = socket::recv_arrival(&socket, &mut buf) => match arrival {
                 Ok(a) => {
                     let current = inputs.borrow().clone();
-                    on_datagram(&name, &socket, &current, &shared, &mut flows, a, &buf[..a.len]);
+                    let relay = Relay { name: &name, socket: &socket, shared: &shared, redirected };
+                    on_datagram(&relay, &current, &mut flows, a, &buf[..a.len]);
                 }
                 // ICMP errors for replies to clients that went away, and the like: the
                 // next datagram is unaffected.
@@ -130,6 +132,17 @@ pub async fn run(
     gauge.set(0);
 }
 
+/// One service's relay, as a datagram's handling needs it.
+#[derive(Clone, Copy)]
+struct Relay<'a> {
+    name: &'a str,
+    /// The socket clients send to; replies leave from it.
+    socket: &'a Arc<UdpSocket>,
+    shared: &'a Shared,
+    /// Whether datagrams reach it through a nat `REDIRECT` (replies then need their source).
+    redirected: bool,
+}
+
 /// Whether `backend` (a flow's instance) is still one of `route`'s, at the same address.
 fn routed(route: &ServiceRoute, backend: &Backend) -> bool {
     route
@@ -141,14 +154,20 @@ fn routed(route: &ServiceRoute, backend: &Backend) -> bool {
 /// One datagram from a client: onto its flow, or a new flow when it has none (or its flow's
 /// instance refused it).
 fn on_datagram(
-    name: &str,
-    socket: &Arc<UdpSocket>,
+    relay: &Relay,
     inputs: &Inputs,
-    shared: &Shared,
     flows: &mut Flows<Flow>,
     arrival: socket::Arrival,
     payload: &[u8],
 ) {
+    let Relay {
+        name,
+        socket,
+        shared,
+        redirected,
+    } = *relay;
+    // Replies of a redirected flow leave from where its datagrams arrived.
+    let reply_from = if redirected { arrival.local } else { None };
     // The bpf path's local route makes the VIP reachable from any interface; like the steering
     // program for TCP, only the host itself and its bridges may use it.
     if let Some(ifaces) = &inputs.ifaces {
@@ -207,7 +226,7 @@ fn on_datagram(
     let replies = tokio::spawn(carry_replies(
         upstream.clone(),
         socket.clone(),
-        arrival.client,
+        (arrival.client, reply_from),
         backend.clone(),
         state.clone(),
     ));
@@ -250,8 +269,8 @@ fn refused(backend: &Backend, state: &FlowState) {
 /// (bound to the VIP) until the flow is dropped or the instance refuses it.
 async fn carry_replies(
     upstream: Arc<UdpSocket>,
-    socket: Arc<UdpSocket>,
-    client: SocketAddr,
+    service: Arc<UdpSocket>,
+    (client, from): (SocketAddr, Option<std::net::IpAddr>),
     backend: Arc<Backend>,
     state: Arc<FlowState>,
 ) {
@@ -273,7 +292,7 @@ async fn carry_replies(
                         state.last_ms.store(now_ms(), Ordering::Relaxed);
                         // A reply the client's socket cannot take now is dropped, as the
                         // network may.
-                        let _ = socket2::SockRef::from(&*socket).send_to(&buf[..n], &client.into());
+                        let _ = socket::send_reply(&service, &buf[..n], client, from);
                         if !answered {
                             answered = true;
                             backend.health.succeeded();

@@ -69,6 +69,84 @@ pub fn bind_service(vip: SocketAddr) -> io::Result<UdpSocket> {
     UdpSocket::from_std(s.into())
 }
 
+/// A socket on a port the kernel picks, for the nat path's `REDIRECT --to-ports` (any local
+/// address: the redirect rewrites the destination to the receiving interface's address, or
+/// 127.0.0.1 for the host's own datagrams), asking for each datagram's arrival address.
+pub fn bind_redirected(vip: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let any: SocketAddr = match vip {
+        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(any),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    match any {
+        SocketAddr::V4(_) => socket::setsockopt(&s, sockopt::Ipv4PacketInfo, &true)?,
+        SocketAddr::V6(_) => {
+            s.set_only_v6(true)?;
+            socket::setsockopt(&s, sockopt::Ipv6RecvPacketInfo, &true)?
+        }
+    }
+    let _ = s.set_recv_buffer_size(SERVICE_RCVBUF);
+    s.set_nonblocking(true)?;
+    s.bind(&any.into())?;
+    Ok(s.into())
+}
+
+/// Sends a reply to `client` from `socket`, with `from` as its source address when given (the
+/// nat path: the address the flow's datagrams arrived at, which conntrack maps back to the
+/// VIP); without it, from the socket's own address.
+pub fn send_reply(
+    socket: &UdpSocket,
+    payload: &[u8],
+    client: SocketAddr,
+    from: Option<IpAddr>,
+) -> io::Result<usize> {
+    let Some(from) = from else {
+        return socket2::SockRef::from(socket).send_to(payload, &client.into());
+    };
+    let iov = [std::io::IoSlice::new(payload)];
+    let to = SockaddrStorage::from(client);
+    let sent = match from {
+        IpAddr::V4(ip) => {
+            let info = libc::in_pktinfo {
+                ipi_ifindex: 0,
+                ipi_spec_dst: libc::in_addr {
+                    s_addr: u32::from(ip).to_be(),
+                },
+                ipi_addr: libc::in_addr { s_addr: 0 },
+            };
+            let cmsg = [socket::ControlMessage::Ipv4PacketInfo(&info)];
+            socket::sendmsg(
+                socket.as_raw_fd(),
+                &iov,
+                &cmsg,
+                MsgFlags::MSG_DONTWAIT,
+                Some(&to),
+            )
+        }
+        IpAddr::V6(ip) => {
+            let info = libc::in6_pktinfo {
+                ipi6_addr: libc::in6_addr {
+                    s6_addr: ip.octets(),
+                },
+                ipi6_ifindex: 0,
+            };
+            let cmsg = [socket::ControlMessage::Ipv6PacketInfo(&info)];
+            socket::sendmsg(
+                socket.as_raw_fd(),
+                &iov,
+                &cmsg,
+                MsgFlags::MSG_DONTWAIT,
+                Some(&to),
+            )
+        }
+    };
+    sent.map_err(io::Error::from)
+}
+
 /// Reads one datagram from a service socket into `buf`, with where it came from and in on. A
 /// datagram longer than `buf` is cut (and flagged by the kernel), never an error.
 pub async fn recv_arrival(socket: &UdpSocket, buf: &mut [u8]) -> io::Result<Arrival> {
