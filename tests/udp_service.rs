@@ -313,3 +313,123 @@ fn settings_for_streams_are_refused_for_udp_services() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("health"));
     assert!(fluxd.ok(&["info", "t"]).contains("tcp"));
 }
+
+/// A UDP echo server for containers, statically linked so the busybox image can run it:
+/// answers each datagram with NAME, a colon and the datagram, as `support::udp_backend` does.
+const UDP_ECHO_C: &str = r#"
+#include <netinet/in.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+int main(int argc, char **argv) {
+    if (argc != 3) return 2;
+    int s = socket(AF_INET, SOCK_DGRAM, 0);
+    struct sockaddr_in a = {0};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(atoi(argv[2]));
+    if (bind(s, (struct sockaddr *)&a, sizeof a) != 0) return 1;
+    static char buf[65536 + 256];
+    size_t nl = strlen(argv[1]);
+    if (nl > 200) return 2;
+    memcpy(buf, argv[1], nl);
+    buf[nl] = ':';
+    for (;;) {
+        struct sockaddr_in from;
+        socklen_t fl = sizeof from;
+        ssize_t n = recvfrom(s, buf + nl + 1, 65536, 0, (struct sockaddr *)&from, &fl);
+        if (n >= 0) sendto(s, buf, nl + 1 + n, 0, (struct sockaddr *)&from, fl);
+    }
+}
+"#;
+
+/// Builds the echo server into `dir` and returns its path.
+fn udp_echo_binary(dir: &std::path::Path) -> std::path::PathBuf {
+    let src = dir.join("udpecho.c");
+    let bin = dir.join("udpecho");
+    std::fs::write(&src, UDP_ECHO_C).unwrap();
+    let out = std::process::Command::new("cc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "cc: {out:?}");
+    bin
+}
+
+/// Two containers of a udp service (real dockerd, global network mode: the container's own IP
+/// and port); flows spread over both; a client with a fixed source port whose container is
+/// stopped reaches the other container with its very next datagrams.
+#[test]
+fn container_instances_serve_flows_and_a_stopped_one_holds_none() {
+    use support::docker::Dockerd;
+    let ns = Netns::new("udpdock");
+    let docker = Dockerd::new(&ns);
+    docker.import_image("flux-udp:1");
+    let tmp = tempfile::tempdir().unwrap();
+    let echo = udp_echo_binary(tmp.path());
+    let mut ids = BTreeMap::new();
+    for name in ["c1", "c2"] {
+        let id = docker.ok(&[
+            "create",
+            "--init",
+            "--name",
+            name,
+            "flux-udp:1",
+            "/bin/udpecho",
+            name,
+            "5353",
+        ]);
+        docker.ok(&[
+            "cp",
+            &echo.display().to_string(),
+            &format!("{id}:/bin/udpecho"),
+        ]);
+        docker.start(&id);
+        ids.insert(name.to_string(), id);
+    }
+    let endpoint = docker.endpoint();
+    let fluxd = udp_service(
+        &ns,
+        &["--docker", &endpoint, "--network-mode", "global"],
+        &[],
+    );
+    fluxd.ok(&[
+        "select",
+        "dns",
+        "all",
+        "--image",
+        "flux-udp",
+        "--instance-port",
+        "5353",
+    ]);
+    let c = client(&ns, vip(), 40054);
+    let mut seen = BTreeSet::new();
+    let first = first_answer(&c, b"q\n", &fluxd);
+    seen.insert(first.clone());
+    // New flows from other clients reach the other container too (round-robin), once the
+    // agent has enrolled both.
+    let both = wait_until(Duration::from_secs(10), || {
+        if let Some(who) = ask(&client(&ns, vip(), 0), b"other") {
+            seen.insert(who);
+        }
+        seen.len() == 2
+    });
+    assert!(both.is_some(), "only {seen:?} served: {}", fluxd.log());
+    assert_eq!(ask(&c, b"same").as_deref(), Some(first.as_str()));
+    docker.stop(&ids[&first]);
+    let t = Instant::now();
+    let mut moved = None;
+    while t.elapsed() < Duration::from_secs(10) {
+        if let Some(who) = ask(&c, b"after") {
+            moved = Some(who);
+            break;
+        }
+    }
+    let other = if first == "c1" { "c2" } else { "c1" };
+    assert_eq!(moved.as_deref(), Some(other), "{}", fluxd.log());
+    eprintln!(
+        "the flow moved {:?} after docker stop returned",
+        t.elapsed()
+    );
+}
