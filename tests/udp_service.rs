@@ -357,11 +357,22 @@ fn udp_echo_binary(dir: &std::path::Path) -> std::path::PathBuf {
     bin
 }
 
-/// Two containers of a udp service (real dockerd, global network mode: the container's own IP
-/// and port); flows spread over both; a client with a fixed source port whose container is
-/// stopped reaches the other container with its very next datagrams.
+/// Two containers of a udp service on a real dockerd; flows spread over both; a client with a
+/// fixed source port whose container is stopped reaches the other container with its very next
+/// datagrams. Global network mode: the container's own IP and port.
 #[test]
 fn container_instances_serve_flows_and_a_stopped_one_holds_none() {
+    container_instances("global");
+}
+
+/// The same in local mode: the instance is the host IP and the port Docker published for
+/// `5353/udp`.
+#[test]
+fn container_instances_at_their_published_udp_port() {
+    container_instances("local");
+}
+
+fn container_instances(mode: &str) {
     use support::docker::Dockerd;
     let ns = Netns::new("udpdock");
     let docker = Dockerd::new(&ns);
@@ -375,6 +386,8 @@ fn container_instances_serve_flows_and_a_stopped_one_holds_none() {
             "--init",
             "--name",
             name,
+            "-p",
+            "5353/udp",
             "flux-udp:1",
             "/bin/udpecho",
             name,
@@ -389,11 +402,7 @@ fn container_instances_serve_flows_and_a_stopped_one_holds_none() {
         ids.insert(name.to_string(), id);
     }
     let endpoint = docker.endpoint();
-    let fluxd = udp_service(
-        &ns,
-        &["--docker", &endpoint, "--network-mode", "global"],
-        &[],
-    );
+    let fluxd = udp_service(&ns, &["--docker", &endpoint, "--network-mode", mode], &[]);
     fluxd.ok(&[
         "select",
         "dns",

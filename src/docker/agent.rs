@@ -362,7 +362,11 @@ impl Agent {
                 let port = rule
                     .instance_port
                     .unwrap_or_else(|| service.default_instance_port());
-                let addressed = address::choose(c, &ctx, port);
+                let addressed = if service.protocol == crate::model::Protocol::Udp {
+                    address::choose_udp(c, &ctx, port)
+                } else {
+                    address::choose(c, &ctx, port)
+                };
                 let instance = Instance {
                     service: service.name.clone(),
                     name: c.short_id(),

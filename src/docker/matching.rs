@@ -48,6 +48,7 @@ mod tests {
             published: BTreeMap::new(),
             ip: None,
             skipped: Vec::new(),
+            published_udp: BTreeMap::new(),
         }
     }
 
