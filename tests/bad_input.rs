@@ -79,7 +79,7 @@ fn cli_cases() -> Vec<(Vec<String>, &'static str)> {
                 "--address",
                 "10.128.0.9:80",
                 "--protocol",
-                "udp",
+                "sctp",
             ]),
             "protocol",
         ),
@@ -230,7 +230,7 @@ fn api_cases() -> Vec<(&'static str, &'static str, Vec<u8>, &'static str)> {
         (
             "POST",
             "/v1/services",
-            b(r#"{"name":"x","address":"10.128.0.9:80","protocol":"udp"}"#),
+            b(r#"{"name":"x","address":"10.128.0.9:80","protocol":"sctp"}"#),
             "protocol",
         ),
         (

@@ -14,6 +14,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use libfuzzer_sys::fuzz_target;
 use netfilter::{
     annotate, annotate_empty_set, annotate_set, render, Desired, Destination, Drift, Forward,
+    UdpRedirect,
     Installed, Redirect, VipRange,
 };
 
@@ -104,10 +105,15 @@ fuzz_target!(|data: &[u8]| {
         });
     }
     while !b.0.is_empty()
-        && desired.redirects.len() + desired.rejects.len() + desired.forwards.len() < 32
+        && desired.redirects.len()
+            + desired.rejects.len()
+            + desired.forwards.len()
+            + desired.udp_redirects.len()
+            < 32
     {
-        // Which list: redirected, refused (no instance) or forwarded by the kernel.
-        let list = b.u8() % 3;
+        // Which list: redirected, refused (no instance), forwarded by the kernel, or a udp
+        // service's redirect.
+        let list = b.u8() % 4;
         let entry = Redirect {
             service: b.string(),
             vip: SocketAddrV4::new(b.ip(), b.u16()),
@@ -115,6 +121,11 @@ fuzz_target!(|data: &[u8]| {
         match list {
             0 => desired.redirects.push(entry),
             1 => desired.rejects.push(entry),
+            3 => desired.udp_redirects.push(UdpRedirect {
+                service: entry.service,
+                vip: entry.vip,
+                port: b.u16(),
+            }),
             _ => {
                 let destinations = (0..b.u8() % 4)
                     .map(|_| Destination {
@@ -157,7 +168,11 @@ fuzz_target!(|data: &[u8]| {
         .chain(ruleset.filter_hooks())
     {
         let comment = check_line(line);
-        assert!(comment.starts_with("flux "), "{line:?}");
+        // A udp service's redirect names its service; every other rule here is flux's own.
+        let udp = comment.strip_prefix("flux:").is_some_and(|s| {
+            line.contains(" -p udp ") && desired.udp_redirects.iter().any(|u| u.service == s)
+        });
+        assert!(comment.starts_with("flux ") || udp, "{line:?}");
     }
     assert_eq!(ruleset.rejects_empty(), desired.reject_empty);
     if !desired.reject_empty {

@@ -47,6 +47,21 @@ pub struct Desired {
     /// belongs in [`Desired::rejects`] instead. How proxied services are steered does not
     /// change how these are rendered. Order does not matter.
     pub forwards: Vec<Forward>,
+    /// `udp` services relayed by fluxd: each VIP:port's datagrams are redirected to the local
+    /// port of that service's own socket. Order does not matter.
+    pub udp_redirects: Vec<UdpRedirect>,
+}
+
+/// One `udp` service's redirect: datagrams to `vip` (UDP) go to fluxd's socket on `port`. In
+/// [`Desired::udp_redirects`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UdpRedirect {
+    /// Written into the rule's comment, as for [`Redirect::service`].
+    pub service: String,
+    /// The address clients send to; only UDP to exactly this IP and port is redirected.
+    pub vip: SocketAddrV4,
+    /// The local port of the service's relay socket.
+    pub port: u16,
 }
 
 /// An IPv4 network, `addr/prefix_len`, with `addr` the network address.

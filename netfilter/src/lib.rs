@@ -93,7 +93,7 @@ mod validate;
 
 pub use annotate::{annotate, annotate_empty_set, annotate_set, AnnotatedMember, AnnotatedRule};
 pub use conntrack::Routed;
-pub use desired::{Desired, Destination, Forward, Redirect, VipRange};
+pub use desired::{Desired, Destination, Forward, Redirect, UdpRedirect, VipRange};
 pub use drift::Drift;
 pub use error::Error;
 pub use installed::Installed;

@@ -269,6 +269,8 @@ pub fn render(desired: &Desired) -> Ruleset {
                 .iter()
                 .map(|r| rule::range_rule(r, desired.proxy_port)),
         )
+        // UDP last: every rule above matches TCP alone.
+        .chain(udp_rules(&desired.udp_redirects, &mut rejected))
         .collect();
     let bridges = valid_bridges(&desired.bridge_interfaces, &mut rejected);
     let hooks = std::iter::once(rule::output_hook())
@@ -423,6 +425,32 @@ fn valid_bridges<'a>(interfaces: &'a [String], rejected: &mut Vec<Rejected>) -> 
         }
     }
     valid
+}
+
+/// The `udp` services' redirect rules, sorted by VIP so that the same desired state always
+/// gives the same text; one per VIP (the first by port), and none for a name that could
+/// inject rule text or a port 0 (reported in `rejected`, as a redirect).
+fn udp_rules(redirects: &[crate::UdpRedirect], rejected: &mut Vec<Rejected>) -> Vec<String> {
+    let mut sorted: Vec<&crate::UdpRedirect> = redirects.iter().collect();
+    sorted.sort_by_key(|r| (r.vip, r.port));
+    sorted.dedup_by_key(|r| r.vip);
+    sorted
+        .into_iter()
+        .filter(|r| {
+            let problem = redirect_problem(&r.service, r.vip, Some(r.port), None);
+            if let Some(reason) = &problem {
+                rejected.push(Rejected::Redirect {
+                    redirect: Redirect {
+                        service: r.service.clone(),
+                        vip: r.vip,
+                    },
+                    reason: reason.clone(),
+                });
+            }
+            problem.is_none()
+        })
+        .map(|r| rule::udp_rule(&r.service, r.vip, r.port))
+        .collect()
 }
 
 #[cfg(test)]
@@ -920,5 +948,45 @@ mod tests {
         let rs = render(&no_proxy);
         assert!(rs.set_members().is_empty());
         assert!(rs.rejected()[0].to_string().contains("no proxy port"));
+    }
+
+    #[test]
+    fn udp_services_get_a_redirect_to_their_own_port_after_every_tcp_rule() {
+        let mut d = desired(vec![redirect("web", "198.18.0.10:80")], &["docker0"]);
+        d.udp_redirects = vec![
+            crate::UdpRedirect {
+                service: "stats".into(),
+                vip: "198.18.0.20:8125".parse().unwrap(),
+                port: 40001,
+            },
+            crate::UdpRedirect {
+                service: "dns".into(),
+                vip: "198.18.0.2:53".parse().unwrap(),
+                port: 40000,
+            },
+        ];
+        let rs = render(&d);
+        let rules = rs.service_rules();
+        assert_eq!(
+            &rules[rules.len() - 2..],
+            [
+                r#"-A FLUX-SERVICES -d 198.18.0.2/32 -p udp -m udp --dport 53 -m comment --comment "flux:dns" -j REDIRECT --to-ports 40000"#,
+                r#"-A FLUX-SERVICES -d 198.18.0.20/32 -p udp -m udp --dport 8125 -m comment --comment "flux:stats" -j REDIRECT --to-ports 40001"#,
+            ]
+        );
+        // A name that could inject rule text gets no rule.
+        d.udp_redirects[0].service = "x\" -j ACCEPT".into();
+        let rs = render(&d);
+        assert_eq!(
+            rs.service_rules()
+                .iter()
+                .filter(|r| r.contains("udp"))
+                .count(),
+            1
+        );
+        assert_eq!(rs.rejected().len(), 1);
+        // Without udp services the rules are those of before.
+        d.udp_redirects.clear();
+        assert!(!render(&d).service_rules().iter().any(|r| r.contains("udp")));
     }
 }

@@ -169,6 +169,17 @@ pub(crate) fn range_rule(range: &crate::VipRange, proxy_port: u16) -> String {
     )
 }
 
+/// The rule that redirects datagrams to a `udp` service's `vip` to its relay socket on
+/// `port`, as `iptables-save` prints it.
+pub(crate) fn udp_rule(service: &str, vip: SocketAddrV4, port: u16) -> String {
+    format!(
+        "-A {SERVICES_CHAIN} -d {}/32 -p udp -m udp --dport {} \
+         -m comment --comment \"{SERVICE_COMMENT_PREFIX}{service}\" -j REDIRECT --to-ports {port}",
+        vip.ip(),
+        vip.port()
+    )
+}
+
 /// The hook for connections opened by the host's own processes.
 pub(crate) fn output_hook() -> String {
     format!("-A OUTPUT -m comment --comment \"{HOOK_COMMENT}\" -j {SERVICES_CHAIN}")

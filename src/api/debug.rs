@@ -229,7 +229,8 @@ impl DebugView {
                     })
                     .collect(),
                 traffic: route.traffic_summary(),
-                settings: route_settings(route),
+                settings: crate::proxy::udp::debug_settings(route, &status.metrics)
+                    .unwrap_or_else(|| route_settings(route)),
             });
         }
         view.services.sort_by(|a, b| a.service.cmp(&b.service));

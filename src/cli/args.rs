@@ -112,7 +112,7 @@ pub struct ServiceAddArgs {
     /// `fluxd edge` publishes (no VIP, no rule; needs --instance-port).
     #[arg(long)]
     pub address: String,
-    /// tcp (default) or http.
+    /// tcp (default), http or udp.
     #[arg(long)]
     pub protocol: Option<String>,
     /// Container port to connect to (default: the VIP's port).

@@ -88,7 +88,7 @@ pub struct ServiceSetArgs {
     /// A new VIP, IP:PORT (or `none`): claimed in the same transaction that releases the old.
     #[arg(long)]
     pub address: Option<String>,
-    /// tcp or http.
+    /// tcp, http or udp.
     #[arg(long)]
     pub protocol: Option<String>,
     /// Container port to connect to; `default` for the VIP's port.

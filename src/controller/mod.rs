@@ -10,6 +10,7 @@ mod nat6;
 pub mod routing;
 mod steer;
 mod traffic;
+mod udp;
 pub mod view;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -103,6 +104,8 @@ pub struct Status {
     /// `started`: the systemd watchdog pings only while this moves.
     pub heartbeat: AtomicU64,
     started: std::time::Instant,
+    /// The udp services the relay serves (see `proxy::udp`), set at each sync.
+    pub udp: tokio::sync::watch::Sender<Arc<crate::proxy::udp::UdpPlan>>,
 }
 
 impl Status {
@@ -143,6 +146,7 @@ impl Status {
             history: Arc::new(History::default()),
             heartbeat: AtomicU64::new(0),
             started: std::time::Instant::now(),
+            udp: tokio::sync::watch::Sender::new(Arc::default()),
         })
     }
 
@@ -183,6 +187,8 @@ pub struct Controller {
     /// The IPv6 nat rules last applied successfully (`nat6`); None before the first apply
     /// and after a failure or drift, so the next sync applies them.
     applied6: Option<Arc<netfilter::Ruleset6>>,
+    /// The nat path's udp relay sockets, whose ports the udp redirect rules name.
+    udp_nat: crate::proxy::udp::NatSockets,
 }
 
 impl Controller {
@@ -203,6 +209,7 @@ impl Controller {
             addresses: guard::Addresses::default(),
             ifaces: Default::default(),
             applied6: None,
+            udp_nat: Default::default(),
         }
     }
 
@@ -312,7 +319,7 @@ impl Controller {
             // From the table just stored: the proxy already has the instances a VIP leaving
             // `flux-empty` is routed to, and a VIP entering it may still see connections
             // redirected before the change, which the proxy resets.
-            let wanted = routing::desired_rules(
+            let mut wanted = routing::desired_rules(
                 &state,
                 &table,
                 rules.proxy_port,
@@ -328,11 +335,14 @@ impl Controller {
                 return;
             };
             if rules.steering.is_some() {
+                udp::hand_over(&self.status, &wanted, &table, udp::Path::Bpf(&self.ifaces));
                 steer::sync(&self.status, steer::desired(&wanted, &self.ifaces)).await;
                 self.forward_beside_steering(&wanted).await;
                 self.status.state.store(state);
                 return;
             }
+            wanted.udp_redirects =
+                udp::hand_over(&self.status, &wanted, &table, udp::Path::Nat(&self.udp_nat));
             let desired = netfilter::render(&wanted);
             let changed = self
                 .status

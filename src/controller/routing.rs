@@ -162,6 +162,7 @@ fn build_service(
         })
         .collect();
     let http = service.protocol == Protocol::Http;
+    let udp = service.protocol == Protocol::Udp;
     let backends: Vec<Arc<Backend>> = instances
         .iter()
         .filter_map(|i| {
@@ -169,7 +170,13 @@ fn build_service(
             let key = (i.name.clone(), addr);
             let labels = labels_of(i);
             let k = match old.remove(&key) {
-                Some(k) if k.labels == labels && k.metrics.http.is_some() == http => k,
+                Some(k)
+                    if k.labels == labels
+                        && k.metrics.http.is_some() == http
+                        && k.metrics.udp.is_some() == udp =>
+                {
+                    k
+                }
                 // Same labels with another protocol share the series (an http -> tcp change
                 // leaves the per-request series until the instance goes).
                 stale => {
@@ -178,7 +185,11 @@ fn build_service(
                     old.extend(stale.map(|s| (key.clone(), s)));
                     Kept {
                         health: Arc::default(),
-                        metrics: metrics.instance(&labels, http),
+                        metrics: if udp {
+                            metrics.udp_instance(&labels)
+                        } else {
+                            metrics.instance(&labels, http)
+                        },
                         labels,
                         pool: Arc::default(),
                     }
@@ -287,6 +298,8 @@ pub fn desired_rules(
         forwards,
         reject_empty,
         proxy_port,
+        // The controller adds them on the nat path, once their sockets' ports are known.
+        udp_redirects: Vec::new(),
         bridge_interfaces: bridge_interfaces.to_vec(),
         vip_ranges: verdict
             .ranges

@@ -172,6 +172,14 @@ pub struct RunArgs {
         value_name = "IP[:PORT]"
     )]
     pub dns_forward: Option<Vec<String>>,
+    /// `udp` services: how long a flow (one client address) keeps its instance with no
+    /// datagram either way, in milliseconds [default: 30000].
+    #[arg(long, env = "FLUXD_UDP_IDLE_MS", value_name = "MS")]
+    pub udp_idle_ms: Option<u64>,
+    /// `udp` services: most flows at once over all of them (each holds one socket); datagrams
+    /// of new flows beyond it are dropped and counted [default: 65536].
+    #[arg(long, env = "FLUXD_UDP_MAX_FLOWS", value_name = "N")]
+    pub udp_max_flows: Option<u64>,
 }
 
 /// The same settings as read from a config file; unknown keys are refused so that a typo is
@@ -216,6 +224,8 @@ struct FileConfig {
     dns_listen: Option<Vec<String>>,
     dns_domain: Option<String>,
     dns_forward: Option<Vec<String>>,
+    udp_idle_ms: Option<u64>,
+    udp_max_flows: Option<u64>,
 }
 
 /// How fluxd authenticates to etcd: files, read when the store is opened.
@@ -304,6 +314,8 @@ pub struct Config {
     pub etcd_access: EtcdAccess,
     /// The DNS responder; None when it is off (no `--dns-listen`).
     pub dns: Option<crate::dns::Settings>,
+    /// `udp` services' flow table limits.
+    pub udp: crate::proxy::udp::UdpSettings,
 }
 
 /// Where a setting can come from, flags first: clap has already put `FLUXD_*` variables into
@@ -412,6 +424,22 @@ impl Config {
                 pick!(s, dns_domain),
                 pick!(s, dns_forward),
             )?,
+            udp: crate::proxy::udp::UdpSettings {
+                idle: Duration::from_millis(in_range(
+                    "udp_idle_ms",
+                    pick!(s, udp_idle_ms),
+                    30_000,
+                    100..=86_400_000,
+                    "",
+                )?),
+                max_flows: in_range(
+                    "udp_max_flows",
+                    pick!(s, udp_max_flows),
+                    65_536,
+                    1..=1_000_000,
+                    "",
+                )? as usize,
+            },
         })
     }
 }

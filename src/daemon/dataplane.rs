@@ -156,8 +156,14 @@ pub(super) async fn start_dataplane(
     let first = states.borrow().clone();
     controller.initial_sync(first).await;
     remove_other_path(&status).await;
+    let udp = crate::proxy::udp::UdpRelay::new(
+        config.udp,
+        status.metrics.clone(),
+        status.udp.subscribe(),
+    );
     let tasks = vec![
         tokio::spawn(proxy.run(stop.clone())),
+        tokio::spawn(udp.run(stop.clone())),
         tokio::spawn(controller.run(states, stop.clone())),
         tokio::spawn(sample_history(status.clone(), stop)),
     ];

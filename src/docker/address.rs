@@ -74,6 +74,19 @@ pub fn choose_for(c: &Container, ctx: &AddressContext, port: u16, vip_v6: bool) 
     }
 }
 
+/// The same choice for an instance of a `udp` service: in `local` mode, from the bindings
+/// Docker reports for `PORT/udp`.
+pub fn choose_udp(c: &Container, ctx: &AddressContext, port: u16, vip_v6: bool) -> Addressed {
+    if c.host_network || ctx.mode == NetworkMode::Global {
+        return choose_for(c, ctx, port, vip_v6);
+    }
+    let bindings = c.published_udp.get(&port).map_or(&[][..], Vec::as_slice);
+    let mut a = local(bindings, ctx, port);
+    // `local` words its notes for TCP, the common case.
+    a.note = a.note.map(|n| n.replacen("/tcp", "/udp", 1));
+    a
+}
+
 fn local(bindings: &[Binding], ctx: &AddressContext, port: u16) -> Addressed {
     if bindings.is_empty() {
         return Addressed::none(format!("port {port}/tcp is not published"));
@@ -447,5 +460,34 @@ mod tests {
         // Local mode is unchanged: the host's IP and the published port.
         let l = choose_for(&c, &ctx(NetworkMode::Local, false), 80, true);
         assert_eq!(l.address, None);
+    }
+
+    #[test]
+    fn udp_services_use_the_udp_bindings_in_local_mode() {
+        let c = inspect(
+            "bridge",
+            json!({
+                "53/tcp": [{ "HostIp": "0.0.0.0", "HostPort": "5300" }],
+                "53/udp": [{ "HostIp": "0.0.0.0", "HostPort": "5301" }],
+            }),
+        );
+        let local = ctx(NetworkMode::Local, false);
+        assert_eq!(choose(&c, &local, 53).address, addr("192.0.2.10:5300"));
+        assert_eq!(
+            choose_udp(&c, &local, 53, false).address,
+            addr("192.0.2.10:5301")
+        );
+        let global = ctx(NetworkMode::Global, false);
+        assert_eq!(
+            choose_udp(&c, &global, 53, false).address,
+            addr("172.17.0.2:53")
+        );
+        let tcp_only = inspect(
+            "bridge",
+            json!({ "53/tcp": [{ "HostIp": "0.0.0.0", "HostPort": "5300" }] }),
+        );
+        let a = choose_udp(&tcp_only, &local, 53, false);
+        assert_eq!(a.address, None);
+        assert_eq!(a.note.as_deref(), Some("port 53/udp is not published"));
     }
 }

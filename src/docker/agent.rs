@@ -363,7 +363,11 @@ impl Agent {
                     .instance_port
                     .unwrap_or_else(|| service.default_instance_port());
                 let vip_v6 = service.address.is_some_and(|a| a.is_ipv6());
-                let addressed = address::choose_for(c, &ctx, port, vip_v6);
+                let addressed = if service.protocol == crate::model::Protocol::Udp {
+                    address::choose_udp(c, &ctx, port, vip_v6)
+                } else {
+                    address::choose_for(c, &ctx, port, vip_v6)
+                };
                 let instance = Instance {
                     service: service.name.clone(),
                     name: c.short_id(),

@@ -35,6 +35,9 @@ pub struct Container {
     /// The container's global IPv6 address (Docker's `GlobalIPv6Address`) on its first
     /// network that has a usable one; `global` mode uses it for IPv6 VIPs (see `address`).
     pub ip6: Option<Ipv6Addr>,
+    /// What Docker published for each `PORT/udp`, for `udp` services, as `published` is for
+    /// `PORT/tcp`.
+    pub published_udp: BTreeMap<u16, Vec<Binding>>,
 }
 
 /// One host binding of a container port, as Docker reported it.
@@ -93,13 +96,22 @@ fn shown(s: &str) -> String {
 /// `PORT/tcp` entries of Docker's port map. Other protocols are not flux's business; a key that
 /// is not `PORT/PROTO` is skipped with a reason.
 fn published_tcp(ports: &PortMap, skipped: &mut Vec<String>) -> BTreeMap<u16, Vec<Binding>> {
+    published_of(ports, "tcp", skipped)
+}
+
+/// `PORT/proto` entries of Docker's port map, as [`published_tcp`] reads `PORT/tcp`.
+fn published_of(
+    ports: &PortMap,
+    wanted: &str,
+    skipped: &mut Vec<String>,
+) -> BTreeMap<u16, Vec<Binding>> {
     let mut out = BTreeMap::new();
     for (spec, bindings) in ports {
         let Some((port, proto)) = spec.split_once('/') else {
             skipped.push(format!("port {} has no protocol", shown(spec)));
             continue;
         };
-        if proto != "tcp" {
+        if proto != wanted {
             continue;
         }
         let port = match port.parse::<u16>() {
@@ -115,7 +127,7 @@ fn published_tcp(ports: &PortMap, skipped: &mut Vec<String>) -> BTreeMap<u16, Ve
             .map(|b| {
                 let parsed = Binding::parse(b);
                 if let Binding::Malformed(why) = &parsed {
-                    skipped.push(format!("binding of {port}/tcp: {why}"));
+                    skipped.push(format!("binding of {port}/{wanted}: {why}"));
                 }
                 parsed
             })
@@ -165,6 +177,11 @@ impl Container {
             .and_then(|n| n.ports.as_ref())
             .map(|ports| published_tcp(ports, &mut skipped))
             .unwrap_or_default();
+        // Keys without a protocol were reported once, above.
+        let published_udp = net
+            .and_then(|n| n.ports.as_ref())
+            .map(|ports| published_of(ports, "udp", &mut Vec::new()))
+            .unwrap_or_default();
         let host_network = c
             .host_config
             .as_ref()
@@ -211,6 +228,7 @@ impl Container {
             ip,
             skipped,
             ip6,
+            published_udp,
             id,
         })
     }

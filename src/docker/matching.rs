@@ -49,6 +49,7 @@ mod tests {
             ip: None,
             skipped: Vec::new(),
             ip6: None,
+            published_udp: BTreeMap::new(),
         }
     }
 

@@ -12,6 +12,7 @@
 pub mod dns;
 pub mod histogram;
 pub mod history;
+pub mod udp;
 
 use std::collections::HashMap;
 use std::sync::{PoisonError, RwLock};
@@ -93,6 +94,9 @@ pub struct InstanceMetrics {
     pub duration_seconds: AtomicHistogram,
     /// Per-request series; only instances of `http` services have them.
     pub http: Option<HttpMetrics>,
+    /// Datagram counts; only instances of `udp` services have them (their flows count as
+    /// `connections`, their payload bytes as `transferred_bytes`).
+    pub udp: Option<udp::DatagramMetrics>,
 }
 
 /// The per-request series of an instance of an `http` service.
@@ -139,6 +143,7 @@ impl InstanceMetrics {
             connect_seconds: AtomicHistogram::new(CONNECT_BUCKETS),
             duration_seconds: AtomicHistogram::new(DURATION_BUCKETS),
             http: None,
+            udp: None,
         }
     }
 }
@@ -149,6 +154,8 @@ pub struct Metrics {
     series: std::sync::Arc<Series>,
     /// The DNS responder's series (listed with no sample while it is off).
     pub dns: dns::DnsMetrics,
+    /// `udp` services' flow table series.
+    pub udp: udp::FlowMetrics,
 }
 
 /// The series of every instance, by labels.
@@ -178,10 +185,13 @@ impl Metrics {
         registry.register_collector(Box::new(series.clone()));
         let dns = dns::DnsMetrics::default();
         dns.register(&mut registry);
+        let udp = udp::FlowMetrics::default();
+        udp.register(&mut registry);
         Metrics {
             registry,
             series,
             dns,
+            udp,
         }
     }
 
@@ -240,7 +250,22 @@ impl Metrics {
             if !http {
                 handles.http = None;
             }
+            handles.udp = None;
             handles
+        })
+    }
+
+    /// The handles for one instance of a `udp` service, creating its series and the datagram
+    /// counts (kept until the instance is forgotten).
+    pub fn udp_instance(&self, labels: &InstanceLabels) -> InstanceMetrics {
+        self.with_entry(labels, |e| {
+            let m = e.instance.get_or_insert_with(InstanceMetrics::new);
+            let udp = m.udp.get_or_insert_with(Default::default).clone();
+            InstanceMetrics {
+                http: None,
+                udp: Some(udp),
+                ..m.clone()
+            }
         })
     }
 
@@ -295,7 +320,7 @@ type SeriesOf = for<'e> fn(
 
 /// The families in the order `/metrics` lists them. Help texts end with a period, as the
 /// registry writes them.
-const FAMILIES: [Family; 14] = [
+const FAMILIES: [Family; 15] = [
     Family {
         name: "connections",
         help: "Connections proxied to an instance.",
@@ -424,6 +449,17 @@ const FAMILIES: [Family; 14] = [
                         out(Some(("grpc_status", status)), c);
                     }
                 }
+            }
+        },
+    },
+    Family {
+        name: "udp_datagrams",
+        help: "Datagrams relayed between clients and an instance of a udp service.",
+        kind: MetricType::Counter,
+        series: |e, out| {
+            if let Some(u) = e.instance.as_ref().and_then(|m| m.udp.as_ref()) {
+                out(Some(("direction", "to_instance")), &u.to_instance);
+                out(Some(("direction", "to_client")), &u.to_client);
             }
         },
     },

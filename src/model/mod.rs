@@ -15,6 +15,7 @@ mod service;
 mod service_edit;
 pub mod timeouts;
 pub mod traffic;
+mod udp;
 pub mod validate;
 
 pub use error::InvalidInput;
@@ -94,7 +95,7 @@ mod tests {
         assert_eq!(e.field, "address");
         let e = decode::<Service>(br#"{"name":"Web","address":"10.0.0.1:80"}"#).unwrap_err();
         assert_eq!(e.field, "name");
-        let e = decode::<Service>(br#"{"name":"web","address":"10.0.0.1:80","protocol":"udp"}"#)
+        let e = decode::<Service>(br#"{"name":"web","address":"10.0.0.1:80","protocol":"sctp"}"#)
             .unwrap_err();
         assert_eq!(e.field, "protocol");
         let e =

@@ -18,6 +18,8 @@ pub enum Protocol {
     Tcp,
     /// HTTP/1.1, balanced per request with per-request metrics.
     Http,
+    /// Datagrams, balanced per flow (client address) by fluxd's UDP relay (`proxy::udp`).
+    Udp,
 }
 
 /// How the proxy picks an instance for a new connection.
@@ -79,6 +81,7 @@ impl std::fmt::Display for Protocol {
         f.write_str(match self {
             Protocol::Tcp => "tcp",
             Protocol::Http => "http",
+            Protocol::Udp => "udp",
         })
     }
 }
@@ -99,7 +102,8 @@ impl std::str::FromStr for Protocol {
         match s {
             "tcp" => Ok(Protocol::Tcp),
             "http" => Ok(Protocol::Http),
-            _ => Err(InvalidInput::new("protocol", "must be tcp or http").value(s)),
+            "udp" => Ok(Protocol::Udp),
+            _ => Err(InvalidInput::new("protocol", "must be tcp, http or udp").value(s)),
         }
     }
 }
@@ -220,6 +224,9 @@ impl Validate for Service {
             }
         }
         self.timeouts.validate()?;
+        if self.protocol == Protocol::Udp {
+            super::udp::validate(self)?;
+        }
         if let Some(pp) = self.proxy_protocol {
             let why = if self.protocol == Protocol::Http {
                 Some("is for tcp services: an http service's instances get X-Forwarded-For")

@@ -406,6 +406,12 @@ fn dispatch(
         reset(client);
         return Some(upstream);
     };
+    // A TCP connection to a `udp` service's VIP:port reaches no stream service.
+    if service.protocol == Protocol::Udp {
+        tracing::debug!(%vip, "tcp connection to a udp service; reset");
+        reset(client);
+        return Some(upstream);
+    }
     // `http` connections take the service's own limits per request (`http::serve`).
     if service.protocol == Protocol::Http {
         let (routes, stop) = (routes.clone(), stop.clone());

@@ -19,6 +19,7 @@ mod reset;
 pub mod route_table;
 mod session;
 mod tcp;
+pub mod udp;
 mod way;
 
 pub use destination::VipSource;

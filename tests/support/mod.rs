@@ -12,4 +12,5 @@ pub mod netns;
 pub mod nginx;
 pub mod openmetrics;
 pub mod steered;
+pub mod udp_backend;
 pub mod websocket;
