@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use support::browser::http_get;
 use support::fluxd::{wait_until, Fluxd};
 use support::http_backend::HttpBackend;
 use support::netns::Netns;
@@ -78,16 +77,7 @@ fn curl(ns: &Netns, args: &[&str]) -> (i32, String) {
 
 /// `/metrics`' samples named `name`, as (instance, label `extra`'s value) -> value.
 fn samples(ns: &Netns, name: &str, extra: &str) -> HashMap<(String, String), f64> {
-    let (status, text) = http_get(ns, HTTP.parse().unwrap(), "/metrics").unwrap();
-    assert_eq!(status, 200, "{text}");
-    openmetrics::samples(&text)
-        .into_iter()
-        .filter(|s| s.name == name)
-        .map(|s| {
-            let label = |k: &str| s.labels.get(k).cloned().unwrap_or_default();
-            ((label("instance"), label(extra)), s.value)
-        })
-        .collect()
+    openmetrics::by_instance(ns, HTTP.parse().unwrap(), name, extra)
 }
 
 #[test]

@@ -13,7 +13,6 @@ use std::io::{BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddrV4, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use support::browser::http_get;
 use support::fluxd::{wait_until, Fluxd};
 use support::http_backend::read_message;
 use support::netns::Netns;
@@ -50,16 +49,7 @@ fn setup(ns: &Netns, instances: &[(&str, SocketAddrV4)], flags: &[&str]) -> Flux
 
 /// The `flux_*` samples of one family from `/metrics`, by (instance, the family's own label).
 fn samples(ns: &Netns, name: &str, label: &str) -> HashMap<(String, String), f64> {
-    let (status, text) = http_get(ns, HTTP.parse().unwrap(), "/metrics").unwrap();
-    assert_eq!(status, 200, "{text}");
-    openmetrics::samples(&text)
-        .into_iter()
-        .filter(|s| s.name == name)
-        .map(|s| {
-            let l = |k: &str| s.labels.get(k).cloned().unwrap_or_default();
-            ((l("instance"), l(label)), s.value)
-        })
-        .collect()
+    openmetrics::by_instance(ns, HTTP.parse().unwrap(), name, label)
 }
 
 fn answers(v: &serde_json::Value) -> Vec<String> {

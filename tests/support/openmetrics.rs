@@ -45,3 +45,23 @@ print(json.dumps(out))
     );
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// The samples named `name` on the `/metrics` page of a fluxd whose read-only HTTP listens on
+/// `http` in `ns`, as (instance, the value of the label `label`) -> value.
+pub fn by_instance(
+    ns: &super::netns::Netns,
+    http: std::net::SocketAddr,
+    name: &str,
+    label: &str,
+) -> std::collections::HashMap<(String, String), f64> {
+    let (status, text) = super::browser::http_get(ns, http, "/metrics").unwrap();
+    assert_eq!(status, 200, "{text}");
+    samples(&text)
+        .into_iter()
+        .filter(|s| s.name == name)
+        .map(|s| {
+            let l = |k: &str| s.labels.get(k).cloned().unwrap_or_default();
+            ((l("instance"), l(label)), s.value)
+        })
+        .collect()
+}

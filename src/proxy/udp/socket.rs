@@ -109,41 +109,36 @@ pub fn send_reply(
     };
     let iov = [std::io::IoSlice::new(payload)];
     let to = SockaddrStorage::from(client);
-    let sent = match from {
+    // Both kinds live here so that the one the match takes outlives the message borrowing it.
+    let (v4, v6);
+    let cmsg = match from {
         IpAddr::V4(ip) => {
-            let info = libc::in_pktinfo {
+            v4 = libc::in_pktinfo {
                 ipi_ifindex: 0,
                 ipi_spec_dst: libc::in_addr {
                     s_addr: u32::from(ip).to_be(),
                 },
                 ipi_addr: libc::in_addr { s_addr: 0 },
             };
-            let cmsg = [socket::ControlMessage::Ipv4PacketInfo(&info)];
-            socket::sendmsg(
-                socket.as_raw_fd(),
-                &iov,
-                &cmsg,
-                MsgFlags::MSG_DONTWAIT,
-                Some(&to),
-            )
+            socket::ControlMessage::Ipv4PacketInfo(&v4)
         }
         IpAddr::V6(ip) => {
-            let info = libc::in6_pktinfo {
+            v6 = libc::in6_pktinfo {
                 ipi6_addr: libc::in6_addr {
                     s6_addr: ip.octets(),
                 },
                 ipi6_ifindex: 0,
             };
-            let cmsg = [socket::ControlMessage::Ipv6PacketInfo(&info)];
-            socket::sendmsg(
-                socket.as_raw_fd(),
-                &iov,
-                &cmsg,
-                MsgFlags::MSG_DONTWAIT,
-                Some(&to),
-            )
+            socket::ControlMessage::Ipv6PacketInfo(&v6)
         }
     };
+    let sent = socket::sendmsg(
+        socket.as_raw_fd(),
+        &iov,
+        &[cmsg],
+        MsgFlags::MSG_DONTWAIT,
+        Some(&to),
+    );
     sent.map_err(io::Error::from)
 }
 
