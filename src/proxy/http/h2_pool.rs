@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use hyper::client::conn::http2;
 
-use super::pool::ToInstance;
+use super::to_instance::ToInstance;
 
 /// A handle on one HTTP/2 connection to an instance; clones open streams on the same
 /// connection.

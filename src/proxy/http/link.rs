@@ -15,7 +15,8 @@ use hyper::http::uri;
 use hyper::{Request, Response, Uri, Version};
 
 use super::h2_pool::{H2Sender, StreamSlot};
-use super::pool::{Pool, Sender, ToInstance};
+use super::pool::{Pool, Sender};
+use super::to_instance::ToInstance;
 use crate::model::InstanceProtocol;
 
 /// The HTTP version spoken to an instance.

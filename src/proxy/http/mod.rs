@@ -47,13 +47,15 @@ mod grpc;
 pub mod h2_pool;
 mod link;
 pub mod pool;
+mod to_instance;
 pub mod upgrade;
 
 use body::Done;
 pub use body::Tracked;
 use link::{to_h2, Link, Proto};
-use pool::ToInstance;
-pub use pool::{Counted, Pool, IDLE_TIMEOUT, MAX_IDLE_PER_INSTANCE};
+pub use pool::{Pool, IDLE_TIMEOUT, MAX_IDLE_PER_INSTANCE};
+pub use to_instance::Counted;
+use to_instance::ToInstance;
 
 use super::limits::{is_local_exhaustion, Timeouts};
 use super::route_table::{Backend, RouteTable};
