@@ -57,6 +57,7 @@
 //!     bridge_interfaces: vec!["docker0".into(), "br-+".into()],
 //!     vip_ranges: vec![],
 //!     forwards: vec![],
+//!     udp_redirects: vec![],
 //! };
 //! let ruleset = render(&desired);
 //! for rejected in ruleset.rejected() {
