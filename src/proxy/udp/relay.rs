@@ -100,11 +100,13 @@ pub async fn run(
         (shared.idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)),
     );
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A copy of the latest inputs, refreshed when they change, so that a datagram takes no
+    // lock and no reference count.
+    let mut current = inputs.borrow_and_update().clone();
     loop {
         tokio::select! {
             arrival = socket::recv_arrival(&socket, &mut buf) => match arrival {
                 Ok(a) => {
-                    let current = inputs.borrow().clone();
                     let relay = Relay { name: &name, socket: &socket, shared: &shared, redirected };
                     on_datagram(&relay, &current, &mut flows, a, &buf[..a.len]);
                 }
@@ -116,8 +118,8 @@ pub async fn run(
                 if changed.is_err() {
                     break;
                 }
-                let route = inputs.borrow_and_update().route.clone();
-                let moved = flows.retain(|f| routed(&route, &f.backend));
+                current = inputs.borrow_and_update().clone();
+                let moved = flows.retain(|f| routed(&current.route, &f.backend));
                 if moved > 0 {
                     tracing::debug!(service = %name, moved, "flows moved off instances that left");
                 }
