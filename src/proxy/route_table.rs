@@ -343,6 +343,14 @@ mod tests {
 
     use super::*;
 
+    /// The instances a connection would try, in order.
+    fn tried(r: &ServiceRoute) -> Vec<String> {
+        r.connect_order(None)
+            .iter()
+            .map(|b| b.instance.clone())
+            .collect()
+    }
+
     fn route(n: usize, balance: Balance) -> ServiceRoute {
         let backends = (0..n)
             .map(|i| {
@@ -395,11 +403,7 @@ mod tests {
         r.backends[2].health.failed();
         r.backends[2].health.failed();
         r.backends[2].health.failed(); // ~4 s
-        let order: Vec<_> = r
-            .connect_order(None)
-            .iter()
-            .map(|b| b.instance.clone())
-            .collect();
+        let order = tried(&r);
         assert_eq!(order, ["i1", "i0", "i2"]);
     }
 
@@ -433,11 +437,7 @@ mod tests {
         fail_check(&r.backends[1]);
         for _ in 0..10 {
             assert_ne!(r.first_choice(None).unwrap().instance, "i1");
-            let order: Vec<_> = r
-                .connect_order(None)
-                .iter()
-                .map(|b| b.instance.clone())
-                .collect();
+            let order = tried(&r);
             assert_eq!(order.len(), 2, "{order:?}");
             assert!(!order.contains(&"i1".to_string()));
         }
@@ -445,11 +445,7 @@ mod tests {
         r.backends[0].health.failed();
         r.backends[2].health.failed();
         assert!(r.first_choice(None).is_none());
-        let order: Vec<_> = r
-            .connect_order(None)
-            .iter()
-            .map(|b| b.instance.clone())
-            .collect();
+        let order = tried(&r);
         assert!(!order.contains(&"i1".to_string()), "{order:?}");
         assert_eq!(order.len(), 2);
     }
@@ -491,11 +487,7 @@ mod tests {
             .with_traffic(Traffic::default());
         for _ in 0..20 {
             assert_ne!(r.first_choice(None).unwrap().instance, "i1");
-            let order: Vec<_> = r
-                .connect_order(None)
-                .iter()
-                .map(|b| b.instance.clone())
-                .collect();
+            let order = tried(&r);
             assert_eq!(order.len(), 2, "{order:?}");
             assert!(!order.contains(&"i1".to_string()));
         }
