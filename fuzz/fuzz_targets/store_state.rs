@@ -1,6 +1,6 @@
 //! The catalog's picture of the store (`State::from_kvs`) from arbitrary keys and values, as a
 //! foreign or older writer may leave them. No panic; every key is either kept (service, rule,
-//! instance, host), skipped with a reason, or ignored (VIP claims, unknown keys); kept records
+//! instance, host, drain mark), skipped with a reason, or ignored (VIP claims, unknown keys); kept records
 //! validate and agree with their key; a rebuild from the warm cache gives the same picture.
 #![no_main]
 
@@ -12,11 +12,12 @@ use flux::model::Validate;
 use flux::store::KeyValue;
 use libfuzzer_sys::fuzz_target;
 
-const PREFIXES: [&str; 6] = [
+const PREFIXES: [&str; 7] = [
     keys::SERVICES,
     keys::RULES,
     keys::INSTANCES,
     keys::HOSTS,
+    keys::DRAINS,
     keys::VIPS,
     "",
 ];
@@ -56,8 +57,8 @@ fn kvs(data: &[u8]) -> Vec<KeyValue> {
 
 fn picture(s: &State) -> String {
     format!(
-        "{:?}|{:?}|{:?}|{:?}|{:?}",
-        s.services, s.rules, s.instances, s.hosts, s.skipped
+        "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}",
+        s.services, s.rules, s.instances, s.hosts, s.drains, s.skipped
     )
 }
 
@@ -67,12 +68,22 @@ fuzz_target!(|data: &[u8]| {
     let state = State::from_kvs(kvs.iter(), 7, &mut cache);
     assert_eq!(state.revision, 7);
 
-    let known = [keys::SERVICES, keys::RULES, keys::INSTANCES, keys::HOSTS];
+    let known = [
+        keys::SERVICES,
+        keys::RULES,
+        keys::INSTANCES,
+        keys::HOSTS,
+        keys::DRAINS,
+    ];
     let ignored = kvs
         .iter()
         .filter(|kv| !known.iter().any(|p| kv.key.starts_with(p)))
         .count();
-    let kept = state.services.len() + state.rules.len() + state.instances.len() + state.hosts.len();
+    let kept = state.services.len()
+        + state.rules.len()
+        + state.instances.len()
+        + state.hosts.len()
+        + state.drains.len();
     assert_eq!(
         kept + state.skipped.len() + ignored,
         kvs.len(),
@@ -95,6 +106,11 @@ fuzz_target!(|data: &[u8]| {
     }
     for h in state.hosts.values() {
         assert!(h.validate().is_ok());
+    }
+    for ((svc, name), d) in &state.drains {
+        assert!(d.validate().is_ok());
+        assert!(state.services.contains_key(svc));
+        assert!(kvs.iter().any(|kv| kv.key == keys::drain(svc, name)));
     }
     // Two services never share a VIP.
     let vips: BTreeSet<_> = state.services.values().map(|s| s.address).collect();
