@@ -3,7 +3,8 @@
 //! its loopback: an IPv6 VIP to IPv6 instances beside an IPv4 VIP on the same fluxd, on the
 //! nat path (ip6tables) and on the bpf path (whose IPv6 VIPs also go through ip6tables);
 //! mixed families (an IPv4 VIP to an IPv6 instance and back); an IPv6 VIP the guard refuses;
-//! bad input refused with the field named.
+//! bad input refused with the field named; systemd's IPv6 socket (the README's drop-in)
+//! queueing IPv6 VIP connections across restarts.
 
 mod support;
 
@@ -379,6 +380,154 @@ fn kept_ipv6_rules_serve_across_a_restart_and_fluxd_cleanup_removes_them() {
     assert!(ok.is_some(), "{}", fluxd.log());
     fluxd.stop();
     let out = ns.exec(&[env!("CARGO_BIN_EXE_fluxd"), "cleanup"]);
+    assert!(out.status.success(), "{out:?}");
+    let after = ip6tables_nat(&ns);
+    assert!(
+        !after.contains("FLUX") && !after.contains("flux"),
+        "{after}"
+    );
+}
+
+/// A listening socket on `addr` inside `ns`, as a `ListenStream=` line of fluxd.socket makes
+/// (`[::]` lines with `BindIPv6Only=ipv6-only`).
+fn systemd_socket(ns: &Netns, addr: SocketAddr) -> TcpListener {
+    ns.run(move || {
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )
+        .unwrap();
+        if addr.is_ipv6() {
+            s.set_only_v6(true).unwrap();
+        }
+        s.set_reuse_address(true).unwrap();
+        s.bind(&addr.into()).unwrap();
+        s.listen(4096).unwrap();
+        s.into()
+    })
+}
+
+/// README "IPv6 and dual stack", systemd: with the drop-in's `[::]:7171` socket passed beside
+/// the IPv4 one, IPv6 VIP connections made while fluxd restarts wait in it and are served by
+/// the next fluxd; none is refused. (Without it fluxd binds its own IPv6 listener, which goes
+/// with the process: the same loop then sees refusals.)
+#[test]
+fn a_passed_ipv6_socket_refuses_no_ipv6_connection_across_restarts() {
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Mutex;
+    use std::time::Instant;
+
+    let ns = dual_stack_netns("v6sock");
+    let s4 = systemd_socket(&ns, addr("0.0.0.0:7171"));
+    let s6 = systemd_socket(&ns, addr("[::]:7171"));
+    let _b = [
+        Named::start(&ns, "v6a", addr(&format!("[{}]:9000", OWN6[0]))),
+        Named::start(&ns, "v6b", addr(&format!("[{}]:9001", OWN6[1]))),
+    ];
+    let mut fluxd = Fluxd::unstarted_in_netns(&ns.name, "h1", &["--drain-seconds", "5"]);
+    let passed = [s4.as_raw_fd(), s6.as_raw_fd()];
+    fluxd.start_with_sockets(&passed);
+    assert!(
+        fluxd
+            .log()
+            .contains("using the IPv6 listening socket passed by systemd"),
+        "{}",
+        fluxd.log()
+    );
+    fluxd.ok(&["service", "add", "web6", "--address", VIP6]);
+    fluxd.add_instance("web6", "a", format!("[{}]:9000", OWN6[0]));
+    fluxd.add_instance("web6", "b", format!("[{}]:9001", OWN6[1]));
+    let vip6 = addr(VIP6);
+    let ok = ns.run(move || wait_until(Duration::from_secs(20), || who_serves(vip6).is_ok()));
+    assert!(ok.is_some(), "IPv6 VIP never answered: {}", fluxd.log());
+
+    // At most 3,000 connections or 40 s, from four clients at once so that some connect while
+    // no fluxd runs.
+    let served = Arc::new(AtomicU64::new(0));
+    let next = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (served, next, done, failures) =
+                (served.clone(), next.clone(), done.clone(), failures.clone());
+            ns.spawn(move || {
+                let start = Instant::now();
+                while !done.load(Ordering::SeqCst) && start.elapsed() < Duration::from_secs(40) {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= 3000 {
+                        break;
+                    }
+                    match who_serves(vip6) {
+                        Ok(_) => {
+                            served.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(e) => failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("connection {i} at {:?}: {e}", start.elapsed())),
+                    }
+                }
+            })
+        })
+        .collect();
+    let progressed = |from: u64| {
+        wait_until(Duration::from_secs(10), || {
+            served.load(Ordering::SeqCst) >= from + 50
+        })
+        .is_some()
+    };
+    assert!(progressed(0), "no traffic before the restarts");
+    for round in 1..=2 {
+        fluxd.stop();
+        assert!(
+            ip6tables_nat(&ns).contains("-d fd00:18::a/128"),
+            "round {round}: IPv6 rule removed on a stop with passed sockets: {}",
+            fluxd.log()
+        );
+        let at_restart = served.load(Ordering::SeqCst);
+        fluxd.start_with_sockets(&passed);
+        if !progressed(at_restart) {
+            let failures = failures.lock().unwrap();
+            panic!(
+                "round {round}: no connection served after the restart; {} failed: {:?}\n{}",
+                failures.len(),
+                &failures[..failures.len().min(5)],
+                fluxd.log()
+            );
+        }
+    }
+    done.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let failures = failures.lock().unwrap();
+    let total = served.load(Ordering::SeqCst);
+    eprintln!(
+        "{total} IPv6 connections served across two restarts, {} failed",
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {} IPv6 connections failed: {:?}\n{}",
+        failures.len(),
+        total + failures.len() as u64,
+        &failures[..failures.len().min(5)],
+        fluxd.log()
+    );
+
+    // A real stop (fluxd.socket's ExecStopPost): fluxd, then `fluxd cleanup`.
+    fluxd.stop();
+    drop((s4, s6));
+    let bpf_dir = fluxd.bpf_dir().unwrap().display().to_string();
+    let out = ns.exec(&[
+        env!("CARGO_BIN_EXE_fluxd"),
+        "cleanup",
+        "--bpf-dir",
+        &bpf_dir,
+    ]);
     assert!(out.status.success(), "{out:?}");
     let after = ip6tables_nat(&ns);
     assert!(

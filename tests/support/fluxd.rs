@@ -15,9 +15,9 @@ pub struct Fluxd {
     pub socket: PathBuf,
     pub host_name: String,
     args: Vec<String>,
-    /// Passed as fd 3 with `LISTEN_FDS=1` and `LISTEN_PID` = fluxd's pid, as systemd's socket
-    /// activation does (`start_with_socket`).
-    listen_fd: Option<std::os::fd::RawFd>,
+    /// Passed as fds 3, 4, ... with `LISTEN_FDS` = their number and `LISTEN_PID` = fluxd's
+    /// pid, as systemd's socket activation does (`start_with_socket`, `start_with_sockets`).
+    listen_fds: Vec<std::os::fd::RawFd>,
     /// RLIMIT_NOFILE (soft and hard) to start the daemon with (`set_fd_limit`); None keeps
     /// the test process's own.
     fd_limit: Option<u64>,
@@ -130,13 +130,19 @@ impl Fluxd {
     /// Starts (or restarts) with `fd` as a socket passed by systemd: fd 3, `LISTEN_FDS=1`,
     /// `LISTEN_PID` set to fluxd's own pid. The caller keeps `fd` open, as systemd does.
     pub fn start_with_socket(&mut self, fd: std::os::fd::RawFd) {
-        self.set_listen_fd(fd);
+        self.start_with_sockets(&[fd]);
+    }
+
+    /// Starts (or restarts) with `fds` passed in that order as fds 3, 4, ..., as a socket
+    /// unit with several `ListenStream=` lines passes them.
+    pub fn start_with_sockets(&mut self, fds: &[std::os::fd::RawFd]) {
+        self.listen_fds = fds.to_vec();
         self.start();
     }
 
     /// The socket that `spawn` and `start` pass, as `start_with_socket` does.
     pub fn set_listen_fd(&mut self, fd: std::os::fd::RawFd) {
-        self.listen_fd = Some(fd);
+        self.listen_fds = vec![fd];
     }
 
     /// Starts (or restarts) the daemon with at most `n` open files, as `LimitNOFILE=n` would:
@@ -192,7 +198,7 @@ impl Fluxd {
             socket,
             host_name: host_name.into(),
             args,
-            listen_fd: None,
+            listen_fds: Vec::new(),
             fd_limit: None,
             env: Vec::new(),
             _bpffs: None,
@@ -231,25 +237,36 @@ impl Fluxd {
             }
             None => Command::new("env"),
         };
-        if let Some(fd) = self.listen_fd {
+        if !self.listen_fds.is_empty() {
             use std::os::unix::process::CommandExt;
+            let fds = self.listen_fds.clone();
+            assert!(fds.len() <= 8, "at most 8 passed sockets");
             // The shell's pid is fluxd's after `exec`, whatever `ip netns exec` does.
             cmd.args([
                 "sh",
                 "-c",
                 "LISTEN_PID=$$; export LISTEN_PID; exec \"$0\" \"$@\"",
             ])
-            .env("LISTEN_FDS", "1")
+            .env("LISTEN_FDS", fds.len().to_string())
             .env_remove("LISTEN_FDNAMES");
-            // SAFETY: only async-signal-safe calls between fork and exec.
+            // SAFETY: only async-signal-safe calls between fork and exec (fcntl, dup2; `fds`
+            // was allocated before the fork).
             unsafe {
                 cmd.pre_exec(move || {
-                    if fd == 3 {
-                        if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                    // Out of the way first, so that moving one to 3 + i cannot close another
+                    // that happens to sit there.
+                    let mut high = [0; 8];
+                    for (i, fd) in fds.iter().take(high.len()).enumerate() {
+                        high[i] = libc::fcntl(*fd, libc::F_DUPFD, 100);
+                        if high[i] < 0 {
                             return Err(std::io::Error::last_os_error());
                         }
-                    } else if libc::dup2(fd, 3) < 0 {
-                        return Err(std::io::Error::last_os_error());
+                    }
+                    for (i, fd) in high.iter().take(fds.len()).enumerate() {
+                        if libc::dup2(*fd, 3 + i as i32) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        libc::close(*fd);
                     }
                     Ok(())
                 });
