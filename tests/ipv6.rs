@@ -1,7 +1,8 @@
 //! Issue 17, part 2: IPv6 and dual stack. fluxd inside a namespace the test creates, with
 //! IPv6 enabled there by its own sysctls and unique-local addresses (`fd00::/8`, `nodad`) on
 //! its loopback: an IPv6 VIP to IPv6 instances beside an IPv4 VIP on the same fluxd, on the
-//! nat path (ip6tables) and on the bpf path (whose IPv6 VIPs also go through ip6tables);
+//! nat path (ip6tables) and on the bpf path (the program's IPv6 maps and local /128 routes, an
+//! IPv6 service with no instance refused at once);
 //! mixed families (an IPv4 VIP to an IPv6 instance and back); an IPv6 VIP the guard refuses;
 //! bad input refused with the field named; systemd's IPv6 socket (the README's drop-in)
 //! queueing IPv6 VIP connections across restarts.
@@ -111,9 +112,28 @@ fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
 
+/// flux's IPv6 local routes (the bpf path's).
+fn flux_routes6(ns: &Netns) -> String {
+    let out = ns.exec(&[
+        "ip", "-6", "route", "show", "table", "local", "proto", "171",
+    ]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Whether the IPv6 VIP address `ip` is steered: a local route on the bpf path, a rule in the
+/// IPv6 nat table on the nat path.
+fn steered6(ns: &Netns, bpf: bool, ip: &str) -> bool {
+    if bpf {
+        flux_routes6(ns).contains(&format!("local {ip} "))
+    } else {
+        ip6tables_nat(ns).contains(&format!("-d {ip}/128"))
+    }
+}
+
 /// IPv6 VIP -> two IPv6 instances, IPv4 VIP -> an IPv6 instance, second IPv6 VIP -> an IPv4
-/// instance, all on one fluxd with `flags`; then a clean stop leaves no IPv6 rule.
-fn dual_stack_on(tag: &str, flags: &[&str]) {
+/// instance, all on one fluxd with `flags` (`bpf`: the bpf steering); then a clean stop leaves
+/// no IPv6 rule or route.
+fn dual_stack_on(tag: &str, flags: &[&str], bpf: bool) {
     let ns = dual_stack_netns(tag);
     let mut fluxd = Fluxd::dataplane(&ns.name, flags);
     let _b = [
@@ -130,30 +150,51 @@ fn dual_stack_on(tag: &str, flags: &[&str]) {
     fluxd.ok(&["service", "add", "mixed", "--address", "[fd00:18::b]:81"]);
     fluxd.add_instance("mixed", "d", "127.0.0.1:9003");
 
-    let rules = wait_until(Duration::from_secs(20), || {
-        ip6tables_nat(&ns).contains("-d fd00:18::b/128")
-    });
+    let rules = wait_until(Duration::from_secs(20), || steered6(&ns, bpf, "fd00:18::b"));
     assert!(
         rules.is_some(),
-        "no IPv6 rule: {}\n{}",
+        "IPv6 VIP not steered: {}\n{}\n{}",
         ip6tables_nat(&ns),
+        flux_routes6(&ns),
         fluxd.log()
     );
     let nat = ip6tables_nat(&ns);
-    assert!(
-        nat.contains("-A FLUX-SERVICES -d fd00:18::a/128 -p tcp -m tcp --dport 80 -m comment --comment \"flux:web6\" -j REDIRECT"),
-        "{nat}"
-    );
-    assert!(nat.contains("-A OUTPUT -m comment --comment \"flux hook\" -j FLUX-SERVICES"));
-    // The IPv4 VIP is not in the IPv6 table.
-    assert!(!nat.contains("198.18.0.10"), "{nat}");
-    // fluxd debug shows them.
     let debug = fluxd.debug();
-    let shown = debug["ipv6_rules"].as_array().is_some_and(|r| {
-        r.iter()
-            .any(|l| l.as_str().unwrap_or("").contains("fd00:18::a/128"))
-    });
-    assert!(shown, "{debug}");
+    if bpf {
+        // In the program's maps, not in ip6tables; fluxd debug shows the entry and listener.
+        assert!(!nat.contains("fd00:18"), "{nat}");
+        let entries = debug["bpf"]["entries"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert!(
+            entries
+                .iter()
+                .any(|e| e["vip"] == "[fd00:18::a]:80" && e["service"] == "web6"),
+            "{debug}"
+        );
+        assert_eq!(debug["bpf"]["socket6"], true, "{debug}");
+        assert!(
+            debug["bpf"]["routes"]
+                .to_string()
+                .contains("fd00:18::a/128"),
+            "{debug}"
+        );
+    } else {
+        assert!(
+            nat.contains("-A FLUX-SERVICES -d fd00:18::a/128 -p tcp -m tcp --dport 80 -m comment --comment \"flux:web6\" -j REDIRECT"),
+            "{nat}"
+        );
+        assert!(nat.contains("-A OUTPUT -m comment --comment \"flux hook\" -j FLUX-SERVICES"));
+        // The IPv4 VIP is not in the IPv6 table.
+        assert!(!nat.contains("198.18.0.10"), "{nat}");
+        // fluxd debug shows them.
+        let shown = debug["ipv6_rules"].as_array().is_some_and(|r| {
+            r.iter()
+                .any(|l| l.as_str().unwrap_or("").contains("fd00:18::a/128"))
+        });
+        assert!(shown, "{debug}");
+    }
 
     let vip6 = addr(VIP6);
     let ok = ns.run(move || wait_until(Duration::from_secs(10), || who_serves(vip6).is_ok()));
@@ -189,31 +230,72 @@ fn dual_stack_on(tag: &str, flags: &[&str]) {
     // A service removed: its IPv6 rule goes.
     fluxd.ok(&["service", "rm", "mixed"]);
     let gone = wait_until(Duration::from_secs(20), || {
-        !ip6tables_nat(&ns).contains("fd00:18::b")
+        !steered6(&ns, bpf, "fd00:18::b")
     });
-    assert!(gone.is_some(), "{}", ip6tables_nat(&ns));
+    assert!(
+        gone.is_some(),
+        "{}{}",
+        ip6tables_nat(&ns),
+        flux_routes6(&ns)
+    );
 
-    // Someone flushes flux's IPv6 chain: the drift check puts it back.
-    let out = ns.exec(&["ip6tables", "-t", "nat", "-F", "FLUX-SERVICES"]);
-    assert!(out.status.success());
-    let back = wait_until(Duration::from_secs(30), || {
-        ip6tables_nat(&ns).contains("-d fd00:18::a/128")
-    });
-    assert!(back.is_some(), "IPv6 rules not repaired: {}", fluxd.log());
+    if bpf {
+        // A tcp service with no instance is refused at once (the SYN answered by a RST), as
+        // IPv4 ones are; the nat path has no IPv6 refusal (the proxy accepts and resets).
+        fluxd.ok(&["service", "add", "none6", "--address", "[fd00:18::c]:80"]);
+        let vip = addr("[fd00:18::c]:80");
+        let refused = ns.run(move || {
+            wait_until(Duration::from_secs(20), || {
+                let t = std::time::Instant::now();
+                let r = TcpStream::connect_timeout(&vip, Duration::from_secs(2));
+                matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+                    && t.elapsed() < Duration::from_millis(500)
+            })
+        });
+        assert!(refused.is_some(), "{}", fluxd.log());
+        assert_eq!(ns.run(move || who_serves(vip6)).unwrap().len(), 3);
+    }
+
+    // Someone removes what steers the IPv6 VIP: the drift check puts it back.
+    let out = if bpf {
+        ns.exec(&[
+            "ip",
+            "-6",
+            "route",
+            "del",
+            "local",
+            "fd00:18::a/128",
+            "table",
+            "local",
+            "proto",
+            "171",
+        ])
+    } else {
+        ns.exec(&["ip6tables", "-t", "nat", "-F", "FLUX-SERVICES"])
+    };
+    assert!(out.status.success(), "{out:?}");
+    assert!(!steered6(&ns, bpf, "fd00:18::a"));
+    let back = wait_until(Duration::from_secs(30), || steered6(&ns, bpf, "fd00:18::a"));
+    assert!(
+        back.is_some(),
+        "IPv6 steering not repaired: {}",
+        fluxd.log()
+    );
 
     fluxd.stop();
     let nat = ip6tables_nat(&ns);
     assert!(!nat.contains("FLUX") && !nat.contains("flux"), "{nat}");
+    assert_eq!(flux_routes6(&ns), "");
 }
 
 #[test]
 fn dual_stack_on_the_nat_path() {
-    dual_stack_on("v6nat", &["--steering", "nat"]);
+    dual_stack_on("v6nat", &["--steering", "nat"], false);
 }
 
 #[test]
 fn dual_stack_on_the_bpf_path() {
-    dual_stack_on("v6bpf", &[]);
+    dual_stack_on("v6bpf", &["--steering", "bpf"], true);
 }
 
 #[test]
@@ -386,6 +468,7 @@ fn kept_ipv6_rules_serve_across_a_restart_and_fluxd_cleanup_removes_them() {
         !after.contains("FLUX") && !after.contains("flux"),
         "{after}"
     );
+    assert_eq!(flux_routes6(&ns), "");
 }
 
 /// A listening socket on `addr` inside `ns`, as a `ListenStream=` line of fluxd.socket makes
@@ -426,7 +509,11 @@ fn a_passed_ipv6_socket_refuses_no_ipv6_connection_across_restarts() {
         Named::start(&ns, "v6a", addr(&format!("[{}]:9000", OWN6[0]))),
         Named::start(&ns, "v6b", addr(&format!("[{}]:9001", OWN6[1]))),
     ];
-    let mut fluxd = Fluxd::unstarted_in_netns(&ns.name, "h1", &["--drain-seconds", "5"]);
+    let mut fluxd = Fluxd::unstarted_in_netns(
+        &ns.name,
+        "h1",
+        &["--steering", "bpf", "--drain-seconds", "5"],
+    );
     let passed = [s4.as_raw_fd(), s6.as_raw_fd()];
     fluxd.start_with_sockets(&passed);
     assert!(
@@ -483,8 +570,8 @@ fn a_passed_ipv6_socket_refuses_no_ipv6_connection_across_restarts() {
     for round in 1..=2 {
         fluxd.stop();
         assert!(
-            ip6tables_nat(&ns).contains("-d fd00:18::a/128"),
-            "round {round}: IPv6 rule removed on a stop with passed sockets: {}",
+            steered6(&ns, true, "fd00:18::a"),
+            "round {round}: IPv6 steering removed on a stop with passed sockets: {}",
             fluxd.log()
         );
         let at_restart = served.load(Ordering::SeqCst);

@@ -81,12 +81,16 @@ pub struct BpfView {
     pub pinned: bool,
     /// The socket map holds fluxd's listener.
     pub socket: bool,
-    /// The services map, each entry with its service.
+    /// The services maps (IPv4, then IPv6), each entry with its service.
     pub entries: Vec<EntryView>,
-    /// flux's local routes (`ip route show table local proto 171`): VIP ranges and /32s.
+    /// flux's local routes (`ip [-6] route show table local proto 171`): VIP ranges, /32s
+    /// and /128s.
     pub routes: Vec<String>,
     /// The interfaces whose connections are steered (lo and the bridges).
     pub ifaces: Vec<String>,
+    /// The IPv6 socket map holds fluxd's IPv6 listener (absent from older fluxds' output).
+    #[serde(default)]
+    pub socket6: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -386,13 +390,14 @@ async fn gather_bpf(mut view: DebugView, status: Arc<Status>) -> DebugView {
         attached: installed.link.attached,
         pinned: installed.link.pinned,
         socket: installed.socket,
+        socket6: installed.socket6,
         entries: installed
             .services
             .iter()
             .map(|(vip, action)| EntryView {
                 vip: vip.to_string(),
                 action: action.map_or("unknown".to_string(), |a| a.to_string()),
-                service: names.get(&std::net::SocketAddr::V4(*vip)).cloned(),
+                service: names.get(vip).cloned(),
             })
             .collect(),
         routes: installed

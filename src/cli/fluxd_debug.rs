@@ -64,7 +64,7 @@ pub async fn main(api: &str, remote: &RemoteFlags, json: bool) -> ExitCode {
 fn render_bpf(out: &mut String, b: &BpfView) {
     let _ = writeln!(
         out,
-        "\nSTEERING PROGRAM (sk_lookup): link {} program {}, {}, {}, {}; pinned under {}",
+        "\nSTEERING PROGRAM (sk_lookup): link {} program {}, {}, {}, {}{}; pinned under {}",
         b.link_id,
         b.prog_id,
         if b.attached {
@@ -77,6 +77,11 @@ fn render_bpf(out: &mut String, b: &BpfView) {
             "socket map holds the listener"
         } else {
             "NO LISTENER in the socket map"
+        },
+        if b.socket6 {
+            ", IPv6 socket map holds the IPv6 listener"
+        } else {
+            ""
         },
         b.pins
     );

@@ -58,6 +58,9 @@ pub struct Rules {
     pub steering_fallback: Option<String>,
     /// Where the bpf steering is (or was) pinned.
     pub bpf_dir: std::path::PathBuf,
+    /// Whether the bpf steering also takes IPv6 VIPs (it holds fluxd's IPv6 listener); if
+    /// not, they go through the ip6tables rules on either path.
+    pub steer_ipv6: bool,
 }
 
 /// Whether connections to services with no instance can be refused at once: that matches the
@@ -327,8 +330,17 @@ impl Controller {
                 &verdict,
                 rules.reject_empty,
             );
-            let wanted6 =
-                nat6::desired6(&state, &verdict, rules.proxy_port, &rules.bridge_interfaces);
+            // IPv6 VIPs: in the steering's maps when it holds an IPv6 listener, else in the
+            // ip6tables rules (which are then emptied, or never written).
+            let steer6 = rules.steering.is_some() && rules.steer_ipv6;
+            let (wanted6, ipv6) = if steer6 {
+                let ipv6 = steer::ipv6_services(&state, &table, &verdict, rules.reject_empty);
+                (nat6::desired6_none(rules.proxy_port), ipv6)
+            } else {
+                let wanted6 =
+                    nat6::desired6(&state, &verdict, rules.proxy_port, &rules.bridge_interfaces);
+                (wanted6, Vec::new())
+            };
             self.status.guard.store(Arc::new(verdict));
             self.sync6(wanted6).await;
             let Some(rules) = &self.status.rules else {
@@ -336,7 +348,7 @@ impl Controller {
             };
             if rules.steering.is_some() {
                 udp::hand_over(&self.status, &wanted, &table, udp::Path::Bpf(&self.ifaces));
-                steer::sync(&self.status, steer::desired(&wanted, &self.ifaces)).await;
+                steer::sync(&self.status, steer::desired(&wanted, ipv6, &self.ifaces)).await;
                 self.forward_beside_steering(&wanted).await;
                 self.status.state.store(state);
                 return;

@@ -1,8 +1,9 @@
-//! IPv6 VIPs reach the proxy through `ip6tables` nat rules (see `netfilter::v6`), on both
-//! steering paths: the bpf program steers IPv4 VIPs only, and on the bpf path the proxy falls
-//! back on the original destination for a connection whose local address is no service, which
-//! is how a redirected IPv6 connection arrives. A host whose catalog has no IPv6 VIP runs no
-//! `ip6tables` command at all (beyond one read at start), so IPv4-only hosts behave as before.
+//! IPv6 VIPs reach the proxy through `ip6tables` nat rules (see `netfilter::v6`) on the nat
+//! path, and on the bpf path when fluxd has no IPv6 listener for the program to hand them to
+//! (then the proxy falls back on the original destination for a connection whose local
+//! address is no service, which is how a redirected IPv6 connection arrives). A host whose
+//! catalog has no IPv6 VIP runs no `ip6tables` command at all (beyond one read at start), so
+//! IPv4-only hosts behave as before.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -36,6 +37,16 @@ pub(super) fn desired6(
         redirects,
         proxy_port,
         bridge_interfaces: bridge_interfaces.to_vec(),
+    }
+}
+
+/// No IPv6 nat rule: the bpf steering takes the IPv6 VIPs (a fluxd of an earlier version may
+/// have left rules for them, which go).
+pub(super) fn desired6_none(proxy_port: u16) -> netfilter::Desired6 {
+    netfilter::Desired6 {
+        redirects: Vec::new(),
+        proxy_port,
+        bridge_interfaces: Vec::new(),
     }
 }
 

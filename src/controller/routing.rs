@@ -355,7 +355,7 @@ fn forward_of(
 
 /// Whether `service` is a `tcp` service the proxy has no instance to send to: none at all, or
 /// every one drained (by a mark or its rule's weight 0), since drain means no new connection.
-fn has_no_instance(service: &Service, routes: &RouteTable) -> bool {
+pub(super) fn has_no_instance(service: &Service, routes: &RouteTable) -> bool {
     service.protocol == Protocol::Tcp
         && routes
             .by_name

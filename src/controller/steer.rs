@@ -1,24 +1,33 @@
 //! The controller's bpf path: the same desired state as the nat rules (VIPs to proxy, VIPs to
-//! refuse, VIP ranges), applied as the steering program's maps and local routes instead.
+//! refuse, VIP ranges), applied as the steering program's maps and local routes instead. IPv6
+//! VIPs are steered alike when fluxd has an IPv6 listener to hand them to.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
+use super::guard::Verdict;
+use super::routing::has_no_instance;
 use super::Status;
+use crate::catalog::State;
+use crate::proxy::route_table::RouteTable;
 
 /// The steering for `rules` (as [`super::routing::desired_rules`] computed them, after the VIP
-/// guard), steering connections from `ifaces`.
+/// guard) and the IPv6 VIPs `ipv6` (from [`ipv6_services`]), steering connections from
+/// `ifaces`.
 pub(super) fn desired(
     rules: &netfilter::Desired,
+    ipv6: Vec<(SocketAddr, (String, steering::Action))>,
     ifaces: &BTreeMap<u32, String>,
 ) -> steering::Desired {
     let entries = |list: &[netfilter::Redirect], action| {
         list.iter()
-            .map(move |r| (r.vip, (r.service.clone(), action)))
+            .map(move |r| (SocketAddr::V4(r.vip), (r.service.clone(), action)))
             .collect::<Vec<_>>()
     };
     let mut services: BTreeMap<_, _> = entries(&rules.redirects, steering::Action::Proxy)
         .into_iter()
+        .chain(ipv6)
         .collect();
     // Refused VIPs come last: a VIP never sits in both lists, but if it did, refusing is safe.
     services.extend(entries(&rules.rejects, steering::Action::Refuse));
@@ -31,6 +40,32 @@ pub(super) fn desired(
             .collect(),
         ifaces: ifaces.clone(),
     }
+}
+
+/// The IPv6 VIPs the guard allows, each to the proxy, or refused when it is a `tcp` service
+/// with no instance and `reject_empty` (as IPv4 ones: see `routing::desired_rules`).
+pub(super) fn ipv6_services(
+    state: &State,
+    routes: &RouteTable,
+    verdict: &Verdict,
+    reject_empty: bool,
+) -> Vec<(SocketAddr, (String, steering::Action))> {
+    state
+        .services
+        .values()
+        .filter(|s| verdict.allows(&s.name))
+        .filter_map(|s| match s.address {
+            Some(vip @ SocketAddr::V6(_)) => {
+                let action = if reject_empty && has_no_instance(s, routes) {
+                    steering::Action::Refuse
+                } else {
+                    steering::Action::Proxy
+                };
+                Some((vip, (s.name.clone(), action)))
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// Applies `desired` unless it is what was applied last: only the difference after a success

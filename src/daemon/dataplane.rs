@@ -124,6 +124,15 @@ pub(super) async fn start_dataplane(
         s.set_socket(proxy.socket())
             .context("steering: cannot hand the proxy socket to the program")?;
     }
+    // IPv6 VIPs are steered by the program too when there is an IPv6 listener to hand them to;
+    // without one (a host without IPv6) they keep their ip6tables rules.
+    let steer_ipv6 = match (&steering.bpf, proxy.socket6()) {
+        (Some(s), Some(l6)) => s
+            .set_socket6(l6)
+            .context("steering: cannot hand the IPv6 proxy socket to the program")
+            .map(|()| true)?,
+        _ => false,
+    };
     // Only a repair depends on conntrack (see controller::clear_unredirected): without it,
     // say so once and route anyway.
     let conntrack =
@@ -149,6 +158,7 @@ pub(super) async fn start_dataplane(
         reject_empty: steering.bpf.is_some() || crate::controller::can_refuse_empty().await,
         steering: steering.bpf,
         steering_fallback: steering.fallback,
+        steer_ipv6,
         bpf_dir: config.bpf_dir.clone(),
     };
     let status = Status::new(routes, Some(rules));

@@ -109,6 +109,11 @@ impl Proxy {
         Ok(())
     }
 
+    /// The IPv6 listening socket, if any (the bpf steering hands IPv6 VIP connections to it).
+    pub fn socket6(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.listeners6.first().map(std::os::fd::AsFd::as_fd)
+    }
+
     /// The listening socket VIP connections arrive on (the first of the reuseport group: the
     /// kernel spreads what the bpf steering hands to it over the whole group).
     pub fn socket(&self) -> std::os::fd::BorrowedFd<'_> {

@@ -2,7 +2,9 @@
 //! addresses are VIPs (routed locally), and which interfaces' connections may be steered.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use crate::routes::Prefix;
 
 /// What happens to a connection to one VIP:port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -42,26 +44,41 @@ impl std::fmt::Display for Action {
 /// The complete steering state flux wants; never a delta.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Desired {
-    /// Every VIP:port steered, with its service (for `fluxd debug`) and action.
-    pub services: BTreeMap<SocketAddrV4, (String, Action)>,
-    /// VIP ranges (`--vip-range`, those the guard allowed): routed locally as a whole, and a
-    /// connection to an address in one that is no service is refused.
+    /// Every VIP:port steered, IPv4 and IPv6, with its service (for `fluxd debug`) and action.
+    pub services: BTreeMap<SocketAddr, (String, Action)>,
+    /// IPv4 VIP ranges (`--vip-range`, those the guard allowed): routed locally as a whole, and
+    /// a connection to an address in one that is no service is refused.
     pub ranges: BTreeSet<(Ipv4Addr, u8)>,
     /// Interfaces whose connections to VIPs go to the proxy: lo and the bridges, by index.
     pub ifaces: BTreeMap<u32, String>,
 }
 
 impl Desired {
-    /// The prefixes routed locally and listed in the addresses map: each range, and the /32 of
-    /// every VIP outside all of them.
-    pub fn addresses(&self) -> BTreeSet<(Ipv4Addr, u8)> {
-        let mut out = self.ranges.clone();
+    /// The prefixes routed locally and listed in the addresses maps: each range, the /32 of
+    /// every IPv4 VIP outside all of them, and the /128 of every IPv6 VIP.
+    pub fn addresses(&self) -> BTreeSet<Prefix> {
+        let mut out: BTreeSet<Prefix> = self
+            .ranges
+            .iter()
+            .map(|(a, l)| (IpAddr::V4(*a), *l))
+            .collect();
         for vip in self.services.keys() {
-            if !self.ranges.iter().any(|r| contains(*r, *vip.ip())) {
-                out.insert((*vip.ip(), 32));
+            match vip {
+                SocketAddr::V4(v) if !self.ranges.iter().any(|r| contains(*r, *v.ip())) => {
+                    out.insert((vip.ip(), 32));
+                }
+                SocketAddr::V6(v) => {
+                    out.insert((IpAddr::V6(*v.ip()), 128));
+                }
+                SocketAddr::V4(_) => {}
             }
         }
         out
+    }
+
+    /// Whether any IPv6 VIP is steered (the IPv6 listener must then be in its socket map).
+    pub fn has_ipv6(&self) -> bool {
+        self.services.keys().any(SocketAddr::is_ipv6)
     }
 }
 
@@ -87,6 +104,8 @@ mod tests {
             ("198.18.0.1:81", Action::Refuse),
             ("10.1.2.3:80", Action::Proxy),
             ("10.1.2.3:443", Action::Proxy),
+            ("[fd00:18::a]:80", Action::Proxy),
+            ("[fd00:18::a]:81", Action::Refuse),
         ] {
             d.services
                 .insert(vip.parse().unwrap(), ("s".into(), action));
@@ -96,6 +115,7 @@ mod tests {
             .iter()
             .map(|(a, l)| format!("{a}/{l}"))
             .collect();
-        assert_eq!(got, ["10.1.2.3/32", "198.18.0.0/16"]);
+        assert_eq!(got, ["10.1.2.3/32", "198.18.0.0/16", "fd00:18::a/128"]);
+        assert!(d.has_ipv6());
     }
 }

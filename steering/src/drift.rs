@@ -23,6 +23,9 @@ impl Drift {
         if !installed.socket {
             lines.push("socket map holds no listening socket".to_string());
         }
+        if desired.has_ipv6() && !installed.socket6 {
+            lines.push("IPv6 socket map holds no listening socket".to_string());
+        }
         for (vip, (service, action)) in &desired.services {
             match installed.services.get(vip) {
                 None => lines.push(format!("missing map entry: {vip} {action} ({service})")),
@@ -102,6 +105,7 @@ mod tests {
                 .collect(),
             addresses: [("10.0.0.1".parse().unwrap(), 32)].into_iter().collect(),
             routes: Default::default(),
+            socket6: false,
         };
         let drift = Drift::between(&d, &installed);
         assert_eq!(
@@ -117,6 +121,23 @@ mod tests {
             .into_iter()
             .collect();
         clean.routes = clean.addresses.clone();
+        assert!(Drift::between(&d, &clean).is_clean());
+
+        // An IPv6 VIP needs the IPv6 listener.
+        d.services.insert(
+            "[fd00:18::a]:80".parse().unwrap(),
+            ("web6".into(), Action::Proxy),
+        );
+        clean
+            .services
+            .insert("[fd00:18::a]:80".parse().unwrap(), Some(Action::Proxy));
+        clean.addresses.insert(("fd00:18::a".parse().unwrap(), 128));
+        clean.routes = clean.addresses.clone();
+        assert_eq!(
+            Drift::between(&d, &clean).lines,
+            ["IPv6 socket map holds no listening socket"]
+        );
+        clean.socket6 = true;
         assert!(Drift::between(&d, &clean).is_clean());
     }
 }

@@ -2,7 +2,7 @@
 //! attached and pinned.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 
 use crate::desired::Action;
 use crate::routes::Prefix;
@@ -10,9 +10,10 @@ use crate::routes::Prefix;
 /// The steering as read back from the kernel.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Installed {
-    /// The services map: VIP:port -> action (None for a value no fluxd writes).
-    pub services: BTreeMap<SocketAddrV4, Option<Action>>,
-    /// The addresses map (VIP ranges and /32s).
+    /// The services maps (IPv4 and IPv6): VIP:port -> action (None for a value no fluxd
+    /// writes).
+    pub services: BTreeMap<SocketAddr, Option<Action>>,
+    /// The addresses maps (VIP ranges, /32s and /128s).
     pub addresses: BTreeSet<Prefix>,
     /// The interfaces map, by index.
     pub ifaces: BTreeSet<u32>,
@@ -21,6 +22,8 @@ pub struct Installed {
     /// Whether the socket map holds a socket (fluxd's listener).
     pub socket: bool,
     pub link: LinkState,
+    /// Whether the IPv6 socket map holds a socket (fluxd's IPv6 listener).
+    pub socket6: bool,
 }
 
 /// The program's attachment.

@@ -4,8 +4,12 @@
 //!
 //! ```c
 //! int flux_steer(struct bpf_sk_lookup *ctx) {
-//!     if (ctx->family != AF_INET || ctx->protocol != IPPROTO_TCP)
+//!     if (ctx->protocol != IPPROTO_TCP)
 //!         return SK_PASS;                       // not ours: the usual lookup
+//!     if (ctx->family == AF_INET6)
+//!         return steer6(ctx);                   // the same, with the IPv6 maps (below)
+//!     if (ctx->family != AF_INET)
+//!         return SK_PASS;
 //!     struct vip key = { ctx->local_ip4, ctx->local_port };
 //!     __u32 *action = bpf_map_lookup_elem(&services, &key);
 //!     if (!action) {
@@ -16,11 +20,15 @@
 //!     }
 //!     if (*action != ACTION_PROXY)
 //!         return SK_DROP;                       // a service with no instance: RST at once
+//!     return steer(ctx, &socket);
+//! }
+//!
+//! int steer(struct bpf_sk_lookup *ctx, void *socket_map) {
 //!     __u32 ifindex = ctx->ingress_ifindex;     // lo, or a bridge (--bridge-interfaces)
 //!     if (!bpf_map_lookup_elem(&ifaces, &ifindex))
 //!         return SK_DROP;                       // from the LAN: never to the proxy
 //!     __u32 zero = 0;
-//!     struct bpf_sock *sk = bpf_map_lookup_elem(&socket, &zero);
+//!     struct bpf_sock *sk = bpf_map_lookup_elem(socket_map, &zero);
 //!     if (!sk)
 //!         return SK_DROP;                       // no fluxd listening: refused
 //!     long err = bpf_sk_assign(ctx, sk, 0);     // a reuseport group still balances
@@ -28,6 +36,10 @@
 //!     return err ? SK_DROP : SK_PASS;
 //! }
 //! ```
+//!
+//! `steer6` keys `services6` with `local_ip6` (16 bytes) and the port, `addresses6` with
+//! `{ 128, local_ip6 }`, and hands the connection to `socket6`, fluxd's IPv6-only listener:
+//! the kernel refuses to give an IPv6 connection to an IPv4 socket.
 //!
 //! `SK_DROP` makes the lookup find no socket, so the kernel answers the SYN with a RST: the
 //! client's `connect()` fails at once with `ECONNREFUSED`.
@@ -41,10 +53,12 @@ use crate::maps::{Maps, ACTION_PROXY};
 const FAMILY: i16 = 8;
 const PROTOCOL: i16 = 12;
 const LOCAL_IP4: i16 = 40;
+const LOCAL_IP6: i16 = 44;
 const LOCAL_PORT: i16 = 60;
 const INGRESS_IFINDEX: i16 = 64;
 
 const AF_INET: i32 = 2;
+const AF_INET6: i32 = 10;
 const IPPROTO_TCP: i32 = 6;
 const SK_DROP: i32 = 0;
 const SK_PASS: i32 = 1;
@@ -55,19 +69,22 @@ const SK_RELEASE: i32 = 86;
 const SK_ASSIGN: i32 = 124;
 
 // The stack frame: fp-4 a u32 key (ifindex, then the socket's index), fp-16 the service key,
-// fp-24 the address key.
+// fp-24 the address key, fp-48 the IPv6 service key (20 bytes), fp-72 the IPv6 address key.
 const U32_KEY: i16 = -4;
 const SERVICE_KEY: i16 = -16;
 const ADDRESS_KEY: i16 = -24;
+const SERVICE6_KEY: i16 = -48;
+const ADDRESS6_KEY: i16 = -72;
 
 /// The program's instructions for `maps`.
 pub(crate) fn instructions(maps: &Maps) -> Vec<u64> {
     let mut a = Asm::default();
     a.mov(R6, R1) // r6 = ctx, kept across calls
-        .load32(R2, R6, FAMILY)
-        .jne(R2, AF_INET, "pass")
         .load32(R2, R6, PROTOCOL)
-        .jne(R2, IPPROTO_TCP, "pass");
+        .jne(R2, IPPROTO_TCP, "pass")
+        .load32(R2, R6, FAMILY)
+        .jeq(R2, AF_INET6, "v6")
+        .jne(R2, AF_INET, "pass");
     // A service?
     a.load32(R2, R6, LOCAL_IP4)
         .store32(FP, SERVICE_KEY, R2)
@@ -80,7 +97,52 @@ pub(crate) fn instructions(maps: &Maps) -> Vec<u64> {
         .jeq(R0, 0, "not_a_service")
         .load32(R2, R0, 0)
         .jne(R2, ACTION_PROXY as i32, "drop");
-    // From an interface whose connections flux captures?
+    steer(&mut a, maps, maps.socket.as_raw_fd());
+    // An address flux routes here, on a port no service has?
+    a.label("not_a_service")
+        .store32_imm(FP, ADDRESS_KEY, 32)
+        .load32(R2, R6, LOCAL_IP4)
+        .store32(FP, ADDRESS_KEY + 4, R2)
+        .load_map(R1, maps.addresses.as_raw_fd())
+        .mov(R2, FP)
+        .add_imm(R2, i32::from(ADDRESS_KEY))
+        .call(MAP_LOOKUP_ELEM)
+        .jne(R0, 0, "drop")
+        .ja("pass");
+    // The same for IPv6, with the address in four words.
+    a.label("v6");
+    for i in 0..4 {
+        a.load32(R2, R6, LOCAL_IP6 + 4 * i)
+            .store32(FP, SERVICE6_KEY + 4 * i, R2);
+    }
+    a.load32(R2, R6, LOCAL_PORT)
+        .store32(FP, SERVICE6_KEY + 16, R2)
+        .load_map(R1, maps.services6.as_raw_fd())
+        .mov(R2, FP)
+        .add_imm(R2, i32::from(SERVICE6_KEY))
+        .call(MAP_LOOKUP_ELEM)
+        .jeq(R0, 0, "not_a_service6")
+        .load32(R2, R0, 0)
+        .jne(R2, ACTION_PROXY as i32, "drop");
+    steer(&mut a, maps, maps.socket6.as_raw_fd());
+    a.label("not_a_service6").store32_imm(FP, ADDRESS6_KEY, 128);
+    for i in 0..4 {
+        a.load32(R2, R6, LOCAL_IP6 + 4 * i)
+            .store32(FP, ADDRESS6_KEY + 4 + 4 * i, R2);
+    }
+    a.load_map(R1, maps.addresses6.as_raw_fd())
+        .mov(R2, FP)
+        .add_imm(R2, i32::from(ADDRESS6_KEY))
+        .call(MAP_LOOKUP_ELEM)
+        .jne(R0, 0, "drop");
+    a.label("pass").mov_imm(R0, SK_PASS).exit();
+    a.label("drop").mov_imm(R0, SK_DROP).exit();
+    a.finish()
+}
+
+/// A service's connection (ctx in r6) from an interface whose connections flux captures, to
+/// the listener in `socket_map`; ends in a jump to `pass` or `drop`.
+fn steer(a: &mut Asm, maps: &Maps, socket_map: i32) {
     a.load32(R2, R6, INGRESS_IFINDEX)
         .store32(FP, U32_KEY, R2)
         .load_map(R1, maps.ifaces.as_raw_fd())
@@ -88,9 +150,8 @@ pub(crate) fn instructions(maps: &Maps) -> Vec<u64> {
         .add_imm(R2, i32::from(U32_KEY))
         .call(MAP_LOOKUP_ELEM)
         .jeq(R0, 0, "drop");
-    // To fluxd's listening socket.
     a.store32_imm(FP, U32_KEY, 0)
-        .load_map(R1, maps.socket.as_raw_fd())
+        .load_map(R1, socket_map)
         .mov(R2, FP)
         .add_imm(R2, i32::from(U32_KEY))
         .call(MAP_LOOKUP_ELEM)
@@ -105,17 +166,4 @@ pub(crate) fn instructions(maps: &Maps) -> Vec<u64> {
         .call(SK_RELEASE)
         .jne(R8, 0, "drop")
         .ja("pass");
-    // An address flux routes here, on a port no service has?
-    a.label("not_a_service")
-        .store32_imm(FP, ADDRESS_KEY, 32)
-        .load32(R2, R6, LOCAL_IP4)
-        .store32(FP, ADDRESS_KEY + 4, R2)
-        .load_map(R1, maps.addresses.as_raw_fd())
-        .mov(R2, FP)
-        .add_imm(R2, i32::from(ADDRESS_KEY))
-        .call(MAP_LOOKUP_ELEM)
-        .jne(R0, 0, "drop");
-    a.label("pass").mov_imm(R0, SK_PASS).exit();
-    a.label("drop").mov_imm(R0, SK_DROP).exit();
-    a.finish()
 }

@@ -4,11 +4,11 @@
 //! SYN-ACK unroutable). flux's routes carry their own protocol number ([`PROTOCOL`]), so they
 //! are read back, repaired and removed without touching anyone else's.
 //!
-//! `src 127.0.0.1`: a host process connecting to a VIP gets 127.0.0.1 as its address, as over
-//! loopback, rather than the VIP itself.
+//! `src 127.0.0.1` (`src ::1` for an IPv6 VIP): a host process connecting to a VIP gets the
+//! loopback address as its own, as over loopback, rather than the VIP itself.
 
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use netfilter::Runner;
 
@@ -18,15 +18,17 @@ use crate::Error;
 /// use itself (0-4) and no routing daemon claims in iproute2's `rt_protos`.
 pub const PROTOCOL: &str = "171";
 
-/// A prefix routed locally: a VIP range, or a VIP as `/32`.
-pub type Prefix = (Ipv4Addr, u8);
+/// A prefix routed locally: a VIP range, or a VIP as `/32` (IPv6: `/128`).
+pub type Prefix = (IpAddr, u8);
 
-/// The `ip -batch` lines that turn `installed` into `desired`.
+/// The `ip -batch` lines that turn `installed` into `desired` (`ip` takes each line's family
+/// from its address, so one batch holds both).
 pub(crate) fn batch(installed: &BTreeSet<Prefix>, desired: &BTreeSet<Prefix>) -> String {
     let mut out = String::new();
     for (a, l) in desired.difference(installed) {
+        let src = if a.is_ipv6() { "::1" } else { "127.0.0.1" };
         out.push_str(&format!(
-            "route replace local {a}/{l} dev lo table local proto {PROTOCOL} src 127.0.0.1\n"
+            "route replace local {a}/{l} dev lo table local proto {PROTOCOL} src {src}\n"
         ));
     }
     for (a, l) in installed.difference(desired) {
@@ -37,7 +39,8 @@ pub(crate) fn batch(installed: &BTreeSet<Prefix>, desired: &BTreeSet<Prefix>) ->
     out
 }
 
-/// flux's routes as `ip -j route show table local proto 171` prints them.
+/// flux's routes as `ip -j [-6] route show table local proto 171` prints them (a host route
+/// without its length: /32, or /128 for IPv6).
 pub(crate) fn parse(json: &str) -> Result<BTreeSet<Prefix>, Error> {
     #[derive(serde::Deserialize)]
     struct Route {
@@ -51,23 +54,34 @@ pub(crate) fn parse(json: &str) -> Result<BTreeSet<Prefix>, Error> {
     routes
         .into_iter()
         .map(|r| {
-            let (addr, len) = r.dst.split_once('/').unwrap_or((&r.dst, "32"));
-            match (addr.parse(), len.parse()) {
-                (Ok(a), Ok(l)) if l <= 32 => Ok((a, l)),
+            let (addr, len) = r.dst.split_once('/').unwrap_or((&r.dst, ""));
+            let addr: Option<IpAddr> = addr.parse().ok();
+            let max = match addr {
+                Some(IpAddr::V6(_)) => 128,
+                _ => 32,
+            };
+            let len = if len.is_empty() { Ok(max) } else { len.parse() };
+            match (addr, len) {
+                (Some(a), Ok(l)) if l <= max => Ok((a, l)),
                 _ => Err(Error::Routes(format!("route to {:?}", r.dst))),
             }
         })
         .collect()
 }
 
-/// Reads flux's routes.
+/// Reads flux's routes, IPv4 then IPv6 (`ip route show` lists one family; a kernel without
+/// IPv6 has no IPv6 routes to read, and `ip -6` would fail there).
 pub(crate) fn read(runner: &dyn Runner) -> Result<BTreeSet<Prefix>, Error> {
-    let out = runner.run(
-        "ip",
-        &["-j", "route", "show", "table", "local", "proto", PROTOCOL],
-        None,
-    )?;
-    parse(&out)
+    let show = ["route", "show", "table", "local", "proto", PROTOCOL];
+    let mut routes = parse(&runner.run("ip", &[&["-j"][..], &show].concat(), None)?)?;
+    if std::path::Path::new("/proc/sys/net/ipv6").exists() {
+        routes.extend(parse(&runner.run(
+            "ip",
+            &[&["-j", "-6"][..], &show].concat(),
+            None,
+        )?)?);
+    }
+    Ok(routes)
 }
 
 /// Applies the lines of [`batch`] in one `ip` process; nothing to do costs no process.
@@ -90,10 +104,13 @@ mod tests {
     #[test]
     fn batch_adds_then_deletes() {
         let installed = [p("198.18.0.0/16"), p("10.0.0.9/32")].into_iter().collect();
-        let desired = [p("198.18.0.0/16"), p("10.0.0.1/32")].into_iter().collect();
+        let desired = [p("198.18.0.0/16"), p("10.0.0.1/32"), p("fd00:18::a/128")]
+            .into_iter()
+            .collect();
         assert_eq!(
             batch(&installed, &desired),
             "route replace local 10.0.0.1/32 dev lo table local proto 171 src 127.0.0.1\n\
+             route replace local fd00:18::a/128 dev lo table local proto 171 src ::1\n\
              route del local 10.0.0.9/32 dev lo table local proto 171\n"
         );
         assert_eq!(batch(&desired, &desired), "");
@@ -111,5 +128,13 @@ mod tests {
         );
         assert!(parse("").unwrap().is_empty());
         assert!(parse(r#"[{"dst":"default"}]"#).is_err());
+        assert!(parse(r#"[{"dst":"198.19.0.5/33"}]"#).is_err());
+        let v6 = r#"[{"type":"local","dst":"fd00:18::a","dev":"lo","prefsrc":"::1","metric":1024,"flags":[],"pref":"medium"},{"dst":"fd00:19::/64"}]"#;
+        assert_eq!(
+            parse(v6).unwrap(),
+            [p("fd00:18::a/128"), p("fd00:19::/64")]
+                .into_iter()
+                .collect()
+        );
     }
 }

@@ -1,8 +1,8 @@
 //! The handle the daemon holds: loads the program, keeps its maps, routes and pins level with
 //! the desired state, reads them back, and takes everything away.
 
-use std::collections::BTreeSet;
-use std::net::SocketAddrV4;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -37,6 +37,8 @@ pub struct Steering {
     link: Mutex<Option<OwnedFd>>,
     /// The proxy's listening socket (a duplicate): put back into the socket map if it goes.
     socket: Mutex<Option<OwnedFd>>,
+    /// Its IPv6 listener (a duplicate), likewise for the IPv6 socket map.
+    socket6: Mutex<Option<OwnedFd>>,
     /// The namespace the link must be attached to.
     netns_ino: u64,
     /// Runs `ip` (routes) in this namespace.
@@ -69,6 +71,7 @@ impl Steering {
             prog,
             link: Mutex::new(Some(link)),
             socket: Mutex::new(None),
+            socket6: Mutex::new(None),
             netns_ino: pins::own_netns_ino().unwrap_or(0),
             runner: Box::new(runner),
         })
@@ -85,10 +88,23 @@ impl Steering {
         let dup = listener
             .try_clone_to_owned()
             .bpf("duplicating the listener")?;
-        self.maps
-            .set_socket(dup.as_fd())
+        Maps::set_socket(self.maps.socket.as_fd(), dup.as_fd())
             .bpf("putting the listener in the socket map")?;
         if let Ok(mut s) = self.socket.lock() {
+            *s = Some(dup);
+        }
+        Ok(())
+    }
+
+    /// Makes `listener` (IPv6-only: the kernel will not hand an IPv6 connection to an IPv4
+    /// socket) the socket IPv6 VIP connections are handed to.
+    pub fn set_socket6(&self, listener: BorrowedFd) -> Result<(), Error> {
+        let dup = listener
+            .try_clone_to_owned()
+            .bpf("duplicating the IPv6 listener")?;
+        Maps::set_socket(self.maps.socket6.as_fd(), dup.as_fd())
+            .bpf("putting the IPv6 listener in its socket map")?;
+        if let Ok(mut s) = self.socket6.lock() {
             *s = Some(dup);
         }
         Ok(())
@@ -106,7 +122,10 @@ impl Steering {
             &wanted,
         )?;
         if !installed.socket {
-            self.restore_socket()?;
+            Self::restore_socket(&self.socket, &self.maps.socket)?;
+        }
+        if !installed.socket6 {
+            Self::restore_socket(&self.socket6, &self.maps.socket6)?;
         }
         self.attach_and_pin()?;
         let lines = routes::batch(&routes::read(self.runner.as_ref())?, &wanted);
@@ -135,7 +154,7 @@ impl Steering {
     /// changes first, then removals.
     fn update_maps(
         &self,
-        services: &std::collections::BTreeMap<SocketAddrV4, Option<Action>>,
+        services: &BTreeMap<SocketAddr, Option<Action>>,
         addresses: &BTreeSet<Prefix>,
         ifaces: &BTreeSet<u32>,
         desired: &Desired,
@@ -144,21 +163,15 @@ impl Steering {
         let m = &self.maps;
         for (vip, (_, action)) in &desired.services {
             if services.get(vip) != Some(&Some(*action)) {
-                sys::map_update(
-                    m.services.as_fd(),
-                    &maps::service_key(*vip),
-                    &action.code().to_ne_bytes(),
-                )
-                .bpf(format!("adding {vip} to the services map"))?;
+                let (map, key) = self.service_entry(*vip);
+                sys::map_update(map, &key, &action.code().to_ne_bytes())
+                    .bpf(format!("adding {vip} to the services map"))?;
             }
         }
         for (a, l) in wanted.difference(addresses) {
-            sys::map_update(
-                m.addresses.as_fd(),
-                &maps::address_key(*a, *l),
-                &1u32.to_ne_bytes(),
-            )
-            .bpf(format!("adding {a}/{l} to the addresses map"))?;
+            let (map, key) = self.address_entry(*a, *l);
+            sys::map_update(map, &key, &1u32.to_ne_bytes())
+                .bpf(format!("adding {a}/{l} to the addresses map"))?;
         }
         for (index, name) in &desired.ifaces {
             if !ifaces.contains(index) {
@@ -168,13 +181,13 @@ impl Steering {
         }
         for vip in services.keys() {
             if !desired.services.contains_key(vip) {
-                sys::map_delete(m.services.as_fd(), &maps::service_key(*vip))
-                    .bpf(format!("deleting {vip} from the services map"))?;
+                let (map, key) = self.service_entry(*vip);
+                sys::map_delete(map, &key).bpf(format!("deleting {vip} from the services map"))?;
             }
         }
         for (a, l) in addresses.difference(wanted) {
-            sys::map_delete(m.addresses.as_fd(), &maps::address_key(*a, *l))
-                .bpf(format!("deleting {a}/{l} from the addresses map"))?;
+            let (map, key) = self.address_entry(*a, *l);
+            sys::map_delete(map, &key).bpf(format!("deleting {a}/{l} from the addresses map"))?;
         }
         for index in ifaces {
             if !desired.ifaces.contains_key(index) {
@@ -186,11 +199,33 @@ impl Steering {
         Ok(())
     }
 
-    fn restore_socket(&self) -> Result<(), Error> {
-        let socket = self.socket.lock().ok();
+    /// The services map of `vip`'s family and its key there.
+    fn service_entry(&self, vip: SocketAddr) -> (BorrowedFd<'_>, Vec<u8>) {
+        match vip {
+            SocketAddr::V4(v) => (self.maps.services.as_fd(), maps::service_key(v).to_vec()),
+            SocketAddr::V6(v) => (self.maps.services6.as_fd(), maps::service_key6(v).to_vec()),
+        }
+    }
+
+    /// The addresses map of the prefix's family and its key there.
+    fn address_entry(&self, addr: IpAddr, len: u8) -> (BorrowedFd<'_>, Vec<u8>) {
+        match addr {
+            IpAddr::V4(a) => (
+                self.maps.addresses.as_fd(),
+                maps::address_key(a, len).to_vec(),
+            ),
+            IpAddr::V6(a) => (
+                self.maps.addresses6.as_fd(),
+                maps::address_key6(a, len).to_vec(),
+            ),
+        }
+    }
+
+    /// Puts the listener `held` (if fluxd gave one) back into `map`.
+    fn restore_socket(held: &Mutex<Option<OwnedFd>>, map: &OwnedFd) -> Result<(), Error> {
+        let socket = held.lock().ok();
         if let Some(fd) = socket.as_ref().and_then(|s| s.as_ref()) {
-            self.maps
-                .set_socket(fd.as_fd())
+            Maps::set_socket(map.as_fd(), fd.as_fd())
                 .bpf("putting the listener back in the socket map")?;
         }
         Ok(())
@@ -228,12 +263,15 @@ impl Steering {
         Ok(())
     }
 
-    fn map_pins(&self) -> [(&'static str, BorrowedFd<'_>); 4] {
+    fn map_pins(&self) -> [(&'static str, BorrowedFd<'_>); 7] {
         [
             ("socket", self.maps.socket.as_fd()),
             ("services", self.maps.services.as_fd()),
             ("addresses", self.maps.addresses.as_fd()),
             ("ifaces", self.maps.ifaces.as_fd()),
+            ("socket6", self.maps.socket6.as_fd()),
+            ("services6", self.maps.services6.as_fd()),
+            ("addresses6", self.maps.addresses6.as_fd()),
         ]
     }
 
@@ -241,26 +279,25 @@ impl Steering {
     fn read_maps(&self) -> Result<Installed, Error> {
         let m = &self.maps;
         let mut installed = Installed::default();
-        for key in
-            sys::map_keys(m.services.as_fd(), 8, READ_LIMIT).bpf("reading the services map")?
-        {
-            let Some(vip) = maps::parse_service_key(&key) else {
-                continue;
-            };
-            let mut value = [0u8; 4];
-            if sys::map_lookup(m.services.as_fd(), &key, &mut value)
-                .bpf("reading the services map")?
-            {
-                installed
-                    .services
-                    .insert(vip, Action::from_code(u32::from_ne_bytes(value)));
-            }
-        }
+        let v4 = read_services(m.services.as_fd(), 8, |k| {
+            maps::parse_service_key(k).map(SocketAddr::V4)
+        })?;
+        let v6 = read_services(m.services6.as_fd(), 20, |k| {
+            maps::parse_service_key6(k).map(SocketAddr::V6)
+        })?;
+        installed.services = v4.into_iter().chain(v6).collect();
         for key in
             sys::map_keys(m.addresses.as_fd(), 8, READ_LIMIT).bpf("reading the addresses map")?
         {
-            if let Some(prefix) = maps::parse_address_key(&key) {
-                installed.addresses.insert(prefix);
+            if let Some((a, l)) = maps::parse_address_key(&key) {
+                installed.addresses.insert((IpAddr::V4(a), l));
+            }
+        }
+        for key in sys::map_keys(m.addresses6.as_fd(), 20, READ_LIMIT)
+            .bpf("reading the IPv6 addresses map")?
+        {
+            if let Some((a, l)) = maps::parse_address_key6(&key) {
+                installed.addresses.insert((IpAddr::V6(a), l));
             }
         }
         for key in
@@ -270,7 +307,12 @@ impl Steering {
                 installed.ifaces.insert(u32::from_ne_bytes(k));
             }
         }
-        installed.socket = m.socket_cookie().bpf("reading the socket map")?.is_some();
+        installed.socket = Maps::socket_cookie(m.socket.as_fd())
+            .bpf("reading the socket map")?
+            .is_some();
+        installed.socket6 = Maps::socket_cookie(m.socket6.as_fd())
+            .bpf("reading the IPv6 socket map")?
+            .is_some();
         Ok(installed)
     }
 
@@ -311,6 +353,25 @@ impl Steering {
         }
         Ok(())
     }
+}
+
+/// The entries of one services map, keys parsed by `parse`.
+fn read_services(
+    map: BorrowedFd,
+    key_size: usize,
+    parse: impl Fn(&[u8]) -> Option<SocketAddr>,
+) -> Result<Vec<(SocketAddr, Option<Action>)>, Error> {
+    let mut out = Vec::new();
+    for key in sys::map_keys(map, key_size, READ_LIMIT).bpf("reading the services map")? {
+        let Some(vip) = parse(&key) else {
+            continue;
+        };
+        let mut value = [0u8; 4];
+        if sys::map_lookup(map, &key, &mut value).bpf("reading the services map")? {
+            out.push((vip, Action::from_code(u32::from_ne_bytes(value))));
+        }
+    }
+    Ok(out)
 }
 
 fn link_id(fd: BorrowedFd) -> std::io::Result<u32> {

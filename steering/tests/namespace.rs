@@ -3,10 +3,11 @@
 //! the listener with the VIP as its local address, empty services and unknown ports are
 //! refused at once, the LAN is not captured, damage (a deleted map entry, route or a detached
 //! link) shows as drift and is repaired, a second load takes over from the first without a
-//! gap, and removal leaves nothing. Each test takes well under a second.
+//! gap, removal leaves nothing, and IPv6 VIPs go to the IPv6 listener likewise. Each test takes
+//! well under a second.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddrV4, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -115,7 +116,7 @@ impl Drop for BpfFs {
     }
 }
 
-fn vip(s: &str) -> SocketAddrV4 {
+fn vip(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
 
@@ -134,23 +135,20 @@ fn desired(ifaces: &[String]) -> Desired {
 }
 
 /// Connects, and on success returns the local address of the accepted connection.
-fn connect_via(listener: &TcpListener, to: SocketAddrV4) -> std::io::Result<SocketAddrV4> {
-    let mut c = TcpStream::connect_timeout(&to.into(), Duration::from_secs(2))?;
+fn connect_via(listener: &TcpListener, to: SocketAddr) -> std::io::Result<SocketAddr> {
+    let mut c = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
     c.write_all(b"x")?;
     listener.set_nonblocking(false)?;
     let (mut s, _) = listener.accept()?;
     let mut b = [0u8; 1];
     s.read_exact(&mut b)?;
-    match s.local_addr()? {
-        std::net::SocketAddr::V4(a) => Ok(a),
-        other => panic!("{other}"),
-    }
+    s.local_addr()
 }
 
 /// Refused at once: the RST answers the first SYN, not a retransmission a second later.
-fn refused(to: SocketAddrV4) -> bool {
+fn refused(to: SocketAddr) -> bool {
     let t = std::time::Instant::now();
-    let r = TcpStream::connect_timeout(&to.into(), Duration::from_secs(2));
+    let r = TcpStream::connect_timeout(&to, Duration::from_secs(2));
     eprintln!("{to}: {r:?} after {:?}", t.elapsed());
     matches!(r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
         && t.elapsed() < Duration::from_millis(500)
@@ -283,10 +281,7 @@ fn host_clients_are_steered_empty_services_refused_drift_repaired() {
             ""
         );
         assert!(!pins.exists());
-        assert!(
-            TcpStream::connect_timeout(&vip("10.99.0.1:80").into(), Duration::from_secs(1))
-                .is_err()
-        );
+        assert!(TcpStream::connect_timeout(&vip("10.99.0.1:80"), Duration::from_secs(1)).is_err());
     });
 }
 
@@ -331,10 +326,7 @@ fn a_restart_takes_over_without_a_gap_and_leftovers_go() {
         drop(second);
         assert!(steering::remove_leftovers(&dir, &CommandRunner::in_netns(&name)).unwrap());
         assert!(!steering::remove_leftovers(&dir, &CommandRunner::in_netns(&name)).unwrap());
-        assert!(
-            TcpStream::connect_timeout(&vip("10.99.0.1:80").into(), Duration::from_secs(1))
-                .is_err()
-        );
+        assert!(TcpStream::connect_timeout(&vip("10.99.0.1:80"), Duration::from_secs(1)).is_err());
     });
 }
 
@@ -389,20 +381,138 @@ fn bridge_clients_are_steered_the_lan_is_not() {
         (listener, s)
     });
     listener.set_nonblocking(true).unwrap();
-    let from_container = container.run(|| {
-        TcpStream::connect_timeout(&vip("10.99.0.1:80").into(), Duration::from_secs(2)).map(drop)
-    });
+    let from_container = container
+        .run(|| TcpStream::connect_timeout(&vip("10.99.0.1:80"), Duration::from_secs(2)).map(drop));
     assert!(from_container.is_ok(), "{from_container:?}");
     let (accepted, peer) = listener.accept().unwrap();
     assert_eq!(accepted.local_addr().unwrap().to_string(), "10.99.0.1:80");
     assert_eq!(peer.ip().to_string(), "198.19.1.2");
-    let from_lan = lan.run(|| {
-        TcpStream::connect_timeout(&vip("10.99.0.1:80").into(), Duration::from_secs(2)).map(drop)
-    });
+    let from_lan = lan
+        .run(|| TcpStream::connect_timeout(&vip("10.99.0.1:80"), Duration::from_secs(2)).map(drop));
     assert!(from_lan.is_err(), "a LAN connection to a VIP was accepted");
     assert!(
         listener.accept().is_err(),
         "a LAN connection reached the listener"
     );
     drop(s);
+}
+
+/// An IPv6-only listener on `[::]:7171`, as fluxd's beside its IPv4 one.
+fn listener6() -> TcpListener {
+    let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).unwrap();
+    s.set_only_v6(true).unwrap();
+    s.bind(&vip("[::]:7171").into()).unwrap();
+    s.listen(128).unwrap();
+    s.into()
+}
+
+/// IPv6 VIPs: handed to the IPv6 listener with the VIP as its local address (an IPv4 listener
+/// beside it sees none of them), refused when the service has no instance, on another port,
+/// or while no IPv6 listener is in its map; damage shows as drift and is repaired.
+#[test]
+fn ipv6_vips_go_to_the_ipv6_listener() {
+    let ns = Netns::new("v6");
+    ns.exec(&[
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.all.disable_ipv6=0",
+        "net.ipv6.conf.lo.disable_ipv6=0",
+    ]);
+    let bpf = BpfFs::mount();
+    let (dir, runner) = (bpf.path(), CommandRunner::in_netns(&ns.0));
+    let pins = pin_dir(&dir, &ns);
+    let name = ns.0.clone();
+    ns.run(move || {
+        let listener = TcpListener::bind("0.0.0.0:7171").unwrap();
+        let l6 = listener6();
+        let s = Steering::load(&dir, runner).unwrap();
+        s.set_socket(listener.as_fd()).unwrap();
+        let mut d = desired(&[]);
+        d.services
+            .insert(vip("[fd00:18::a]:80"), ("web6".into(), Action::Proxy));
+        d.services
+            .insert(vip("[fd00:18::b]:80"), ("idle6".into(), Action::Refuse));
+        s.apply(&d).unwrap();
+        // No IPv6 listener yet: said, and its VIPs refused rather than left to the usual lookup.
+        assert_eq!(
+            s.drift(&d).unwrap().lines,
+            ["IPv6 socket map holds no listening socket"]
+        );
+        assert!(refused(vip("[fd00:18::a]:80")));
+        s.set_socket6(l6.as_fd()).unwrap();
+        assert!(s.drift(&d).unwrap().is_clean(), "{}", s.drift(&d).unwrap());
+        let routes = run(&[
+            "ip", "-n", &name, "-6", "route", "show", "table", "local", "proto", "171",
+        ]);
+        assert!(routes.contains("local fd00:18::a dev lo"), "{routes}");
+        assert_eq!(
+            connect_via(&l6, vip("[fd00:18::a]:80")).unwrap(),
+            vip("[fd00:18::a]:80")
+        );
+        listener.set_nonblocking(true).unwrap();
+        assert!(
+            listener.accept().is_err(),
+            "an IPv6 VIP reached the IPv4 listener"
+        );
+        assert_eq!(
+            connect_via(&listener, vip("10.99.0.1:80")).unwrap(),
+            vip("10.99.0.1:80")
+        );
+        assert!(refused(vip("[fd00:18::b]:80")), "no instance");
+        assert!(refused(vip("[fd00:18::a]:22")), "another port of a VIP");
+
+        // Someone deletes the entry ([fd00:18::a], port 80 in host order) and the route.
+        let mut key = vec!["fd", "00", "00", "18"];
+        key.extend(["00"; 11]);
+        key.extend(["0a", "50", "00", "00", "00"]);
+        let services6 = pins.join("services6");
+        let mut args = vec![
+            "bpftool",
+            "map",
+            "delete",
+            "pinned",
+            services6.to_str().unwrap(),
+            "key",
+            "hex",
+        ];
+        args.extend(key);
+        run(&args);
+        run(&[
+            "ip",
+            "-n",
+            &name,
+            "route",
+            "del",
+            "local",
+            "fd00:18::b/128",
+            "table",
+            "local",
+            "proto",
+            "171",
+        ]);
+        assert_eq!(
+            s.drift(&d).unwrap().lines,
+            [
+                "missing map entry: [fd00:18::a]:80 proxy (web6)",
+                "missing route: local fd00:18::b/128",
+            ]
+        );
+        s.apply(&d).unwrap();
+        assert!(s.drift(&d).unwrap().is_clean(), "{}", s.drift(&d).unwrap());
+        assert_eq!(
+            connect_via(&l6, vip("[fd00:18::a]:80")).unwrap(),
+            vip("[fd00:18::a]:80")
+        );
+
+        // A change at a time, then removal: no IPv6 route left.
+        let mut next = d.clone();
+        next.services.remove(&vip("[fd00:18::a]:80"));
+        s.apply_change(&d, &next).unwrap();
+        assert!(s.drift(&next).unwrap().is_clean());
+        s.remove().unwrap();
+        assert_eq!(
+            run(&["ip", "-n", &name, "-6", "route", "show", "table", "local", "proto", "171"]),
+            ""
+        );
+    });
 }
