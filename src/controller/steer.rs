@@ -130,3 +130,85 @@ pub(super) async fn drifted(status: &Arc<Status>) -> bool {
     }
     drifted == Some(true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::guard::RefusedVip;
+    use crate::controller::routing::{route_table, Built};
+    use crate::metrics::Metrics;
+    use crate::model::{Balance, Instance, Protocol, Service};
+
+    fn service(name: &str, vip: &str, protocol: Protocol) -> Arc<Service> {
+        Arc::new(Service {
+            name: name.into(),
+            address: Some(vip.parse().unwrap()),
+            protocol,
+            instance_port: None,
+            balance: Balance::default(),
+            health: None,
+            forward: Default::default(),
+            locality: Default::default(),
+            affinity: Default::default(),
+            timeouts: Default::default(),
+            proxy_protocol: None,
+            instance_protocol: None,
+        })
+    }
+
+    #[test]
+    fn ipv6_vips_are_steered_or_refused_as_ipv4_ones() {
+        let mut state = State::default();
+        for s in [
+            service("web6", "[fd00:18::a]:80", Protocol::Tcp),
+            service("idle6", "[fd00:18::b]:80", Protocol::Tcp),
+            service("api6", "[fd00:18::c]:80", Protocol::Http),
+            service("mine6", "[fd00:18::d]:80", Protocol::Tcp),
+            service("web4", "198.18.0.10:80", Protocol::Tcp),
+        ] {
+            state.services.insert(s.name.clone(), s);
+        }
+        for (svc, addr) in [("web6", "[fd00:10::10]:80"), ("web4", "192.0.2.1:80")] {
+            let i = Instance::new_static(svc, "i1", addr.parse().unwrap());
+            state
+                .instances
+                .insert((svc.into(), "i1".into()), Arc::new(i));
+        }
+        let table = route_table(&state, &mut Built::default(), &Metrics::new());
+        let mut verdict = Verdict::default();
+        verdict.refused.insert(
+            "mine6".into(),
+            RefusedVip {
+                service: "mine6".into(),
+                vip: "[fd00:18::d]:80".parse().unwrap(),
+                reason: "an address of lo".into(),
+            },
+        );
+        let got = |reject_empty| -> Vec<String> {
+            ipv6_services(&state, &table, &verdict, reject_empty)
+                .into_iter()
+                .map(|(vip, (name, action))| format!("{vip} {name} {action}"))
+                .collect()
+        };
+        // The http service is steered although empty (its clients get a 503); the guard's
+        // refusal and the IPv4 VIP are not here.
+        assert_eq!(
+            got(true),
+            [
+                "[fd00:18::c]:80 api6 proxy",
+                "[fd00:18::b]:80 idle6 refuse",
+                "[fd00:18::a]:80 web6 proxy",
+            ]
+        );
+        assert!(got(false).iter().all(|l| l.ends_with("proxy")));
+
+        let rules = netfilter::Desired::default();
+        let d = desired(
+            &rules,
+            ipv6_services(&state, &table, &verdict, true),
+            &BTreeMap::new(),
+        );
+        assert_eq!(d.services.len(), 3);
+        assert!(d.has_ipv6());
+    }
+}
