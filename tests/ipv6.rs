@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use support::client_loop::ClientLoop;
 use support::fluxd::{wait_until, Fluxd};
 use support::netns::Netns;
 
@@ -498,9 +499,6 @@ fn systemd_socket(ns: &Netns, addr: SocketAddr) -> TcpListener {
 #[test]
 fn a_passed_ipv6_socket_refuses_no_ipv6_connection_across_restarts() {
     use std::os::fd::AsRawFd;
-    use std::sync::atomic::AtomicU64;
-    use std::sync::Mutex;
-    use std::time::Instant;
 
     let ns = dual_stack_netns("v6sock");
     let s4 = systemd_socket(&ns, addr("0.0.0.0:7171"));
@@ -532,41 +530,12 @@ fn a_passed_ipv6_socket_refuses_no_ipv6_connection_across_restarts() {
 
     // At most 3,000 connections or 40 s, from four clients at once so that some connect while
     // no fluxd runs.
-    let served = Arc::new(AtomicU64::new(0));
-    let next = Arc::new(AtomicU64::new(0));
-    let done = Arc::new(AtomicBool::new(false));
-    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
-    let clients: Vec<_> = (0..4)
-        .map(|_| {
-            let (served, next, done, failures) =
-                (served.clone(), next.clone(), done.clone(), failures.clone());
-            ns.spawn(move || {
-                let start = Instant::now();
-                while !done.load(Ordering::SeqCst) && start.elapsed() < Duration::from_secs(40) {
-                    let i = next.fetch_add(1, Ordering::SeqCst);
-                    if i >= 3000 {
-                        break;
-                    }
-                    match who_serves(vip6) {
-                        Ok(_) => {
-                            served.fetch_add(1, Ordering::SeqCst);
-                        }
-                        Err(e) => failures
-                            .lock()
-                            .unwrap()
-                            .push(format!("connection {i} at {:?}: {e}", start.elapsed())),
-                    }
-                }
-            })
-        })
-        .collect();
-    let progressed = |from: u64| {
-        wait_until(Duration::from_secs(10), || {
-            served.load(Ordering::SeqCst) >= from + 50
-        })
-        .is_some()
-    };
-    assert!(progressed(0), "no traffic before the restarts");
+    let clients = ClientLoop::start(&ns, 4, 3000, Duration::from_secs(40), move |_| {
+        who_serves(vip6).map(drop)
+    });
+    clients
+        .progressed(0, 50)
+        .unwrap_or_else(|e| panic!("no traffic before the restarts: {e}"));
     for round in 1..=2 {
         fluxd.stop();
         assert!(
@@ -574,48 +543,23 @@ fn a_passed_ipv6_socket_refuses_no_ipv6_connection_across_restarts() {
             "round {round}: IPv6 steering removed on a stop with passed sockets: {}",
             fluxd.log()
         );
-        let at_restart = served.load(Ordering::SeqCst);
+        let at_restart = clients.served();
         fluxd.start_with_sockets(&passed);
-        if !progressed(at_restart) {
-            let failures = failures.lock().unwrap();
+        if let Err(e) = clients.progressed(at_restart, 50) {
             panic!(
-                "round {round}: no connection served after the restart; {} failed: {:?}\n{}",
-                failures.len(),
-                &failures[..failures.len().min(5)],
+                "round {round}: no connection served after the restart: {e}\n{}",
                 fluxd.log()
             );
         }
     }
-    done.store(true, Ordering::SeqCst);
-    for c in clients {
-        c.join().unwrap();
-    }
-    let failures = failures.lock().unwrap();
-    let total = served.load(Ordering::SeqCst);
-    eprintln!(
-        "{total} IPv6 connections served across two restarts, {} failed",
-        failures.len()
-    );
-    assert!(
-        failures.is_empty(),
-        "{} of {} IPv6 connections failed: {:?}\n{}",
-        failures.len(),
-        total + failures.len() as u64,
-        &failures[..failures.len().min(5)],
-        fluxd.log()
-    );
+    clients
+        .finish()
+        .assert_none_failed("IPv6 connections across two restarts", &fluxd.log());
 
     // A real stop (fluxd.socket's ExecStopPost): fluxd, then `fluxd cleanup`.
     fluxd.stop();
     drop((s4, s6));
-    let bpf_dir = fluxd.bpf_dir().unwrap().display().to_string();
-    let out = ns.exec(&[
-        env!("CARGO_BIN_EXE_fluxd"),
-        "cleanup",
-        "--bpf-dir",
-        &bpf_dir,
-    ]);
-    assert!(out.status.success(), "{out:?}");
+    fluxd.cleanup();
     let after = ip6tables_nat(&ns);
     assert!(
         !after.contains("FLUX") && !after.contains("flux"),

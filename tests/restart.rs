@@ -9,11 +9,10 @@ mod support;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddrV4, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use support::backend::{who_serves, Backend};
+use support::client_loop::ClientLoop;
 use support::fluxd::{wait_until, Fluxd};
 use support::netns::Netns;
 
@@ -113,55 +112,12 @@ fn restart_with_a_passed_socket_refuses_no_connection() {
 
     // At most 3,000 connections or 30 s, from four clients at once so that some connect while
     // no fluxd runs.
-    let served = Arc::new(AtomicU64::new(0));
-    let next = Arc::new(AtomicU64::new(0));
-    let slowest = Arc::new(Mutex::new(Duration::ZERO));
-    let done = Arc::new(AtomicBool::new(false));
-    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
-    let clients: Vec<_> = (0..4)
-        .map(|_| {
-            let (served, next, slowest, done, failures) = (
-                served.clone(),
-                next.clone(),
-                slowest.clone(),
-                done.clone(),
-                failures.clone(),
-            );
-            ns.spawn(move || {
-                let start = Instant::now();
-                loop {
-                    let i = next.fetch_add(1, Ordering::SeqCst);
-                    if i >= 3000
-                        || done.load(Ordering::SeqCst)
-                        || start.elapsed() > Duration::from_secs(30)
-                    {
-                        break;
-                    }
-                    let t = Instant::now();
-                    match exchange(vip(), i) {
-                        Ok(()) => {
-                            served.fetch_add(1, Ordering::SeqCst);
-                            let mut s = slowest.lock().unwrap();
-                            *s = (*s).max(t.elapsed());
-                        }
-                        Err(e) => failures.lock().unwrap().push(format!(
-                            "connection {i} at {:?}: {e} ({:?})",
-                            start.elapsed(),
-                            e.kind()
-                        )),
-                    }
-                }
-            })
-        })
-        .collect();
-
-    let progressed = |from: u64| {
-        wait_until(Duration::from_secs(10), || {
-            served.load(Ordering::SeqCst) >= from + 100
-        })
-        .is_some()
-    };
-    assert!(progressed(0), "no traffic before the restarts");
+    let clients = ClientLoop::start(&ns, 4, 3000, Duration::from_secs(30), |i| {
+        exchange(vip(), i)
+    });
+    clients
+        .progressed(0, 100)
+        .unwrap_or_else(|e| panic!("no traffic before the restarts: {e}"));
     for round in 1..=2 {
         fluxd.stop();
         // The socket outlives fluxd, and so do the rules that lead to it.
@@ -171,45 +127,23 @@ fn restart_with_a_passed_socket_refuses_no_connection() {
             fluxd.log()
         );
         assert!(fluxd.log().contains("keeping flux's rules installed"));
-        let at_restart = served.load(Ordering::SeqCst);
+        let at_restart = clients.served();
         fluxd.start_with_socket(socket.as_raw_fd());
-        assert!(
-            progressed(at_restart),
-            "round {round}: no connection served after the restart: {}",
-            fluxd.log()
-        );
+        if let Err(e) = clients.progressed(at_restart, 100) {
+            panic!(
+                "round {round}: no connection served after the restart: {e}\n{}",
+                fluxd.log()
+            );
+        }
     }
-    done.store(true, Ordering::SeqCst);
-    for c in clients {
-        c.join().unwrap();
-    }
-    let failures = failures.lock().unwrap();
-    let total = served.load(Ordering::SeqCst);
-    eprintln!(
-        "{total} connections served across two restarts, {} failed, slowest {:?}",
-        failures.len(),
-        slowest.lock().unwrap()
-    );
-    assert!(
-        failures.is_empty(),
-        "{} of {} connections failed: {:?}\n{}",
-        failures.len(),
-        total + failures.len() as u64,
-        &failures[..failures.len().min(5)],
-        fluxd.log()
-    );
+    clients
+        .finish()
+        .assert_none_failed("connections across two restarts", &fluxd.log());
 
     // A real stop (fluxd.socket's ExecStopPost): fluxd, then `fluxd cleanup`.
     fluxd.stop();
     drop(socket);
-    let bpf_dir = fluxd.bpf_dir().unwrap().display().to_string();
-    let out = ns.exec(&[
-        env!("CARGO_BIN_EXE_fluxd"),
-        "cleanup",
-        "--bpf-dir",
-        &bpf_dir,
-    ]);
-    assert!(out.status.success(), "{out:?}");
+    fluxd.cleanup();
     assert_eq!(before, ns.nat_table());
     assert_eq!(ns.vip_set(), "");
     assert_eq!(ns.flux_routes(), "");

@@ -137,34 +137,23 @@ mod tests {
     use crate::controller::guard::RefusedVip;
     use crate::controller::routing::{route_table, Built};
     use crate::metrics::Metrics;
-    use crate::model::{Balance, Instance, Protocol, Service};
+    use crate::model::{decode, Instance, Service};
 
-    fn service(name: &str, vip: &str, protocol: Protocol) -> Arc<Service> {
-        Arc::new(Service {
-            name: name.into(),
-            address: Some(vip.parse().unwrap()),
-            protocol,
-            instance_port: None,
-            balance: Balance::default(),
-            health: None,
-            forward: Default::default(),
-            locality: Default::default(),
-            affinity: Default::default(),
-            timeouts: Default::default(),
-            proxy_protocol: None,
-            instance_protocol: None,
-        })
+    /// A service as its store record reads (`protocol` "tcp" or "http").
+    fn service(name: &str, vip: &str, protocol: &str) -> Arc<Service> {
+        let json = serde_json::json!({ "name": name, "address": vip, "protocol": protocol });
+        Arc::new(decode(json.to_string().as_bytes()).unwrap())
     }
 
     #[test]
     fn ipv6_vips_are_steered_or_refused_as_ipv4_ones() {
         let mut state = State::default();
         for s in [
-            service("web6", "[fd00:18::a]:80", Protocol::Tcp),
-            service("idle6", "[fd00:18::b]:80", Protocol::Tcp),
-            service("api6", "[fd00:18::c]:80", Protocol::Http),
-            service("mine6", "[fd00:18::d]:80", Protocol::Tcp),
-            service("web4", "198.18.0.10:80", Protocol::Tcp),
+            service("web6", "[fd00:18::a]:80", "tcp"),
+            service("idle6", "[fd00:18::b]:80", "tcp"),
+            service("api6", "[fd00:18::c]:80", "http"),
+            service("mine6", "[fd00:18::d]:80", "tcp"),
+            service("web4", "198.18.0.10:80", "tcp"),
         ] {
             state.services.insert(s.name.clone(), s);
         }

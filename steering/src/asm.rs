@@ -28,6 +28,8 @@ const JA: u8 = 0x05; // BPF_JMP | BPF_JA
 const CALL: u8 = 0x85; // BPF_JMP | BPF_CALL
 const EXIT: u8 = 0x95; // BPF_JMP | BPF_EXIT
 const LD_DW_IMM: u8 = 0x18; // BPF_LD | BPF_IMM | BPF_DW (two slots)
+/// The `bpf_map_lookup_elem` helper (enum bpf_func_id).
+const MAP_LOOKUP_ELEM: i32 = 1;
 /// `BPF_PSEUDO_MAP_FD`: the 64-bit immediate is a map fd, which the kernel swaps for the map.
 const PSEUDO_MAP_FD: u8 = 1;
 
@@ -118,6 +120,15 @@ impl Asm {
     /// `return r0`
     pub(crate) fn exit(&mut self) -> &mut Self {
         self.push(EXIT, 0, 0, 0, 0)
+    }
+
+    /// `r0 = bpf_map_lookup_elem(map, fp + key)`: the map in r1, the key's stack address in
+    /// r2, then the call (r0: the value, or 0 when the key is absent).
+    pub(crate) fn lookup(&mut self, map_fd: i32, key: i16) -> &mut Self {
+        self.load_map(R1, map_fd)
+            .mov(R2, FP)
+            .add_imm(R2, i32::from(key))
+            .call(MAP_LOOKUP_ELEM)
     }
 
     /// Names the next instruction.

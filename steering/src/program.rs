@@ -63,8 +63,7 @@ const IPPROTO_TCP: i32 = 6;
 const SK_DROP: i32 = 0;
 const SK_PASS: i32 = 1;
 
-// Helpers (enum bpf_func_id).
-const MAP_LOOKUP_ELEM: i32 = 1;
+// Helpers (enum bpf_func_id); map lookups are `Asm::lookup`.
 const SK_RELEASE: i32 = 86;
 const SK_ASSIGN: i32 = 124;
 
@@ -90,10 +89,7 @@ pub(crate) fn instructions(maps: &Maps) -> Vec<u64> {
         .store32(FP, SERVICE_KEY, R2)
         .load32(R2, R6, LOCAL_PORT)
         .store32(FP, SERVICE_KEY + 4, R2)
-        .load_map(R1, maps.services.as_raw_fd())
-        .mov(R2, FP)
-        .add_imm(R2, i32::from(SERVICE_KEY))
-        .call(MAP_LOOKUP_ELEM)
+        .lookup(maps.services.as_raw_fd(), SERVICE_KEY)
         .jeq(R0, 0, "not_a_service")
         .load32(R2, R0, 0)
         .jne(R2, ACTION_PROXY as i32, "drop");
@@ -103,41 +99,35 @@ pub(crate) fn instructions(maps: &Maps) -> Vec<u64> {
         .store32_imm(FP, ADDRESS_KEY, 32)
         .load32(R2, R6, LOCAL_IP4)
         .store32(FP, ADDRESS_KEY + 4, R2)
-        .load_map(R1, maps.addresses.as_raw_fd())
-        .mov(R2, FP)
-        .add_imm(R2, i32::from(ADDRESS_KEY))
-        .call(MAP_LOOKUP_ELEM)
+        .lookup(maps.addresses.as_raw_fd(), ADDRESS_KEY)
         .jne(R0, 0, "drop")
         .ja("pass");
     // The same for IPv6, with the address in four words.
     a.label("v6");
-    for i in 0..4 {
-        a.load32(R2, R6, LOCAL_IP6 + 4 * i)
-            .store32(FP, SERVICE6_KEY + 4 * i, R2);
-    }
+    store_ip6(&mut a, SERVICE6_KEY);
     a.load32(R2, R6, LOCAL_PORT)
         .store32(FP, SERVICE6_KEY + 16, R2)
-        .load_map(R1, maps.services6.as_raw_fd())
-        .mov(R2, FP)
-        .add_imm(R2, i32::from(SERVICE6_KEY))
-        .call(MAP_LOOKUP_ELEM)
+        .lookup(maps.services6.as_raw_fd(), SERVICE6_KEY)
         .jeq(R0, 0, "not_a_service6")
         .load32(R2, R0, 0)
         .jne(R2, ACTION_PROXY as i32, "drop");
     steer(&mut a, maps, maps.socket6.as_raw_fd());
     a.label("not_a_service6").store32_imm(FP, ADDRESS6_KEY, 128);
-    for i in 0..4 {
-        a.load32(R2, R6, LOCAL_IP6 + 4 * i)
-            .store32(FP, ADDRESS6_KEY + 4 + 4 * i, R2);
-    }
-    a.load_map(R1, maps.addresses6.as_raw_fd())
-        .mov(R2, FP)
-        .add_imm(R2, i32::from(ADDRESS6_KEY))
-        .call(MAP_LOOKUP_ELEM)
+    store_ip6(&mut a, ADDRESS6_KEY + 4);
+    a.lookup(maps.addresses6.as_raw_fd(), ADDRESS6_KEY)
         .jne(R0, 0, "drop");
     a.label("pass").mov_imm(R0, SK_PASS).exit();
     a.label("drop").mov_imm(R0, SK_DROP).exit();
     a.finish()
+}
+
+/// Copies the connection's local IPv6 address (ctx in r6) to the stack at `at`, as the four
+/// words the context holds it in (network order).
+fn store_ip6(a: &mut Asm, at: i16) {
+    for i in 0..4 {
+        a.load32(R2, R6, LOCAL_IP6 + 4 * i)
+            .store32(FP, at + 4 * i, R2);
+    }
 }
 
 /// A service's connection (ctx in r6) from an interface whose connections flux captures, to
@@ -145,16 +135,10 @@ pub(crate) fn instructions(maps: &Maps) -> Vec<u64> {
 fn steer(a: &mut Asm, maps: &Maps, socket_map: i32) {
     a.load32(R2, R6, INGRESS_IFINDEX)
         .store32(FP, U32_KEY, R2)
-        .load_map(R1, maps.ifaces.as_raw_fd())
-        .mov(R2, FP)
-        .add_imm(R2, i32::from(U32_KEY))
-        .call(MAP_LOOKUP_ELEM)
+        .lookup(maps.ifaces.as_raw_fd(), U32_KEY)
         .jeq(R0, 0, "drop");
     a.store32_imm(FP, U32_KEY, 0)
-        .load_map(R1, socket_map)
-        .mov(R2, FP)
-        .add_imm(R2, i32::from(U32_KEY))
-        .call(MAP_LOOKUP_ELEM)
+        .lookup(socket_map, U32_KEY)
         .jeq(R0, 0, "drop")
         .mov(R7, R0)
         .mov(R1, R6)

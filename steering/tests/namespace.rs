@@ -159,6 +159,29 @@ fn pin_dir(bpf: &Path, ns: &Netns) -> PathBuf {
     bpf.join(format!("netns-{}", ino.trim()))
 }
 
+/// Deletes `key` from the map pinned at `map`, as someone with bpftool would.
+fn delete_entry(map: &Path, key: &[u8]) {
+    let hex: Vec<String> = key.iter().map(|b| format!("{b:02x}")).collect();
+    let mut args = vec![
+        "bpftool",
+        "map",
+        "delete",
+        "pinned",
+        map.to_str().unwrap(),
+        "key",
+        "hex",
+    ];
+    args.extend(hex.iter().map(String::as_str));
+    run(&args);
+}
+
+/// Deletes flux's local route to `prefix` in the namespace `ns`.
+fn delete_route(ns: &str, prefix: &str) {
+    run(&[
+        "ip", "-n", ns, "route", "del", "local", prefix, "table", "local", "proto", "171",
+    ]);
+}
+
 #[test]
 fn host_clients_are_steered_empty_services_refused_drift_repaired() {
     let ns = Netns::new("host");
@@ -209,37 +232,8 @@ fn host_clients_are_steered_empty_services_refused_drift_repaired() {
         assert!(refused(vip("198.18.3.4:443")));
 
         // Someone damages it: a map entry (10.99.0.1, port 80 in host order), a route, the link.
-        let services = pins.join("services");
-        run(&[
-            "bpftool",
-            "map",
-            "delete",
-            "pinned",
-            services.to_str().unwrap(),
-            "key",
-            "hex",
-            "0a",
-            "63",
-            "00",
-            "01",
-            "50",
-            "00",
-            "00",
-            "00",
-        ]);
-        run(&[
-            "ip",
-            "-n",
-            &name,
-            "route",
-            "del",
-            "local",
-            "10.99.0.2/32",
-            "table",
-            "local",
-            "proto",
-            "171",
-        ]);
+        delete_entry(&pins.join("services"), &[10, 99, 0, 1, 80, 0, 0, 0]);
+        delete_route(&name, "10.99.0.2/32");
         run(&[
             "bpftool",
             "link",
@@ -462,34 +456,11 @@ fn ipv6_vips_go_to_the_ipv6_listener() {
         assert!(refused(vip("[fd00:18::a]:22")), "another port of a VIP");
 
         // Someone deletes the entry ([fd00:18::a], port 80 in host order) and the route.
-        let mut key = vec!["fd", "00", "00", "18"];
-        key.extend(["00"; 11]);
-        key.extend(["0a", "50", "00", "00", "00"]);
-        let services6 = pins.join("services6");
-        let mut args = vec![
-            "bpftool",
-            "map",
-            "delete",
-            "pinned",
-            services6.to_str().unwrap(),
-            "key",
-            "hex",
-        ];
-        args.extend(key);
-        run(&args);
-        run(&[
-            "ip",
-            "-n",
-            &name,
-            "route",
-            "del",
-            "local",
-            "fd00:18::b/128",
-            "table",
-            "local",
-            "proto",
-            "171",
-        ]);
+        let mut key = vec![0xfd, 0, 0, 0x18];
+        key.extend([0; 11]);
+        key.extend([0x0a, 80, 0, 0, 0]);
+        delete_entry(&pins.join("services6"), &key);
+        delete_route(&name, "fd00:18::b/128");
         assert_eq!(
             s.drift(&d).unwrap().lines,
             [

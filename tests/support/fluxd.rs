@@ -217,6 +217,24 @@ impl Fluxd {
         self._bpffs.as_ref().map(BpfFs::pin_dir)
     }
 
+    /// `fluxd cleanup` in the daemon's namespace with its `--bpf-dir`, as fluxd.socket's
+    /// `ExecStopPost` runs it after a stop; its output, checked to succeed.
+    pub fn cleanup(&self) -> std::process::Output {
+        let mut cmd = Command::new("ip");
+        cmd.args([
+            "netns",
+            "exec",
+            self.netns.as_deref().expect("an in-namespace daemon"),
+        ]);
+        cmd.args([env!("CARGO_BIN_EXE_fluxd"), "cleanup"]);
+        if let Some(dir) = self.bpf_dir() {
+            cmd.arg("--bpf-dir").arg(dir);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "fluxd cleanup: {out:?}");
+        out
+    }
+
     pub fn start(&mut self) {
         self.spawn();
         self.wait_ready();

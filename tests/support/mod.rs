@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod base_image;
 pub mod browser;
+pub mod client_loop;
 pub mod docker;
 pub mod etcd;
 pub mod fluxd;
