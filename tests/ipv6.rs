@@ -566,3 +566,36 @@ fn a_passed_ipv6_socket_refuses_no_ipv6_connection_across_restarts() {
         "{after}"
     );
 }
+
+/// On the bpf path, a host whose lo has IPv6 off keeps its IPv6 VIPs in ip6tables (their
+/// local routes could not be added) and its IPv4 VIPs in the program, which are not held up.
+#[test]
+fn without_ipv6_on_lo_the_bpf_path_leaves_ipv6_vips_to_ip6tables() {
+    let ns = Netns::new("v6off");
+    let out = ns.exec(&["sysctl", "-qw", "net.ipv6.conf.lo.disable_ipv6=1"]);
+    assert!(out.status.success(), "{out:?}");
+    let _b = Named::start(&ns, "v4a", addr("127.0.0.1:9003"));
+    let fluxd = Fluxd::dataplane(&ns.name, &["--steering", "bpf"]);
+    fluxd.ok(&["service", "add", "web6", "--address", VIP6]);
+    fluxd.add_instance("web6", "a", "127.0.0.1:9003");
+    fluxd.ok(&["service", "add", "web4", "--address", VIP4]);
+    fluxd.add_instance("web4", "a", "127.0.0.1:9003");
+    let rule = wait_until(Duration::from_secs(20), || {
+        steered6(&ns, false, "fd00:18::a")
+    });
+    assert!(rule.is_some(), "{}\n{}", ip6tables_nat(&ns), fluxd.log());
+    assert_eq!(flux_routes6(&ns), "");
+    assert!(
+        fluxd.log().contains("IPv6 VIPs go through ip6tables"),
+        "{}",
+        fluxd.log()
+    );
+    fluxd.wait_routed("web4");
+    let vip4 = addr(VIP4);
+    let got = ns.run(move || {
+        wait_until(Duration::from_secs(10), || who_serves(vip4).is_ok());
+        who_serves(vip4)
+    });
+    assert_eq!(got.unwrap(), "v4a");
+    assert!(fluxd.debug()["drift"]["clean"] == true, "{}", fluxd.debug());
+}

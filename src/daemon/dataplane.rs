@@ -124,13 +124,20 @@ pub(super) async fn start_dataplane(
         s.set_socket(proxy.socket())
             .context("steering: cannot hand the proxy socket to the program")?;
     }
-    // IPv6 VIPs are steered by the program too when there is an IPv6 listener to hand them to;
-    // without one (a host without IPv6) they keep their ip6tables rules.
+    // IPv6 VIPs are steered by the program too when there is an IPv6 listener to hand them to
+    // and IPv6 on lo for their local routes; otherwise they keep their ip6tables rules (a
+    // route the kernel refuses would fail every route batch, IPv4 included).
     let steer_ipv6 = match (&steering.bpf, proxy.socket6()) {
-        (Some(s), Some(l6)) => s
+        (Some(s), Some(l6)) if ipv6_on_loopback() => s
             .set_socket6(l6)
             .context("steering: cannot hand the IPv6 proxy socket to the program")
             .map(|()| true)?,
+        (Some(_), _) => {
+            tracing::info!(
+                "steering: IPv6 VIPs go through ip6tables (no IPv6 listener, or IPv6 is off on lo)"
+            );
+            false
+        }
         _ => false,
     };
     // Only a repair depends on conntrack (see controller::clear_unredirected): without it,
@@ -182,6 +189,13 @@ pub(super) async fn start_dataplane(
         tasks,
         inherited_socket,
     })
+}
+
+/// Whether lo has IPv6 (`net.ipv6.conf.lo.disable_ipv6` is 0 in this namespace): the bpf
+/// path's IPv6 VIP routes are local routes on lo.
+fn ipv6_on_loopback() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv6/conf/lo/disable_ipv6")
+        .is_ok_and(|v| v.trim() == "0")
 }
 
 /// Once this fluxd's own path is installed, removes what a fluxd of the other mode left (a
