@@ -39,12 +39,13 @@ pub(crate) fn batch(installed: &BTreeSet<Prefix>, desired: &BTreeSet<Prefix>) ->
     out
 }
 
-/// flux's routes as `ip -j [-6] route show table local proto 171` prints them (a host route
-/// without its length: /32, or /128 for IPv6).
+/// flux's routes as `ip -j route show table all proto 171` prints them: those of the `local`
+/// table (a host route without its length: /32, or /128 for IPv6).
 pub(crate) fn parse(json: &str) -> Result<BTreeSet<Prefix>, Error> {
     #[derive(serde::Deserialize)]
     struct Route {
         dst: String,
+        table: Option<String>,
     }
     let routes: Vec<Route> = if json.trim().is_empty() {
         Vec::new()
@@ -53,6 +54,7 @@ pub(crate) fn parse(json: &str) -> Result<BTreeSet<Prefix>, Error> {
     };
     routes
         .into_iter()
+        .filter(|r| r.table.as_deref() == Some("local"))
         .map(|r| {
             let (addr, len) = r.dst.split_once('/').unwrap_or((&r.dst, ""));
             let addr: Option<IpAddr> = addr.parse().ok();
@@ -69,19 +71,14 @@ pub(crate) fn parse(json: &str) -> Result<BTreeSet<Prefix>, Error> {
         .collect()
 }
 
-/// Reads flux's routes, IPv4 then IPv6 (`ip route show` lists one family; a kernel without
-/// IPv6 has no IPv6 routes to read, and `ip -6` would fail there).
+/// Reads flux's routes, both families in one `ip` process (`table all` lists IPv4 and IPv6;
+/// a single table lists one family).
 pub(crate) fn read(runner: &dyn Runner) -> Result<BTreeSet<Prefix>, Error> {
-    let show = ["route", "show", "table", "local", "proto", PROTOCOL];
-    let mut routes = parse(&runner.run("ip", &[&["-j"][..], &show].concat(), None)?)?;
-    if std::path::Path::new("/proc/sys/net/ipv6").exists() {
-        routes.extend(parse(&runner.run(
-            "ip",
-            &[&["-j", "-6"][..], &show].concat(),
-            None,
-        )?)?);
-    }
-    Ok(routes)
+    parse(&runner.run(
+        "ip",
+        &["-j", "route", "show", "table", "all", "proto", PROTOCOL],
+        None,
+    )?)
 }
 
 /// Applies the lines of [`batch`] in one `ip` process; nothing to do costs no process.
@@ -118,23 +115,22 @@ mod tests {
 
     #[test]
     fn reads_what_ip_prints() {
-        let json = r#"[{"type":"local","dst":"198.18.0.0/16","dev":"lo","scope":"host","prefsrc":"127.0.0.1","flags":[]},{"type":"local","dst":"198.19.0.5","dev":"lo","scope":"host","prefsrc":"127.0.0.1","flags":[]}]"#;
-        let got = parse(json).unwrap();
+        // Both families, as `ip -j route show table all proto 171` prints them; a route of
+        // another table with that protocol (none of flux's) is left out.
+        let json = r#"[{"type":"local","dst":"198.18.0.0/16","dev":"lo","table":"local","scope":"host","prefsrc":"127.0.0.1","flags":[]},{"type":"local","dst":"198.19.0.5","dev":"lo","table":"local","scope":"host","prefsrc":"127.0.0.1","flags":[]},{"dst":"10.9.0.0/16","dev":"eth0","scope":"link","flags":[]},{"type":"local","dst":"fd00:18::a","dev":"lo","table":"local","prefsrc":"::1","metric":1024,"flags":[],"pref":"medium"},{"dst":"fd00:19::/64","table":"local"}]"#;
         assert_eq!(
-            got,
-            [p("198.18.0.0/16"), p("198.19.0.5/32")]
-                .into_iter()
-                .collect()
+            parse(json).unwrap(),
+            [
+                p("198.18.0.0/16"),
+                p("198.19.0.5/32"),
+                p("fd00:18::a/128"),
+                p("fd00:19::/64")
+            ]
+            .into_iter()
+            .collect()
         );
         assert!(parse("").unwrap().is_empty());
-        assert!(parse(r#"[{"dst":"default"}]"#).is_err());
-        assert!(parse(r#"[{"dst":"198.19.0.5/33"}]"#).is_err());
-        let v6 = r#"[{"type":"local","dst":"fd00:18::a","dev":"lo","prefsrc":"::1","metric":1024,"flags":[],"pref":"medium"},{"dst":"fd00:19::/64"}]"#;
-        assert_eq!(
-            parse(v6).unwrap(),
-            [p("fd00:18::a/128"), p("fd00:19::/64")]
-                .into_iter()
-                .collect()
-        );
+        assert!(parse(r#"[{"dst":"default","table":"local"}]"#).is_err());
+        assert!(parse(r#"[{"dst":"198.19.0.5/33","table":"local"}]"#).is_err());
     }
 }

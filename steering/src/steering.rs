@@ -85,29 +85,13 @@ impl Steering {
     /// Makes `listener` the socket VIP connections are handed to. With a reuseport group,
     /// any one of it: the kernel still spreads connections over the group.
     pub fn set_socket(&self, listener: BorrowedFd) -> Result<(), Error> {
-        let dup = listener
-            .try_clone_to_owned()
-            .bpf("duplicating the listener")?;
-        Maps::set_socket(self.maps.socket.as_fd(), dup.as_fd())
-            .bpf("putting the listener in the socket map")?;
-        if let Ok(mut s) = self.socket.lock() {
-            *s = Some(dup);
-        }
-        Ok(())
+        hold_socket(&self.socket, &self.maps.socket, listener)
     }
 
     /// Makes `listener` (IPv6-only: the kernel will not hand an IPv6 connection to an IPv4
     /// socket) the socket IPv6 VIP connections are handed to.
     pub fn set_socket6(&self, listener: BorrowedFd) -> Result<(), Error> {
-        let dup = listener
-            .try_clone_to_owned()
-            .bpf("duplicating the IPv6 listener")?;
-        Maps::set_socket(self.maps.socket6.as_fd(), dup.as_fd())
-            .bpf("putting the IPv6 listener in its socket map")?;
-        if let Ok(mut s) = self.socket6.lock() {
-            *s = Some(dup);
-        }
-        Ok(())
+        hold_socket(&self.socket6, &self.maps.socket6, listener)
     }
 
     /// Makes the kernel match `desired`, starting from what it holds now: repairs any drift.
@@ -286,20 +270,13 @@ impl Steering {
             maps::parse_service_key6(k).map(SocketAddr::V6)
         })?;
         installed.services = v4.into_iter().chain(v6).collect();
-        for key in
-            sys::map_keys(m.addresses.as_fd(), 8, READ_LIMIT).bpf("reading the addresses map")?
-        {
-            if let Some((a, l)) = maps::parse_address_key(&key) {
-                installed.addresses.insert((IpAddr::V4(a), l));
-            }
-        }
-        for key in sys::map_keys(m.addresses6.as_fd(), 20, READ_LIMIT)
-            .bpf("reading the IPv6 addresses map")?
-        {
-            if let Some((a, l)) = maps::parse_address_key6(&key) {
-                installed.addresses.insert((IpAddr::V6(a), l));
-            }
-        }
+        let v4 = read_addresses(m.addresses.as_fd(), 8, |k| {
+            maps::parse_address_key(k).map(|(a, l)| (IpAddr::V4(a), l))
+        })?;
+        let v6 = read_addresses(m.addresses6.as_fd(), 20, |k| {
+            maps::parse_address_key6(k).map(|(a, l)| (IpAddr::V6(a), l))
+        })?;
+        installed.addresses = v4.into_iter().chain(v6).collect();
         for key in
             sys::map_keys(m.ifaces.as_fd(), 4, READ_LIMIT).bpf("reading the interfaces map")?
         {
@@ -353,6 +330,36 @@ impl Steering {
         }
         Ok(())
     }
+}
+
+/// Duplicates `listener` into `held` (to put it back if it leaves the map) and puts it in
+/// `map`.
+fn hold_socket(
+    held: &Mutex<Option<OwnedFd>>,
+    map: &OwnedFd,
+    listener: BorrowedFd,
+) -> Result<(), Error> {
+    let dup = listener
+        .try_clone_to_owned()
+        .bpf("duplicating the listener")?;
+    Maps::set_socket(map.as_fd(), dup.as_fd()).bpf("putting the listener in the socket map")?;
+    if let Ok(mut s) = held.lock() {
+        *s = Some(dup);
+    }
+    Ok(())
+}
+
+/// The prefixes in one addresses map, its keys parsed by `parse`.
+fn read_addresses<T>(
+    map: BorrowedFd,
+    key_size: usize,
+    parse: impl Fn(&[u8]) -> Option<T>,
+) -> Result<Vec<T>, Error> {
+    Ok(sys::map_keys(map, key_size, READ_LIMIT)
+        .bpf("reading the addresses map")?
+        .iter()
+        .filter_map(|k| parse(k))
+        .collect())
 }
 
 /// The entries of one services map, keys parsed by `parse`.
